@@ -1,0 +1,55 @@
+# All targets share one virtual environment in .venv; .venv/bin/spendgate is the CLI.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_OUT := protos/python
+PROTOS := $(wildcard protos/spendgate/v1/*.proto)
+
+.PHONY: help venv protos protos-check run test test-fast lint bench clean
+
+help:
+	@echo "make run | test | bench | lint | protos | protos-check | clean"
+
+$(STAMP): pyproject.toml protos/python/pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ./protos/python -e './clients/python[anthropic,openai]' -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The only way stubs are made. They are committed; protos-check fails when stale.
+protos: $(STAMP)
+	rm -rf $(PROTO_OUT)/spendgate
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		--mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) \
+		$(PROTOS)
+	touch $(PROTO_OUT)/spendgate/v1/py.typed
+
+protos-check: protos
+	@git diff --exit-code --stat -- $(PROTO_OUT) || \
+		(echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- $(PROTO_OUT))" || \
+		(echo "generated stubs are not committed: run 'make protos' and commit" >&2; exit 1)
+
+run: $(STAMP)
+	$(BIN)/spendgate serve
+
+test: $(STAMP)
+	$(BIN)/python -m tests.ensure_redis
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""spendgate client."""

@@ -1,0 +1,1 @@
+"""spendgate server: the Decide service, its rule engine and stores."""
