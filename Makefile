@@ -14,7 +14,8 @@ help:
 $(STAMP): pyproject.toml protos/python/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ./protos/python -e './clients/python[anthropic,openai]' -e '.[dev]'
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat \
+		-e ./protos/python -e './clients/python[anthropic,openai]' -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,2 +1,141 @@
-def main() -> None:
-    raise SystemExit(0)
+"""The ``spendgate`` command: serve, and decide/settle from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import decision_pb2_grpc
+
+from spendgate_server.errors import ConfigError
+from spendgate_server.settings import add_serve_arguments, settings_from_args
+
+__all__ = ["main"]
+
+EXIT_BLOCKED = 3  # `spendgate decide` exits with this when the call is blocked
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spendgate", description="Block runaway LLM spend before it happens.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the Decide service")
+    add_serve_arguments(serve)
+
+    target = os.environ.get("SPENDGATE_TARGET", "127.0.0.1:50051")
+    decide = commands.add_parser("decide", help="ask for one decision")
+    decide.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
+    decide.add_argument("--session", required=True, help="session id")
+    decide.add_argument("--model", required=True)
+    decide.add_argument("--input-tokens", type=int, default=1000)
+    decide.add_argument("--max-output-tokens", type=int, default=1000)
+    decide.add_argument("--tool-calls", type=int, default=0, help="tool results in this request")
+    decide.add_argument("--prompt", default="", help="request text; the fingerprint is its hash")
+    decide.add_argument("--request-id", default="")
+    decide.add_argument("--config", default="", help='client enforcement_config as JSON, e.g. \'{"token_ceiling": 500}\'')
+    decide.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    decide.add_argument("--json", action="store_true", help="print the full response as JSON")
+
+    settle = commands.add_parser("settle", help="report the real usage of an allowed call")
+    settle.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
+    settle.add_argument("--session", required=True)
+    settle.add_argument("--reservation", required=True, help="reservation id from decide")
+    settle.add_argument("--model", required=True, help="the model that ran")
+    settle.add_argument("--input-tokens", type=int, default=0)
+    settle.add_argument("--output-tokens", type=int, default=0)
+    settle.add_argument("--provider-error", action="store_true", help="the call failed: release it")
+    settle.add_argument("--timeout", type=float, default=2.0)
+    return parser
+
+
+def _client_config(text: str) -> pb.EnforcementConfig | None:
+    if not text:
+        return None
+    from spendgate_server.config import parse_enforcement_config
+    from spendgate_server.wire import config_to_proto
+
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--config is not valid JSON: {exc}") from exc
+    return config_to_proto(parse_enforcement_config(raw, prefix="--config "))
+
+
+def _fingerprint(args: argparse.Namespace) -> bytes:
+    canonical = json.dumps(
+        [args.model, args.prompt, args.input_tokens, args.max_output_tokens, args.tool_calls]
+    )
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def _decide(args: argparse.Namespace) -> int:
+    request = pb.DecideRequest(
+        session_id=args.session,
+        model=args.model,
+        input_tokens=args.input_tokens,
+        max_output_tokens=args.max_output_tokens,
+        fingerprint=_fingerprint(args),
+        tool_call_count=args.tool_calls,
+        request_id=args.request_id,
+    )
+    config = _client_config(args.config)
+    if config is not None:
+        request.enforcement_config.CopyFrom(config)
+    with grpc.insecure_channel(args.target) as channel:
+        response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout)
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+    else:
+        verdict = pb.Verdict.Name(response.verdict).removeprefix("VERDICT_")
+        rule = pb.Rule.Name(response.rule).removeprefix("RULE_").lower() if response.rule else "-"
+        print(f"{verdict}  rule={rule}  model={response.effective_model}  reason: {response.reason}")
+        print(
+            f"  decision={response.decision_id}  estimate_nano_usd={response.estimated_cost_nano_usd}"
+            f"  session_spend_nano_usd={response.session_spend_nano_usd}"
+        )
+    return EXIT_BLOCKED if response.verdict == pb.VERDICT_BLOCK else 0
+
+
+def _settle(args: argparse.Namespace) -> int:
+    request = pb.SettleRequest(
+        session_id=args.session,
+        reservation_id=args.reservation,
+        model=args.model,
+        usage=pb.Usage(input_tokens=args.input_tokens, output_tokens=args.output_tokens),
+        outcome=pb.PROVIDER_OUTCOME_ERROR if args.provider_error else pb.PROVIDER_OUTCOME_OK,
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(request, timeout=args.timeout)
+    print(json_format.MessageToJson(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``spendgate`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from spendgate_server.app import run
+
+            run(settings_from_args(args))
+            code = 0
+        elif args.command == "decide":
+            code = _decide(args)
+        else:
+            code = _settle(args)
+    except ConfigError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        code = 2
+    except grpc.RpcError as exc:
+        print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]  # RpcError raised by calls is also a Call
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)

@@ -1,0 +1,28 @@
+"""Integer money. Every amount is nano-USD (1 USD = 10**9); floats never touch a budget."""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Decimal
+
+__all__ = ["NANO_PER_USD", "format_usd", "usd_to_nano"]
+
+NANO_PER_USD = 1_000_000_000
+
+
+def usd_to_nano(usd: Decimal) -> int:
+    """Convert dollars to nano-USD, rounding up so a limit is never read as looser than written.
+
+    Raises:
+        ValueError: for NaN or infinity.
+    """
+    if not usd.is_finite():
+        raise ValueError(f"not a finite amount: {usd}")
+    return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+
+
+def format_usd(nano_usd: int) -> str:
+    """Render nano-USD for people: ``$0.000123``, with up to six decimals."""
+    sign = "-" if nano_usd < 0 else ""
+    dollars, rest = divmod(abs(nano_usd), NANO_PER_USD)
+    micro = rest // 1000
+    return f"{sign}${dollars}.{micro:06d}".rstrip("0").rstrip(".") if micro else f"{sign}${dollars}"

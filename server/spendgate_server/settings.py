@@ -1,0 +1,153 @@
+"""Server settings: flags, each also readable from a SPENDGATE_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spendgate_server.config import EnforcementConfig, parse_enforcement_config
+from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
+
+__all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
+
+STORES = ("memory", "redis")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """Everything ``spendgate serve`` needs; built once, never mutated."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    store: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_millis: int = 250
+    workers: int = 1
+    default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
+    price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
+    unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
+    reservation_ttl_seconds: int = 600
+    session_ttl_seconds: int = 86_400
+    drain_seconds: float = 5.0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get("SPENDGATE_" + name.upper().replace("-", "_"), default)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the serve flags; every default can come from SPENDGATE_<FLAG>."""
+    d = ServeSettings()
+    a = parser.add_argument
+    a("--host", default=_env("host", d.host), help="address to bind (env SPENDGATE_HOST)")
+    a("--port", default=_env("port", str(d.port)), help="port to bind, 0 for any free port")
+    a("--store", default=_env("store", d.store), help="state store: memory (embedded) or redis")
+    a("--redis-url", default=_env("redis_url", d.redis_url), help="redis://, rediss:// or unix:// URL")
+    a("--redis-timeout-millis", default=_env("redis_timeout_millis", str(d.redis_timeout_millis)))
+    a("--workers", default=_env("workers", str(d.workers)), help="server processes (redis store only)")
+    a("--config", default=_env("config", ""), help="YAML or JSON file: enforcement rules and prices")
+    a("--unknown-model-price", default=_env("unknown_model_price", d.unknown_model_price.value),
+      help="unknown model: 'max' (price as the most expensive known) or 'reject'")
+    a("--reservation-ttl-seconds", default=_env("reservation_ttl_seconds", str(d.reservation_ttl_seconds)))
+    a("--session-ttl-seconds", default=_env("session_ttl_seconds", str(d.session_ttl_seconds)))
+    a("--drain-seconds", default=_env("drain_seconds", str(d.drain_seconds)),
+      help="on SIGTERM, report NOT_SERVING and keep serving this long before stopping")
+    a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
+    a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
+
+
+def _int(flag: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ConfigError(
+            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be an integer "
+            f"between {low} and {high}, got {value!r}"
+        )
+    return number
+
+
+def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be one of "
+            f"{', '.join(choices)}; got {value!r}"
+        )
+    return value
+
+
+def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
+    """Read ``{enforcement: {...}, prices: {...}}`` from YAML or JSON.
+
+    Raises:
+        ConfigError: naming the file and the bad key.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config: {path} is not valid YAML/JSON: {exc}") from exc
+    raw = raw or {}
+    if not isinstance(raw, dict) or not set(raw) <= {"enforcement", "prices"}:
+        raise ConfigError(f"--config: {path} must be a mapping with keys 'enforcement' and/or 'prices'")
+    try:
+        config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
+    except InvalidArgument as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from exc
+    prices = parse_price_overrides(raw.get("prices") or {})
+    return config, prices
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """Validate parsed flags into settings.
+
+    Raises:
+        ConfigError: naming the flag, its environment variable and the accepted values.
+    """
+    store = _choice("store", args.store, STORES)
+    workers = _int("workers", args.workers, 1, 64)
+    if workers > 1 and store == "memory":
+        raise ConfigError("--workers above 1 needs --store redis: the memory store would split the state")
+    port = _int("port", args.port, 0, 65535)
+    if workers > 1 and port == 0:
+        raise ConfigError("--workers above 1 needs a fixed --port: workers share it with SO_REUSEPORT")
+    config, prices = load_config_file(args.config) if args.config else (EnforcementConfig(), {})
+    try:
+        drain = float(args.drain_seconds)
+    except ValueError as exc:
+        raise ConfigError(f"--drain-seconds must be a number, got {args.drain_seconds!r}") from exc
+    return ServeSettings(
+        host=args.host,
+        port=port,
+        store=store,
+        redis_url=args.redis_url,
+        redis_timeout_millis=_int("redis-timeout-millis", args.redis_timeout_millis, 1, 60_000),
+        workers=workers,
+        default_config=config,
+        price_overrides=prices,
+        unknown_model_price=UnknownModelPolicy(
+            _choice("unknown-model-price", args.unknown_model_price, [p.value for p in UnknownModelPolicy])
+        ),
+        reservation_ttl_seconds=_int("reservation-ttl-seconds", args.reservation_ttl_seconds, 1, 86_400),
+        session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
+        drain_seconds=drain,
+        log_format=_choice("log-format", args.log_format, LOG_FORMATS),
+        log_level=_choice("log-level", args.log_level, LOG_LEVELS),
+    )

@@ -1,0 +1,31 @@
+"""State stores: the interface and its memory and Redis implementations."""
+
+from spendgate_server.store.base import (
+    BudgetCheck,
+    DedupCheck,
+    ReserveOutcome,
+    ReserveRequest,
+    ReserveStatus,
+    SessionKey,
+    SessionState,
+    SettleOutcome,
+    SettleRequest,
+    SettleStatus,
+    Store,
+    ToolCheck,
+)
+
+__all__ = [
+    "BudgetCheck",
+    "DedupCheck",
+    "ReserveOutcome",
+    "ReserveRequest",
+    "ReserveStatus",
+    "SessionKey",
+    "SessionState",
+    "SettleOutcome",
+    "SettleRequest",
+    "SettleStatus",
+    "Store",
+    "ToolCheck",
+]

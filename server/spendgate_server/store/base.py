@@ -1,0 +1,189 @@
+"""The Store interface: the one atomic step of Decide and of Settle, over shared state.
+
+Both implementations (memory, redis) pass the same contract suite
+(tests/test_store_contract.py). All times come from the caller's clock as Unix
+milliseconds, so expiry is testable without sleeping and identical across pods.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from spendgate_server.config import Rule
+
+__all__ = [
+    "BudgetCheck",
+    "DedupCheck",
+    "ReserveOutcome",
+    "ReserveRequest",
+    "ReserveStatus",
+    "SessionKey",
+    "SessionState",
+    "SettleOutcome",
+    "SettleRequest",
+    "SettleStatus",
+    "Store",
+    "ToolCheck",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """A session is scoped to its tenant: equal session ids of two tenants never meet."""
+
+    tenant: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DedupCheck:
+    """Block when ``fingerprint`` was admitted within the last ``ttl_ms``."""
+
+    fingerprint: str
+    ttl_ms: int
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCheck:
+    """Block when the session's tool calls plus this request's would exceed ``cap``."""
+
+    cap: int
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCheck:
+    """Session budget. Crossing: allow while spent+reserved < cap. Strict: while it stays <= cap."""
+
+    cap_nano_usd: int
+    strict: bool = False
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """Everything the atomic step needs: checks to run and, if they pass, what to record."""
+
+    session: SessionKey
+    now_ms: int
+    reservation_id: str
+    estimate_nano_usd: int
+    reservation_ttl_ms: int
+    # Idle sessions vanish after this; it is also how long an expired reservation
+    # is remembered, so a late Settle can still correct it.
+    session_ttl_ms: int
+    tool_call_count: int = 0
+    dedup: DedupCheck | None = None
+    tools: ToolCheck | None = None
+    budget: BudgetCheck | None = None
+    # Idempotency: a second request with this id replays ``memo`` and changes nothing.
+    request_id: str = ""
+    memo: str = ""
+
+
+class ReserveStatus(enum.IntEnum):
+    """Outcome of the atomic step (values are the Lua script's status codes)."""
+
+    ALLOWED = 0
+    BLOCKED = 1
+    REPLAYED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    """What the step did, and the session's state after it."""
+
+    status: ReserveStatus
+    spent_nano_usd: int
+    reserved_nano_usd: int
+    tool_calls: int
+    blocked_by: Rule | None = None
+    shadow_fired: frozenset[Rule] = frozenset()
+    memo: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleRequest:
+    """Replace a reservation with the cost actually counted (0 releases it)."""
+
+    session: SessionKey
+    now_ms: int
+    reservation_id: str
+    cost_nano_usd: int
+    # How long a settled id is remembered, so a repeated Settle is recognised.
+    settled_ttl_ms: int
+    session_ttl_ms: int
+
+
+class SettleStatus(enum.IntEnum):
+    """Outcome of a Settle (values are the Lua script's status codes)."""
+
+    SETTLED = 0
+    ALREADY_SETTLED = 1
+    UNKNOWN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOutcome:
+    """What the settle did, and the session's state after it."""
+
+    status: SettleStatus
+    cost_nano_usd: int
+    spent_nano_usd: int
+    reserved_nano_usd: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A session's counters, with due reservations already counted at their estimate."""
+
+    spent_nano_usd: int
+    reserved_nano_usd: int
+    tool_calls: int
+    open_reservations: int
+
+
+# Bit per rule in the shadow mask the Lua script returns.
+SHADOW_BITS = {Rule.DUPLICATE_REQUEST: 1, Rule.TOOL_CALL_LIMIT: 2, Rule.SESSION_BUDGET: 4}
+
+
+def shadow_rules_from_mask(mask: int) -> frozenset[Rule]:
+    """Decode the script's shadow bitmask."""
+    return frozenset(rule for rule, bit in SHADOW_BITS.items() if mask & bit)
+
+
+class Store(ABC):
+    """Shared enforcement state. Implementations make each method one atomic step."""
+
+    @abstractmethod
+    async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """Run dedup, tool-count and budget checks; if none blocks, record the call.
+
+        All-or-nothing: a blocked outcome changes no state. Expired reservations are
+        first counted as spent at their estimate (unsettled calls are assumed spent).
+        """
+
+    @abstractmethod
+    async def settle(self, request: SettleRequest) -> SettleOutcome:
+        """Replace a reservation by its actual cost; a repeated settle changes nothing.
+
+        A reservation that already expired (counted at its estimate) is corrected to
+        the actual cost.
+        """
+
+    @abstractmethod
+    async def session_state(
+        self, session: SessionKey, now_ms: int, session_ttl_ms: int
+    ) -> SessionState:
+        """Read a session's counters, after counting due reservations at their estimate."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,53 @@
+-- _session.lua: helpers prepended to every script (not a script of its own).
+--
+-- A session lives in two keys under one hash tag, so every script is single-slot:
+--   KEYS[1] sg:{tenant:session}      HASH  spent, reserved, tools (integers, nano-USD / count)
+--                                           r:<id> estimate of an open reservation
+--                                           x:<id> estimate of a reservation that expired unsettled
+--                                           d:<id> cost counted when <id> was settled
+--                                           q:<request_id> memo of an admitted decision
+--   KEYS[2] sg:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
+--                                           r:<id> reservation expiry, f:<fingerprint> dedup expiry,
+--                                           x:/d:/q: records to forget
+-- Times come from the caller (ARGV), never from the Redis clock, so tests need no sleeping.
+
+local MAX_DUE_PER_CALL = 256
+
+local function num(value)
+  return tonumber(value) or 0
+end
+
+-- Count reservations that fell due as spent at their estimate; forget due records.
+local function expire_due(hkey, zkey, now, forget_ms)
+  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, MAX_DUE_PER_CALL)
+  if #due == 0 then
+    return
+  end
+  redis.call('ZREM', zkey, unpack(due))
+  for _, member in ipairs(due) do
+    local kind = string.sub(member, 1, 1)
+    if kind == 'r' then
+      local estimate = redis.call('HGET', hkey, member)
+      if estimate then
+        local id = string.sub(member, 3)
+        redis.call('HDEL', hkey, member)
+        redis.call('HINCRBY', hkey, 'reserved', -num(estimate))
+        redis.call('HINCRBY', hkey, 'spent', num(estimate))
+        redis.call('HSET', hkey, 'x:' .. id, estimate)
+        redis.call('ZADD', zkey, now + forget_ms, 'x:' .. id)
+      end
+    elseif kind ~= 'f' then
+      redis.call('HDEL', hkey, member)
+    end
+  end
+end
+
+local function counters(hkey)
+  local v = redis.call('HMGET', hkey, 'spent', 'reserved', 'tools')
+  return num(v[1]), num(v[2]), num(v[3])
+end
+
+local function touch(hkey, zkey, session_ttl_ms)
+  redis.call('PEXPIRE', hkey, session_ttl_ms)
+  redis.call('PEXPIRE', zkey, session_ttl_ms)
+end

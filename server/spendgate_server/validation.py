@@ -1,0 +1,170 @@
+"""Wire → domain: every request field checked against its documented bound.
+
+A request with any bad field raises InvalidArgument naming each one; nothing
+reaches the engine, so nothing changes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from spendgate.v1 import decision_pb2 as pb
+
+from spendgate_server.config import (
+    MAX_DEDUP_TTL_SECONDS,
+    MAX_SESSION_NANO_USD,
+    MAX_TOKEN_CEILING,
+    MAX_TOOL_CALLS,
+    BudgetMode,
+    EnforcementConfig,
+    ModelDowngrade,
+    Rule,
+)
+from spendgate_server.engine import Call, SettleCall
+from spendgate_server.errors import FieldViolation, InvalidArgument
+from spendgate_server.pricing import Usage
+
+__all__ = ["BOUNDS", "call_from_proto", "config_from_proto", "settle_from_proto"]
+
+# Ids and names: no braces (they delimit the Redis hash tag) and no whitespace.
+_NAME = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+MAX_INPUT_TOKENS = 10_000_000
+MAX_OUTPUT_TOKENS = 1_000_000
+MAX_TOOL_CALLS_PER_REQUEST = 10_000
+
+BOUNDS = {
+    "session_id": "1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "model": "1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "input_tokens": f"0-{MAX_INPUT_TOKENS}",
+    "max_output_tokens": f"0-{MAX_OUTPUT_TOKENS}",
+    "fingerprint": "16-64 bytes",
+    "tool_call_count": f"0-{MAX_TOOL_CALLS_PER_REQUEST}",
+    "request_id": "empty, or 1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "reservation_id": "32 lowercase hex characters (DecideResponse.reservation_id)",
+}
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def bad(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def name(self, field: str, value: str, *, required: bool = True, bound: str = "") -> None:
+        if not value and not required:
+            return
+        if not 1 <= len(value) <= 128 or not _NAME.fullmatch(value):
+            self.bad(field, f"must be {bound or BOUNDS['session_id']}")
+
+    def integer(self, field: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            self.bad(field, f"must be between {low} and {high}, got {value}")
+
+    def raise_if_any(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+
+def config_from_proto(
+    config: pb.EnforcementConfig, check: _Checker | None = None, prefix: str = "enforcement_config."
+) -> EnforcementConfig:
+    """Validate a wire EnforcementConfig into the domain form."""
+    own = check is None
+    c = check or _Checker()
+
+    def opt(field: str, low: int, high: int) -> int | None:
+        if not config.HasField(field):  # type: ignore[arg-type]  # field names are checked by tests
+            return None
+        value: int = getattr(config, field)
+        c.integer(prefix + field, value, low, high)
+        return value
+
+    ceiling = opt("token_ceiling", 1, MAX_TOKEN_CEILING)
+    budget = opt("max_session_nano_usd", 0, MAX_SESSION_NANO_USD)
+    dedup = opt("dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS)
+    tools = opt("max_tool_calls", 0, MAX_TOOL_CALLS)
+    mode = BudgetMode.CROSSING
+    if config.budget_mode == pb.BUDGET_MODE_STRICT:
+        mode = BudgetMode.STRICT
+    elif config.budget_mode not in (pb.BUDGET_MODE_UNSPECIFIED, pb.BUDGET_MODE_CROSSING):
+        c.bad(prefix + "budget_mode", f"unknown BudgetMode value {config.budget_mode}")
+    downgrade = None
+    if config.HasField("model_downgrade"):
+        d = config.model_downgrade
+        c.integer(prefix + "model_downgrade.threshold_nano_usd", d.threshold_nano_usd, 0, MAX_SESSION_NANO_USD)
+        c.name(prefix + "model_downgrade.fallback_model", d.fallback_model, bound=BOUNDS["model"])
+        downgrade = ModelDowngrade(d.threshold_nano_usd, d.fallback_model)
+    shadow: set[Rule] = set(Rule) if config.shadow else set()
+    for i, value in enumerate(config.shadow_rules):
+        if value in Rule._value2member_map_:
+            shadow.add(Rule(value))
+        else:
+            c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
+    if own:
+        c.raise_if_any()
+    return EnforcementConfig(ceiling, budget, mode, dedup, tools, downgrade, frozenset(shadow))
+
+
+def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
+    """Validate a DecideRequest.
+
+    Raises:
+        InvalidArgument: naming every field out of bounds.
+    """
+    c = _Checker()
+    c.name("session_id", request.session_id)
+    c.name("model", request.model, bound=BOUNDS["model"])
+    c.integer("input_tokens", request.input_tokens, 0, MAX_INPUT_TOKENS)
+    c.integer("max_output_tokens", request.max_output_tokens, 0, MAX_OUTPUT_TOKENS)
+    if not 16 <= len(request.fingerprint) <= 64:
+        c.bad("fingerprint", f"must be 16-64 bytes (a hash of the request), got {len(request.fingerprint)}")
+    c.integer("tool_call_count", request.tool_call_count, 0, MAX_TOOL_CALLS_PER_REQUEST)
+    c.name("request_id", request.request_id, required=False, bound=BOUNDS["request_id"])
+    client_config = (
+        config_from_proto(request.enforcement_config, c)
+        if request.HasField("enforcement_config")
+        else None
+    )
+    c.raise_if_any()
+    return Call(
+        tenant=tenant,
+        session_id=request.session_id,
+        model=request.model,
+        input_tokens=request.input_tokens,
+        max_output_tokens=request.max_output_tokens,
+        fingerprint=request.fingerprint,
+        tool_call_count=request.tool_call_count,
+        request_id=request.request_id,
+        client_config=client_config,
+    )
+
+
+def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
+    """Validate a SettleRequest.
+
+    Raises:
+        InvalidArgument: naming every field out of bounds.
+    """
+    c = _Checker()
+    c.name("session_id", request.session_id)
+    if not _HEX_ID.fullmatch(request.reservation_id):
+        c.bad("reservation_id", f"must be {BOUNDS['reservation_id']}")
+    c.name("model", request.model, bound=BOUNDS["model"])
+    u = request.usage
+    for field in ("input_tokens", "cache_read_input_tokens", "cache_write_input_tokens"):
+        c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
+    c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
+    if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
+        c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
+    c.raise_if_any()
+    return SettleCall(
+        tenant=tenant,
+        session_id=request.session_id,
+        reservation_id=request.reservation_id,
+        model=request.model,
+        usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
+        provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
+    )
