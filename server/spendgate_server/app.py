@@ -84,7 +84,9 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = [decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name]
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     try:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     except RuntimeError as exc:
@@ -135,7 +137,9 @@ def run(settings: ServeSettings) -> None:
         return
     # spawn, not fork: gRPC's threads must not be forked.
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_run_worker, args=(settings,), daemon=False) for _ in range(settings.workers)]
+    workers = [
+        ctx.Process(target=_run_worker, args=(settings,), daemon=False) for _ in range(settings.workers)
+    ]
     for worker in workers:
         worker.start()
 

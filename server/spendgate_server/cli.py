@@ -23,7 +23,9 @@ EXIT_BLOCKED = 3  # `spendgate decide` exits with this when the call is blocked
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spendgate", description="Block runaway LLM spend before it happens.")
+    parser = argparse.ArgumentParser(
+        prog="spendgate", description="Block runaway LLM spend before it happens."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the Decide service")
@@ -39,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     decide.add_argument("--tool-calls", type=int, default=0, help="tool results in this request")
     decide.add_argument("--prompt", default="", help="request text; the fingerprint is its hash")
     decide.add_argument("--request-id", default="")
-    decide.add_argument("--config", default="", help='client enforcement_config as JSON, e.g. \'{"token_ceiling": 500}\'')
+    decide.add_argument(
+        "--config",
+        default="",
+        help="client enforcement_config as JSON, e.g. '{\"token_ceiling\": 500}'",
+    )
     decide.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     decide.add_argument("--json", action="store_true", help="print the full response as JSON")
 
@@ -113,7 +119,11 @@ def _settle(args: argparse.Namespace) -> int:
     )
     with grpc.insecure_channel(args.target) as channel:
         response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(request, timeout=args.timeout)
-    print(json_format.MessageToJson(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    print(
+        json_format.MessageToJson(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
     return 0
 
 
@@ -134,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"spendgate: {exc}", file=sys.stderr)
         code = 2
     except grpc.RpcError as exc:
-        print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]  # RpcError raised by calls is also a Call
+        print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -94,7 +94,9 @@ class EnforcementConfig:
         """
         shadow: set[Rule] = set()
 
-        def pick(rule: Rule, mine: _T | None, theirs: _T | None, tighter: Callable[[_T, _T], _T]) -> _T | None:
+        def pick(
+            rule: Rule, mine: _T | None, theirs: _T | None, tighter: Callable[[_T, _T], _T]
+        ) -> _T | None:
             if mine is None or theirs is None:
                 chosen, side = (theirs, other) if mine is None else (mine, self)
                 if chosen is not None and side.is_shadow(rule):

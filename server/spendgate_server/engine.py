@@ -32,8 +32,8 @@ __all__ = [
     "Decision",
     "DecisionEngine",
     "EngineTimings",
-    "Settlement",
     "SettleCall",
+    "Settlement",
     "Verdict",
     "system_clock_ms",
 ]
@@ -181,7 +181,11 @@ class DecisionEngine:
         if ceiling is not None and call.input_tokens > ceiling:
             if not config.is_shadow(Rule.TOKEN_CEILING):
                 return self._blocked(
-                    call, config, decision_id, Rule.TOKEN_CEILING, estimate,
+                    call,
+                    config,
+                    decision_id,
+                    Rule.TOKEN_CEILING,
+                    estimate,
                     f"input tokens {call.input_tokens} exceed token_ceiling {ceiling}",
                 )
             shadow.add(Rule.TOKEN_CEILING)
@@ -198,13 +202,15 @@ class DecisionEngine:
                     f"threshold {format_usd(downgrade.threshold_nano_usd)}; running on "
                     f"{downgrade.fallback_model}"
                 )
-                verdict, rule, model = Verdict.ALLOW_DOWNGRADED, Rule.MODEL_DOWNGRADE, downgrade.fallback_model
+                verdict, rule, model = (
+                    Verdict.ALLOW_DOWNGRADED,
+                    Rule.MODEL_DOWNGRADE,
+                    downgrade.fallback_model,
+                )
                 estimate = fallback.estimate(call.input_tokens, call.max_output_tokens)
 
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
-        outcome = await self._store.reserve(
-            self._reserve_request(call, config, decision_id, estimate, memo)
-        )
+        outcome = await self._store.reserve(self._reserve_request(call, config, decision_id, estimate, memo))
         shadow |= outcome.shadow_fired
         committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
         remaining = _remaining(config, committed)
@@ -212,21 +218,43 @@ class DecisionEngine:
         if outcome.status is ReserveStatus.REPLAYED:
             decision_id, verdict, model, rule, estimate, reason = _unmemo(outcome.memo)
             return Decision(
-                verdict, model, rule, reason, decision_id, decision_id, estimate,
-                committed, remaining, self._config_version,
+                verdict,
+                model,
+                rule,
+                reason,
+                decision_id,
+                decision_id,
+                estimate,
+                committed,
+                remaining,
+                self._config_version,
             )
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
             return self._blocked(
-                call, config, decision_id, outcome.blocked_by, estimate,
+                call,
+                config,
+                decision_id,
+                outcome.blocked_by,
+                estimate,
                 _block_reason(outcome.blocked_by, config, outcome, call),
-                committed, frozenset(shadow),
+                committed,
+                frozenset(shadow),
             )
         if shadow and rule is None:
             reason = "allowed; shadow mode: " + ", ".join(r.key for r in sorted(shadow)) + " fired"
         return Decision(
-            verdict, model, rule, reason, decision_id, decision_id, estimate,
-            committed, remaining, self._config_version, frozenset(shadow),
+            verdict,
+            model,
+            rule,
+            reason,
+            decision_id,
+            decision_id,
+            estimate,
+            committed,
+            remaining,
+            self._config_version,
+            frozenset(shadow),
         )
 
     def _reserve_request(
@@ -236,7 +264,8 @@ class DecisionEngine:
         dedup = tools = budget = None
         if config.dedup_ttl_seconds is not None:
             dedup = DedupCheck(
-                call.fingerprint.hex(), config.dedup_ttl_seconds * 1000,
+                call.fingerprint.hex(),
+                config.dedup_ttl_seconds * 1000,
                 config.is_shadow(Rule.DUPLICATE_REQUEST),
             )
         if config.max_tool_calls is not None:
@@ -274,9 +303,17 @@ class DecisionEngine:
         shadow: frozenset[Rule] = frozenset(),
     ) -> Decision:
         return Decision(
-            Verdict.BLOCK, call.model, rule, reason, decision_id, "", estimate,
-            committed or 0, None if committed is None else _remaining(config, committed),
-            self._config_version, shadow,
+            Verdict.BLOCK,
+            call.model,
+            rule,
+            reason,
+            decision_id,
+            "",
+            estimate,
+            committed or 0,
+            None if committed is None else _remaining(config, committed),
+            self._config_version,
+            shadow,
         )
 
     async def settle(self, settle: SettleCall) -> Settlement:
@@ -318,7 +355,10 @@ def _remaining(config: EnforcementConfig, committed: int) -> int | None:
 
 def _block_reason(rule: Rule, config: EnforcementConfig, outcome: ReserveOutcome, call: Call) -> str:
     if rule is Rule.DUPLICATE_REQUEST:
-        return f"an identical request was admitted in this session within dedup_ttl_seconds {config.dedup_ttl_seconds}"
+        return (
+            "an identical request was admitted in this session within "
+            f"dedup_ttl_seconds {config.dedup_ttl_seconds}"
+        )
     if rule is Rule.TOOL_CALL_LIMIT:
         return (
             f"tool calls would reach {outcome.tool_calls + call.tool_call_count}, "

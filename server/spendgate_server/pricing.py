@@ -159,9 +159,7 @@ class PriceTable:
                     pricing = _compile(model.id, model.get_prices(self._now))
                     if pricing is not None:
                         self._table.setdefault(model.id, pricing)
-        self._most_expensive = max(
-            self._table.values(), key=lambda p: (p.base.output, p.base.input)
-        )
+        self._most_expensive = max(self._table.values(), key=lambda p: (p.base.output, p.base.input))
         self._table.update({name.lower(): p for name, p in (overrides or {}).items()})
         self._precompiled = len(self._table)
 

@@ -28,12 +28,12 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self._engine = engine
 
     @translate_errors
-    async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:  # noqa: N802  # gRPC method name
+    async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
         decision = await self._engine.decide(call_from_proto(request, DEFAULT_TENANT))
         return decision_to_proto(decision)
 
     @translate_errors
-    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:  # noqa: N802  # gRPC method name
+    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         settled = await self._engine.settle(settle_from_proto(request, DEFAULT_TENANT))
         return pb.SettleResponse(
             actual_cost_nano_usd=settled.cost_nano_usd,

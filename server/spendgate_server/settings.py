@@ -54,16 +54,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--host", default=_env("host", d.host), help="address to bind (env SPENDGATE_HOST)")
     a("--port", default=_env("port", str(d.port)), help="port to bind, 0 for any free port")
     a("--store", default=_env("store", d.store), help="state store: memory (embedded) or redis")
-    a("--redis-url", default=_env("redis_url", d.redis_url), help="redis://, rediss:// or unix:// URL")
+    a(
+        "--redis-url",
+        default=_env("redis_url", d.redis_url),
+        help="redis://, rediss:// or unix:// URL",
+    )
     a("--redis-timeout-millis", default=_env("redis_timeout_millis", str(d.redis_timeout_millis)))
-    a("--workers", default=_env("workers", str(d.workers)), help="server processes (redis store only)")
-    a("--config", default=_env("config", ""), help="YAML or JSON file: enforcement rules and prices")
-    a("--unknown-model-price", default=_env("unknown_model_price", d.unknown_model_price.value),
-      help="unknown model: 'max' (price as the most expensive known) or 'reject'")
-    a("--reservation-ttl-seconds", default=_env("reservation_ttl_seconds", str(d.reservation_ttl_seconds)))
+    a(
+        "--workers",
+        default=_env("workers", str(d.workers)),
+        help="server processes (redis store only)",
+    )
+    a(
+        "--config",
+        default=_env("config", ""),
+        help="YAML or JSON file: enforcement rules and prices",
+    )
+    a(
+        "--unknown-model-price",
+        default=_env("unknown_model_price", d.unknown_model_price.value),
+        help="unknown model: 'max' (price as the most expensive known) or 'reject'",
+    )
+    a(
+        "--reservation-ttl-seconds",
+        default=_env("reservation_ttl_seconds", str(d.reservation_ttl_seconds)),
+    )
     a("--session-ttl-seconds", default=_env("session_ttl_seconds", str(d.session_ttl_seconds)))
-    a("--drain-seconds", default=_env("drain_seconds", str(d.drain_seconds)),
-      help="on SIGTERM, report NOT_SERVING and keep serving this long before stopping")
+    a(
+        "--drain-seconds",
+        default=_env("drain_seconds", str(d.drain_seconds)),
+        help="on SIGTERM, report NOT_SERVING and keep serving this long before stopping",
+    )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
 
@@ -143,7 +164,11 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         default_config=config,
         price_overrides=prices,
         unknown_model_price=UnknownModelPolicy(
-            _choice("unknown-model-price", args.unknown_model_price, [p.value for p in UnknownModelPolicy])
+            _choice(
+                "unknown-model-price",
+                args.unknown_model_price,
+                [p.value for p in UnknownModelPolicy],
+            )
         ),
         reservation_ttl_seconds=_int("reservation-ttl-seconds", args.reservation_ttl_seconds, 1, 86_400),
         session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),

@@ -54,7 +54,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     """End the RPC with the status for ``exc``, details in ``grpc-status-details-bin``."""
     code, status = _status_for(exc)
     await context.abort(
-        code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+        code,
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 

@@ -94,7 +94,12 @@ def config_from_proto(
     downgrade = None
     if config.HasField("model_downgrade"):
         d = config.model_downgrade
-        c.integer(prefix + "model_downgrade.threshold_nano_usd", d.threshold_nano_usd, 0, MAX_SESSION_NANO_USD)
+        c.integer(
+            prefix + "model_downgrade.threshold_nano_usd",
+            d.threshold_nano_usd,
+            0,
+            MAX_SESSION_NANO_USD,
+        )
         c.name(prefix + "model_downgrade.fallback_model", d.fallback_model, bound=BOUNDS["model"])
         downgrade = ModelDowngrade(d.threshold_nano_usd, d.fallback_model)
     shadow: set[Rule] = set(Rule) if config.shadow else set()
@@ -120,13 +125,14 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
     c.integer("input_tokens", request.input_tokens, 0, MAX_INPUT_TOKENS)
     c.integer("max_output_tokens", request.max_output_tokens, 0, MAX_OUTPUT_TOKENS)
     if not 16 <= len(request.fingerprint) <= 64:
-        c.bad("fingerprint", f"must be 16-64 bytes (a hash of the request), got {len(request.fingerprint)}")
+        c.bad(
+            "fingerprint",
+            f"must be 16-64 bytes (a hash of the request), got {len(request.fingerprint)}",
+        )
     c.integer("tool_call_count", request.tool_call_count, 0, MAX_TOOL_CALLS_PER_REQUEST)
     c.name("request_id", request.request_id, required=False, bound=BOUNDS["request_id"])
     client_config = (
-        config_from_proto(request.enforcement_config, c)
-        if request.HasField("enforcement_config")
-        else None
+        config_from_proto(request.enforcement_config, c) if request.HasField("enforcement_config") else None
     )
     c.raise_if_any()
     return Call(

@@ -33,7 +33,9 @@ def decision_to_proto(d: Decision) -> pb.DecideResponse:
 def config_to_proto(config: EnforcementConfig) -> pb.EnforcementConfig:
     """Wire form of an EnforcementConfig."""
     message = pb.EnforcementConfig(
-        budget_mode=pb.BUDGET_MODE_STRICT if config.budget_mode is BudgetMode.STRICT else pb.BUDGET_MODE_CROSSING,
+        budget_mode=pb.BUDGET_MODE_STRICT
+        if config.budget_mode is BudgetMode.STRICT
+        else pb.BUDGET_MODE_CROSSING,
         shadow_rules=sorted(int(r) for r in config.shadow_rules),  # type: ignore[misc]
     )
     if config.token_ceiling is not None:

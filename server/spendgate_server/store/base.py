@@ -175,9 +175,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def session_state(
-        self, session: SessionKey, now_ms: int, session_ttl_ms: int
-    ) -> SessionState:
+    async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         """Read a session's counters, after counting due reservations at their estimate."""
 
     @abstractmethod

@@ -62,8 +62,12 @@ class _Session:
                 # A newer admission may have pushed the dedup window further out.
                 if self.dedup_until.get(key) == due_ms:
                     del self.dedup_until[key]
+            elif kind == "x":
+                self.expired.pop(key, None)
+            elif kind == "d":
+                self.settled.pop(key, None)
             else:
-                {"x": self.expired, "d": self.settled, "q": self.memos}[kind].pop(key, None)
+                self.memos.pop(key, None)
 
 
 class MemoryStore(Store):
@@ -89,7 +93,12 @@ class MemoryStore(Store):
 
         def outcome(status: ReserveStatus, rule: Rule | None = None, mask: int = 0) -> ReserveOutcome:
             return ReserveOutcome(
-                status, s.spent, s.reserved, s.tools, rule, shadow_rules_from_mask(mask),
+                status,
+                s.spent,
+                s.reserved,
+                s.tools,
+                rule,
+                shadow_rules_from_mask(mask),
                 s.memos.get(request.request_id, "") if status is ReserveStatus.REPLAYED else "",
             )
 
@@ -150,9 +159,7 @@ class MemoryStore(Store):
         s.idle_until_ms = now + request.session_ttl_ms
         return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved)
 
-    async def session_state(
-        self, session: SessionKey, now_ms: int, session_ttl_ms: int
-    ) -> SessionState:
+    async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         s = self._session(session, now_ms, session_ttl_ms)
         return SessionState(s.spent, s.reserved, s.tools, len(s.open))
 

@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from spendgate_server.config import Rule
 from spendgate_server.errors import StoreUnavailable
@@ -57,9 +57,7 @@ class RedisStore(Store):
         self._state = client.register_script(load_script("state"))
 
     @classmethod
-    def from_url(
-        cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64
-    ) -> RedisStore:
+    def from_url(cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64) -> RedisStore:
         """Connect lazily to ``url`` (redis://, rediss://, unix://) with short timeouts."""
         client = aioredis.Redis.from_url(
             url,
@@ -73,6 +71,11 @@ class RedisStore(Store):
     async def _run(self, script: Any, session: SessionKey, args: list[Any]) -> list[Any]:
         try:
             reply: list[Any] = await script(keys=session_keys(session, self._prefix), args=args)
+        except ResponseError as exc:
+            if "script" in str(exc):
+                # A script that fails is our bug, not an outage: let it surface as INTERNAL.
+                raise RuntimeError(f"spendgate Lua script failed: {exc}") from exc
+            raise StoreUnavailable(f"redis: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return reply
@@ -126,12 +129,8 @@ class RedisStore(Store):
         )
         return SettleOutcome(SettleStatus(status), cost, spent, reserved)
 
-    async def session_state(
-        self, session: SessionKey, now_ms: int, session_ttl_ms: int
-    ) -> SessionState:
-        spent, reserved, tools, open_count = await self._run(
-            self._state, session, [now_ms, session_ttl_ms]
-        )
+    async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
+        spent, reserved, tools, open_count = await self._run(self._state, session, [now_ms, session_ttl_ms])
         return SessionState(spent, reserved, tools, open_count)
 
     async def ping(self) -> None:

@@ -17,6 +17,15 @@ local function num(value)
   return tonumber(value) or 0
 end
 
+-- HINCRBY by a Lua number; a zero delta is skipped, since Lua renders -0 as "-0", which
+-- Redis refuses as an integer.
+local function incr(hkey, field, delta)
+  if delta ~= 0 then
+    return redis.call('HINCRBY', hkey, field, delta)
+  end
+  return num(redis.call('HGET', hkey, field))
+end
+
 -- Count reservations that fell due as spent at their estimate; forget due records.
 local function expire_due(hkey, zkey, now, forget_ms)
   local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, MAX_DUE_PER_CALL)
@@ -31,8 +40,8 @@ local function expire_due(hkey, zkey, now, forget_ms)
       if estimate then
         local id = string.sub(member, 3)
         redis.call('HDEL', hkey, member)
-        redis.call('HINCRBY', hkey, 'reserved', -num(estimate))
-        redis.call('HINCRBY', hkey, 'spent', num(estimate))
+        incr(hkey, 'reserved', -num(estimate))
+        incr(hkey, 'spent', num(estimate))
         redis.call('HSET', hkey, 'x:' .. id, estimate)
         redis.call('ZADD', zkey, now + forget_ms, 'x:' .. id)
       end

@@ -67,10 +67,8 @@ end
 -- Admitted: record everything at once.
 redis.call('HSET', hkey, 'r:' .. id, estimate)
 redis.call('ZADD', zkey, now + reservation_ttl, 'r:' .. id)
-reserved = redis.call('HINCRBY', hkey, 'reserved', estimate)
-if tool_count > 0 then
-  tools = redis.call('HINCRBY', hkey, 'tools', tool_count)
-end
+reserved = incr(hkey, 'reserved', estimate)
+tools = incr(hkey, 'tools', tool_count)
 if fingerprint ~= '' then
   redis.call('ZADD', zkey, now + dedup_ttl, 'f:' .. fingerprint)
 end

@@ -21,13 +21,13 @@ local expired = redis.call('HGET', hkey, 'x:' .. id)
 if open then
   redis.call('HDEL', hkey, 'r:' .. id)
   redis.call('ZREM', zkey, 'r:' .. id)
-  redis.call('HINCRBY', hkey, 'reserved', -num(open))
-  redis.call('HINCRBY', hkey, 'spent', cost)
+  incr(hkey, 'reserved', -num(open))
+  incr(hkey, 'spent', cost)
 elseif expired then
   -- It was counted at its estimate when it expired; correct to the real cost.
   redis.call('HDEL', hkey, 'x:' .. id)
   redis.call('ZREM', zkey, 'x:' .. id)
-  redis.call('HINCRBY', hkey, 'spent', cost - num(expired))
+  incr(hkey, 'spent', cost - num(expired))
 else
   local spent, reserved = counters(hkey)
   return {2, 0, spent, reserved}

@@ -1,0 +1,524 @@
+"""DecisionClient / AsyncDecisionClient: one reused channel, a deadline per call, a fail mode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import decision_pb2_grpc
+
+from spendgate_client._config import enforcement_config_to_proto
+from spendgate_client._errors import (
+    DuplicateRequest,
+    EnforcementError,
+    InvalidRequest,
+    SessionBudgetExceeded,
+    SpendgateError,
+    SpendgateUnavailable,
+    TokenCeilingExceeded,
+    ToolCallLimitExceeded,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncDecisionClient",
+    "ClientStats",
+    "Decision",
+    "DecisionClient",
+    "FailMode",
+    "Settlement",
+]
+
+_log = logging.getLogger("spendgate_client")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+FailMode = Literal["open", "closed"]
+
+_RULE_KEYS = {
+    pb.RULE_TOKEN_CEILING: "token_ceiling",
+    pb.RULE_SESSION_BUDGET: "max_session_usd",
+    pb.RULE_DUPLICATE_REQUEST: "dedup_ttl_seconds",
+    pb.RULE_TOOL_CALL_LIMIT: "max_tool_calls",
+    pb.RULE_MODEL_DOWNGRADE: "model_downgrade",
+}
+_BLOCK_ERRORS: dict[int, type[EnforcementError]] = {
+    pb.RULE_TOKEN_CEILING: TokenCeilingExceeded,
+    pb.RULE_SESSION_BUDGET: SessionBudgetExceeded,
+    pb.RULE_DUPLICATE_REQUEST: DuplicateRequest,
+    pb.RULE_TOOL_CALL_LIMIT: ToolCallLimitExceeded,
+}
+_VERDICTS = {
+    pb.VERDICT_ALLOW: "allow",
+    pb.VERDICT_BLOCK: "block",
+    pb.VERDICT_ALLOW_DOWNGRADED: "allow_downgraded",
+}
+# The service is down or late: the fail mode decides. Anything else is the caller's problem.
+_OUTAGE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+_SETTLE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The service's answer to one Decide.
+
+    ``fail_open`` is True when the service was unreachable and ``fail_mode="open"``
+    allowed the call without a decision (nothing was reserved).
+    """
+
+    verdict: str
+    effective_model: str
+    rule: str | None
+    reason: str
+    decision_id: str
+    reservation_id: str
+    estimated_cost_nano_usd: int
+    session_spend_nano_usd: int
+    remaining_budget_nano_usd: int | None
+    config_version: int
+    would_block: bool
+    shadow_rules: tuple[str, ...]
+    fail_open: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        """The call may go to the provider (on ``effective_model``)."""
+        return self.verdict != "block"
+
+    def raise_for_block(self) -> None:
+        """Raise the typed EnforcementError of the rule that blocked; do nothing if allowed."""
+        if self.allowed:
+            return
+        code = next((c for c, k in _RULE_KEYS.items() if k == self.rule), 0)
+        raise _BLOCK_ERRORS.get(code, EnforcementError)(self.reason, self.decision_id, self.rule)
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What the service counted for a settled call."""
+
+    cost_nano_usd: int
+    session_spend_nano_usd: int
+    already_settled: bool
+
+
+class ClientStats:
+    """Counters of what the client did on its own (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.decisions = 0
+        self.fail_open_allowances = 0
+        self.settle_retries = 0
+        self.settle_failures = 0
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Increment counter ``name``."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict."""
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def _decision(response: pb.DecideResponse) -> Decision:
+    return Decision(
+        verdict=_VERDICTS.get(response.verdict, "block"),
+        effective_model=response.effective_model,
+        rule=_RULE_KEYS.get(response.rule),
+        reason=response.reason,
+        decision_id=response.decision_id,
+        reservation_id=response.reservation_id,
+        estimated_cost_nano_usd=response.estimated_cost_nano_usd,
+        session_spend_nano_usd=response.session_spend_nano_usd,
+        remaining_budget_nano_usd=(
+            response.remaining_budget_nano_usd if response.HasField("remaining_budget_nano_usd") else None
+        ),
+        config_version=response.config_version,
+        would_block=response.would_block,
+        shadow_rules=tuple(_RULE_KEYS.get(r, str(r)) for r in response.shadow_rules),
+    )
+
+
+def _fail_open_decision(model: str, reason: str) -> Decision:
+    return Decision("allow", model, None, reason, "", "", 0, 0, None, 0, False, (), fail_open=True)
+
+
+def _field_violations(error: grpc.RpcError) -> tuple[tuple[str, str], ...]:
+    # At run time trailing metadata is a tuple of (key, value) pairs.
+    metadata = cast("Sequence[tuple[str, bytes]]", error.trailing_metadata() or ())
+    for key, value in metadata:
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    return tuple((v.field, v.description) for v in bad.field_violations)
+    return ()
+
+
+def _caller_error(error: grpc.RpcError) -> SpendgateError:
+    code = error.code()
+    details = error.details() or ""
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return InvalidRequest(f"{code.name}: {details}", _field_violations(error))
+    return SpendgateError(f"{code.name}: {details}")
+
+
+def _channel_options(target: str) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        # Retry-free hot path: a late answer is handled by the fail mode, not retried.
+        ("grpc.enable_retries", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if target.startswith("dns:"):
+        # Spread calls over every pod behind a headless Service.
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str | None,
+        *,
+        timeout: float,
+        fail_mode: FailMode,
+        api_key: str | None,
+    ) -> None:
+        if fail_mode not in ("open", "closed"):
+            raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.target = target or os.environ.get("SPENDGATE_TARGET") or DEFAULT_TARGET
+        self.timeout = timeout
+        self.fail_mode = fail_mode
+        self.stats = ClientStats()
+        key = api_key if api_key is not None else os.environ.get("SPENDGATE_API_KEY")
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = (
+            (("authorization", f"Bearer {key}"),) if key else None
+        )
+
+    @staticmethod
+    def _decide_request(
+        session_id: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        fingerprint: bytes,
+        tool_call_count: int,
+        request_id: str,
+        enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None,
+    ) -> pb.DecideRequest:
+        request = pb.DecideRequest(
+            session_id=session_id,
+            model=model,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            fingerprint=fingerprint,
+            tool_call_count=tool_call_count,
+            request_id=request_id,
+        )
+        if enforcement_config is not None:
+            if not isinstance(enforcement_config, pb.EnforcementConfig):
+                enforcement_config = enforcement_config_to_proto(enforcement_config)
+            request.enforcement_config.CopyFrom(enforcement_config)
+        return request
+
+    def _on_outage(self, error: grpc.RpcError, model: str) -> Decision:
+        code = error.code()
+        if self.fail_mode == "closed":
+            raise SpendgateUnavailable(
+                f"spendgate at {self.target} did not answer ({code.name}); fail_mode is 'closed'"
+            ) from error
+        self.stats.add("fail_open_allowances")
+        _log.warning("spendgate unreachable (%s); fail_mode='open' allows the call", code.name)
+        return _fail_open_decision(model, f"fail open: spendgate {code.name}")
+
+    @staticmethod
+    def _settle_request(
+        session_id: str,
+        reservation_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_input_tokens: int,
+        cache_write_input_tokens: int,
+        provider_ok: bool,
+    ) -> pb.SettleRequest:
+        return pb.SettleRequest(
+            session_id=session_id,
+            reservation_id=reservation_id,
+            model=model,
+            usage=pb.Usage(
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_read_input_tokens=cache_read_input_tokens,
+                cache_write_input_tokens=cache_write_input_tokens,
+            ),
+            outcome=pb.PROVIDER_OUTCOME_OK if provider_ok else pb.PROVIDER_OUTCOME_ERROR,
+        )
+
+
+class DecisionClient(_Base):
+    """Blocking client of spendgate.v1.DecisionService. Thread-safe; share one per process.
+
+    Args:
+        target: ``host:port`` or ``dns:///name:port`` (round-robin over every address);
+            default env ``SPENDGATE_TARGET``, else ``127.0.0.1:50051``.
+        timeout: deadline of each Decide, in seconds.
+        fail_mode: ``"open"`` allows a call when the service is unreachable or late
+            (logged and counted); ``"closed"`` raises SpendgateUnavailable.
+        api_key: spendgate API key (default env ``SPENDGATE_API_KEY``).
+        credentials: TLS channel credentials; plaintext when None.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = 0.25,
+        fail_mode: FailMode = "open",
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        options = _channel_options(self.target)
+        self._channel = (
+            grpc.secure_channel(self.target, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(self.target, options=options)
+        )
+        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
+
+    def decide(
+        self,
+        session_id: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        fingerprint: bytes,
+        *,
+        tool_call_count: int = 0,
+        request_id: str = "",
+        enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
+    ) -> Decision:
+        """Ask whether a provider call may go ahead. A block is returned, not raised.
+
+        Raises:
+            SpendgateUnavailable: the service is unreachable or late and fail_mode is closed.
+            InvalidRequest: the request is malformed (names the field).
+        """
+        request = self._decide_request(
+            session_id,
+            model,
+            input_tokens,
+            max_output_tokens,
+            fingerprint,
+            tool_call_count,
+            request_id,
+            enforcement_config,
+        )
+        self.stats.add("decisions")
+        try:
+            response = self._stub.Decide(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            if error.code() in _OUTAGE_CODES:
+                return self._on_outage(error, model)
+            raise _caller_error(error) from error
+        return _decision(response)
+
+    def settle(
+        self,
+        session_id: str,
+        reservation_id: str,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_input_tokens: int = 0,
+        cache_write_input_tokens: int = 0,
+        provider_ok: bool = True,
+    ) -> Settlement | None:
+        """Report a call's real usage. Retried (it is idempotent); never raises on an outage.
+
+        Returns None when the service stayed unreachable: the reservation then expires
+        and is counted at its estimate, which errs on the side of the budget.
+
+        Raises:
+            InvalidRequest: the reservation is unknown or a field is malformed.
+        """
+        request = self._settle_request(
+            session_id,
+            reservation_id,
+            model,
+            input_tokens,
+            output_tokens,
+            cache_read_input_tokens,
+            cache_write_input_tokens,
+            provider_ok,
+        )
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                response = self._stub.Settle(request, timeout=self.timeout * 4, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() not in _OUTAGE_CODES:
+                    raise _caller_error(error) from error
+                if attempt + 1 < _SETTLE_ATTEMPTS:
+                    self.stats.add("settle_retries")
+                    time.sleep(0.05 * 2**attempt)
+                continue
+            return Settlement(
+                response.actual_cost_nano_usd,
+                response.session_spend_nano_usd,
+                response.already_settled,
+            )
+        self.stats.add("settle_failures")
+        _log.warning("spendgate settle of %s failed; it will count at its estimate", reservation_id)
+        return None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> DecisionClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class AsyncDecisionClient(_Base):
+    """asyncio client of spendgate.v1.DecisionService; same arguments as DecisionClient.
+
+    The channel is created on first use, inside the running event loop.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = 0.25,
+        fail_mode: FailMode = "open",
+        api_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: decision_pb2_grpc.DecisionServiceAsyncStub | None = None
+
+    def _get_stub(self) -> decision_pb2_grpc.DecisionServiceAsyncStub:
+        if self._stub is None:
+            options = _channel_options(self.target)
+            self._channel = (
+                grpc.aio.secure_channel(self.target, self._credentials, options=options)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(self.target, options=options)
+            )
+            self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
+        return self._stub
+
+    async def decide(
+        self,
+        session_id: str,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        fingerprint: bytes,
+        *,
+        tool_call_count: int = 0,
+        request_id: str = "",
+        enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
+    ) -> Decision:
+        """See DecisionClient.decide."""
+        request = self._decide_request(
+            session_id,
+            model,
+            input_tokens,
+            max_output_tokens,
+            fingerprint,
+            tool_call_count,
+            request_id,
+            enforcement_config,
+        )
+        self.stats.add("decisions")
+        try:
+            response = await self._get_stub().Decide(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            if error.code() in _OUTAGE_CODES:
+                return self._on_outage(error, model)
+            raise _caller_error(error) from error
+        return _decision(response)
+
+    async def settle(
+        self,
+        session_id: str,
+        reservation_id: str,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_input_tokens: int = 0,
+        cache_write_input_tokens: int = 0,
+        provider_ok: bool = True,
+    ) -> Settlement | None:
+        """See DecisionClient.settle."""
+        request = self._settle_request(
+            session_id,
+            reservation_id,
+            model,
+            input_tokens,
+            output_tokens,
+            cache_read_input_tokens,
+            cache_write_input_tokens,
+            provider_ok,
+        )
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                response = await self._get_stub().Settle(
+                    request, timeout=self.timeout * 4, metadata=self._metadata
+                )
+            except grpc.RpcError as error:
+                if error.code() not in _OUTAGE_CODES:
+                    raise _caller_error(error) from error
+                if attempt + 1 < _SETTLE_ATTEMPTS:
+                    self.stats.add("settle_retries")
+                    await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            return Settlement(
+                response.actual_cost_nano_usd,
+                response.session_spend_nano_usd,
+                response.already_settled,
+            )
+        self.stats.add("settle_failures")
+        _log.warning("spendgate settle of %s failed; it will count at its estimate", reservation_id)
+        return None
+
+    async def close(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
