@@ -54,3 +54,33 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- Contract checks and the Node client (clients/node). buf comes from the
+# @bufbuild/buf npm package in clients/node: no other install, works offline.
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
+
+.PHONY: node-deps test-node buf-lint buf-breaking contract-release
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
+
+# Builds the client from protos/ and runs node --test against a real `spendgate serve`.
+test-node: $(STAMP) $(NODE_STAMP)
+	cd $(NODE_DIR) && npm test
+
+buf-lint: $(NODE_STAMP)
+	$(BUF) lint
+
+# The working protos/ against the last released contract (see protos/released/README.md).
+buf-breaking: $(NODE_STAMP)
+	$(BUF) breaking --against $(RELEASED_CONTRACT)
+
+# Run at release time only: makes the current protos/ the contract later changes must keep.
+contract-release: $(NODE_STAMP) buf-lint
+	$(BUF) build --exclude-source-info -o $(RELEASED_CONTRACT)
