@@ -13,7 +13,13 @@ import { fileURLToPath } from 'node:url';
 const packageDir = join(dirname(fileURLToPath(import.meta.url)), '..');
 const protoRoot = join(packageDir, '..', '..', 'protos');
 const bin = (name) => join(packageDir, 'node_modules', '.bin', name);
-const run = (command, args) => execFileSync(command, args, { cwd: packageDir, stdio: 'inherit' });
+const run = (command, args) => {
+  try {
+    execFileSync(command, args, { cwd: packageDir, stdio: 'inherit' });
+  } catch (error) {
+    process.exit(error.status ?? 1); // the tool has printed its own errors; a stack trace adds nothing
+  }
+};
 
 rmSync(join(packageDir, 'dist'), { recursive: true, force: true });
 rmSync(join(packageDir, 'src', 'generated'), { recursive: true, force: true });
