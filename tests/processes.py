@@ -53,9 +53,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(
-        cls, *extra_args: str, port: int | None = None, workdir: Path | None = None
-    ) -> RedisServer:
+    def start(cls, *extra_args: str, port: int | None = None, workdir: Path | None = None) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; run 'make test' (it installs it)")
@@ -113,23 +111,14 @@ class SpendgateServer:
     @classmethod
     def start(cls, *args: str, port: int = 0, env: dict[str, str] | None = None) -> SpendgateServer:
         log = Path(tempfile.mkstemp(prefix="sg-server-", suffix=".log")[1])
+        # Metrics are off unless a test asks for them, so parallel servers never clash on a port.
+        defaults = [] if "--metrics-port" in args else ["--metrics-port", "0"]
         argv = [
-            sys.executable,
-            "-m",
-            "spendgate_server",
-            "serve",
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            "--drain-seconds",
-            "0",
-            *args,
+            *(sys.executable, "-m", "spendgate_server", "serve", "--port", str(port)),
+            *("--log-format", "json", "--drain-seconds", "0", *defaults, *args),
         ]
         with log.open("wb") as sink:
-            process = subprocess.Popen(
-                argv, stdout=sink, stderr=sink, env={**os.environ, **(env or {})}
-            )
+            process = subprocess.Popen(argv, stdout=sink, stderr=sink, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             for line in log.read_text().splitlines():
@@ -144,11 +133,7 @@ class SpendgateServer:
         raise RuntimeError(f"spendgate did not report serving:\n{log.read_text()}")
 
     def log_events(self) -> list[dict[str, object]]:
-        return [
-            json.loads(line)
-            for line in self.log_path.read_text().splitlines()
-            if line.startswith("{")
-        ]
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
 
     def stop(self) -> None:
         stop_process(self.process)

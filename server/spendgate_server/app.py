@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 
 import grpc
@@ -18,10 +20,12 @@ from spendgate.v1 import decision_pb2, decision_pb2_grpc
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import configure_logging
+from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.pricing import PriceTable
 from spendgate_server.servicer import DecisionServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
+from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 
@@ -31,6 +35,9 @@ _log = structlog.get_logger("spendgate.server")
 
 # Requests are a few hundred bytes; a tight limit makes oversized input cheap to refuse.
 MAX_MESSAGE_BYTES = 64 * 1024
+SERVICE_NAMES = (decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def build_store(settings: ServeSettings) -> Store:
@@ -69,32 +76,70 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
     ]
 
 
+class _Health:
+    """Health that follows the store: SERVING while it answers, NOT_SERVING while it does not."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, store: Store, metrics: Metrics) -> None:
+        self._servicer = servicer
+        self._store = store
+        self._metrics = metrics
+        self._serving: bool | None = None
+        self.draining = False
+
+    async def set(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        self._metrics.health_serving.set(1 if serving else 0)
+        for name in ("", *SERVICE_NAMES):
+            await self._servicer.set(name, _SERVING if serving else _NOT_SERVING)
+        _log.info("health", serving=serving)
+
+    async def watch(self, interval_seconds: float) -> None:
+        while not self.draining:
+            try:
+                await self._store.ping()
+            except StoreUnavailable as exc:
+                if self._serving:
+                    _log.warning("store_unreachable", error=str(exc))
+                await self.set(False)
+            else:
+                await self.set(not self.draining)
+            await asyncio.sleep(interval_seconds)
+
+
 async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING first, stop after the drain period."""
-    store = build_store(settings)
+    metrics = Metrics()
+    store: Store = InstrumentedStore(build_store(settings), metrics.store_seconds, metrics.store_errors)
     try:
         await store.ping()
     except StoreUnavailable as exc:
         await store.close()
         raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
+    if settings.metrics_port and settings.workers == 1:
+        serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     engine = build_engine(settings, store)
+    metrics.config_version.set(0)
 
     server = grpc.aio.server(options=_server_options(settings))
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), server)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = [decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name]
     reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     except RuntimeError as exc:
         raise ConfigError(f"--port {settings.port}: cannot bind {settings.host}: {exc}") from exc
     await server.start()
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _log.info("serving", host=settings.host, port=port, store=settings.store)
+    status = _Health(health_servicer, store, metrics)
+    await status.set(True)
+    watcher = asyncio.create_task(status.watch(settings.health_interval_millis / 1000))
+    _log.info(
+        "serving", host=settings.host, port=port, store=settings.store, metrics_port=settings.metrics_port
+    )
     if on_ready is not None:
         on_ready(port)
 
@@ -103,8 +148,13 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Load balancers see NOT_SERVING and move traffic away while calls are still answered.
     _log.info("draining", drain_seconds=settings.drain_seconds)
-    await health_servicer.enter_graceful_shutdown()
+    status.draining = True
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
     await store.close()
@@ -135,11 +185,15 @@ def run(settings: ServeSettings) -> None:
     if settings.workers == 1:
         _run_one(settings)
         return
+    configure_logging(settings.log_format, settings.log_level)
+    # Workers write metrics to files in this directory; this supervisor serves their sum.
+    metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port, settings.host, None)
     # spawn, not fork: gRPC's threads must not be forked.
     ctx = multiprocessing.get_context("spawn")
-    workers = [
-        ctx.Process(target=_run_worker, args=(settings,), daemon=False) for _ in range(settings.workers)
-    ]
+    workers = [ctx.Process(target=_run_worker, args=(settings,)) for _ in range(settings.workers)]
     for worker in workers:
         worker.start()
 
@@ -152,6 +206,5 @@ def run(settings: ServeSettings) -> None:
     signal.signal(signal.SIGINT, forward)
     for worker in workers:
         worker.join()
-    failed = [w.exitcode for w in workers if w.exitcode not in (0, None)]
-    if failed:
+    if any(w.exitcode != 0 for w in workers):
         sys.exit(1)

@@ -35,6 +35,8 @@ __all__ = [
     "SettleCall",
     "Settlement",
     "Verdict",
+    "decision_id_time_ms",
+    "new_decision_id",
     "system_clock_ms",
 ]
 
@@ -47,9 +49,18 @@ def system_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def random_id() -> str:
-    """A 128-bit random id, as 32 hex characters."""
-    return os.urandom(16).hex()
+def new_decision_id(now_ms: int) -> str:
+    """32 hex characters: the issue time in ms (48 bits), then 80 random bits.
+
+    The time prefix lets Settle measure how long a reservation stayed open without
+    storing anything more; the random part makes ids unguessable and unique.
+    """
+    return f"{now_ms & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
+
+
+def decision_id_time_ms(decision_id: str) -> int:
+    """The issue time encoded in a decision id (meaningless for ids made elsewhere)."""
+    return int(decision_id[:12], 16)
 
 
 class Verdict(enum.IntEnum):
@@ -147,7 +158,6 @@ class DecisionEngine:
         config_version: int = 0,
         timings: EngineTimings | None = None,
         clock: Clock = system_clock_ms,
-        new_id: Callable[[], str] = random_id,
     ) -> None:
         self._store = store
         self._prices = prices
@@ -155,7 +165,6 @@ class DecisionEngine:
         self._config_version = config_version
         self._timings = timings or EngineTimings()
         self._clock = clock
-        self._new_id = new_id
 
     @property
     def store(self) -> Store:
@@ -171,7 +180,8 @@ class DecisionEngine:
     async def decide(self, call: Call) -> Decision:
         """Decide one call: ceiling, then downgrade, then the atomic dedup/tools/budget step."""
         config = self.effective_config(call)
-        decision_id = self._new_id()
+        now_ms = self._clock()
+        decision_id = new_decision_id(now_ms)
         shadow: set[Rule] = set()
         model = call.model
         pricing = self._prices.lookup(model)
@@ -210,7 +220,9 @@ class DecisionEngine:
                 estimate = fallback.estimate(call.input_tokens, call.max_output_tokens)
 
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
-        outcome = await self._store.reserve(self._reserve_request(call, config, decision_id, estimate, memo))
+        outcome = await self._store.reserve(
+            self._reserve_request(call, config, decision_id, estimate, memo, now_ms)
+        )
         shadow |= outcome.shadow_fired
         committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
         remaining = _remaining(config, committed)
@@ -258,7 +270,7 @@ class DecisionEngine:
         )
 
     def _reserve_request(
-        self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str
+        self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str, now_ms: int
     ) -> ReserveRequest:
         t = self._timings
         dedup = tools = budget = None
@@ -278,7 +290,7 @@ class DecisionEngine:
             )
         return ReserveRequest(
             session=SessionKey(call.tenant, call.session_id),
-            now_ms=self._clock(),
+            now_ms=now_ms,
             reservation_id=decision_id,
             estimate_nano_usd=estimate,
             reservation_ttl_ms=t.reservation_ttl_ms,

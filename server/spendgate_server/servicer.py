@@ -1,15 +1,19 @@
-"""DecisionService servicer: translates proto ↔ domain and nothing else."""
+"""DecisionService servicer: translates proto ↔ domain, times and counts; no rules here."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, NoReturn
 
 import grpc
+import structlog
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
 from spendgate_server.engine import DecisionEngine
-from spendgate_server.status import translate_errors
+from spendgate_server.errors import SpendgateError, StoreUnavailable
+from spendgate_server.metrics import Metrics
+from spendgate_server.status import abort, rpc_status
 from spendgate_server.validation import call_from_proto, settle_from_proto
 from spendgate_server.wire import decision_to_proto
 
@@ -19,24 +23,46 @@ __all__ = ["DEFAULT_TENANT", "DecisionServicer"]
 DEFAULT_TENANT = "default"
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger("spendgate.servicer")
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     """Serves spendgate.v1.DecisionService over the engine."""
 
-    def __init__(self, engine: DecisionEngine) -> None:
+    def __init__(self, engine: DecisionEngine, metrics: Metrics) -> None:
         self._engine = engine
+        self._metrics = metrics
 
-    @translate_errors
     async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
-        decision = await self._engine.decide(call_from_proto(request, DEFAULT_TENANT))
+        started = time.perf_counter()
+        try:
+            decision = await self._engine.decide(call_from_proto(request, DEFAULT_TENANT))
+        except Exception as exc:
+            await self._fail("Decide", context, exc)
+        self._metrics.decided(decision, time.perf_counter() - started)
         return decision_to_proto(decision)
 
-    @translate_errors
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
-        settled = await self._engine.settle(settle_from_proto(request, DEFAULT_TENANT))
+        started = time.perf_counter()
+        try:
+            settle = settle_from_proto(request, DEFAULT_TENANT)
+            settled = await self._engine.settle(settle)
+        except Exception as exc:
+            await self._fail("Settle", context, exc)
+        self._metrics.settled(
+            settle.reservation_id, settled, not settle.provider_ok, time.perf_counter() - started
+        )
         return pb.SettleResponse(
             actual_cost_nano_usd=settled.cost_nano_usd,
             session_spend_nano_usd=settled.session_spend_nano_usd,
             already_settled=settled.already_settled,
         )
+
+    async def _fail(self, method: str, context: Context, exc: Exception) -> NoReturn:
+        code, status = rpc_status(exc)
+        self._metrics.failed(method, code.name)
+        if isinstance(exc, StoreUnavailable):
+            _log.warning("store_unavailable", rpc=method, error=str(exc))
+        elif not isinstance(exc, SpendgateError):
+            _log.error("internal_error", rpc=method, exc_info=exc)
+        await abort(context, code, status)

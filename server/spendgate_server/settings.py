@@ -39,6 +39,9 @@ class ServeSettings:
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
     drain_seconds: float = 5.0
+    # 0 turns the Prometheus endpoint off.
+    metrics_port: int = 9464
+    health_interval_millis: int = 1000
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -84,6 +87,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--drain-seconds",
         default=_env("drain_seconds", str(d.drain_seconds)),
         help="on SIGTERM, report NOT_SERVING and keep serving this long before stopping",
+    )
+    a(
+        "--metrics-port",
+        default=_env("metrics_port", str(d.metrics_port)),
+        help="Prometheus /metrics port on --host; 0 turns it off",
+    )
+    a(
+        "--health-interval-millis",
+        default=_env("health_interval_millis", str(d.health_interval_millis)),
+        help="how often health re-checks the store",
     )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
@@ -173,6 +186,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         reservation_ttl_seconds=_int("reservation-ttl-seconds", args.reservation_ttl_seconds, 1, 86_400),
         session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
         drain_seconds=drain,
+        metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
+        health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),
         log_level=_choice("log-level", args.log_level, LOG_LEVELS),
     )
