@@ -1,6 +1,8 @@
 // Wrap a provider call the way the Python wrappers (JournaledAnthropic) do:
 // Decide before the call, never contact the provider when blocked, run on the
-// model spendgate chose, Settle the real usage after (or release on error).
+// model spendgate chose, Settle the real usage after; release the reservation when
+// the provider refused the call, and leave it to expire at its estimate when the
+// outcome is unknown (a timeout may still have been billed).
 //
 //   node example/journaled-anthropic.mjs        # needs `spendgate serve` on SPENDGATE_TARGET
 //
@@ -9,9 +11,13 @@
 import { createHash } from 'node:crypto';
 import { pathToFileURL } from 'node:url';
 
-import { DecisionClient, EnforcementError } from '@spendgate/client';
+import { DecisionClient, EnforcementError, enforcementConfigToWire } from '@spendgate/client';
 
-/** JSON with sorted keys: the same request always hashes to the same fingerprint. */
+const SESSION_ID = /^[A-Za-z0-9._:@/+=-]{1,128}$/;
+const BYTES_PER_TOKEN = 3; // errs high for prose, as the Python estimate does
+const TRANSPORT_KEYS = new Set(['stream', 'stream_options']); // streamed or not, the same request
+
+/** JSON with sorted keys and no whitespace: the same request always gives the same bytes. */
 function canonicalJson(value) {
   if (Array.isArray(value)) {
     return `[${value.map(canonicalJson).join(',')}]`;
@@ -23,9 +29,17 @@ function canonicalJson(value) {
   return JSON.stringify(value);
 }
 
-/** A rough input-token estimate (about four characters a token); the server only needs an upper-ish bound. */
-function estimateInputTokens({ system, messages, tools }) {
-  return Math.ceil(canonicalJson({ system, messages, tools }).length / 4);
+/** The request body as Decide sees it: canonical JSON without the transport keys. */
+function canonicalRequest(params) {
+  return canonicalJson(Object.fromEntries(Object.entries(params).filter(([key]) => !TRANSPORT_KEYS.has(key))));
+}
+
+/**
+ * A rough input-token estimate: UTF-8 bytes / 3. The Python client's estimate
+ * (clients/python, _estimate.py) also counts media and tool definitions at fixed sizes.
+ */
+function estimateInputTokens(canonical) {
+  return Math.ceil(Buffer.byteLength(canonical) / BYTES_PER_TOKEN);
 }
 
 /** Tool results carried by this request: tool_result blocks in the last user turn. */
@@ -53,6 +67,13 @@ export class JournaledAnthropic {
    * @param {import('@spendgate/client').EnforcementConfigInput} [options.enforcementConfig] tighten-only limits
    */
   constructor({ anthropic, spendgate, sessionId, enforcementConfig }) {
+    // Checked once, here, so a typo fails at construction rather than on the first call.
+    if (!SESSION_ID.test(sessionId)) {
+      throw new TypeError(`sessionId must be 1-128 characters of [A-Za-z0-9._:@/+=-], got ${JSON.stringify(sessionId)}`);
+    }
+    if (enforcementConfig) {
+      enforcementConfigToWire(enforcementConfig);
+    }
     this.anthropic = anthropic;
     this.spendgate = spendgate;
     this.sessionId = sessionId;
@@ -61,16 +82,20 @@ export class JournaledAnthropic {
   }
 
   async #create(params) {
+    const canonical = canonicalRequest(params);
     const decision = await this.spendgate.decide({
       sessionId: this.sessionId,
       model: params.model,
-      inputTokens: estimateInputTokens(params),
+      inputTokens: estimateInputTokens(canonical),
       maxOutputTokens: params.max_tokens,
-      fingerprint: createHash('sha256').update(canonicalJson(params)).digest(),
+      fingerprint: createHash('sha256').update(canonical).digest(),
       toolCallCount: countToolResults(params.messages),
       ...(this.enforcementConfig && { enforcementConfig: this.enforcementConfig }),
     });
     decision.raiseForBlock();
+    if (decision.wouldBlock) {
+      console.warn(`spendgate shadow mode: session ${this.sessionId} would have been blocked (${decision.reason})`);
+    }
     // A fail-open decision reserved nothing, so there is nothing to settle.
     const settle = decision.reservationId
       ? (fields) => this.spendgate.settle({
@@ -84,7 +109,12 @@ export class JournaledAnthropic {
     try {
       response = await this.anthropic.messages.create({ ...params, model: decision.effectiveModel });
     } catch (error) {
-      await settle({ providerOk: false }); // released: a failed call costs nothing
+      // The SDK's APIError carries the HTTP status: the provider answered and refused,
+      // so nothing was billed. Anything else (timeout, lost connection) may have been
+      // billed: the reservation expires and counts at its estimate.
+      if (typeof error?.status === 'number') {
+        await settle({ providerOk: false });
+      }
       throw error;
     }
     const usage = response.usage ?? {};

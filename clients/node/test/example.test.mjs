@@ -3,9 +3,9 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 
-import { DecisionClient, TokenCeilingExceeded } from '@spendgate/client';
+import { DecisionClient, DuplicateRequest, TokenCeilingExceeded } from '@spendgate/client';
 
-import { JournaledAnthropic } from '../example/journaled-anthropic.mjs';
+import { JournaledAnthropic, standInProvider } from '../example/journaled-anthropic.mjs';
 import { startSpendgate } from './spendgate-server.mjs';
 
 let server;
@@ -85,20 +85,56 @@ describe('JournaledAnthropic example', () => {
     assert.equal(settlements.length, 0);
   });
 
-  it('releases the reservation when the provider fails, and rethrows its error', async () => {
+  it('releases the reservation when the provider refuses the call, and rethrows its error', async () => {
     settlements = [];
-    const failure = new Error('provider overloaded');
+    const refusal = Object.assign(new Error('overloaded'), { status: 529 });
     const client = new JournaledAnthropic({
       anthropic: recordingProvider(async () => {
-        throw failure;
+        throw refusal;
       }),
       spendgate,
       sessionId: `node-${randomUUID()}`,
     });
 
-    await assert.rejects(client.messages.create(PARAMS), (error) => error === failure);
+    await assert.rejects(client.messages.create(PARAMS), (error) => error === refusal);
     assert.equal(settlements.length, 1);
     assert.equal(settlements[0].input.providerOk, false);
     assert.equal(settlements[0].settlement.costNanoUsd, 0n);
+  });
+
+  it('leaves the reservation to expire when the outcome is unknown', async () => {
+    settlements = [];
+    const lost = new Error('socket hang up');
+    const client = new JournaledAnthropic({
+      anthropic: recordingProvider(async () => {
+        throw lost;
+      }),
+      spendgate,
+      sessionId: `node-${randomUUID()}`,
+    });
+
+    await assert.rejects(client.messages.create(PARAMS), (error) => error === lost);
+    assert.equal(settlements.length, 0);
+  });
+
+  it('checks the session id and config once, at construction', () => {
+    assert.throws(() => new JournaledAnthropic({ anthropic: standInProvider, spendgate, sessionId: 'no spaces' }), /sessionId/);
+    assert.throws(
+      () => new JournaledAnthropic({ anthropic: standInProvider, spendgate, sessionId: 's', enforcementConfig: { ceiling: 1 } }),
+      /unknown key "ceiling"/,
+    );
+  });
+
+  it('fingerprints a streamed and an unstreamed request alike', async () => {
+    const sessionId = `node-${randomUUID()}`;
+    const client = new JournaledAnthropic({
+      anthropic: recordingProvider(),
+      spendgate,
+      sessionId,
+      enforcementConfig: { dedup_ttl_seconds: 60 },
+    });
+
+    await client.messages.create(PARAMS);
+    await assert.rejects(client.messages.create({ ...PARAMS, stream: false }), DuplicateRequest);
   });
 });
