@@ -7,7 +7,14 @@ Example::
     client = DecisionClient("127.0.0.1:50051", fail_mode="open")
     decision = client.decide("my-session", "claude-sonnet-4-5", 2000, 1024, fingerprint)
     decision.raise_for_block()
+
+The drop-in SDK wrappers (``JournaledAnthropic``, ``AsyncJournaledAnthropic``,
+``JournaledOpenAI``, ``AsyncJournaledOpenAI``) are imported on first use, so this
+package imports without the provider SDKs (the ``anthropic`` / ``openai`` extras).
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from spendgate_client._client import (
     DEFAULT_TARGET,
@@ -30,10 +37,24 @@ from spendgate_client._errors import (
     ToolCallLimitExceeded,
 )
 
+if TYPE_CHECKING:
+    from spendgate_client._anthropic import AsyncJournaledAnthropic, JournaledAnthropic
+    from spendgate_client._openai import AsyncJournaledOpenAI, JournaledOpenAI
+
+# name → (private module, provider SDK it needs, extra that installs it)
+_WRAPPERS = {
+    "JournaledAnthropic": ("_anthropic", "anthropic"),
+    "AsyncJournaledAnthropic": ("_anthropic", "anthropic"),
+    "JournaledOpenAI": ("_openai", "openai"),
+    "AsyncJournaledOpenAI": ("_openai", "openai"),
+}
+
 __all__ = [
     "CONFIG_KEYS",
     "DEFAULT_TARGET",
     "AsyncDecisionClient",
+    "AsyncJournaledAnthropic",
+    "AsyncJournaledOpenAI",
     "ClientStats",
     "Decision",
     "DecisionClient",
@@ -41,6 +62,8 @@ __all__ = [
     "EnforcementError",
     "FailMode",
     "InvalidRequest",
+    "JournaledAnthropic",
+    "JournaledOpenAI",
     "SessionBudgetExceeded",
     "Settlement",
     "SpendgateError",
@@ -49,3 +72,21 @@ __all__ = [
     "ToolCallLimitExceeded",
     "enforcement_config_to_proto",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a wrapper, and with it its provider SDK, on first use (PEP 562)."""
+    if name not in _WRAPPERS:
+        raise AttributeError(f"module 'spendgate_client' has no attribute {name!r}")
+    module, sdk = _WRAPPERS[name]
+    try:
+        loaded = importlib.import_module(f"spendgate_client.{module}")
+    except ImportError as exc:
+        if exc.name != sdk:
+            raise
+        raise ImportError(
+            f"spendgate_client.{name} needs the {sdk} SDK: pip install 'spendgate-client[{sdk}]'"
+        ) from exc
+    value = getattr(loaded, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,463 @@
+"""The provider-independent half of the SDK wrappers: decide before, settle after.
+
+A :class:`Gate` belongs to one wrapper client (and the copies ``with_options``
+makes of it). It holds the session id, the enforcement config checked once at
+construction, the decision clients and the background settler. Each admitted
+provider call gets a :class:`Ticket`, which settles exactly once: with the usage
+the provider reported, or as released when the provider refused the call, or
+not at all (the reservation then expires on the server at its estimate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from spendgate.v1 import decision_pb2 as pb
+
+from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode
+from spendgate_client._config import enforcement_config_to_proto
+from spendgate_client._estimate import PreparedRequest
+from spendgate_client._settler import Settler
+
+__all__ = [
+    "DEFAULT_DECIDE_TIMEOUT",
+    "AsyncStreamProxy",
+    "Gate",
+    "Observer",
+    "Provider",
+    "Route",
+    "StreamUsage",
+    "SyncStreamProxy",
+    "Ticket",
+    "UsageReport",
+    "acall_gated",
+    "call_gated",
+]
+
+_log = logging.getLogger("spendgate_client")
+
+DEFAULT_DECIDE_TIMEOUT = 0.25
+# The server's bound on session ids (validation.BOUNDS["session_id"]), checked up front
+# so a typo fails at construction rather than on the first call.
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Billed tokens of one call; ``input_tokens`` excludes cache reads and writes."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+
+
+class Gate:
+    """Decide / settle plumbing shared by one wrapper and its copies.
+
+    Args:
+        session_id: budgets, tool counts and dedup are per session.
+        enforcement_config: the user-facing rules dict (checked here, once).
+        spendgate_target: ``host:port``; default env ``SPENDGATE_TARGET``, else ``127.0.0.1:50051``.
+        spendgate_api_key: default env ``SPENDGATE_API_KEY``.
+        fail_mode: ``"open"`` or ``"closed"`` when the service is unreachable.
+        decide_timeout: deadline of each Decide, in seconds.
+        asynchronous: also make an AsyncDecisionClient for the async wrappers' Decide.
+
+    Raises:
+        ValueError: a bad session id, config key or value type, fail mode or timeout.
+    """
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        enforcement_config: Mapping[str, Any] | None,
+        spendgate_target: str | None,
+        spendgate_api_key: str | None,
+        fail_mode: FailMode,
+        decide_timeout: float,
+        asynchronous: bool,
+    ) -> None:
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise ValueError(
+                f"session_id must be 1-128 characters of [A-Za-z0-9._:@/+=-], got {session_id!r}"
+            )
+        self.session_id = session_id
+        self.config: pb.EnforcementConfig | None = (
+            enforcement_config_to_proto(enforcement_config) if enforcement_config is not None else None
+        )
+        # The blocking client decides for the sync wrappers and settles for both.
+        self.client = DecisionClient(
+            spendgate_target, timeout=decide_timeout, fail_mode=fail_mode, api_key=spendgate_api_key
+        )
+        self.async_client = (
+            AsyncDecisionClient(
+                spendgate_target, timeout=decide_timeout, fail_mode=fail_mode, api_key=spendgate_api_key
+            )
+            if asynchronous
+            else None
+        )
+        self.settler = Settler(self.client)
+
+    def decide(self, request: PreparedRequest) -> Ticket:
+        """Ask Decide (blocking) and admit the call.
+
+        Raises:
+            EnforcementError: the call is blocked (the subclass names the rule).
+            SpendgateUnavailable: the service is unreachable and fail_mode is closed.
+        """
+        decision = self.client.decide(
+            self.session_id,
+            request.model,
+            request.input_tokens,
+            request.max_output_tokens,
+            request.fingerprint,
+            tool_call_count=request.tool_call_count,
+            enforcement_config=self.config,
+        )
+        return self._admit(decision, request)
+
+    async def adecide(self, request: PreparedRequest) -> Ticket:
+        """Ask Decide on the event loop and admit the call; raises like :meth:`decide`."""
+        assert self.async_client is not None, "made without asynchronous=True"
+        decision = await self.async_client.decide(
+            self.session_id,
+            request.model,
+            request.input_tokens,
+            request.max_output_tokens,
+            request.fingerprint,
+            tool_call_count=request.tool_call_count,
+            enforcement_config=self.config,
+        )
+        return self._admit(decision, request)
+
+    def _admit(self, decision: Decision, request: PreparedRequest) -> Ticket:
+        decision.raise_for_block()
+        if decision.would_block:
+            _log.warning(
+                "spendgate shadow mode: session %s would have been blocked (%s; rules %s; decision %s)",
+                self.session_id,
+                decision.reason,
+                ", ".join(decision.shadow_rules),
+                decision.decision_id,
+            )
+        if decision.verdict == "allow_downgraded":
+            _log.info(
+                "spendgate downgraded %s to %s: %s", request.model, decision.effective_model, decision.reason
+            )
+        return Ticket(self, decision, decision.effective_model or request.model)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for queued settles; True if all were sent (or dropped for good) in time."""
+        return self.settler.flush(timeout)
+
+    def close(self, timeout: float) -> None:
+        """Flush the settles (at most ``timeout`` seconds) and close the blocking channel."""
+        self.settler.close(timeout)
+        self.client.close()
+
+    async def aclose(self, flush_seconds: float) -> None:
+        """Close the async channel, then flush and close like :meth:`close`, off the event loop."""
+        if self.async_client is not None:
+            await self.async_client.close()
+        await asyncio.to_thread(self.close, flush_seconds)
+
+
+class Ticket:
+    """One admitted call: settles at most once, from any thread."""
+
+    __slots__ = ("_done", "_gate", "_lock", "decision", "model")
+
+    def __init__(self, gate: Gate, decision: Decision, model: str) -> None:
+        self._gate = gate
+        self._lock = threading.Lock()
+        # Fail-open calls reserved nothing: there is nothing to settle.
+        self._done = not decision.reservation_id
+        self.decision = decision
+        self.model = model
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
+
+    def settle(self, usage: UsageReport, model: str | None = None) -> None:
+        """Queue the settle of ``usage`` billed on ``model`` (default: the effective model)."""
+        if self._claim():
+            self._gate.settler.submit(
+                self._gate.session_id,
+                self.decision.reservation_id,
+                model or self.model,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_input_tokens=usage.cache_read_input_tokens,
+                cache_write_input_tokens=usage.cache_write_input_tokens,
+            )
+
+    def release(self) -> None:
+        """The provider refused the call before billing it: give the reservation back."""
+        if self._claim():
+            self._gate.settler.submit(
+                self._gate.session_id, self.decision.reservation_id, self.model, provider_ok=False
+            )
+
+    def abandon(self, why: str) -> None:
+        """Leave the reservation to expire at its estimate (nothing is known about the usage)."""
+        if self._claim():
+            _log.info(
+                "spendgate: reservation %s left to expire at its estimate: %s",
+                self.decision.reservation_id,
+                why,
+            )
+
+
+class StreamUsage:
+    """Usage reported so far by a streamed call; settles what was reported when the stream ends.
+
+    The provider modules feed it the usage of each event (fields left None are
+    unchanged). Ending — exhausted, closed, abandoned or failed — settles once;
+    a stream that reported nothing leaves its reservation to expire.
+    """
+
+    __slots__ = ("_cache_read", "_cache_write", "_input", "_output", "_seen", "ticket")
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+        self._seen = False
+        self._input = self._output = self._cache_read = self._cache_write = 0
+
+    def update(
+        self,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        cache_read_input_tokens: int | None = None,
+        cache_write_input_tokens: int | None = None,
+    ) -> None:
+        """Record usage from one event (cumulative values replace earlier ones)."""
+        self._seen = True
+        if input_tokens is not None:
+            self._input = input_tokens
+        if output_tokens is not None:
+            self._output = output_tokens
+        if cache_read_input_tokens is not None:
+            self._cache_read = cache_read_input_tokens
+        if cache_write_input_tokens is not None:
+            self._cache_write = cache_write_input_tokens
+
+    def end(self, why: str) -> None:
+        """Settle what was reported, or leave the reservation when nothing was."""
+        if self._seen:
+            self.ticket.settle(
+                UsageReport(self._input, self._output, self._cache_read, self._cache_write),
+            )
+        else:
+            self.ticket.abandon(f"stream {why} before reporting usage")
+
+
+# Sees one streamed item: records its usage and says whether the caller gets it.
+Observer = Callable[[Any, StreamUsage], bool]
+
+
+class SyncStreamProxy:
+    """Mixin put before an SDK ``Stream`` class: the inner stream does the work, this watches.
+
+    Every item goes through ``observe``; the end of the stream (exhausted, failed,
+    closed, or the proxy garbage-collected after being abandoned) settles once.
+    Attributes this class does not define come from the inner stream.
+    """
+
+    response: Any
+
+    def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
+        # Stream.__init__ is deliberately not called: there is no second HTTP response.
+        self._sg_inner = inner
+        self._sg_usage = usage
+        self._sg_observe = observe
+        self.response = inner.response
+        # Holds no reference to the proxy, so an abandoned stream is still collected.
+        self._sg_end = weakref.finalize(self, usage.end, "ended")
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                item = self._sg_inner.__next__()
+            except BaseException:
+                # StopIteration (done) or a provider error mid-stream: settle what was reported.
+                self._sg_end()
+                raise
+            if self._sg_observe(item, self._sg_usage):
+                return item
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.__next__()
+            except StopIteration:
+                return
+
+    def close(self) -> None:
+        """Close the inner stream and settle what it reported."""
+        try:
+            self._sg_inner.close()
+        finally:
+            self._sg_end()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_sg_"):
+            raise AttributeError(name)
+        return getattr(self._sg_inner, name)
+
+
+class AsyncStreamProxy:
+    """The asyncio twin of :class:`SyncStreamProxy`, put before an SDK ``AsyncStream`` class."""
+
+    response: Any
+
+    def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
+        self._sg_inner = inner
+        self._sg_usage = usage
+        self._sg_observe = observe
+        self.response = inner.response
+        self._sg_end = weakref.finalize(self, usage.end, "ended")
+
+    async def __anext__(self) -> Any:
+        while True:
+            try:
+                item = await self._sg_inner.__anext__()
+            except BaseException:
+                self._sg_end()
+                raise
+            if self._sg_observe(item, self._sg_usage):
+                return item
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.__anext__()
+            except StopAsyncIteration:
+                return
+
+    async def close(self) -> None:
+        """Close the inner stream and settle what it reported."""
+        try:
+            await self._sg_inner.close()
+        finally:
+            self._sg_end()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_sg_"):
+            raise AttributeError(name)
+        return getattr(self._sg_inner, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one provider endpoint is gated.
+
+    Attributes:
+        prepare: body → (request facts, observer for its stream items).
+        usage_of: non-streamed result → usage, or None when it carries none.
+    """
+
+    prepare: Callable[[Mapping[str, Any]], tuple[PreparedRequest, Observer]]
+    usage_of: Callable[[Any], UsageReport | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """What the gated call needs to know about one SDK.
+
+    Attributes:
+        routes: POST path → route; other paths pass through untouched.
+        sentinels: the SDK's "argument not given" types, dropped from bodies.
+        unknown_outcome: errors after which the provider may have billed the call
+            (connection failures and timeouts): the reservation is left to expire.
+        stream_type / async_stream_type: the SDK's stream classes.
+        stream_proxy / async_stream_proxy: their watching subclasses.
+    """
+
+    routes: Mapping[str, Route]
+    sentinels: tuple[type, ...]
+    unknown_outcome: tuple[type[BaseException], ...]
+    stream_type: type
+    async_stream_type: type
+    stream_proxy: Callable[[Any, StreamUsage, Observer], Any]
+    async_stream_proxy: Callable[[Any, StreamUsage, Observer], Any]
+
+
+def _send_body(provider: Provider, route: Route, body: Mapping[str, Any]) -> tuple[PreparedRequest, Observer]:
+    given = {k: v for k, v in body.items() if not isinstance(v, provider.sentinels)}
+    return route.prepare(given)
+
+
+def _finish(provider: Provider, route: Route, ticket: Ticket, result: Any, observe: Observer) -> Any:
+    if isinstance(result, provider.stream_type):
+        return provider.stream_proxy(result, StreamUsage(ticket), observe)
+    if isinstance(result, provider.async_stream_type):
+        return provider.async_stream_proxy(result, StreamUsage(ticket), observe)
+    usage = route.usage_of(result)
+    if usage is None:
+        # A raw (with_raw_response) or background response: its usage is not read here.
+        ticket.abandon("the response carried no usage")
+    else:
+        ticket.settle(usage)
+    return result
+
+
+def call_gated(
+    gate: Gate,
+    provider: Provider,
+    route: Route,
+    body: Mapping[str, Any],
+    send: Callable[[dict[str, Any]], Any],
+) -> Any:
+    """Decide, send the body (on the effective model) with ``send``, settle or watch the stream."""
+    request, observe = _send_body(provider, route, body)
+    ticket = gate.decide(request)
+    try:
+        result = send(_on_model(request.body, ticket.model))
+    except provider.unknown_outcome:
+        ticket.abandon("the provider connection failed; the call may have been billed")
+        raise
+    except Exception:
+        ticket.release()
+        raise
+    return _finish(provider, route, ticket, result, observe)
+
+
+async def acall_gated(
+    gate: Gate,
+    provider: Provider,
+    route: Route,
+    body: Mapping[str, Any],
+    send: Callable[[dict[str, Any]], Awaitable[Any]],
+) -> Any:
+    """The asyncio twin of :func:`call_gated`."""
+    request, observe = _send_body(provider, route, body)
+    ticket = await gate.adecide(request)
+    try:
+        result = await send(_on_model(request.body, ticket.model))
+    except provider.unknown_outcome:
+        ticket.abandon("the provider connection failed; the call may have been billed")
+        raise
+    except Exception:
+        ticket.release()
+        raise
+    return _finish(provider, route, ticket, result, observe)
+
+
+def _on_model(body: dict[str, Any], model: str) -> dict[str, Any]:
+    if body.get("model") == model or model == "unknown":
+        return body
+    return {**body, "model": model}
