@@ -18,6 +18,7 @@ from spendgate_server.config import (
 from spendgate_server.engine import Call, DecisionEngine, SettleCall, Verdict
 from spendgate_server.errors import InvalidArgument, NotFound
 from spendgate_server.pricing import ModelPricing, PriceTable, RateCard, UnknownModelPolicy, Usage
+from spendgate_server.remote_config import ConfigResolver
 from spendgate_server.store import SessionKey, Store
 
 from tests.conftest import FakeClock
@@ -34,9 +35,8 @@ def engine_for(
     config: EnforcementConfig | None = None,
     unknown: UnknownModelPolicy = UnknownModelPolicy.MAX,
 ) -> DecisionEngine:
-    return DecisionEngine(
-        store, PriceTable(PRICES, unknown), config or EnforcementConfig(), clock=clock
-    )
+    resolver = ConfigResolver.static(config or EnforcementConfig())
+    return DecisionEngine(store, PriceTable(PRICES, unknown), resolver, clock=clock)
 
 
 def call(
@@ -86,27 +86,18 @@ async def test_token_ceiling(engine: DecisionEngine, tokens: int, verdict: Verdi
         assert decision.reservation_id == ""
 
 
-async def test_token_ceiling_block_reserves_nothing(
-    engine: DecisionEngine, clock: FakeClock
-) -> None:
+async def test_token_ceiling_block_reserves_nothing(engine: DecisionEngine, clock: FakeClock) -> None:
     """A ceiling block happens before the store: the session stays empty."""
     await engine.decide(call(9_000, config=EnforcementConfig(token_ceiling=8_000)))
     state = await engine.store.session_state(SessionKey("t", "s1"), clock(), 3_600_000)
     assert (state.reserved_nano_usd, state.open_reservations) == (0, 0)
 
 
-@pytest.mark.parametrize(
-    ("mode", "calls_allowed"), [(BudgetMode.CROSSING, 3), (BudgetMode.STRICT, 2)]
-)
-async def test_session_budget_modes(
-    engine: DecisionEngine, mode: BudgetMode, calls_allowed: int
-) -> None:
+@pytest.mark.parametrize(("mode", "calls_allowed"), [(BudgetMode.CROSSING, 3), (BudgetMode.STRICT, 2)])
+async def test_session_budget_modes(engine: DecisionEngine, mode: BudgetMode, calls_allowed: int) -> None:
     """With a cap of 2.5 calls, crossing admits the 3rd call (crossing once); strict stops at 2."""
     config = EnforcementConfig(max_session_nano_usd=750_000, budget_mode=mode)
-    verdicts = [
-        (await engine.decide(call(100, 100, prompt=str(i), config=config))).verdict
-        for i in range(4)
-    ]
+    verdicts = [(await engine.decide(call(100, 100, prompt=str(i), config=config))).verdict for i in range(4)]
     assert verdicts.count(Verdict.ALLOW) == calls_allowed
     assert verdicts[calls_allowed:] == [Verdict.BLOCK] * (4 - calls_allowed)
 
@@ -127,9 +118,7 @@ async def test_settle_frees_budget(engine: DecisionEngine) -> None:
     config = EnforcementConfig(max_session_nano_usd=420_000, budget_mode=BudgetMode.STRICT)
     first = await engine.decide(call(100, 100, prompt="a", config=config))
     assert (await engine.decide(call(100, 100, prompt="b", config=config))).verdict is Verdict.BLOCK
-    settled = await engine.settle(
-        SettleCall("t", "s1", first.reservation_id, "big", Usage(100, 10), True)
-    )
+    settled = await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(100, 10), True))
     assert settled.cost_nano_usd == 100 * 1_000 + 10 * 2_000
     assert (await engine.decide(call(100, 100, prompt="b", config=config))).verdict is Verdict.ALLOW
 
@@ -146,9 +135,7 @@ async def test_settle_prices_cache_tokens(engine: DecisionEngine) -> None:
 async def test_settle_provider_error_releases(engine: DecisionEngine) -> None:
     """A provider error counts nothing."""
     first = await engine.decide(call())
-    settled = await engine.settle(
-        SettleCall("t", "s1", first.reservation_id, "big", Usage(10, 20), False)
-    )
+    settled = await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(10, 20), False))
     assert (settled.cost_nano_usd, settled.session_spend_nano_usd) == (0, 0)
 
 

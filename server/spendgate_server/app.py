@@ -15,19 +15,23 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from spendgate.v1 import decision_pb2, decision_pb2_grpc
+from spendgate.v1 import config_pb2, config_pb2_grpc, decision_pb2, decision_pb2_grpc
 
+from spendgate_server.config_servicer import ConfigServicer
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.pricing import PriceTable
-from spendgate_server.servicer import DecisionServicer
+from spendgate_server.remote_config import ConfigResolver
+from spendgate_server.servicer import DEFAULT_TENANT, DecisionServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
+from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
 from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
+from spendgate_server.store.redis_configs import RedisConfigStore
 
 __all__ = ["build_engine", "build_store", "run", "serve"]
 
@@ -35,7 +39,10 @@ _log = structlog.get_logger("spendgate.server")
 
 # Requests are a few hundred bytes; a tight limit makes oversized input cheap to refuse.
 MAX_MESSAGE_BYTES = 64 * 1024
-SERVICE_NAMES = (decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,)
+SERVICE_NAMES = (
+    decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+    config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
+)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -47,20 +54,35 @@ def build_store(settings: ServeSettings) -> Store:
     return MemoryStore()
 
 
-def build_engine(settings: ServeSettings, store: Store) -> DecisionEngine:
-    """The engine over ``store`` with the settings' default config and prices."""
-    prices = PriceTable(
+def build_config_store(settings: ServeSettings) -> ConfigStore:
+    """Where remote configs live: Redis when the state does, else this process."""
+    if settings.store == "redis":
+        return RedisConfigStore.from_url(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
+        )
+    return MemoryConfigStore()
+
+
+def build_prices(settings: ServeSettings) -> PriceTable:
+    """The price table with the settings' overrides and unknown-model policy."""
+    return PriceTable(
         settings.price_overrides,
         settings.unknown_model_price,
         on_unknown=lambda model: _log.warning(
             "unknown_model_price", model=model, policy=settings.unknown_model_price.value
         ),
     )
+
+
+def build_engine(
+    settings: ServeSettings, store: Store, prices: PriceTable, configs: ConfigResolver
+) -> DecisionEngine:
+    """The engine over ``store``, applying ``configs`` and ``prices``."""
     timings = EngineTimings(
         reservation_ttl_ms=settings.reservation_ttl_seconds * 1000,
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
-    return DecisionEngine(store, prices, settings.default_config, timings=timings)
+    return DecisionEngine(store, prices, configs, timings=timings)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
@@ -119,11 +141,18 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
     if settings.metrics_port and settings.workers == 1:
         serve_metrics(settings.metrics_port, settings.host, metrics.registry)
-    engine = build_engine(settings, store)
-    metrics.config_version.set(0)
+    prices = build_prices(settings)
+    configs = ConfigResolver(
+        build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
+    )
+    engine = build_engine(settings, store, prices, configs)
+    config_task = asyncio.create_task(configs.run())
 
     server = grpc.aio.server(options=_server_options(settings))
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
+    config_pb2_grpc.add_ConfigServiceServicer_to_server(
+        ConfigServicer(configs, prices, DEFAULT_TENANT), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -157,6 +186,10 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
+    config_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await config_task
+    await configs.store.close()
     await store.close()
     _log.info("stopped")
 

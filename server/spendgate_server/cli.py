@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
+from spendgate_server.config_cli import add_config_arguments, run_config_command
 from spendgate_server.errors import ConfigError
 from spendgate_server.settings import add_serve_arguments, settings_from_args
 
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     decide.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     decide.add_argument("--json", action="store_true", help="print the full response as JSON")
+
+    config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
+    add_config_arguments(config, target)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     settle.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
@@ -138,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 0
         elif args.command == "decide":
             code = _decide(args)
+        elif args.command == "config":
+            code = run_config_command(args)
         else:
             code = _settle(args)
     except ConfigError as exc:

@@ -17,6 +17,7 @@ __all__ = [
     "EnforcementConfig",
     "ModelDowngrade",
     "Rule",
+    "config_to_dict",
     "parse_enforcement_config",
 ]
 
@@ -239,3 +240,35 @@ def parse_enforcement_config(raw: Mapping[str, Any], prefix: str = "") -> Enforc
     if errors:
         raise InvalidArgument(errors)
     return config
+
+
+def config_to_dict(config: EnforcementConfig) -> dict[str, Any]:
+    """The user-facing form of ``config`` (what parse_enforcement_config reads back).
+
+    Dollar amounts are exact decimal strings, so a round trip loses nothing.
+    """
+    raw: dict[str, Any] = {}
+    if config.token_ceiling is not None:
+        raw["token_ceiling"] = config.token_ceiling
+    if config.max_session_nano_usd is not None:
+        raw["max_session_usd"] = _nano_to_usd_text(config.max_session_nano_usd)
+    if config.budget_mode is not BudgetMode.CROSSING:
+        raw["budget_mode"] = config.budget_mode.value
+    if config.dedup_ttl_seconds is not None:
+        raw["dedup_ttl_seconds"] = config.dedup_ttl_seconds
+    if config.max_tool_calls is not None:
+        raw["max_tool_calls"] = config.max_tool_calls
+    if config.model_downgrade is not None:
+        raw["model_downgrade"] = {
+            "threshold_usd": _nano_to_usd_text(config.model_downgrade.threshold_nano_usd),
+            "fallback": config.model_downgrade.fallback_model,
+        }
+    if config.shadow_rules == frozenset(Rule):
+        raw["shadow"] = True
+    elif config.shadow_rules:
+        raw["shadow"] = sorted(rule.key for rule in config.shadow_rules)
+    return raw
+
+
+def _nano_to_usd_text(nano_usd: int) -> str:
+    return format(Decimal(nano_usd).scaleb(-9).normalize(), "f")

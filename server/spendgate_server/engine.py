@@ -13,6 +13,7 @@ from spendgate_server.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.errors import NotFound
 from spendgate_server.money import format_usd
 from spendgate_server.pricing import PriceTable, Usage
+from spendgate_server.remote_config import ConfigResolver
 from spendgate_server.store import (
     BudgetCheck,
     DedupCheck,
@@ -96,6 +97,7 @@ class Call:
     tool_call_count: int = 0
     request_id: str = ""
     client_config: EnforcementConfig | None = None
+    project: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,16 +155,14 @@ class DecisionEngine:
         self,
         store: Store,
         prices: PriceTable,
-        default_config: EnforcementConfig,
+        configs: ConfigResolver,
         *,
-        config_version: int = 0,
         timings: EngineTimings | None = None,
         clock: Clock = system_clock_ms,
     ) -> None:
         self._store = store
         self._prices = prices
-        self._default_config = default_config
-        self._config_version = config_version
+        self._configs = configs
         self._timings = timings or EngineTimings()
         self._clock = clock
 
@@ -171,15 +171,23 @@ class DecisionEngine:
         """The store this engine decides against."""
         return self._store
 
-    def effective_config(self, call: Call) -> EnforcementConfig:
-        """The stricter of the server's config and the call's own, key by key."""
+    @property
+    def configs(self) -> ConfigResolver:
+        """The server-side configs this engine applies."""
+        return self._configs
+
+    async def effective_config(self, call: Call) -> tuple[EnforcementConfig, int]:
+        """The stricter of the server-side config and the call's own, key by key, and its version."""
+        resolved = self._configs.cached(call.tenant, call.project)
+        if resolved is None:
+            resolved = await self._configs.load(call.tenant, call.project)
         if call.client_config is None:
-            return self._default_config
-        return self._default_config.stricter(call.client_config)
+            return resolved.config, resolved.version
+        return resolved.config.stricter(call.client_config), resolved.version
 
     async def decide(self, call: Call) -> Decision:
         """Decide one call: ceiling, then downgrade, then the atomic dedup/tools/budget step."""
-        config = self.effective_config(call)
+        config, version = await self.effective_config(call)
         now_ms = self._clock()
         decision_id = new_decision_id(now_ms)
         shadow: set[Rule] = set()
@@ -193,6 +201,7 @@ class DecisionEngine:
                 return self._blocked(
                     call,
                     config,
+                    version,
                     decision_id,
                     Rule.TOKEN_CEILING,
                     estimate,
@@ -239,13 +248,14 @@ class DecisionEngine:
                 estimate,
                 committed,
                 remaining,
-                self._config_version,
+                version,
             )
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
             return self._blocked(
                 call,
                 config,
+                version,
                 decision_id,
                 outcome.blocked_by,
                 estimate,
@@ -265,7 +275,7 @@ class DecisionEngine:
             estimate,
             committed,
             remaining,
-            self._config_version,
+            version,
             frozenset(shadow),
         )
 
@@ -307,6 +317,7 @@ class DecisionEngine:
         self,
         call: Call,
         config: EnforcementConfig,
+        version: int,
         decision_id: str,
         rule: Rule,
         estimate: int,
@@ -324,7 +335,7 @@ class DecisionEngine:
             estimate,
             committed or 0,
             None if committed is None else _remaining(config, committed),
-            self._config_version,
+            version,
             shadow,
         )
 

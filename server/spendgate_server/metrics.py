@@ -101,6 +101,7 @@ class Metrics:
         """Record one Decide answered with a decision."""
         self.decide_seconds.observe(seconds)
         self.decisions.labels(decision.verdict.name.lower(), _rule_label(decision.rule)).inc()
+        self.config_version.set(decision.config_version)
         if decision.reservation_id:
             self.reservations.inc()
         for rule in decision.shadow_rules:

@@ -42,6 +42,8 @@ class ServeSettings:
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 9464
     health_interval_millis: int = 1000
+    # Bound on how stale a remote config can be when change notices are lost.
+    config_poll_millis: int = 1000
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -97,6 +99,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--health-interval-millis",
         default=_env("health_interval_millis", str(d.health_interval_millis)),
         help="how often health re-checks the store",
+    )
+    a(
+        "--config-poll-millis",
+        default=_env("config_poll_millis", str(d.config_poll_millis)),
+        help="re-check remote config versions this often (the staleness bound if pub/sub drops)",
     )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
@@ -187,6 +194,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
         drain_seconds=drain,
         metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
+        config_poll_millis=_int("config-poll-millis", args.config_poll_millis, 50, 600_000),
         health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),
         log_level=_choice("log-level", args.log_level, LOG_LEVELS),

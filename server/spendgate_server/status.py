@@ -9,6 +9,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from spendgate_server.errors import InvalidArgument, NotFound, SpendgateError, StoreUnavailable
+from spendgate_server.store.configs import ConfigConflict
 
 __all__ = ["DOMAIN", "abort", "rpc_status"]
 
@@ -34,6 +35,8 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
             for v in exc.violations
         ]
         details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
+    elif isinstance(exc, ConfigConflict):
+        code, reason = grpc.StatusCode.FAILED_PRECONDITION, "ETAG_MISMATCH"
     elif isinstance(exc, NotFound):
         code, reason = grpc.StatusCode.NOT_FOUND, "NOT_FOUND"
     elif isinstance(exc, StoreUnavailable):

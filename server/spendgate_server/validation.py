@@ -24,11 +24,12 @@ from spendgate_server.engine import Call, SettleCall
 from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.pricing import Usage
 
-__all__ = ["BOUNDS", "call_from_proto", "config_from_proto", "settle_from_proto"]
+__all__ = ["BOUNDS", "call_from_proto", "config_from_proto", "project_from_proto", "settle_from_proto"]
 
 # Ids and names: no braces (they delimit the Redis hash tag) and no whitespace.
 _NAME = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
+_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 MAX_INPUT_TOKENS = 10_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
@@ -43,6 +44,7 @@ BOUNDS = {
     "tool_call_count": f"0-{MAX_TOOL_CALLS_PER_REQUEST}",
     "request_id": "empty, or 1-128 characters of [A-Za-z0-9._:@/+=-]",
     "reservation_id": "32 lowercase hex characters (DecideResponse.reservation_id)",
+    "project": "empty, or 1-64 characters of [A-Za-z0-9._-]",
 }
 
 
@@ -62,6 +64,10 @@ class _Checker:
     def integer(self, field: str, value: int, low: int, high: int) -> None:
         if not low <= value <= high:
             self.bad(field, f"must be between {low} and {high}, got {value}")
+
+    def project(self, field: str, value: str) -> None:
+        if value and not _PROJECT.fullmatch(value):
+            self.bad(field, f"must be {BOUNDS['project']}")
 
     def raise_if_any(self) -> None:
         if self.violations:
@@ -131,6 +137,7 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
         )
     c.integer("tool_call_count", request.tool_call_count, 0, MAX_TOOL_CALLS_PER_REQUEST)
     c.name("request_id", request.request_id, required=False, bound=BOUNDS["request_id"])
+    c.project("project", request.project)
     client_config = (
         config_from_proto(request.enforcement_config, c) if request.HasField("enforcement_config") else None
     )
@@ -145,6 +152,7 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
         tool_call_count=request.tool_call_count,
         request_id=request.request_id,
         client_config=client_config,
+        project=request.project,
     )
 
 
@@ -174,3 +182,15 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
     )
+
+
+def project_from_proto(project: str) -> str:
+    """Validate a project name field.
+
+    Raises:
+        InvalidArgument: naming ``project``.
+    """
+    c = _Checker()
+    c.project("project", project)
+    c.raise_if_any()
+    return project

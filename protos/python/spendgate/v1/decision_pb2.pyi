@@ -248,6 +248,7 @@ class DecideRequest(_message.Message):
     TOOL_CALL_COUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENFORCEMENT_CONFIG_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The agent session the call belongs to: 1-128 characters of
     [A-Za-z0-9._:@/-]. Budgets, tool counts and dedup are per session.
@@ -266,6 +267,10 @@ class DecideRequest(_message.Message):
     """Idempotency key (AIP-155): a retried Decide with the same id returns the
     same decision and reserves once. Optional, at most 128 characters.
     """
+    project: _builtins.str
+    """Project whose rules apply on top of the tenant's (empty: tenant rules only).
+    0-64 characters of [A-Za-z0-9._-].
+    """
     @_builtins.property
     def enforcement_config(self) -> Global___EnforcementConfig:
         """Client-side limits; tighten-only."""
@@ -281,10 +286,11 @@ class DecideRequest(_message.Message):
         tool_call_count: _builtins.int = ...,
         request_id: _builtins.str = ...,
         enforcement_config: Global___EnforcementConfig | None = ...,
+        project: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

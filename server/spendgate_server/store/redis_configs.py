@@ -1,0 +1,108 @@
+"""Configs in Redis: one hash per tenant (hash tag ``{cfg:tenant}``), changes on pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from spendgate_server.errors import StoreUnavailable
+from spendgate_server.store.configs import (
+    HISTORY_LENGTH,
+    ChangeListener,
+    ConfigConflict,
+    ConfigStore,
+    StoredConfig,
+)
+
+__all__ = ["CHANGES_CHANNEL", "RedisConfigStore"]
+
+CHANGES_CHANNEL = "sg:config-changes"
+_log = structlog.get_logger("spendgate.configs")
+_RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0)
+
+
+class RedisConfigStore(ConfigStore):
+    """Shared configs; every server sees a write within the pub/sub delay, or the poll interval."""
+
+    def __init__(self, client: aioredis.Redis, key_prefix: str = "sg") -> None:
+        self._client = client
+        self._prefix = key_prefix
+        # Stand-alone script: it needs none of the session helpers that load_script prepends.
+        source = (resources.files("spendgate_server.store") / "lua" / "config_put.lua").read_text()
+        self._put = client.register_script(source)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_seconds: float = 0.5) -> RedisConfigStore:
+        """Connect lazily to ``url``."""
+        return cls(
+            aioredis.Redis.from_url(
+                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+            )
+        )
+
+    def _hash(self, tenant: str) -> str:
+        return f"{self._prefix}:{{cfg:{tenant}}}"
+
+    async def _call(self, coroutine: Any) -> Any:
+        try:
+            return await coroutine
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def get(self, tenant: str, project: str) -> StoredConfig | None:
+        record = await self._call(self._client.hget(self._hash(tenant), f"p:{project}"))
+        return StoredConfig.from_record(record) if record else None
+
+    async def put(
+        self, tenant: str, project: str, config_json: str, etag: str, actor: str, now_ms: int
+    ) -> StoredConfig:
+        hkey = self._hash(tenant)
+        written, value = await self._call(
+            self._put(
+                keys=[hkey, f"{hkey}:h:{project}"],
+                args=[project, etag, config_json, actor, now_ms, HISTORY_LENGTH, CHANGES_CHANNEL, tenant],
+            )
+        )
+        if not written:
+            raise ConfigConflict(project, value.decode() if isinstance(value, bytes) else str(value))
+        return StoredConfig(project, config_json, int(value), actor, now_ms)
+
+    async def history(self, tenant: str, project: str) -> list[StoredConfig]:
+        records = await self._call(self._client.lrange(f"{self._hash(tenant)}:h:{project}", 0, -1))
+        return [StoredConfig.from_record(r) for r in records]
+
+    async def versions(self, tenants: list[str]) -> dict[str, int]:
+        pipe = self._client.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.hget(self._hash(tenant), "v")
+        values = await self._call(pipe.execute())
+        return {tenant: int(v or 0) for tenant, v in zip(tenants, values, strict=True)}
+
+    async def listen(self, on_change: ChangeListener) -> None:
+        attempt = 0
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANGES_CHANNEL)
+                # Notices sent while we were not subscribed are lost: treat every tenant as changed.
+                on_change("*")
+                attempt = 0
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        data = message["data"]
+                        on_change(data.decode() if isinstance(data, bytes) else str(data))
+            except (RedisError, OSError) as exc:
+                delay = _RECONNECT_SECONDS[min(attempt, len(_RECONNECT_SECONDS) - 1)]
+                attempt += 1
+                _log.warning("config_pubsub_lost", error=str(exc), retry_seconds=delay)
+                await asyncio.sleep(delay)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def close(self) -> None:
+        await self._client.aclose()
