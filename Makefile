@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_OUT := protos/python
 PROTOS := $(wildcard protos/spendgate/v1/*.proto)
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
 
 .PHONY: help venv protos protos-check run test test-fast lint bench clean
 
@@ -40,9 +44,11 @@ protos-check: protos
 run: $(STAMP)
 	$(BIN)/spendgate serve
 
-test: $(STAMP)
+# Python suite (real redis-server and servers), then the Node client against a real server.
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m tests.ensure_redis
 	$(BIN)/pytest
+	cd $(NODE_DIR) && npm test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -57,10 +63,6 @@ clean:
 
 # --- Contract checks and the Node client (clients/node). buf comes from the
 # @bufbuild/buf npm package in clients/node: no other install, works offline.
-NODE_DIR := clients/node
-NODE_STAMP := $(NODE_DIR)/node_modules/.installed
-BUF := $(NODE_DIR)/node_modules/.bin/buf
-RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
 
 .PHONY: node-deps test-node buf-lint buf-breaking contract-release
 
