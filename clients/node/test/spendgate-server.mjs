@@ -28,7 +28,7 @@ export async function startSpendgate(config = {}) {
   writeFileSync(configPath, JSON.stringify(config));
   const child = spawn(
     SPENDGATE_BIN,
-    ['serve', '--port', '0', '--log-format', 'json', '--drain-seconds', '0', '--config', configPath],
+    ['serve', '--port', '0', '--metrics-port', '0', '--log-format', 'json', '--drain-seconds', '0', '--config', configPath],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   // If the test process dies first, do not leave the server behind.
