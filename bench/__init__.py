@@ -1,0 +1,1 @@
+"""``make bench``: spendgate's Decide and Settle measured against a naive floor (see run.py)."""

@@ -1,0 +1,483 @@
+"""Load generator: one process, one run, one JSON object on stdout.
+
+Modes:
+  seq     one call at a time from the *sync* client (latency without queueing);
+  open    calls sent on a fixed schedule (``--rate`` per second), latency measured from
+          each call's *scheduled* send time, so a slow server cannot hide queueing
+          (no coordinated omission); a pacing thread keeps the schedule with
+          sub-millisecond precision that event-loop timers (1 ms) do not have;
+  closed  ``--concurrency`` callers, each sending its next call when the last answers.
+
+Clients: ``floor`` is the raw generated stub on a default channel (what the naive
+reference gets); ``spendgate`` is DecisionClient / AsyncDecisionClient as shipped,
+fail-closed, so an outage is an error here and never a fake fast allowance.
+
+Every call uses a distinct fingerprint and sessions of ``SESSION_CALLS`` calls, so
+dedup and budgets (configured high) admit the traffic. ``--rpc settle`` first makes
+the reservations it will settle (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import decision_pb2_grpc
+
+__all__ = ["main"]
+
+MODEL = "gpt-4o"
+INPUT_TOKENS = 2000
+MAX_OUTPUT_TOKENS = 1000
+SESSION_CALLS = 64  # calls per session id: enough to exercise state, far below any limit
+DEADLINE_SECONDS = 10.0  # long: this measures latency; outages would be errors, not timeouts
+
+
+def _fingerprint(tag: str, i: int) -> bytes:
+    return hashlib.sha256(f"{tag}:{i}".encode()).digest()
+
+
+def _session(tag: str, i: int) -> str:
+    return f"{tag}-s{i // SESSION_CALLS}"
+
+
+def _decide_request(tag: str, i: int) -> pb.DecideRequest:
+    return pb.DecideRequest(
+        session_id=_session(tag, i),
+        model=MODEL,
+        input_tokens=INPUT_TOKENS,
+        max_output_tokens=MAX_OUTPUT_TOKENS,
+        fingerprint=_fingerprint(tag, i),
+        tool_call_count=1,
+    )
+
+
+def _settle_request(session_id: str, reservation_id: str) -> pb.SettleRequest:
+    return pb.SettleRequest(
+        session_id=session_id,
+        reservation_id=reservation_id,
+        model=MODEL,
+        usage=pb.Usage(input_tokens=INPUT_TOKENS, output_tokens=MAX_OUTPUT_TOKENS // 2),
+        outcome=pb.PROVIDER_OUTCOME_OK,
+    )
+
+
+@dataclass
+class Recorder:
+    """Latencies (µs) of successful calls and the count of failed ones."""
+
+    samples_us: list[int] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+
+    def error(self, exc: BaseException) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _multi_connection_options() -> list[tuple[str, Any]]:
+    # Separate channels share one TCP connection through gRPC's global subchannel pool;
+    # a local pool gives each channel its own, so SO_REUSEPORT can spread them over workers.
+    return [("grpc.use_local_subchannel_pool", 1)]
+
+
+def _patch_client_for_connections(connections: int) -> None:
+    if connections <= 1:
+        return
+    from spendgate_client import _client
+
+    original = _client._channel_options
+
+    def options(target: str) -> list[tuple[str, Any]]:
+        return [*original(target), *_multi_connection_options()]
+
+    _client._channel_options = options
+
+
+# --- calls -------------------------------------------------------------------------------------
+
+AsyncCall = Callable[[int], Awaitable[None]]
+
+
+class Reservations:
+    """(session id, reservation id) pairs made by Decide, to be settled."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+
+async def _prefill(args: argparse.Namespace, count: int) -> Reservations:
+    """Make ``count`` reservations through the async client (untimed)."""
+    from spendgate_client import AsyncDecisionClient
+
+    made = Reservations()
+    made.items = [("", "")] * count
+    client = AsyncDecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
+    tag = args.tag + "-pre"
+    next_i = 0
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < count:
+            i = next_i
+            next_i += 1
+            session = _session(tag, i)
+            decision = await client.decide(
+                session, MODEL, INPUT_TOKENS, MAX_OUTPUT_TOKENS, _fingerprint(tag, i), tool_call_count=1
+            )
+            made.items[i] = (session, decision.reservation_id)
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+    await client.close()
+    return made
+
+
+def _sync_call(
+    args: argparse.Namespace, reservations: Reservations | None
+) -> tuple[Callable[[int], None], Callable[[], None]]:
+    tag = args.tag
+    if args.client == "floor":
+        channel = grpc.insecure_channel(args.target)
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        if args.rpc == "decide":
+
+            def call(i: int) -> None:
+                stub.Decide(_decide_request(tag, i), timeout=DEADLINE_SECONDS)
+        else:
+
+            def call(i: int) -> None:
+                stub.Settle(_settle_request(_session(tag, i), os.urandom(16).hex()), timeout=DEADLINE_SECONDS)
+
+        return call, channel.close
+
+    from spendgate_client import DecisionClient
+
+    client = DecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
+    if args.rpc == "decide":
+
+        def call(i: int) -> None:
+            client.decide(
+                _session(tag, i),
+                MODEL,
+                INPUT_TOKENS,
+                MAX_OUTPUT_TOKENS,
+                _fingerprint(tag, i),
+                tool_call_count=1,
+            )
+    else:
+        assert reservations is not None
+        items = reservations.items
+
+        def call(i: int) -> None:
+            session, reservation = items[i]
+            client.settle(
+                session, reservation, MODEL, input_tokens=INPUT_TOKENS, output_tokens=MAX_OUTPUT_TOKENS // 2
+            )
+
+    return call, client.close
+
+
+def _floor_async_call(args: argparse.Namespace, channel: grpc.aio.Channel) -> AsyncCall:
+    stub: Any = decision_pb2_grpc.DecisionServiceStub(channel)
+    tag = args.tag
+    if args.rpc == "decide":
+
+        async def decide(i: int) -> None:
+            await stub.Decide(_decide_request(tag, i), timeout=DEADLINE_SECONDS)
+
+        return decide
+
+    async def settle(i: int) -> None:
+        await stub.Settle(_settle_request(_session(tag, i), os.urandom(16).hex()), timeout=DEADLINE_SECONDS)
+
+    return settle
+
+
+def _spendgate_async_call(
+    args: argparse.Namespace, client: Any, reservations: Reservations | None
+) -> AsyncCall:
+    tag = args.tag
+    if args.rpc == "decide":
+
+        async def decide(i: int) -> None:
+            await client.decide(
+                _session(tag, i),
+                MODEL,
+                INPUT_TOKENS,
+                MAX_OUTPUT_TOKENS,
+                _fingerprint(tag, i),
+                tool_call_count=1,
+            )
+
+        return decide
+
+    assert reservations is not None
+    items = reservations.items
+
+    async def settle(i: int) -> None:
+        session, reservation = items[i]
+        await client.settle(
+            session, reservation, MODEL, input_tokens=INPUT_TOKENS, output_tokens=MAX_OUTPUT_TOKENS // 2
+        )
+
+    return settle
+
+
+def _async_calls(
+    args: argparse.Namespace, reservations: Reservations | None
+) -> tuple[list[AsyncCall], Callable[[], Awaitable[None]]]:
+    """One call function per connection."""
+    calls: list[AsyncCall] = []
+    closers: list[Callable[[], Awaitable[None]]] = []
+    for _ in range(args.connections):
+        if args.client == "floor":
+            options = _multi_connection_options() if args.connections > 1 else None
+            channel = grpc.aio.insecure_channel(args.target, options=options)
+            closers.append(channel.close)
+            calls.append(_floor_async_call(args, channel))
+        else:
+            from spendgate_client import AsyncDecisionClient
+
+            client = AsyncDecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
+            closers.append(client.close)
+            calls.append(_spendgate_async_call(args, client, reservations))
+
+    async def close() -> None:
+        for closer in closers:
+            await closer()
+
+    return calls, close
+
+
+# --- modes -------------------------------------------------------------------------------------
+
+
+def run_seq(args: argparse.Namespace, reservations: Reservations | None) -> tuple[Recorder, float]:
+    call, close = _sync_call(args, reservations)
+    rec = Recorder()
+    clock = time.perf_counter_ns
+    for i in range(args.warmup):
+        try:
+            call(args.count + i)
+        except grpc.RpcError as exc:
+            rec.error(exc)
+    rec.errors = 0
+    samples = rec.samples_us
+    start = clock()
+    for i in range(args.count):
+        t0 = clock()
+        try:
+            call(i)
+        except Exception as exc:  # count every failure, keep measuring
+            rec.error(exc)
+            continue
+        samples.append((clock() - t0) // 1000)
+    elapsed = (clock() - start) / 1e9
+    close()
+    return rec, elapsed
+
+
+async def run_closed(args: argparse.Namespace, reservations: Reservations | None) -> tuple[Recorder, float]:
+    calls, close = _async_calls(args, reservations)
+    rec = Recorder()
+    clock = time.perf_counter_ns
+    limit = args.count if args.count else sys.maxsize
+    next_i = 0
+    measuring = False
+    stop_at = 0
+
+    async def caller(call: AsyncCall) -> None:
+        nonlocal next_i
+        while next_i < limit:
+            i = next_i
+            next_i += 1
+            t0 = clock()
+            try:
+                await call(i)
+            except Exception as exc:  # count every failure, keep measuring
+                if measuring:
+                    rec.error(exc)
+                continue
+            t1 = clock()
+            if measuring:
+                rec.samples_us.append((t1 - t0) // 1000)
+            if stop_at and t1 >= stop_at:
+                return
+
+    # Warm-up: a short closed-loop burst (connections, JIT-free caches, Redis scripts).
+    if args.warmup and reservations is None:
+        saved, limit = limit, args.warmup
+        await asyncio.gather(*(caller(calls[j % len(calls)]) for j in range(args.concurrency)))
+        # Measured calls continue the numbering: a reused fingerprint would be a dedup block.
+        limit = saved if saved == sys.maxsize else saved + next_i
+    measuring = True
+    start = clock()
+    if not args.count:
+        stop_at = start + int(args.duration * 1e9)
+    await asyncio.gather(*(caller(calls[j % len(calls)]) for j in range(args.concurrency)))
+    elapsed = (clock() - start) / 1e9
+    await close()
+    return rec, elapsed
+
+
+async def run_open(
+    args: argparse.Namespace, reservations: Reservations | None
+) -> tuple[Recorder, float, list[int]]:
+    calls, close = _async_calls(args, reservations)
+    rec = Recorder()
+    lags_us: list[int] = []
+    clock = time.perf_counter_ns
+    total = int(args.rate * args.duration)
+    interval_ns = 1e9 / args.rate
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    done = asyncio.Event()
+
+    async def one(i: int, due_ns: int) -> None:
+        lags_us.append((clock() - due_ns) // 1000)
+        try:
+            await calls[i % len(calls)](i)
+        except Exception as exc:  # count every failure, keep measuring
+            rec.error(exc)
+            return
+        rec.samples_us.append((clock() - due_ns) // 1000)
+
+    if args.warmup and reservations is None:
+        await asyncio.gather(*(calls[0](total + i) for i in range(min(args.warmup, 200))))
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    start = clock() + 20_000_000
+    launched = 0
+
+    def on_ticks() -> None:
+        nonlocal launched
+        try:
+            ticks = len(os.read(read_fd, 65536))
+        except BlockingIOError:
+            return
+        for _ in range(ticks):
+            i = launched
+            launched += 1
+            task = loop.create_task(one(i, start + int(i * interval_ns)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if launched >= total:
+            done.set()
+
+    def pacer() -> None:
+        # time.sleep is a clock_nanosleep: ~60 µs precision, against 1 ms for loop timers.
+        for i in range(total):
+            delay = (start + i * interval_ns - clock()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            os.write(write_fd, b".")
+
+    loop.add_reader(read_fd, on_ticks)
+    previous_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)  # the pacer must get the GIL promptly when it wakes
+    thread = threading.Thread(target=pacer, name="pacer", daemon=True)
+    thread.start()
+    await done.wait()
+    if tasks:
+        await asyncio.gather(*tasks)
+    elapsed = (clock() - start) / 1e9
+    thread.join()
+    sys.setswitchinterval(previous_interval)
+    loop.remove_reader(read_fd)
+    os.close(read_fd)
+    os.close(write_fd)
+    await close()
+    return rec, elapsed, lags_us
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def _needed_reservations(args: argparse.Namespace) -> int:
+    if args.mode == "open":
+        return int(args.rate * args.duration)
+    return int(args.count) + (args.warmup if args.mode == "seq" else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m bench.loadgen``; prints one JSON object."""
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--client", choices=("floor", "spendgate"), required=True)
+    parser.add_argument("--rpc", choices=("decide", "settle"), default="decide")
+    parser.add_argument("--mode", choices=("seq", "open", "closed"), required=True)
+    parser.add_argument("--count", type=int, default=0, help="calls (seq; closed: instead of --duration)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds (open, closed)")
+    parser.add_argument("--rate", type=float, default=0.0, help="offered calls per second (open)")
+    parser.add_argument("--concurrency", type=int, default=32, help="callers (closed)")
+    parser.add_argument("--connections", type=int, default=1, help="channels, each its own TCP connection")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
+    parser.add_argument("--tag", default=f"g{os.getpid()}", help="prefix of session ids and fingerprints")
+    args = parser.parse_args(argv)
+    if args.rpc == "settle" and args.client == "spendgate" and args.mode == "closed" and not args.count:
+        parser.error("--rpc settle --mode closed needs --count (the reservations are made first)")
+    if args.mode == "open" and args.rate <= 0:
+        parser.error("--mode open needs --rate")
+    _patch_client_for_connections(args.connections)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    else:
+        new_loop = uvloop.new_event_loop
+
+    reservations = None
+    if args.rpc == "settle" and args.client == "spendgate":
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            reservations = runner.run(_prefill(args, _needed_reservations(args)))
+        args.warmup = 0 if args.mode != "seq" else args.warmup
+
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    lags: list[int] = []
+    if args.mode == "seq":
+        rec, elapsed = run_seq(args, reservations)
+    else:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            if args.mode == "closed":
+                rec, elapsed = runner.run(run_closed(args, reservations))
+            else:
+                rec, elapsed, lags = runner.run(run_open(args, reservations))
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    lags.sort()
+    result = {
+        "mode": args.mode,
+        "client": args.client,
+        "rpc": args.rpc,
+        "ok": len(rec.samples_us),
+        "errors": rec.errors,
+        "first_error": rec.first_error,
+        "elapsed_s": elapsed,
+        "offered_rps": args.rate if args.mode == "open" else None,
+        "concurrency": args.concurrency if args.mode == "closed" else 1,
+        "connections": args.connections,
+        "client_cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
+        "send_lag_us_p50": lags[len(lags) // 2] if lags else None,
+        "send_lag_us_p99": lags[int(len(lags) * 0.99)] if lags else None,
+        "samples_us": rec.samples_us,
+    }
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

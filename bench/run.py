@@ -1,0 +1,527 @@
+"""``make bench``: Decide and Settle against the naive floor, in one run, as ratios.
+
+Starts a private redis-server, the floor (bench/floor.py) and spendgate servers
+(redis store with ``--workers`` 1 and 2, memory store), then measures, each
+load generator in its own process (bench/loadgen.py):
+
+1. sequential latency (sync client), interleaved in rounds across servers so
+   drift of a noisy machine hits all of them alike;
+2. closed-loop throughput, with CPU-seconds per 1,000 calls of the server
+   process(es), redis-server and the load generator (/proc/<pid>/stat);
+3. open-loop latency at fixed fractions of the floor's capacity (scheduled sends,
+   latency from the scheduled time);
+
+for Decide, then Settle, then the client wrapper's own overhead
+(bench/wrapper_overhead.py when present). Writes bench/results/latest.json and
+bench/results/latency_vs_load.png and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench._procs import Processes, Served, free_port, python_module
+from bench._stats import ratio, summarize
+
+__all__ = ["BENCH_CONFIG_YAML", "Target", "main"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# All five rules on, limits far above what the benchmark traffic reaches, so every call is
+# evaluated by every rule and allowed (the downgrade threshold is above a call's estimate).
+BENCH_CONFIG_YAML = """\
+enforcement:
+  token_ceiling: 1000000
+  max_session_usd: 1000
+  budget_mode: crossing
+  dedup_ttl_seconds: 600
+  max_tool_calls: 1000000
+  model_downgrade:
+    threshold_usd: 100
+    fallback: gpt-4o-mini
+"""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test."""
+
+    key: str  # "floor", "redis-w1", …
+    label: str
+    client: str  # loadgen --client
+    store: str = ""
+    workers: int = 1
+
+    @property
+    def connections(self) -> int:
+        # One TCP connection lands on one SO_REUSEPORT worker: open two per worker.
+        return 1 if self.workers == 1 else 2 * self.workers
+
+
+FLOOR = Target("floor", "floor", "floor")
+
+
+def _env_default(name: str, default: str) -> str:
+    return os.environ.get("SG_BENCH_" + name.upper(), default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    a = p.add_argument
+    a("--quick", action="store_true", help="tiny counts and durations (seconds): checks the harness runs")
+    a(
+        "--seq-count",
+        type=int,
+        default=int(_env_default("seq_count", "4000")),
+        help="sequential calls per server (env SG_BENCH_SEQ_COUNT)",
+    )
+    a(
+        "--rounds",
+        type=int,
+        default=int(_env_default("rounds", "2")),
+        help="sequential runs are split in this many interleaved rounds (env SG_BENCH_ROUNDS)",
+    )
+    a(
+        "--closed-seconds",
+        type=float,
+        default=float(_env_default("closed_seconds", "4")),
+        help="closed-loop duration (env SG_BENCH_CLOSED_SECONDS)",
+    )
+    a(
+        "--open-seconds",
+        type=float,
+        default=float(_env_default("open_seconds", "3")),
+        help="duration of each open-loop load (env SG_BENCH_OPEN_SECONDS)",
+    )
+    a(
+        "--loads",
+        default=_env_default("loads", "0.25,0.5,0.75,0.9"),
+        help="open-loop offered loads as fractions of the floor's capacity (env SG_BENCH_LOADS)",
+    )
+    a(
+        "--concurrency",
+        type=int,
+        default=int(_env_default("concurrency", "32")),
+        help="closed-loop callers (env SG_BENCH_CONCURRENCY)",
+    )
+    a(
+        "--workers",
+        default=_env_default("workers", "1,2"),
+        help="--workers values to run with the redis store (env SG_BENCH_WORKERS)",
+    )
+    a("--stores", default=_env_default("stores", "redis,memory"), help="stores to run (env SG_BENCH_STORES)")
+    a("--no-settle", action="store_true", help="skip the Settle runs")
+    a(
+        "--variant",
+        default=_env_default("variant", ""),
+        help="run spendgate through bench.variants with this lever set (tuning experiments)",
+    )
+    a(
+        "--out",
+        type=Path,
+        default=Path(_env_default("out", str(RESULTS_DIR))),
+        help="directory for latest.json and latency_vs_load.png (env SG_BENCH_OUT)",
+    )
+    a("--no-plot", action="store_true", help="skip the PNG")
+    return p
+
+
+def _apply_quick(args: argparse.Namespace) -> None:
+    args.seq_count, args.rounds = 60, 1
+    args.closed_seconds, args.open_seconds = 0.5, 0.5
+    args.loads = "0.5,0.9"
+    args.workers = "1"
+    args.concurrency = 8
+
+
+# --- running load generators -------------------------------------------------------------------
+
+
+class Bench:
+    """One benchmark run: the processes, the settings, and the figures gathered so far."""
+
+    def __init__(self, args: argparse.Namespace, procs: Processes, log: Callable[[str], None]) -> None:
+        self.args = args
+        self.procs = procs
+        self.log = log
+        self.servers: dict[str, Served] = {}
+        self.redis: Served | None = None
+        self._tags = 0
+
+    def tag(self, prefix: str) -> str:
+        """A fresh prefix for session ids and fingerprints."""
+        self._tags += 1
+        return f"{prefix}{self._tags}"
+
+    def loadgen(
+        self, target: Target, *extra: str, rpc: str = "decide", timeout: float = 300
+    ) -> dict[str, Any]:
+        """Run one load generator process to completion and return its JSON."""
+        server = self.servers[target.key]
+        argv = python_module(
+            "bench.loadgen",
+            "--target",
+            server.target,
+            "--client",
+            target.client,
+            "--rpc",
+            rpc,
+            "--tag",
+            self.tag(f"{target.key}-{rpc}-"),
+            *extra,
+        )
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"loadgen {' '.join(argv[2:])} exited {done.returncode}:\n{done.stderr.decode()[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(done.stdout)
+        if result["errors"]:
+            self.log(
+                f"  ! {target.key} {rpc} {result['mode']}: {result['errors']} errors, first: "
+                f"{result['first_error']}"
+            )
+        return result
+
+    def cpu(self, target: Target) -> tuple[float, float]:
+        """CPU seconds so far of the target's server process(es) and of redis-server."""
+        assert self.redis is not None
+        return self.servers[target.key].cpu_seconds(), self.redis.cpu_seconds()
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    samples = result.pop("samples_us")
+    figures = {**result, **summarize(samples)}
+    figures["throughput_rps"] = len(samples) / result["elapsed_s"] if result["elapsed_s"] else math.nan
+    return figures
+
+
+def _sequential(bench: Bench, targets: Sequence[Target], rpc: str) -> dict[str, dict[str, Any]]:
+    args = bench.args
+    per_round = max(1, args.seq_count // args.rounds)
+    merged: dict[str, dict[str, Any]] = {}
+    for rnd in range(args.rounds):
+        for target in targets:
+            bench.log(f"  {rpc} sequential {target.label} (round {rnd + 1}/{args.rounds}, {per_round} calls)")
+            result = bench.loadgen(
+                target,
+                "--mode",
+                "seq",
+                "--count",
+                str(per_round),
+                "--warmup",
+                str(min(200, per_round)),
+                rpc=rpc,
+            )
+            into = merged.setdefault(
+                target.key,
+                {**result, "samples_us": [], "elapsed_s": 0.0, "ok": 0, "errors": 0, "client_cpu_s": 0.0},
+            )
+            into["samples_us"].extend(result["samples_us"])
+            for field in ("elapsed_s", "ok", "errors", "client_cpu_s"):
+                into[field] += result[field]
+    return {key: _figures(result) for key, result in merged.items()}
+
+
+def _closed(bench: Bench, target: Target, rpc: str, count: int = 0) -> dict[str, Any]:
+    args = bench.args
+    bench.log(f"  {rpc} closed loop {target.label} ({args.concurrency} callers, {target.connections} conn)")
+    extra = [
+        "--mode",
+        "closed",
+        "--concurrency",
+        str(args.concurrency),
+        "--connections",
+        str(target.connections),
+    ]
+    extra += ["--count", str(count)] if count else ["--duration", str(args.closed_seconds)]
+    # CPU is read around the whole generator run; Settle's untimed reservations are then
+    # counted as the calls they are (Decides), see _per_1k.
+    server0, redis0 = bench.cpu(target)
+    result = bench.loadgen(target, *extra, rpc=rpc)
+    server1, redis1 = bench.cpu(target)
+    figures = _figures(result)
+    calls = figures["ok"] + (count if rpc == "settle" and target.client == "spendgate" else 0)
+    figures["server_cpu_s"] = server1 - server0
+    figures["redis_cpu_s"] = redis1 - redis0
+    figures["calls_for_cpu"] = calls
+    if calls:
+        figures["server_cpu_s_per_1k"] = 1000 * (server1 - server0) / calls
+        figures["redis_cpu_s_per_1k"] = 1000 * (redis1 - redis0) / calls
+        figures["client_cpu_s_per_1k"] = (
+            1000 * figures["client_cpu_s"] / figures["ok"] if figures["ok"] else None
+        )
+    return figures
+
+
+def _open(bench: Bench, target: Target, rpc: str, rate: float, fraction: float) -> dict[str, Any]:
+    args = bench.args
+    bench.log(f"  {rpc} open loop {target.label} at {rate:.0f}/s ({fraction:g}x floor capacity)")
+    result = bench.loadgen(
+        target,
+        "--mode",
+        "open",
+        "--rate",
+        f"{rate:.3f}",
+        "--duration",
+        str(args.open_seconds),
+        "--connections",
+        str(target.connections),
+        rpc=rpc,
+    )
+    figures = _figures(result)
+    figures["fraction_of_floor"] = fraction
+    return figures
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def _targets(args: argparse.Namespace) -> list[Target]:
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    targets = [FLOOR]
+    for store in stores:
+        for w in workers if store == "redis" else [1]:
+            targets.append(Target(f"{store}-w{w}", f"Decide {store} w{w}", "spendgate", store, w))
+    return targets
+
+
+def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
+    procs, args = bench.procs, bench.args
+    bench.redis = procs.start_redis()
+    redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
+    config = procs.tmp / "bench-config.yaml"
+    config.write_text(BENCH_CONFIG_YAML)
+    for target in targets:
+        if target.client == "floor":
+            argv = python_module("bench.floor", "--redis-url", redis_url, "--port", "0")
+            bench.servers[target.key] = procs.start_server(target.key, argv)
+            continue
+        port = free_port() if target.workers > 1 else 0
+        head = (
+            python_module("bench.variants", args.variant)
+            if args.variant
+            else python_module("spendgate_server")
+        )
+        argv = [
+            *head,
+            "serve",
+            "--store",
+            target.store,
+            "--redis-url",
+            redis_url,
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            str(target.workers),
+            "--log-format",
+            "json",
+            "--drain-seconds",
+            "0",
+            # The endpoint stays on as in production, on a port of its own per server.
+            "--metrics-port",
+            str(free_port()),
+        ]
+        bench.servers[target.key] = procs.start_server(
+            target.key, argv, port=port, ready_lines=target.workers
+        )
+        bench.log(f"  started {target.key} on {bench.servers[target.key].target}")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name, dist in (
+        ("grpcio", "grpcio"),
+        ("redis_py", "redis"),
+        ("hiredis", "hiredis"),
+        ("protobuf", "protobuf"),
+        ("uvloop", "uvloop"),
+    ):
+        try:
+            versions[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+        versions["redis_server"] = next(w for w in out.split() if w.startswith("v=")).removeprefix("v=")
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        versions["redis_server"] = "unknown"
+    return versions
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+    }
+
+
+def _wrapper_overhead() -> dict[str, Any]:
+    try:
+        module = importlib.import_module("bench.wrapper_overhead")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bench.wrapper_overhead":
+            return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        return {"status": "missing", "note": "bench/wrapper_overhead.py is not in this tree yet"}
+    try:
+        figures: dict[str, float] = module.measure()
+    except Exception as exc:  # another module's failure is reported, not fatal
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "figures": figures}
+
+
+def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float | None) -> dict[str, Any]:
+    args = bench.args
+    results: dict[str, Any] = {t.key: {} for t in targets}
+    for key, figures in _sequential(bench, targets, rpc).items():
+        results[key]["sequential"] = figures
+    for target in targets:
+        count = 0
+        if rpc == "settle" and target.client == "spendgate":
+            # Closed-loop Settle needs one reservation per call, made first: size it to the run.
+            guess = capacity or 2000.0
+            count = max(50, int(guess * args.closed_seconds * 0.7))
+        results[target.key]["closed"] = _closed(bench, target, rpc, count)
+        if target.client == "floor" and capacity is None:
+            capacity = results[target.key]["closed"]["throughput_rps"]
+    assert capacity is not None
+    fractions = [float(f) for f in args.loads.split(",") if f.strip()]
+    if rpc == "settle":
+        fractions = [f for f in fractions if f in (0.5, 0.9)] or fractions[:2]
+    for target in targets:
+        results[target.key]["open"] = [_open(bench, target, rpc, capacity * f, f) for f in fractions]
+    results["floor_capacity_rps"] = capacity
+    return results
+
+
+def _ratios(rpc_results: dict[str, Any], targets: Sequence[Target]) -> dict[str, Any]:
+    floor = rpc_results["floor"]
+    out: dict[str, Any] = {}
+    for target in targets:
+        if target.key == "floor":
+            continue
+        mine = rpc_results[target.key]
+        r: dict[str, Any] = {
+            "sequential": {
+                k: ratio(mine["sequential"][k], floor["sequential"][k])
+                for k in ("p50", "p90", "p99", "p99.9")
+            },
+            "closed_throughput": ratio(mine["closed"]["throughput_rps"], floor["closed"]["throughput_rps"]),
+            "server_cpu_s_per_1k": ratio(
+                mine["closed"].get("server_cpu_s_per_1k"), floor["closed"].get("server_cpu_s_per_1k")
+            ),
+            "open": [],
+        }
+        for mo, fo in zip(mine["open"], floor["open"], strict=True):
+            r["open"].append(
+                {
+                    "fraction_of_floor": mo["fraction_of_floor"],
+                    **{k: ratio(mo[k], fo[k]) for k in ("p50", "p90", "p99", "p99.9")},
+                }
+            )
+        out[target.key] = r
+    return out
+
+
+def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run every measurement and return the results document (also written to --out)."""
+    started = time.monotonic()
+    targets = _targets(args)
+    with Processes() as procs:
+        bench = Bench(args, procs, log)
+        log("starting redis-server, the floor and spendgate servers")
+        _start_servers(bench, targets)
+        log("Decide")
+        decide = _run_rpc(bench, targets, "decide", None)
+        settle = None
+        if not args.no_settle:
+            log("Settle")
+            settle = _run_rpc(bench, targets, "settle", decide["floor_capacity_rps"])
+        server_argv = {k: s.argv for k, s in bench.servers.items()}
+    log("wrapper overhead")
+    wrapper = _wrapper_overhead()
+    document: dict[str, Any] = {
+        "schema": 1,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config_yaml": BENCH_CONFIG_YAML,
+        "servers": server_argv,
+        "targets": [t.__dict__ for t in targets],
+        "decide": decide,
+        "decide_ratios": _ratios(decide, targets),
+        "settle": settle,
+        "settle_ratios": _ratios(settle, targets) if settle else None,
+        "wrapper_overhead": wrapper,
+        "wall_seconds": time.monotonic() - started,
+    }
+    return document
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench``."""
+    args = _parser().parse_args(argv)
+    if args.quick:
+        _apply_quick(args)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    from bench import report
+
+    document = run(args, log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "latest.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
+    tmp.replace(json_path)
+    (args.out / "latest.md").write_text(report.markdown(document) + "\n")
+    print(report.table(document))
+    if not args.no_plot:
+        png = args.out / "latency_vs_load.png"
+        report.plot(document, png)
+        print(f"\nwrote {json_path} and {png}")
+    else:
+        print(f"\nwrote {json_path}")
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN: a figure that could not be measured (no samples) is null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
