@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -53,6 +53,8 @@ class FakeProvider:
 
     usage: Usage = field(default_factory=Usage)
     requests: list[Recorded] = field(default_factory=list)
+    # Called with each request before it is answered (e.g. to stop spendgate mid-call).
+    on_request: Callable[[Recorded], None] | None = None
     _failures: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -106,9 +108,12 @@ class FakeProvider:
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("content-length") or 0)
         body = json.loads(handler.rfile.read(length) or b"{}")
+        recorded = Recorded(handler.path, dict(handler.headers.items()), body)
         with self._lock:
-            self.requests.append(Recorded(handler.path, dict(handler.headers.items()), body))
+            self.requests.append(recorded)
             failure = self._failures.pop(0) if self._failures else None
+        if self.on_request is not None:
+            self.on_request(recorded)
         if failure is not None:
             error = {"type": "invalid_request_error", "message": "fake provider failure"}
             self._send_json(handler, {"type": "error", "error": error}, failure)

@@ -269,6 +269,12 @@ class StreamUsage:
 Observer = Callable[[Any, StreamUsage], bool]
 
 
+def _share_attributes(proxy: object, inner: object) -> None:
+    for name, value in vars(inner).items():
+        if name != "_iterator":
+            proxy.__dict__[name] = value
+
+
 class SyncStreamProxy:
     """Mixin put before an SDK ``Stream`` class: the inner stream does the work, this watches.
 
@@ -280,7 +286,9 @@ class SyncStreamProxy:
     response: Any
 
     def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
-        # Stream.__init__ is deliberately not called: there is no second HTTP response.
+        # Stream.__init__ is deliberately not called: there is no second HTTP response. The
+        # inner stream's attributes (response, options, client) are shared, its iterator not.
+        _share_attributes(self, inner)
         self._sg_inner = inner
         self._sg_usage = usage
         self._sg_observe = observe
@@ -325,6 +333,7 @@ class AsyncStreamProxy:
     response: Any
 
     def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
+        _share_attributes(self, inner)
         self._sg_inner = inner
         self._sg_usage = usage
         self._sg_observe = observe
