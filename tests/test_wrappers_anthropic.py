@@ -302,6 +302,30 @@ async def test_provider_options_pass_through_and_with_options_stays_gated(
     assert len(fake.requests) == 1
 
 
+async def test_beta_and_raw_response_calls_are_gated_too(
+    make_client: Callable[..., Client], fake: FakeProvider, server: SpendgateServer
+) -> None:
+    """beta.messages and with_raw_response go through the same gate: blocked over the ceiling, else sent."""
+    client = make_client(enforcement_config={"token_ceiling": 50})
+    long: list[Any] = [{"role": "user", "content": "word " * 200}]
+    hello: list[Any] = list(HELLO)
+    with pytest.raises(TokenCeilingExceeded):
+        await resolve(client.beta.messages.create(model="claude-test-big", max_tokens=10, messages=long))
+    with pytest.raises(TokenCeilingExceeded):
+        await resolve(
+            client.messages.with_raw_response.create(model="claude-test-big", max_tokens=10, messages=long)
+        )
+    assert fake.requests == []
+    beta = await resolve(client.beta.messages.create(model="claude-test-big", max_tokens=100, messages=hello))
+    assert beta.usage.output_tokens == fake.usage.output_tokens
+    raw = await resolve(
+        client.messages.with_raw_response.create(model="claude-test-big", max_tokens=10, messages=HELLO)
+    )
+    assert (await resolve(raw.parse())).usage.output_tokens == fake.usage.output_tokens
+    # The beta call is settled; the raw one's usage is not read, so its reservation stays at its estimate.
+    assert spent(server, client) > cost(BIG, fake.usage)
+
+
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])
 async def test_decision_service_stopped(
     make_client: Callable[..., Client],

@@ -90,7 +90,8 @@ class _AsyncGatedStream(AsyncStreamProxy, anthropic.AsyncStream[Any]):
 
 _MESSAGES = Route(prepare=_prepare, usage_of=lambda result: _usage(getattr(result, "usage", None)))
 _PROVIDER: Final = Provider(
-    routes={"/v1/messages": _MESSAGES},
+    # Older SDKs send beta.messages to the path with its query string.
+    routes={"/v1/messages": _MESSAGES, "/v1/messages?beta=true": _MESSAGES},
     sentinels=tuple(
         t
         for t in (getattr(anthropic, "NotGiven", None), getattr(anthropic, "Omit", None))
