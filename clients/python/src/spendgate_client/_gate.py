@@ -141,6 +141,13 @@ class Gate:
 
     def _admit(self, decision: Decision, request: PreparedRequest) -> Ticket:
         decision.raise_for_block()
+        if decision.shadow_rules and not decision.would_block:
+            _log.info(
+                "spendgate shadow mode: %s would have applied to session %s (decision %s)",
+                ", ".join(decision.shadow_rules),
+                self.session_id,
+                decision.decision_id,
+            )
         if decision.would_block:
             _log.warning(
                 "spendgate shadow mode: session %s would have been blocked (%s; rules %s; decision %s)",
