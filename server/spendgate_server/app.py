@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import structlog
@@ -17,15 +18,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from spendgate.v1 import config_pb2, config_pb2_grpc, decision_pb2, decision_pb2_grpc
 
+from spendgate_server.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.config_servicer import ConfigServicer
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.keystore import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.pricing import PriceTable
 from spendgate_server.remote_config import ConfigResolver
-from spendgate_server.servicer import DEFAULT_TENANT, DecisionServicer
+from spendgate_server.servicer import DecisionServicer
 from spendgate_server.settings import ServeSettings
+from spendgate_server.status import DecodeErrorInterceptor
 from spendgate_server.store import Store
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
 from spendgate_server.store.instrumented import InstrumentedStore
@@ -61,6 +65,30 @@ def build_config_store(settings: ServeSettings) -> ConfigStore:
             settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
         )
     return MemoryConfigStore()
+
+
+def build_keystore(settings: ServeSettings) -> KeyStore | None:
+    """Where API keys live: Redis with the redis store, else the --keys-file if given."""
+    if settings.store == "redis":
+        return RedisKeyStore.from_url(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
+        )
+    return FileKeyStore(settings.keys_file) if settings.keys_file else None
+
+
+def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    try:
+        key, chain = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+        client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(
+            f"--tls-cert/--tls-key/--tls-client-ca: cannot read {exc.filename}: {exc.strerror}"
+        ) from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def build_prices(settings: ServeSettings) -> PriceTable:
@@ -148,18 +176,39 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     engine = build_engine(settings, store, prices, configs)
     config_task = asyncio.create_task(configs.run())
 
-    server = grpc.aio.server(options=_server_options(settings))
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
-    config_pb2_grpc.add_ConfigServiceServicer_to_server(
-        ConfigServicer(configs, prices, DEFAULT_TENANT), server
+    credentials = _server_credentials(settings)
+    keystore = build_keystore(settings)
+    authenticator = Authenticator(
+        keystore,
+        allow_open_mode=is_loopback(settings.host) or settings.insecure,
+        reload_seconds=settings.key_reload_seconds,
+        failures=metrics.auth_failures,
     )
+    await authenticator.load()
+    check_exposure(settings.host, authenticator.has_keys, settings.insecure)
+    if authenticator.open_mode:
+        _log.warning(
+            "open_dev_mode",
+            detail="no API keys exist: every caller is admin of tenant 'default'",
+            host=settings.host,
+        )
+    auth_task = asyncio.create_task(authenticator.run())
+
+    server = grpc.aio.server(options=_server_options(settings), interceptors=[AuthInterceptor(authenticator), DecodeErrorInterceptor()])
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
+    config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as exc:
         raise ConfigError(f"--port {settings.port}: cannot bind {settings.host}: {exc}") from exc
     await server.start()
@@ -167,7 +216,14 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await status.set(True)
     watcher = asyncio.create_task(status.watch(settings.health_interval_millis / 1000))
     _log.info(
-        "serving", host=settings.host, port=port, store=settings.store, metrics_port=settings.metrics_port
+        "serving",
+        host=settings.host,
+        port=port,
+        store=settings.store,
+        metrics_port=settings.metrics_port,
+        tls=credentials is not None,
+        mtls=bool(settings.tls_client_ca),
+        auth=not authenticator.open_mode,
     )
     if on_ready is not None:
         on_ready(port)
@@ -186,9 +242,12 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
-    config_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await config_task
+    for task in (config_task, auth_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if keystore is not None:
+        await keystore.close()
     await configs.store.close()
     await store.close()
     _log.info("stopped")

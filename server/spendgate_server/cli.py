@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -14,8 +13,10 @@ from google.protobuf import json_format
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
+from spendgate_server.cli_channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.config_cli import add_config_arguments, run_config_command
-from spendgate_server.errors import ConfigError
+from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.keys_cli import add_keys_arguments, run_keys_command
 from spendgate_server.settings import add_serve_arguments, settings_from_args
 
 __all__ = ["main"]
@@ -32,9 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the Decide service")
     add_serve_arguments(serve)
 
-    target = os.environ.get("SPENDGATE_TARGET", "127.0.0.1:50051")
     decide = commands.add_parser("decide", help="ask for one decision")
-    decide.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
+    add_connection_arguments(decide)
     decide.add_argument("--session", required=True, help="session id")
     decide.add_argument("--model", required=True)
     decide.add_argument("--input-tokens", type=int, default=1000)
@@ -50,11 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     decide.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     decide.add_argument("--json", action="store_true", help="print the full response as JSON")
 
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    add_keys_arguments(keys)
+
     config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
-    add_config_arguments(config, target)
+    add_config_arguments(config)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
-    settle.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
+    add_connection_arguments(settle)
     settle.add_argument("--session", required=True)
     settle.add_argument("--reservation", required=True, help="reservation id from decide")
     settle.add_argument("--model", required=True, help="the model that ran")
@@ -98,8 +101,10 @@ def _decide(args: argparse.Namespace) -> int:
     config = _client_config(args.config)
     if config is not None:
         request.enforcement_config.CopyFrom(config)
-    with grpc.insecure_channel(args.target) as channel:
-        response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(request, timeout=args.timeout)
+    with open_channel(args) as channel:
+        response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
+            request, timeout=args.timeout, metadata=call_metadata(args)
+        )
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
     else:
@@ -121,8 +126,10 @@ def _settle(args: argparse.Namespace) -> int:
         usage=pb.Usage(input_tokens=args.input_tokens, output_tokens=args.output_tokens),
         outcome=pb.PROVIDER_OUTCOME_ERROR if args.provider_error else pb.PROVIDER_OUTCOME_OK,
     )
-    with grpc.insecure_channel(args.target) as channel:
-        response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(request, timeout=args.timeout)
+    with open_channel(args) as channel:
+        response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(
+            request, timeout=args.timeout, metadata=call_metadata(args)
+        )
     print(
         json_format.MessageToJson(
             response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -144,11 +151,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _decide(args)
         elif args.command == "config":
             code = run_config_command(args)
+        elif args.command == "keys":
+            code = run_keys_command(args)
         else:
             code = _settle(args)
     except ConfigError as exc:
         print(f"spendgate: {exc}", file=sys.stderr)
         code = 2
+    except StoreUnavailable as exc:
+        print(f"spendgate: the store is unreachable: {exc}", file=sys.stderr)
+        code = 1
     except grpc.RpcError as exc:
         print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         code = 1

@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 from spendgate.v1 import config_pb2 as cpb
 from spendgate.v1 import config_pb2_grpc
 
+from spendgate_server.cli_channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.config import config_to_dict, parse_enforcement_config
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.validation import config_from_proto
@@ -23,7 +23,7 @@ from spendgate_server.wire import config_to_proto
 __all__ = ["add_config_arguments", "diff_lines", "run_config_command"]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, target: str) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``config get|set|history``."""
     actions = parser.add_subparsers(dest="action", required=True)
     for name, text in (
@@ -32,7 +32,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, target: str) -> None:
         ("history", "list every change with its diff"),
     ):
         action = actions.add_parser(name, help=text)
-        action.add_argument("--target", default=target, help="host:port (env SPENDGATE_TARGET)")
+        add_connection_arguments(action)
         action.add_argument("--project", default="", help="a project's config instead of the tenant's")
         action.add_argument("--actor", default="", help="your name, recorded in the history")
         action.add_argument("--timeout", type=float, default=5.0)
@@ -84,10 +84,12 @@ def _when(config: cpb.Config) -> str:
 
 def run_config_command(args: argparse.Namespace) -> int:
     """Run one config action; returns the exit code."""
-    metadata = (("x-spendgate-actor", args.actor),) if args.actor else None
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = call_metadata(args, *((("x-spendgate-actor", args.actor),) if args.actor else ()))
+    with open_channel(args) as channel:
         stub = config_pb2_grpc.ConfigServiceStub(channel)
-        current = stub.GetConfig(cpb.GetConfigRequest(project=args.project), timeout=args.timeout).config
+        current = stub.GetConfig(
+            cpb.GetConfigRequest(project=args.project), timeout=args.timeout, metadata=metadata
+        ).config
         scope = f"project {args.project}" if args.project else "tenant config"
         if args.action == "get":
             print(
@@ -122,6 +124,7 @@ def run_config_command(args: argparse.Namespace) -> int:
         response = stub.ListConfigRevisions(
             cpb.ListConfigRevisionsRequest(project=args.project, page_size=min(max(args.limit, 1), 500)),
             timeout=args.timeout,
+            metadata=metadata,
         )
         revisions = list(response.revisions)
         for newer, older in zip(revisions, [*revisions[1:], None], strict=True):

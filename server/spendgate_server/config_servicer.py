@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 from spendgate.v1 import config_pb2 as cpb
 from spendgate.v1 import config_pb2_grpc
 
+from spendgate_server.auth import current_principal
 from spendgate_server.config import config_to_dict
 from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
 from spendgate_server.pricing import PriceTable
@@ -50,7 +51,10 @@ def _config_message(project: str, stored: StoredConfig | None) -> cpb.Config:
 
 
 def _actor(context: Context) -> str:
-    # Until API keys exist, the writer names itself; the key's name will replace this.
+    """Who writes: the API key's name and id; in open dev mode, whoever the caller says."""
+    principal = current_principal()
+    if principal.key_id:
+        return f"{principal.name} ({principal.key_id})"
     for key, value in context.invocation_metadata() or ():
         if key == "x-spendgate-actor" and isinstance(value, str):
             return value[:128]
@@ -60,16 +64,15 @@ def _actor(context: Context) -> str:
 class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
     """Serves spendgate.v1.ConfigService for the caller's tenant."""
 
-    def __init__(self, resolver: ConfigResolver, prices: PriceTable, tenant: str) -> None:
+    def __init__(self, resolver: ConfigResolver, prices: PriceTable) -> None:
         self._resolver = resolver
         self._store = resolver.store
         self._prices = prices
-        self._tenant = tenant
 
     async def GetConfig(self, request: cpb.GetConfigRequest, context: Context) -> cpb.GetConfigResponse:
         try:
             project = project_from_proto(request.project)
-            stored = await self._store.get(self._tenant, project)
+            stored = await self._store.get(current_principal().tenant, project)
         except Exception as exc:
             await self._fail(context, exc)
         return cpb.GetConfigResponse(config=_config_message(project, stored))
@@ -93,7 +96,7 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
                         ]
                     )
             stored = await self._store.put(
-                self._tenant,
+                current_principal().tenant,
                 project,
                 json.dumps(config_to_dict(config), sort_keys=True),
                 request.etag,
@@ -103,10 +106,10 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
         except Exception as exc:
             await self._fail(context, exc)
         # This server sees its own write at once; the others through the store's notices.
-        self._resolver.invalidate(self._tenant)
+        self._resolver.invalidate(current_principal().tenant)
         _log.info(
             "config_updated",
-            tenant=self._tenant,
+            tenant=current_principal().tenant,
             project=project,
             version=stored.version,
             updated_by=stored.updated_by,
@@ -122,7 +125,7 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
                 raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
             if request.page_token and not request.page_token.isdigit():
                 raise InvalidArgument([FieldViolation("page_token", "not a token from a previous page")])
-            revisions = await self._store.history(self._tenant, project)
+            revisions = await self._store.history(current_principal().tenant, project)
         except Exception as exc:
             await self._fail(context, exc)
         start = int(request.page_token or 0)
@@ -144,14 +147,14 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
         last_version = -1
         while True:
             try:
-                stored = await self._store.get(self._tenant, project)
+                stored = await self._store.get(current_principal().tenant, project)
             except Exception as exc:
                 await self._fail(context, exc)
             version = stored.version if stored else 0
             if version != last_version:
                 last_version = version
                 yield cpb.WatchConfigResponse(config=_config_message(project, stored))
-            await self._resolver.wait_for_change(self._tenant, WATCH_RECHECK_SECONDS)
+            await self._resolver.wait_for_change(current_principal().tenant, WATCH_RECHECK_SECONDS)
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         code, status = rpc_status(exc)

@@ -64,6 +64,9 @@ class Metrics:
         self.rpc_errors = Counter(
             "spendgate_rpc_errors", "RPCs answered with an error status.", ["method", "code"], registry=r
         )
+        self.auth_failures = Counter(
+            "spendgate_auth_failures", "Calls refused by authentication, by reason.", ["reason"], registry=r
+        )
         self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
         self.settle_lag = Histogram(

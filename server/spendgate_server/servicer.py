@@ -10,6 +10,7 @@ import structlog
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
+from spendgate_server.auth import current_principal
 from spendgate_server.engine import DecisionEngine
 from spendgate_server.errors import SpendgateError, StoreUnavailable
 from spendgate_server.metrics import Metrics
@@ -17,10 +18,7 @@ from spendgate_server.status import abort, rpc_status
 from spendgate_server.validation import call_from_proto, settle_from_proto
 from spendgate_server.wire import decision_to_proto
 
-__all__ = ["DEFAULT_TENANT", "DecisionServicer"]
-
-# Until API keys exist every caller is this tenant; the tenant never comes from the request.
-DEFAULT_TENANT = "default"
+__all__ = ["DecisionServicer"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("spendgate.servicer")
@@ -36,7 +34,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
         started = time.perf_counter()
         try:
-            decision = await self._engine.decide(call_from_proto(request, DEFAULT_TENANT))
+            decision = await self._engine.decide(call_from_proto(request, current_principal().tenant))
         except Exception as exc:
             await self._fail("Decide", context, exc)
         self._metrics.decided(decision, time.perf_counter() - started)
@@ -45,7 +43,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         started = time.perf_counter()
         try:
-            settle = settle_from_proto(request, DEFAULT_TENANT)
+            settle = settle_from_proto(request, current_principal().tenant)
             settled = await self._engine.settle(settle)
         except Exception as exc:
             await self._fail("Settle", context, exc)

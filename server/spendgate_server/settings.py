@@ -42,6 +42,12 @@ class ServeSettings:
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 9464
     health_interval_millis: int = 1000
+    keys_file: str = ""
+    insecure: bool = False
+    key_reload_seconds: float = 5.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     # Bound on how stale a remote config can be when change notices are lost.
     config_poll_millis: int = 1000
     log_format: str = "auto"
@@ -105,6 +111,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("config_poll_millis", str(d.config_poll_millis)),
         help="re-check remote config versions this often (the staleness bound if pub/sub drops)",
     )
+    a(
+        "--keys-file",
+        default=_env("keys_file", ""),
+        help="API keys file for the memory store (the redis store keeps keys in Redis)",
+    )
+    a(
+        "--insecure",
+        action="store_true",
+        default=_env("insecure", "") in ("1", "true", "yes"),
+        help="serve without API keys on a non-loopback address (never in production)",
+    )
+    a(
+        "--key-reload-seconds",
+        default=_env("key_reload_seconds", str(d.key_reload_seconds)),
+        help="reload API keys this often: the bound on how long a revoked key still works",
+    )
+    a("--tls-cert", default=_env("tls_cert", ""), help="PEM certificate chain: serve TLS")
+    a("--tls-key", default=_env("tls_key", ""), help="PEM private key of --tls-cert")
+    a(
+        "--tls-client-ca",
+        default=_env("tls_client_ca", ""),
+        help="PEM CA bundle: require client certificates (mTLS)",
+    )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
 
@@ -118,6 +147,19 @@ def _int(flag: str, value: str, low: int, high: int) -> int:
         raise ConfigError(
             f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be an integer "
             f"between {low} and {high}, got {value!r}"
+        )
+    return number
+
+
+def _float(flag: str, value: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise ConfigError(
+            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be a number "
+            f"between {low:g} and {high:g}, got {value!r}"
         )
     return number
 
@@ -170,10 +212,11 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     if workers > 1 and port == 0:
         raise ConfigError("--workers above 1 needs a fixed --port: workers share it with SO_REUSEPORT")
     config, prices = load_config_file(args.config) if args.config else (EnforcementConfig(), {})
-    try:
-        drain = float(args.drain_seconds)
-    except ValueError as exc:
-        raise ConfigError(f"--drain-seconds must be a number, got {args.drain_seconds!r}") from exc
+    drain = _float("drain-seconds", args.drain_seconds, 0, 3600)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
     return ServeSettings(
         host=args.host,
         port=port,
@@ -194,6 +237,12 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
         drain_seconds=drain,
         metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
+        keys_file=args.keys_file,
+        insecure=bool(args.insecure),
+        key_reload_seconds=_float("key-reload-seconds", args.key_reload_seconds, 0.1, 3600),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         config_poll_millis=_int("config-poll-millis", args.config_poll_millis, 50, 600_000),
         health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),

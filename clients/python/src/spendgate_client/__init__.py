@@ -24,6 +24,7 @@ from spendgate_client._client import (
     DecisionClient,
     FailMode,
     Settlement,
+    tls_credentials,
 )
 from spendgate_client._config import CONFIG_KEYS, enforcement_config_to_proto
 from spendgate_client._errors import (
@@ -71,6 +72,7 @@ __all__ = [
     "TokenCeilingExceeded",
     "ToolCallLimitExceeded",
     "enforcement_config_to_proto",
+    "tls_credentials",
 ]
 
 

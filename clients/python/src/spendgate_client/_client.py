@@ -36,6 +36,7 @@ __all__ = [
     "DecisionClient",
     "FailMode",
     "Settlement",
+    "tls_credentials",
 ]
 
 _log = logging.getLogger("spendgate_client")
@@ -197,6 +198,30 @@ def _channel_options(target: str) -> list[tuple[str, Any]]:
         # Spread calls over every pod behind a headless Service.
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: the CA that signed the server, and for mTLS
+    this client's certificate and key. With no ``ca_file`` the system roots are used.
+
+    Raises:
+        ValueError: only one of cert_file and key_file was given, or a file cannot be read.
+    """
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("cert_file and key_file go together (mTLS): give both or neither")
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 class _Base:

@@ -1,0 +1,199 @@
+"""API keys: generated with a CSPRNG, stored only as SHA-256 hashes, listed and revoked by id.
+
+A key reads ``sgk_<id>_<secret>``: the 8-hex-digit id is public (it names the key in
+listings and logs), the 256-bit secret is never stored. A fast hash is enough because
+the secret is random, not a password. Keys live in Redis (shared by the fleet) or in a
+JSON file (the embedded single-process setup); servers reload them periodically.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from spendgate_server.errors import ConfigError, StoreUnavailable
+
+__all__ = [
+    "ApiKey",
+    "FileKeyStore",
+    "KeyStore",
+    "RedisKeyStore",
+    "Scope",
+    "hash_secret",
+    "new_key",
+    "parse_key",
+]
+
+_KEY = re.compile(r"sgk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})")
+_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+class Scope(enum.Enum):
+    """What a key may do. ``admin`` includes everything ``client`` may."""
+
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A stored key: who it belongs to and what it may do; never the secret itself."""
+
+    key_id: str
+    tenant: str
+    scope: Scope
+    name: str
+    secret_sha256: str
+    created_ms: int
+    revoked_ms: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Not revoked."""
+        return not self.revoked_ms
+
+    def to_json(self) -> str:
+        """Serialised for the store."""
+        return json.dumps({**asdict(self), "scope": self.scope.value}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ApiKey:
+        """Parse what to_json wrote."""
+        raw = json.loads(text)
+        return cls(**{**raw, "scope": Scope(raw["scope"])})
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a key's secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_key(presented: str) -> tuple[str, str] | None:
+    """``(key_id, secret)`` of a well-formed key, else None (no store is consulted)."""
+    match = _KEY.fullmatch(presented)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def new_key(tenant: str, scope: Scope, name: str, now_ms: int) -> tuple[str, ApiKey]:
+    """Mint a key: the full key (shown once) and its stored record.
+
+    Raises:
+        ConfigError: the tenant or name is not 1-64 characters of [A-Za-z0-9._@-].
+    """
+    for label, value in (("--tenant", tenant), ("--name", name)):
+        if not _NAME.fullmatch(value):
+            raise ConfigError(f"{label} must be 1-64 characters of [A-Za-z0-9._@-], got {value!r}")
+    key_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
+    return f"sgk_{key_id}_{secret}", ApiKey(key_id, tenant, scope, name, hash_secret(secret), now_ms)
+
+
+class KeyStore(ABC):
+    """Where key records live."""
+
+    @abstractmethod
+    async def all(self) -> dict[str, ApiKey]:
+        """Every key record by id, revoked ones included."""
+
+    @abstractmethod
+    async def add(self, key: ApiKey) -> None:
+        """Store a new key record."""
+
+    async def revoke(self, key_id: str, now_ms: int) -> ApiKey:
+        """Mark a key revoked; servers stop accepting it at their next reload.
+
+        Raises:
+            ConfigError: no key has this id.
+        """
+        key = (await self.all()).get(key_id)
+        if key is None:
+            raise ConfigError(f"no key with id {key_id!r} (see 'spendgate keys list')")
+        revoked = replace(key, revoked_ms=key.revoked_ms or now_ms)
+        await self._put(revoked)
+        return revoked
+
+    @abstractmethod
+    async def _put(self, key: ApiKey) -> None: ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        return
+
+
+class RedisKeyStore(KeyStore):
+    """Key records in one Redis hash shared by the fleet."""
+
+    KEY = "sg:api-keys"
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+
+    @classmethod
+    def from_url(cls, url: str, timeout_seconds: float = 0.5) -> RedisKeyStore:
+        """Connect lazily to ``url``."""
+        return cls(
+            aioredis.Redis.from_url(
+                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+            )
+        )
+
+    async def all(self) -> dict[str, ApiKey]:
+        try:
+            raw = await self._client.hgetall(self.KEY)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        return {k.decode() if isinstance(k, bytes) else k: ApiKey.from_json(v) for k, v in raw.items()}
+
+    async def add(self, key: ApiKey) -> None:
+        await self._put(key)
+
+    async def _put(self, key: ApiKey) -> None:
+        try:
+            await self._client.hset(self.KEY, key.key_id, key.to_json())
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class FileKeyStore(KeyStore):
+    """Key records in a JSON file (written atomically, mode 0600): for the embedded setup."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+
+    async def all(self) -> dict[str, ApiKey]:
+        try:
+            text = self._path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(f"--keys-file {self._path}: {exc.strerror}") from exc
+        try:
+            return {k: ApiKey.from_json(json.dumps(v)) for k, v in json.loads(text or "{}").items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--keys-file {self._path} is not a spendgate keys file: {exc}") from exc
+
+    async def add(self, key: ApiKey) -> None:
+        await self._put(key)
+
+    async def _put(self, key: ApiKey) -> None:
+        records = {k: json.loads(v.to_json()) for k, v in (await self.all()).items()}
+        records[key.key_id] = json.loads(key.to_json())
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".keys-")
+        with os.fdopen(fd, "w") as sink:
+            json.dump(records, sink, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self._path)
