@@ -194,7 +194,8 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         )
     auth_task = asyncio.create_task(authenticator.run())
 
-    server = grpc.aio.server(options=_server_options(settings), interceptors=[AuthInterceptor(authenticator), DecodeErrorInterceptor()])
+    interceptors = [AuthInterceptor(authenticator), DecodeErrorInterceptor()]
+    server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
     config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
     health_servicer = health.aio.HealthServicer()

@@ -10,7 +10,13 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound, SpendgateError, StoreUnavailable
+from spendgate_server.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    SpendgateError,
+    StoreUnavailable,
+)
 from spendgate_server.store.configs import ConfigConflict
 
 __all__ = ["DOMAIN", "DecodeErrorInterceptor", "abort", "rpc_status"]
@@ -82,7 +88,7 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return parse(raw)
             except DecodeError:
-                violation = FieldViolation("request", "is not a valid protobuf message of this RPC's request type")
+                violation = FieldViolation("request", "is not a valid protobuf message of the request type")
                 await abort(context, *rpc_status(InvalidArgument([violation])))
 
         if handler.unary_unary is not None:
