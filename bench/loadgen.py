@@ -356,7 +356,9 @@ async def run_open(
         rec.samples_us.append((clock() - due_ns) // 1000)
 
     if args.warmup and reservations is None:
-        await asyncio.gather(*(calls[0](total + i) for i in range(min(args.warmup, 200))))
+        await asyncio.gather(
+            *(calls[0](total + i) for i in range(min(args.warmup, 200))), return_exceptions=True
+        )
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)

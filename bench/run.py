@@ -163,6 +163,7 @@ class Bench:
         self.servers: dict[str, Served] = {}
         self.redis: Served | None = None
         self._tags = 0
+        self.api_keys: dict[str, str] = {}
 
     def tag(self, prefix: str) -> str:
         """A fresh prefix for session ids and fingerprints."""
@@ -186,7 +187,15 @@ class Bench:
             self.tag(f"{target.key}-{rpc}-"),
             *extra,
         )
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        env = dict(os.environ)
+        env.pop("SPENDGATE_API_KEY", None)
+        if target.client == "spendgate" and self.api_keys.get(target.store):
+            env["SPENDGATE_API_KEY"] = self.api_keys[target.store]
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, env=env)
+        if done.returncode != 0:
+            # One retry: a shared machine has transient failures a whole run should not die of.
+            self.log(f"  ! loadgen failed, retrying once:\n{done.stderr.decode()[-1500:]}")
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(
                 f"loadgen {' '.join(argv[2:])} exited {done.returncode}:\n{done.stderr.decode()[-3000:]}"
@@ -303,12 +312,37 @@ def _targets(args: argparse.Namespace) -> list[Target]:
     return targets
 
 
+def _create_api_key(store_flag: list[str]) -> str:
+    """Mint a client API key with ``spendgate keys create`` ("" when this server has no keys CLI)."""
+    argv = [
+        *python_module("spendgate_server"),
+        "keys",
+        "create",
+        "--tenant",
+        "bench",
+        "--name",
+        "bench",
+        *store_flag,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        return ""
+    return done.stdout.split()[0] if done.stdout.split() else ""
+
+
 def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
     procs, args = bench.procs, bench.args
     bench.redis = procs.start_redis()
     redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
     config = procs.tmp / "bench-config.yaml"
     config.write_text(BENCH_CONFIG_YAML)
+    # Authentication on, as in production: one client key per store, sent by the client.
+    keys_file = procs.tmp / "keys.json"
+    bench.api_keys = {
+        "redis": _create_api_key(["--redis-url", redis_url]),
+        "memory": _create_api_key(["--keys-file", str(keys_file)]),
+    }
+    bench.log(f"  auth: {'API keys' if all(bench.api_keys.values()) else 'open dev mode (no keys CLI)'}")
     for target in targets:
         if target.client == "floor":
             argv = python_module("bench.floor", "--redis-url", redis_url, "--port", "0")
@@ -341,6 +375,8 @@ def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
             "--metrics-port",
             str(free_port()),
         ]
+        if target.store == "memory" and bench.api_keys["memory"]:
+            argv += ["--keys-file", str(keys_file)]
         bench.servers[target.key] = procs.start_server(
             target.key, argv, port=port, ready_lines=target.workers
         )
@@ -366,6 +402,13 @@ def _versions() -> dict[str, str]:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         versions["redis_server"] = "unknown"
     return versions
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
 
 
 def _machine() -> dict[str, Any]:
@@ -417,8 +460,12 @@ def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float 
     fractions = [float(f) for f in args.loads.split(",") if f.strip()]
     if rpc == "settle":
         fractions = [f for f in fractions if f in (0.5, 0.9)] or fractions[:2]
+    # Load by load, all servers in turn: drift of a shared machine spreads over all of them.
     for target in targets:
-        results[target.key]["open"] = [_open(bench, target, rpc, capacity * f, f) for f in fractions]
+        results[target.key]["open"] = []
+    for f in fractions:
+        for target in targets:
+            results[target.key]["open"].append(_open(bench, target, rpc, capacity * f, f))
     results["floor_capacity_rps"] = capacity
     return results
 
@@ -455,6 +502,9 @@ def _ratios(rpc_results: dict[str, Any], targets: Sequence[Target]) -> dict[str,
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Run every measurement and return the results document (also written to --out)."""
     started = time.monotonic()
+    load_before = _loadavg()
+    if load_before and load_before[0] > (os.cpu_count() or 1) / 2:
+        log(f"  note: load average {load_before[0]:.1f} before the run: other work shares these CPUs")
     targets = _targets(args)
     with Processes() as procs:
         bench = Bench(args, procs, log)
@@ -467,6 +517,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             log("Settle")
             settle = _run_rpc(bench, targets, "settle", decide["floor_capacity_rps"])
         server_argv = {k: s.argv for k, s in bench.servers.items()}
+        api_keys = bench.api_keys
     log("wrapper overhead")
     wrapper = _wrapper_overhead()
     document: dict[str, Any] = {
@@ -477,6 +528,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "config_yaml": BENCH_CONFIG_YAML,
         "servers": server_argv,
+        "auth": "api-key" if all(api_keys.values()) else "open-dev-mode",
         "targets": [t.__dict__ for t in targets],
         "decide": decide,
         "decide_ratios": _ratios(decide, targets),
@@ -484,6 +536,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "settle_ratios": _ratios(settle, targets) if settle else None,
         "wrapper_overhead": wrapper,
         "wall_seconds": time.monotonic() - started,
+        # Other processes on the machine skew every figure; ratios less so (same run).
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
     }
     return document
 
