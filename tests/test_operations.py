@@ -50,6 +50,7 @@ def test_health_follows_the_store(spendgate: Callable[..., SpendgateServer]) -> 
         assert health_status(server.target, "spendgate.v1.DecisionService") == SERVING
         redis_server.stop()
         wait_for_health(server.target, NOT_SERVING)
+        assert health_status(server.target, "spendgate.liveness") == SERVING
         with DecisionClient(server.target, timeout=2, fail_mode="closed") as client:
             with pytest.raises(Exception, match="did not answer"):
                 client.decide("s", "claude-sonnet-4-5", 10, 10, b"0" * 32)

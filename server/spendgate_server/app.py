@@ -47,6 +47,9 @@ SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
 )
+# Reports only that the process is up and serving: for liveness probes, which must not
+# restart pods because Redis is down (readiness, on the service names, covers that).
+LIVENESS_SERVICE = "spendgate.liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -215,6 +218,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await server.start()
     status = _Health(health_servicer, store, metrics)
     await status.set(True)
+    await health_servicer.set(LIVENESS_SERVICE, _SERVING)
     watcher = asyncio.create_task(status.watch(settings.health_interval_millis / 1000))
     _log.info(
         "serving",
