@@ -1,19 +1,41 @@
 """Redis store: each atomic step is one Lua script, so one round trip per Decide or Settle.
 
 Keys of a session share the hash tag ``{tenant:session}`` (see lua/_session.lua),
-which keeps every script single-slot and Redis Cluster usable.
+which keeps every script single-slot, so the same scripts run on one Redis or on a
+Redis Cluster (``redis+cluster://`` URLs, see :func:`connect`).
+
+Failure policy: every call has one short timeout and is never retried here. A
+retry after a timeout could run a script twice (two reservations for one call);
+instead the caller gets StoreUnavailable at once and the client applies its fail
+mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.config import Rule
-from spendgate_server.errors import StoreUnavailable
+from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.store.base import (
     ReserveOutcome,
     ReserveRequest,
@@ -27,7 +49,18 @@ from spendgate_server.store.base import (
     shadow_rules_from_mask,
 )
 
-__all__ = ["RedisStore", "load_script"]
+__all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "connect", "load_script"]
+
+RedisClient = aioredis.Redis | RedisCluster
+"""A single Redis (or a proxy speaking its protocol) or a Redis Cluster."""
+
+# URL scheme -> the scheme redis-py parses; these select the cluster client.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# Replies that mean "Redis cannot serve right now", not "our script is wrong", even
+# when Redis raises them from inside a script (their text then names the script).
+_OUTAGE_REPLIES = (OutOfMemoryError, ReadOnlyError, NoScriptError, ClusterError, AskError, TryAgainError)
+_OUTAGE_PREFIXES = ("BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
 
 
 def load_script(name: str) -> str:
@@ -46,37 +79,100 @@ def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-class RedisStore(Store):
-    """Shared state in Redis (or anything speaking its protocol with Lua)."""
+def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> RedisClient:
+    """A lazily connecting client for ``url``; nothing is contacted until the first call.
 
-    def __init__(self, client: aioredis.Redis, key_prefix: str = "sg") -> None:
+    ``redis://``, ``rediss://`` and ``unix://`` give one Redis. ``redis+cluster://`` and
+    ``rediss+cluster://`` give a Redis Cluster client; list several nodes to find the
+    cluster from, ``redis+cluster://10.0.0.1:6379,10.0.0.2:6379``.
+
+    ``timeout_seconds`` bounds connecting and every command. redis-py's own retries
+    are turned off (see the module docstring), and so are its maintenance
+    notifications: in redis-py 8 they default on, which skips the check that drops
+    pooled connections a restarted Redis has closed (every such connection would then
+    fail one call) and may stretch timeouts to 10 s during a maintenance event.
+
+    Raises:
+        ConfigError: the URL is malformed; the message names --redis-url.
+    """
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": timeout_seconds,
+        "max_connections": max_connections,
+        "health_check_interval": 0,
+        "retry": Retry(NoBackoff(), 0),
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
+    scheme = url.partition("://")[0].lower()
+    try:
+        if scheme in CLUSTER_SCHEMES:
+            return _cluster(url, CLUSTER_SCHEMES[scheme], common)
+        return aioredis.Redis.from_url(url, **common)
+    except (ValueError, RedisClusterException) as exc:
+        raise ConfigError(
+            f"--redis-url {url!r} is not valid: {exc}; expected redis://host:port/db, rediss://, "
+            "unix:///path or redis+cluster://host:port[,host:port...]"
+        ) from exc
+
+
+def _cluster(url: str, base_scheme: str, common: dict[str, Any]) -> RedisCluster:
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for host in filter(None, hosts.split(",")):
+        node = urlsplit(f"//{host}")
+        if not node.hostname:
+            raise ValueError(f"node {host!r} has no host")
+        nodes.append(ClusterNode(node.hostname, node.port or 6379))
+    if not nodes:
+        raise ValueError("no cluster node given")
+    # Credentials, TLS and query options are read as redis-py reads a single-node URL.
+    first = f"{base_scheme}://{userinfo + '@' if userinfo else ''}{nodes[0].host}:{nodes[0].port}"
+    options: dict[str, Any] = dict(parse_url(first + parts.path + (f"?{parts.query}" if parts.query else "")))
+    for name in ("host", "port"):
+        options.pop(name, None)
+    if options.pop("db", 0):
+        raise ValueError("Redis Cluster has only database 0")
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return RedisCluster(startup_nodes=nodes, **options, **common)
+
+
+def _unavailable_reply(exc: ResponseError) -> bool:
+    return isinstance(exc, _OUTAGE_REPLIES) or str(exc).startswith(_OUTAGE_PREFIXES)
+
+
+class RedisStore(Store):
+    """Shared state in Redis or Redis Cluster (or anything speaking the protocol with Lua)."""
+
+    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
         self._client = client
         self._prefix = key_prefix
+        # Script objects run EVALSHA and, on NOSCRIPT (a restarted or failed-over
+        # Redis has an empty script cache), load the script and run it again.
         self._decide = client.register_script(load_script("decide"))
         self._settle = client.register_script(load_script("settle"))
         self._state = client.register_script(load_script("state"))
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64) -> RedisStore:
-        """Connect lazily to ``url`` (redis://, rediss://, unix://) with short timeouts."""
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            max_connections=max_connections,
-            health_check_interval=0,
-        )
-        return cls(client)
+        """Connect lazily to ``url`` (see :func:`connect`) with short timeouts and no retries."""
+        return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=max_connections))
+
+    @property
+    def client(self) -> RedisClient:
+        """The redis-py client this store runs its scripts on."""
+        return self._client
 
     async def _run(self, script: Any, session: SessionKey, args: list[Any]) -> list[Any]:
         try:
             reply: list[Any] = await script(keys=session_keys(session, self._prefix), args=args)
         except ResponseError as exc:
-            if "script" in str(exc):
+            if "script" in str(exc) and not _unavailable_reply(exc):
                 # A script that fails is our bug, not an outage: let it surface as INTERNAL.
                 raise RuntimeError(f"spendgate Lua script failed: {exc}") from exc
             raise StoreUnavailable(f"redis: {exc}") from exc
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return reply
 
@@ -135,8 +231,12 @@ class RedisStore(Store):
 
     async def ping(self) -> None:
         try:
-            await self._client.ping()
-        except RedisError as exc:
+            if isinstance(self._client, RedisCluster):
+                # Every primary: a cluster missing one cannot serve that part of the sessions.
+                await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._client.ping()
+        except (RedisError, RedisClusterException) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
     async def close(self) -> None:
