@@ -55,9 +55,18 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def build_store(settings: ServeSettings) -> Store:
-    """The store named by the settings."""
+    """The store named by the settings; Redis sits behind a circuit breaker (store/breaker.py)."""
+    from spendgate_server.store.breaker import CircuitBreakerStore
+
     if settings.store == "redis":
-        return RedisStore.from_url(settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000)
+        redis = RedisStore.from_url(settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000)
+        if settings.redis_breaker_failures == 0:
+            return redis
+        return CircuitBreakerStore(
+            redis,
+            failure_threshold=settings.redis_breaker_failures,
+            open_seconds=settings.redis_breaker_open_millis / 1000,
+        )
     return MemoryStore()
 
 

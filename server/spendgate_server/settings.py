@@ -52,6 +52,10 @@ class ServeSettings:
     config_poll_millis: int = 1000
     log_format: str = "auto"
     log_level: str = "info"
+    # Consecutive store outages that open the circuit breaker; 0 turns the breaker off.
+    redis_breaker_failures: int = 5
+    # How long an open breaker answers UNAVAILABLE at once before one call may try the store.
+    redis_breaker_open_millis: int = 1000
 
 
 def _env(name: str, default: str) -> str:
@@ -136,6 +140,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
+    a(
+        "--redis-breaker-failures",
+        default=_env("redis_breaker_failures", str(d.redis_breaker_failures)),
+        help="consecutive Redis failures that open the circuit breaker (0 turns it off)",
+    )
+    a(
+        "--redis-breaker-open-millis",
+        default=_env("redis_breaker_open_millis", str(d.redis_breaker_open_millis)),
+        help="how long an open breaker fails calls at once before one call tries Redis again",
+    )
 
 
 def _int(flag: str, value: str, low: int, high: int) -> int:
@@ -247,4 +261,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),
         log_level=_choice("log-level", args.log_level, LOG_LEVELS),
+        redis_breaker_failures=_int("redis-breaker-failures", args.redis_breaker_failures, 0, 1000),
+        redis_breaker_open_millis=_int(
+            "redis-breaker-open-millis", args.redis_breaker_open_millis, 10, 600_000
+        ),
     )
