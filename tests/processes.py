@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,3 +140,210 @@ class SpendgateServer:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+def restart_redis(server: RedisServer) -> RedisServer:
+    """Stop ``server`` gracefully (SIGTERM: Redis flushes its AOF) and start it again.
+
+    Same port, directory and arguments, so with ``--appendonly yes`` the data comes
+    back; without persistence it comes back empty.
+    """
+    server.stop()
+    return RedisServer.start(*server.extra_args, port=server.port, workdir=server.workdir)
+
+
+class TcpProxy:
+    """A loopback TCP proxy to ``upstream_port`` that can lose script replies in flight.
+
+    While ``drop_replies`` is set, a connection that sends a script call (EVALSHA)
+    still reaches Redis, which runs it, but hears nothing back from then on: the
+    window in which a caller can die after its command ran and before it heard the
+    result. Other traffic (connection handshakes) still flows, so fresh pooled
+    connections can get that far.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop_replies = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="tcp-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        # socket -> (its peer, True when it is the upstream side)
+        peers: dict[socket.socket, tuple[socket.socket, bool]] = {}
+        muted: set[socket.socket] = set()  # upstream sockets whose replies are dropped
+
+        def drop(sock: socket.socket) -> None:
+            peer, _ = peers.pop(sock)
+            peers.pop(peer, None)
+            muted.difference_update((sock, peer))
+            for s in (sock, peer):
+                with contextlib.suppress(KeyError, ValueError):
+                    selector.unregister(s)
+                s.close()
+
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(0.05):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self._listener:
+                        client, _ = sock.accept()
+                        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+                        peers[client] = (upstream, False)
+                        peers[upstream] = (client, True)
+                        selector.register(client, selectors.EVENT_READ)
+                        selector.register(upstream, selectors.EVENT_READ)
+                        continue
+                    if sock not in peers:
+                        continue
+                    peer, from_upstream = peers[sock]
+                    try:
+                        data = sock.recv(65536)
+                        if not from_upstream and self.drop_replies.is_set() and b"EVALSHA" in data:
+                            muted.add(peer)
+                        if data and sock not in muted:
+                            peer.sendall(data)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        drop(sock)
+        finally:
+            for sock in list(peers):
+                if sock in peers:
+                    drop(sock)
+            selector.close()
+            self._listener.close()
+
+    def close(self) -> None:
+        """Stop forwarding and close every socket."""
+        self._stop.set()
+        self._thread.join()
+
+
+def _cluster_ok(port: int) -> bool:
+    """The node sees a healthy cluster and, if it is a replica, is in sync with its master."""
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        # redis-py parses CLUSTER INFO into a dict of strings.
+        if client.cluster("INFO").get("cluster_state") != "ok":
+            return False
+        replication = client.info("replication")
+        return replication["role"] == "master" or replication.get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class RedisClusterNodes:
+    """A real Redis Cluster on loopback: ``masters`` primaries, each with ``replicas`` replicas.
+
+    Built from plain ``redis-server --cluster-enabled yes`` processes and
+    ``redis-cli --cluster create``. ``node_timeout_ms`` is how long a master may be
+    silent before its replica takes over (short, so failover tests take seconds).
+    """
+
+    nodes: list[RedisServer]
+    node_timeout_ms: int
+
+    @property
+    def url(self) -> str:
+        """A spendgate ``--redis-url`` naming every node as a startup node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @classmethod
+    def start(cls, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 1000) -> RedisClusterNodes:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed; run 'make test' (it installs it)")
+        nodes: list[RedisServer] = []
+        try:
+            for _ in range(masters * (1 + replicas)):
+                nodes.append(
+                    RedisServer.start(
+                        *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                        *("--cluster-node-timeout", str(node_timeout_ms)),
+                        # The bus port is chosen like the client port, not port+10000.
+                        *("--cluster-port", str(free_port())),
+                        # Replicas sync at once (the default waits 5 s for more replicas to
+                        # join), so a failover test can start as soon as the cluster is up.
+                        *("--repl-diskless-sync-delay", "0"),
+                    )
+                )
+            subprocess.run(
+                [
+                    *(cli, "--cluster", "create"),
+                    *(f"127.0.0.1:{n.port}" for n in nodes),
+                    *("--cluster-replicas", str(replicas), "--cluster-yes"),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=STARTUP_SECONDS,
+            )
+            cluster = cls(nodes, node_timeout_ms)
+            cluster.wait_ok()
+            return cluster
+        except BaseException:
+            for node in nodes:
+                node.stop()
+            raise
+
+    def wait_ok(self, nodes: Sequence[RedisServer] | None = None) -> None:
+        """Poll until every (live) node reports cluster_state:ok and every replica is in sync."""
+        deadline = time.monotonic() + STARTUP_SECONDS
+        for node in nodes if nodes is not None else self.nodes:
+            while not _cluster_ok(node.port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {node.port} never reported cluster_state:ok")
+                time.sleep(0.05)
+
+    def role(self, node: RedisServer) -> str:
+        """``master`` or ``slave``, as the node itself reports it."""
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            reply = client.role()
+            role = reply[0]
+            return role.decode() if isinstance(role, bytes) else str(role)
+        finally:
+            client.close()
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that currently serves ``key``'s hash slot."""
+        client = redis.Redis(port=self.nodes[0].port, socket_timeout=1)
+        try:
+            slot = int(client.cluster("KEYSLOT", key))
+        finally:
+            client.close()
+        for node in self.nodes:
+            if node.process.poll() is None and self.role(node) == "master" and self._serves(node, slot):
+                return node
+        raise RuntimeError(f"no live master serves slot {slot}")
+
+    @staticmethod
+    def _serves(node: RedisServer, slot: int) -> bool:
+        client = redis.Redis(port=node.port, socket_timeout=1)
+        try:
+            # redis-py parses CLUSTER NODES into {address: {flags, slots: [[low, high]], ...}}.
+            nodes = client.cluster("NODES")
+        finally:
+            client.close()
+        myself = next(info for info in nodes.values() if "myself" in info["flags"])
+        return any(int(low) <= slot <= int(high) for low, high in myself["slots"])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
