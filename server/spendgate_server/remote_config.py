@@ -51,6 +51,8 @@ class ConfigResolver:
         # Bumped on every invalidation, so a load that raced with one is not cached.
         self._generation: dict[str, int] = {}
         self._changed = asyncio.Condition()
+        # Strong references: the loop keeps only weak ones to tasks.
+        self._notifications: set[asyncio.Task[None]] = set()
 
     @classmethod
     def static(cls, default: EnforcementConfig) -> ConfigResolver:
@@ -87,7 +89,9 @@ class ConfigResolver:
             self._generation[name] = self._generation.get(name, 0) + 1
             self._seen_versions.pop(name, None)
         self._cache = {key: value for key, value in self._cache.items() if key[0] not in tenants}
-        asyncio.get_running_loop().create_task(self._notify())
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -6,6 +6,7 @@ MemoryConfigStore (embedded) and RedisConfigStore (store/redis_configs.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -131,8 +132,6 @@ class MemoryConfigStore(ConfigStore):
         return {tenant: self._versions.get(tenant, 0) for tenant in tenants}
 
     async def listen(self, on_change: ChangeListener) -> None:
-        import asyncio
-
         self._listeners.append(on_change)
         try:
             await asyncio.Event().wait()
