@@ -407,6 +407,16 @@ class SettleRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    KEY_LABEL_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    PROMPT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    PATTERN_SET_VERSION_FIELD_NUMBER: _builtins.int
+    PATTERN_MATCHES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session of the Decide that made the reservation."""
     reservation_id: _builtins.str
@@ -414,8 +424,42 @@ class SettleRequest(_message.Message):
     model: _builtins.str
     """The model that actually ran."""
     outcome: Global___ProviderOutcome.ValueType
+    requested_model: _builtins.str
+    """Journal context. Every field below is optional: it describes the call for the
+    journal and the org-wide policies evaluated on it (an older client sends none).
+
+    The model the caller asked for (DecideRequest.model), before any downgrade.
+    """
+    verdict: Global___Verdict.ValueType
+    """DecideResponse.verdict of the decision that made the reservation."""
+    project: _builtins.str
+    """The project the call belongs to: empty, or 1-64 characters of [A-Za-z0-9._-]."""
+    key_fingerprint: _builtins.str
+    """A hash of the provider API key computed by the client (32 lowercase hex
+    characters, see spendgate_client.key_fingerprint); the key never leaves the client.
+    """
+    key_label: _builtins.str
+    """A name for the provider key (SPENDGATE_KEY_LABEL): 0-64 characters of [A-Za-z0-9._:@/-]."""
+    environment: _builtins.str
+    """Where the client runs (SPENDGATE_ENVIRONMENT: prod, staging, dev, ...):
+    0-32 characters of [A-Za-z0-9._-].
+    """
+    prompt_text: _builtins.str
+    """The prompt's text, sent only when the tenant enabled prompt journaling
+    (GetPatternSetResponse.journal_prompts). At most 32 KiB of UTF-8.
+    """
+    prompt_truncated: _builtins.bool
+    """True when prompt_text was cut to fit its bound."""
+    pattern_set_version: _builtins.int
+    """Version of the banned-pattern set the client matched the prompt with
+    (0: not matched on the client).
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
+    @_builtins.property
+    def pattern_matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___PatternMatch]:
+        """The banned patterns that matched on the client; never the matched text."""
+
     def __init__(
         self,
         *,
@@ -424,14 +468,50 @@ class SettleRequest(_message.Message):
         model: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         outcome: Global___ProviderOutcome.ValueType = ...,
+        requested_model: _builtins.str = ...,
+        verdict: Global___Verdict.ValueType = ...,
+        project: _builtins.str = ...,
+        key_fingerprint: _builtins.str = ...,
+        key_label: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        prompt_text: _builtins.str = ...,
+        prompt_truncated: _builtins.bool = ...,
+        pattern_set_version: _builtins.int = ...,
+        pattern_matches: _abc.Iterable[Global___PatternMatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outcome", b"outcome", "reservation_id", b"reservation_id", "session_id", b"session_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "key_fingerprint", b"key_fingerprint", "key_label", b"key_label", "model", b"model", "outcome", b"outcome", "pattern_matches", b"pattern_matches", "pattern_set_version", b"pattern_set_version", "project", b"project", "prompt_text", b"prompt_text", "prompt_truncated", b"prompt_truncated", "requested_model", b"requested_model", "reservation_id", b"reservation_id", "session_id", b"session_id", "usage", b"usage", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleRequest: _TypeAlias = SettleRequest  # noqa: Y015
+
+@_typing.final
+class PatternMatch(_message.Message):
+    """PatternMatch is one banned pattern that matched a prompt on the client."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATTERN_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    pattern_id: _builtins.str
+    """BannedPattern.id in the pattern set of SettleRequest.pattern_set_version."""
+    offset: _builtins.int
+    """Offset of the first match, in characters (Unicode code points) of the prompt text."""
+    def __init__(
+        self,
+        *,
+        pattern_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "pattern_id", b"pattern_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PatternMatch: _TypeAlias = PatternMatch  # noqa: Y015
 
 @_typing.final
 class SettleResponse(_message.Message):
