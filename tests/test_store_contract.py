@@ -41,9 +41,7 @@ def reserve(
 
 
 def settle(rid: str, cost: int, *, now: int = NOW, session: SessionKey = SESSION) -> SettleRequest:
-    return SettleRequest(
-        session, now, rid, cost, settled_ttl_ms=RES_TTL, session_ttl_ms=SESSION_TTL
-    )
+    return SettleRequest(session, now, rid, cost, settled_ttl_ms=RES_TTL, session_ttl_ms=SESSION_TTL)
 
 
 async def test_allowed_call_is_reserved(store: Store) -> None:
@@ -58,13 +56,9 @@ async def test_allowed_call_is_reserved(store: Store) -> None:
 async def test_crossing_budget_allows_until_cap_is_reached(store: Store) -> None:
     """Crossing mode admits while spent+reserved is below the cap, so one call may cross it."""
     budget = BudgetCheck(cap_nano_usd=300)
-    assert (
-        await store.reserve(reserve("1" * 32, 200, budget=budget))
-    ).status is ReserveStatus.ALLOWED
+    assert (await store.reserve(reserve("1" * 32, 200, budget=budget))).status is ReserveStatus.ALLOWED
     # 200 < 300: admitted although it takes the session to 400.
-    assert (
-        await store.reserve(reserve("2" * 32, 200, budget=budget))
-    ).status is ReserveStatus.ALLOWED
+    assert (await store.reserve(reserve("2" * 32, 200, budget=budget))).status is ReserveStatus.ALLOWED
     blocked = await store.reserve(reserve("3" * 32, 1, budget=budget))
     assert (blocked.status, blocked.blocked_by) == (ReserveStatus.BLOCKED, Rule.SESSION_BUDGET)
 
@@ -73,23 +67,15 @@ async def test_crossing_budget_blocks_exactly_at_cap(store: Store) -> None:
     """At exactly the cap the session is used up."""
     budget = BudgetCheck(cap_nano_usd=300)
     await store.reserve(reserve("1" * 32, 300, budget=budget))
-    assert (
-        await store.reserve(reserve("2" * 32, 0, budget=budget))
-    ).status is ReserveStatus.BLOCKED
+    assert (await store.reserve(reserve("2" * 32, 0, budget=budget))).status is ReserveStatus.BLOCKED
 
 
 async def test_strict_budget_admits_only_what_fits(store: Store) -> None:
     """Strict mode admits a call only if it fits: exactly filling the cap is allowed."""
     budget = BudgetCheck(cap_nano_usd=300, strict=True)
-    assert (
-        await store.reserve(reserve("1" * 32, 200, budget=budget))
-    ).status is ReserveStatus.ALLOWED
-    assert (
-        await store.reserve(reserve("2" * 32, 101, budget=budget))
-    ).status is ReserveStatus.BLOCKED
-    assert (
-        await store.reserve(reserve("3" * 32, 100, budget=budget))
-    ).status is ReserveStatus.ALLOWED
+    assert (await store.reserve(reserve("1" * 32, 200, budget=budget))).status is ReserveStatus.ALLOWED
+    assert (await store.reserve(reserve("2" * 32, 101, budget=budget))).status is ReserveStatus.BLOCKED
+    assert (await store.reserve(reserve("3" * 32, 100, budget=budget))).status is ReserveStatus.ALLOWED
 
 
 async def test_blocked_call_changes_nothing(store: Store) -> None:
@@ -240,9 +226,7 @@ async def test_tenants_are_isolated(store: Store) -> None:
     """The same session id under two tenants shares nothing."""
     budget = BudgetCheck(cap_nano_usd=100)
     await store.reserve(reserve("1" * 32, 100, budget=budget, session=SessionKey("t1", "same")))
-    other = await store.reserve(
-        reserve("2" * 32, 100, budget=budget, session=SessionKey("t2", "same"))
-    )
+    other = await store.reserve(reserve("2" * 32, 100, budget=budget, session=SessionKey("t2", "same")))
     assert (other.status, other.reserved_nano_usd) == (ReserveStatus.ALLOWED, 100)
     foreign = await store.settle(settle("1" * 32, 5, session=SessionKey("t2", "same")))
     assert foreign.status is SettleStatus.UNKNOWN

@@ -34,9 +34,7 @@ def _usd_to_nano(key: str, value: Any) -> int:
             f"enforcement_config[{key!r}] must be a number of US dollars, got {value!r}"
         ) from None
     if not amount.is_finite() or amount < 0:
-        raise ValueError(
-            f"enforcement_config[{key!r}] must be a non-negative number, got {value!r}"
-        )
+        raise ValueError(f"enforcement_config[{key!r}] must be a non-negative number, got {value!r}")
     return int((amount * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -59,9 +57,7 @@ def enforcement_config_to_proto(config: Mapping[str, Any]) -> pb.EnforcementConf
             continue
         if key in _INT_KEYS:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(
-                    f"enforcement_config[{key!r}] must be an int, got {type(value).__name__}"
-                )
+                raise ValueError(f"enforcement_config[{key!r}] must be an int, got {type(value).__name__}")
             setattr(message, key, value)
         elif key == "max_session_usd":
             message.max_session_nano_usd = _usd_to_nano(key, value)
@@ -79,9 +75,7 @@ def enforcement_config_to_proto(config: Mapping[str, Any]) -> pb.EnforcementConf
                     "'threshold_usd' and 'fallback'"
                 )
             if not isinstance(value["fallback"], str) or not value["fallback"]:
-                raise ValueError(
-                    "enforcement_config['model_downgrade']['fallback'] must be a model name"
-                )
+                raise ValueError("enforcement_config['model_downgrade']['fallback'] must be a model name")
             message.model_downgrade.threshold_nano_usd = _usd_to_nano(
                 "model_downgrade.threshold_usd", value["threshold_usd"]
             )
