@@ -86,3 +86,13 @@ buf-breaking: $(NODE_STAMP)
 # Run at release time only: makes the current protos/ the contract later changes must keep.
 contract-release: $(NODE_STAMP) buf-lint
 	$(BUF) build --exclude-source-info -o $(RELEASED_CONTRACT)
+
+# --- Fault soak (minutes; not part of make test): several servers on one Redis (AOF
+# everysec), concurrent callers, Redis restarted and servers SIGKILLed at random, then
+# every session reconciled against Redis. Knobs: SOAK_SECONDS (150), SOAK_SERVERS (3),
+# SOAK_CALLERS (24), SOAK_SEED, SOAK_REDIS_CRASH=1 (SIGKILL Redis instead of restarting it).
+.PHONY: soak
+
+soak: $(STAMP)
+	$(BIN)/python -m tests.ensure_redis
+	$(BIN)/python -m tests.soak

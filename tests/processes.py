@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from spendgate_server.store import SessionKey
+from spendgate_server.store.redis import load_script, session_keys
 
 STARTUP_SECONDS = 20.0
 
@@ -344,6 +346,70 @@ class RedisClusterNodes:
         myself = next(info for info in nodes.values() if "myself" in info["flags"])
         return any(int(low) <= slot <= int(high) for low, high in myself["slots"])
 
+    def wait_replicated(self) -> None:
+        """Poll until every live master's replicas have every write it acknowledged.
+
+        Replication is asynchronous: a failover test waits for it, so what it checks is
+        the failover, not the last-writes window that asynchronous replication leaves.
+        """
+        deadline = time.monotonic() + STARTUP_SECONDS
+        for node in self.nodes:
+            if node.process.poll() is not None:
+                continue
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            try:
+                while True:
+                    info = client.info("replication")
+                    if info["role"] != "master":
+                        break
+                    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+                    if all(int(r["offset"]) >= int(info["master_repl_offset"]) for r in replicas):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"replicas of {node.port} never caught up")
+                    time.sleep(0.02)
+            finally:
+                client.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+# How long the ledger reader's state call remembers expired reservations (as a server would).
+LEDGER_FORGET_MS = 86_400_000
+
+
+@dataclass
+class Ledger:
+    """One session as Redis holds it, with due reservations already counted."""
+
+    spent: int
+    reserved: int
+    open: dict[str, int] = field(default_factory=dict)
+    expired: dict[str, int] = field(default_factory=dict)
+    settled: dict[str, int] = field(default_factory=dict)
+
+
+def read_ledger(redis_at: int | redis.Redis, session: str, tenant: str = "default") -> Ledger:
+    """Count due reservations (the state script, as any server would) and read the session hash.
+
+    ``redis_at`` is a port, or a client to reuse when reading many sessions.
+    """
+    keys = session_keys(SessionKey(tenant, session), "sg")
+    client = redis.Redis(port=redis_at) if isinstance(redis_at, int) else redis_at
+    try:
+        client.register_script(load_script("state"))(
+            keys=keys, args=[time.time_ns() // 1_000_000, LEDGER_FORGET_MS]
+        )
+        raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in client.hgetall(keys[0]).items()}
+    finally:
+        if client is not redis_at:
+            client.close()
+    ledger = Ledger(int(raw.get("spent", 0)), int(raw.get("reserved", 0)))
+    kinds = {"r": ledger.open, "x": ledger.expired, "d": ledger.settled}
+    for name, value in raw.items():
+        kind, _, rid = name.partition(":")
+        if kind in kinds:
+            kinds[kind][rid] = int(value)
+    return ledger

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -41,7 +40,7 @@ from spendgate_server.store import (
 from spendgate_server.store.breaker import BreakerState, CircuitBreakerStore
 from spendgate_server.store.redis import RedisStore, connect, load_script, session_keys
 
-from tests.processes import RedisServer, SpendgateServer, TcpProxy, restart_redis
+from tests.processes import RedisServer, SpendgateServer, TcpProxy, read_ledger, restart_redis
 
 MODEL = "rel-model"
 PRICES = "prices:\n  rel-model: {input_usd_per_mtok: 1, output_usd_per_mtok: 2}\n"
@@ -50,7 +49,6 @@ ESTIMATE = 2_000_000
 # The same call settled with 100 output tokens.
 ACTUAL = 1_200_000
 POLL_SECONDS = 20.0
-FOREVER_MS = 86_400_000
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -81,37 +79,6 @@ def prices(tmp_path: Path) -> str:
     path = tmp_path / "prices.yaml"
     path.write_text(PRICES)
     return str(path)
-
-
-@dataclass
-class Ledger:
-    """One session as Redis holds it, with due reservations already counted."""
-
-    spent: int
-    reserved: int
-    open: dict[str, int] = field(default_factory=dict)
-    expired: dict[str, int] = field(default_factory=dict)
-    settled: dict[str, int] = field(default_factory=dict)
-
-
-def read_ledger(port: int, session: str, tenant: str = "default") -> Ledger:
-    """Count due reservations (the state script, as any server would) and read the session hash."""
-    keys = session_keys(SessionKey(tenant, session), "sg")
-    client = redis.Redis(port=port)
-    try:
-        client.register_script(load_script("state"))(
-            keys=keys, args=[time.time_ns() // 1_000_000, FOREVER_MS]
-        )
-        raw = {(k.decode() if isinstance(k, bytes) else k): v for k, v in client.hgetall(keys[0]).items()}
-    finally:
-        client.close()
-    ledger = Ledger(int(raw.get("spent", 0)), int(raw.get("reserved", 0)))
-    kinds = {"r": ledger.open, "x": ledger.expired, "d": ledger.settled}
-    for name, value in raw.items():
-        kind, _, rid = name.partition(":")
-        if kind in kinds:
-            kinds[kind][rid] = int(value)
-    return ledger
 
 
 def recorded(port: int, session: str) -> dict[str, int]:
