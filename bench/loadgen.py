@@ -10,7 +10,8 @@ Modes:
 
 Clients: ``floor`` is the raw generated stub on a default channel (what the naive
 reference gets); ``spendgate`` is DecisionClient / AsyncDecisionClient as shipped,
-fail-closed, so an outage is an error here and never a fake fast allowance.
+fail-closed, so an outage is an error here and never a fake fast allowance; ``raw``
+is the floor's client sending spendgate's API key (splits client from server cost).
 
 Every call uses a distinct fingerprint and sessions of ``SESSION_CALLS`` calls, so
 dedup and budgets (configured high) admit the traffic. ``--rpc settle`` first makes
@@ -49,8 +50,12 @@ def _fingerprint(tag: str, i: int) -> bytes:
     return hashlib.sha256(f"{tag}:{i}".encode()).digest()
 
 
+BLOCKED = False  # --blocked: every call in one session whose budget the first call used up
+BLOCKED_CONFIG = {"max_session_usd": 0.01}  # below one call's estimate (crossing: 1st allowed)
+
+
 def _session(tag: str, i: int) -> str:
-    return f"{tag}-s{i // SESSION_CALLS}"
+    return f"{tag}-blocked" if BLOCKED else f"{tag}-s{i // SESSION_CALLS}"
 
 
 def _decide_request(tag: str, i: int) -> pb.DecideRequest:
@@ -149,13 +154,15 @@ def _sync_call(
     args: argparse.Namespace, reservations: Reservations | None
 ) -> tuple[Callable[[int], None], Callable[[], None]]:
     tag = args.tag
-    if args.client == "floor":
+    if args.client in ("floor", "raw"):
         channel = grpc.insecure_channel(args.target)
         stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        key = os.environ.get("SPENDGATE_API_KEY") if args.client == "raw" else None
+        metadata = (("authorization", f"Bearer {key}"),) if key else None
         if args.rpc == "decide":
 
             def call(i: int) -> None:
-                stub.Decide(_decide_request(tag, i), timeout=DEADLINE_SECONDS)
+                stub.Decide(_decide_request(tag, i), timeout=DEADLINE_SECONDS, metadata=metadata)
         else:
 
             def call(i: int) -> None:
@@ -176,6 +183,7 @@ def _sync_call(
                 MAX_OUTPUT_TOKENS,
                 _fingerprint(tag, i),
                 tool_call_count=1,
+                enforcement_config=BLOCKED_CONFIG if BLOCKED else None,
             )
     else:
         assert reservations is not None
@@ -220,6 +228,7 @@ def _spendgate_async_call(
                 MAX_OUTPUT_TOKENS,
                 _fingerprint(tag, i),
                 tool_call_count=1,
+                enforcement_config=BLOCKED_CONFIG if BLOCKED else None,
             )
 
         return decide
@@ -419,7 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m bench.loadgen``; prints one JSON object."""
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--target", required=True)
-    parser.add_argument("--client", choices=("floor", "spendgate"), required=True)
+    parser.add_argument(
+        "--client",
+        choices=("floor", "spendgate", "raw"),
+        required=True,
+        help="raw: the generated stub, default channel, SPENDGATE_API_KEY sent (sequential decide)",
+    )
     parser.add_argument("--rpc", choices=("decide", "settle"), default="decide")
     parser.add_argument("--mode", choices=("seq", "open", "closed"), required=True)
     parser.add_argument("--count", type=int, default=0, help="calls (seq; closed: instead of --duration)")
@@ -429,7 +443,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=1, help="channels, each its own TCP connection")
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
     parser.add_argument("--tag", default=f"g{os.getpid()}", help="prefix of session ids and fingerprints")
+    parser.add_argument(
+        "--blocked", action="store_true", help="one session, over its budget after the first call (spendgate)"
+    )
     args = parser.parse_args(argv)
+    global BLOCKED
+    BLOCKED = args.blocked
     if args.rpc == "settle" and args.client == "spendgate" and args.mode == "closed" and not args.count:
         parser.error("--rpc settle --mode closed needs --count (the reservations are made first)")
     if args.mode == "open" and args.rate <= 0:

@@ -65,6 +65,7 @@ class Target:
     client: str  # loadgen --client
     store: str = ""
     workers: int = 1
+    variant: str = ""  # levers of bench.variants ("" = the server as it is)
 
     @property
     def connections(self) -> int:
@@ -186,6 +187,7 @@ class Bench:
             "--tag",
             self.tag(f"{target.key}-{rpc}-"),
             *extra,
+            *(["--blocked"] if getattr(self.args, "blocked", False) else []),
         )
         env = dict(os.environ)
         env.pop("SPENDGATE_API_KEY", None)
@@ -221,13 +223,16 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def _sequential(bench: Bench, targets: Sequence[Target], rpc: str) -> dict[str, dict[str, Any]]:
+def _sequential(
+    bench: Bench, targets: Sequence[Target], rpc: str, rounds: int = 0, keep_samples: bool = False
+) -> dict[str, dict[str, Any]]:
     args = bench.args
-    per_round = max(1, args.seq_count // args.rounds)
+    rounds = rounds or args.rounds
+    per_round = max(1, args.seq_count // rounds)
     merged: dict[str, dict[str, Any]] = {}
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         for target in targets:
-            bench.log(f"  {rpc} sequential {target.label} (round {rnd + 1}/{args.rounds}, {per_round} calls)")
+            bench.log(f"  {rpc} sequential {target.label} (round {rnd + 1}/{rounds}, {per_round} calls)")
             result = bench.loadgen(
                 target,
                 "--mode",
@@ -245,6 +250,11 @@ def _sequential(bench: Bench, targets: Sequence[Target], rpc: str) -> dict[str, 
             into["samples_us"].extend(result["samples_us"])
             for field in ("elapsed_s", "ok", "errors", "client_cpu_s"):
                 into[field] += result[field]
+    if keep_samples:
+        return {
+            key: {**_figures(dict(result)), "samples_us": result["samples_us"]}
+            for key, result in merged.items()
+        }
     return {key: _figures(result) for key, result in merged.items()}
 
 
@@ -349,11 +359,8 @@ def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
             bench.servers[target.key] = procs.start_server(target.key, argv)
             continue
         port = free_port() if target.workers > 1 else 0
-        head = (
-            python_module("bench.variants", args.variant)
-            if args.variant
-            else python_module("spendgate_server")
-        )
+        variant = target.variant or args.variant
+        head = python_module("bench.variants", variant) if variant else python_module("spendgate_server")
         argv = [
             *head,
             "serve",

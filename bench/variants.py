@@ -4,32 +4,285 @@
 then runs the spendgate CLI. Patches are applied at import, so ``--workers``
 children (spawned, which re-import this module as ``__mp_main__``) get them too;
 the lever names travel to them in SG_BENCH_LEVERS.
+
+Each lever is a monkeypatch standing in for a server change; bench/levers.py
+measures each against the unchanged server in the same run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LEVERS", "apply"]
-
-LEVERS: dict[str, Callable[[], None]] = {}
+__all__ = ["LEVERS", "Lever", "apply"]
 
 
-def apply(names: str) -> None:
-    """Apply the named levers (comma-separated; "" or "baseline" is none)."""
+@dataclass(frozen=True)
+class Lever:
+    """A change to try: a patch applied before the server starts, and/or extra serve flags."""
+
+    doc: str
+    patch: Callable[[], None] | None = None
+    flags: tuple[str, ...] = ()
+
+
+def _lean_redis(batch_writes: bool) -> Callable[[], None]:
+    def patch() -> None:
+        from spendgate_server.errors import StoreUnavailable
+        from spendgate_server.store import redis as store_redis
+
+        from bench._lean_redis import PipelinedRedis, ReplyError
+
+        async def _run(self: Any, script: Any, session: Any, args: list[Any]) -> list[Any]:
+            lean: PipelinedRedis | None = self.__dict__.get("_bench_lean")
+            if lean is None:
+                kwargs = self._client.connection_pool.connection_kwargs
+                lean = PipelinedRedis(
+                    kwargs.get("host", "127.0.0.1"),
+                    int(kwargs.get("port", 6379)),
+                    int(kwargs.get("db", 0) or 0),
+                    timeout_seconds=float(kwargs.get("socket_timeout") or 0.25),
+                    batch_writes=batch_writes,
+                )
+                self._bench_lean = lean
+            keys = store_redis.session_keys(session, self._prefix)
+            try:
+                try:
+                    reply: list[Any] = await lean.call(b"EVALSHA", script.sha, len(keys), *keys, *args)
+                except ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    reply = await lean.call(b"EVAL", script.script, len(keys), *keys, *args)
+            except ReplyError as exc:
+                raise RuntimeError(f"spendgate Lua script failed: {exc}") from exc
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                raise StoreUnavailable(f"redis: {exc}") from exc
+            return reply
+
+        store_redis.RedisStore._run = _run  # type: ignore[method-assign]
+
+    return patch
+
+
+def _no_metrics() -> None:
+    from spendgate_server import metrics
+    from spendgate_server.store import instrumented
+
+    metrics.Metrics.decided = lambda self, decision, seconds: None  # type: ignore[method-assign]
+    metrics.Metrics.settled = lambda self, *args: None  # type: ignore[method-assign]
+
+    async def _timed(self: Any, op: str, call: Callable[[], Any]) -> Any:
+        return await call()
+
+    instrumented.InstrumentedStore._timed = _timed  # type: ignore[method-assign]
+
+
+def _no_auth() -> None:
+    from spendgate_server import auth
+
+    async def intercept_service(self: Any, continuation: Any, details: Any) -> Any:
+        return await continuation(details)
+
+    auth.AuthInterceptor.intercept_service = intercept_service  # type: ignore[method-assign,assignment]
+
+
+def _no_interceptors() -> None:
+    import grpc
+
+    original = grpc.aio.server
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("interceptors", None)
+        return original(*args, **kwargs)
+
+    grpc.aio.server = server
+
+
+def _memo_interceptors() -> None:
+    from spendgate_server import auth, status
+
+    missing = object()
+
+    def memoized(cls: Any) -> None:
+        original = cls.intercept_service
+
+        async def intercept_service(self: Any, continuation: Any, details: Any) -> Any:
+            # The wrapped handler depends only on the method: build it once, not per call.
+            cache = self.__dict__.setdefault("_bench_memo", {})
+            handler = cache.get(details.method, missing)
+            if handler is missing:
+                handler = cache[details.method] = await original(self, continuation, details)
+            return handler
+
+        cls.intercept_service = intercept_service
+
+    memoized(auth.AuthInterceptor)
+    memoized(status.DecodeErrorInterceptor)
+
+
+def _deny_cache(ttl_seconds: float) -> Callable[[], None]:
+    """Remember sessions the store blocked for their budget; answer their next calls locally.
+
+    Only blocks, never allows, so it can never let through what the store would block.
+    It may block what the store would now allow (a settle elsewhere lowered the spend),
+    for at most ``ttl_seconds``; a settle through this process forgets the session at once.
+    Calls with a request_id always go to the store (a retry must replay its decision).
+    """
+
+    def patch() -> None:
+        import time
+
+        from spendgate_server import engine as eng
+        from spendgate_server.config import BudgetMode, Rule
+        from spendgate_server.store import ReserveOutcome, ReserveStatus
+
+        original_decide = eng.DecisionEngine.decide
+        original_settle = eng.DecisionEngine.settle
+
+        async def decide(self: Any, call: Any) -> Any:
+            cache: dict[tuple[str, str], tuple[int, float]] = self.__dict__.setdefault("_bench_deny", {})
+            key = (call.tenant, call.session_id)
+            entry = cache.get(key)
+            if entry is not None and not call.request_id:
+                committed, until = entry
+                if time.monotonic() >= until:
+                    cache.pop(key, None)
+                else:
+                    config, version = await self.effective_config(call)
+                    cap, ceiling = config.max_session_nano_usd, config.token_ceiling
+                    if (
+                        cap is not None
+                        and committed >= cap
+                        and config.budget_mode is BudgetMode.CROSSING
+                        and not config.is_shadow(Rule.SESSION_BUDGET)
+                        and (ceiling is None or call.input_tokens <= ceiling)
+                    ):
+                        pricing = self._prices.lookup(call.model)
+                        estimate = pricing.estimate(call.input_tokens, call.max_output_tokens)
+                        outcome = ReserveOutcome(
+                            status=ReserveStatus.BLOCKED,
+                            spent_nano_usd=committed,
+                            reserved_nano_usd=0,
+                            tool_calls=0,
+                            blocked_by=Rule.SESSION_BUDGET,
+                            shadow_fired=frozenset(),
+                            memo="",
+                        )
+                        reason = eng._block_reason(Rule.SESSION_BUDGET, config, outcome, call)
+                        decision_id = eng.new_decision_id(self._clock())
+                        return self._blocked(
+                            call,
+                            config,
+                            version,
+                            decision_id,
+                            Rule.SESSION_BUDGET,
+                            estimate,
+                            reason,
+                            committed,
+                        )
+            decision = await original_decide(self, call)
+            if decision.verdict is eng.Verdict.BLOCK and decision.rule is Rule.SESSION_BUDGET:
+                if len(cache) >= 100_000:  # bounded: a flood of blocked sessions cannot grow memory
+                    cache.clear()
+                cache[key] = (decision.session_spend_nano_usd, time.monotonic() + ttl_seconds)
+            return decision
+
+        async def settle(self: Any, settle: Any) -> Any:
+            self.__dict__.setdefault("_bench_deny", {}).pop((settle.tenant, settle.session_id), None)
+            return await original_settle(self, settle)
+
+        eng.DecisionEngine.decide = decide  # type: ignore[method-assign]
+        eng.DecisionEngine.settle = settle  # type: ignore[method-assign]
+
+    return patch
+
+
+def _asyncio_loop() -> None:
+    import uvloop
+
+    def run(main: Any, **_kwargs: Any) -> Any:
+        return asyncio.run(main)
+
+    uvloop.run = run
+
+
+def _server_option(name: str, value: int | str) -> Callable[[], None]:
+    def patch() -> None:
+        from spendgate_server import app
+
+        original = app._server_options
+
+        def options(settings: Any) -> list[tuple[str, Any]]:
+            return [*original(settings), (name, value)]
+
+        app._server_options = options
+
+    return patch
+
+
+LEVERS: dict[str, Lever] = {
+    "lean_redis": Lever(
+        "RedisStore: one pipelined connection, hand-packed EVALSHA, hiredis parsing (no redis-py per call)",
+        _lean_redis(batch_writes=False),
+    ),
+    "lean_redis_batch": Lever(
+        "lean_redis, and the commands of one loop iteration coalesced into one socket write",
+        _lean_redis(batch_writes=True),
+    ),
+    "no_metrics": Lever(
+        "cost of Prometheus metrics: Metrics.decided/settled and store timing off", _no_metrics
+    ),
+    "no_breaker": Lever(
+        "cost of the circuit-breaker layer: --redis-breaker-failures 0",
+        flags=("--redis-breaker-failures", "0"),
+    ),
+    "no_auth": Lever("cost of the auth interceptor (key check per call) — for scale only", _no_auth),
+    "no_interceptors": Lever(
+        "cost of gRPC server interceptors per call (auth and decode-error ones removed) — for scale only",
+        _no_interceptors,
+    ),
+    "memo_interceptors": Lever(
+        "interceptors build each method's wrapped handler once (cached by method), not per call",
+        _memo_interceptors,
+    ),
+    "deny_cache": Lever(
+        "local deny cache: a session the store blocked for its budget is blocked locally for 250 ms",
+        _deny_cache(0.25),
+    ),
+    "asyncio_loop": Lever("the default asyncio loop instead of uvloop (what uvloop buys)", _asyncio_loop),
+    "opt_latency": Lever(
+        "server channel arg grpc.optimization_target=latency",
+        _server_option("grpc.optimization_target", "latency"),
+    ),
+    "opt_throughput": Lever(
+        "server channel arg grpc.optimization_target=throughput",
+        _server_option("grpc.optimization_target", "throughput"),
+    ),
+}
+
+
+def apply(names: str) -> list[str]:
+    """Apply the named levers (comma-separated; "" or "baseline" is none); return their extra flags."""
+    flags: list[str] = []
     for name in [n.strip() for n in names.split(",") if n.strip() and n.strip() != "baseline"]:
         if name not in LEVERS:
             raise SystemExit(f"bench.variants: unknown lever {name!r}; known: {', '.join(sorted(LEVERS))}")
-        LEVERS[name]()
+        lever = LEVERS[name]
+        if lever.patch is not None:
+            lever.patch()
+        flags.extend(lever.flags)
+    return flags
 
 
 if __name__ == "__main__":
     os.environ["SG_BENCH_LEVERS"] = sys.argv[1]
-    apply(sys.argv[1])
+    extra = apply(sys.argv[1])
     from spendgate_server.cli import main
 
-    main(sys.argv[2:])
+    main([*sys.argv[2:], *extra])
 elif __name__ == "__mp_main__":  # a --workers child re-importing the parent's main module
     apply(os.environ.get("SG_BENCH_LEVERS", ""))

@@ -1,0 +1,131 @@
+"""What each tuning lever buys: the server as it is against the same server with one lever, same run.
+
+``python -m bench.levers --levers lean_redis,no_metrics`` starts one private Redis,
+the unchanged server ("baseline") and one server per lever (bench/variants.py),
+then, round after round so a noisy machine's drift hits all alike, measures
+sequential Decide latency and closed-loop throughput with CPU-seconds per 1,000
+decisions. Writes bench/results/levers.json and prints each lever beside the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench._procs import Processes
+from bench._stats import summarize
+from bench.run import (
+    RESULTS_DIR,
+    Bench,
+    Target,
+    _closed,
+    _finite,
+    _machine,
+    _sequential,
+    _start_servers,
+    _versions,
+)
+from bench.variants import LEVERS
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.levers``."""
+    p = argparse.ArgumentParser(prog="python -m bench.levers", description=__doc__)
+    p.add_argument(
+        "--levers",
+        default="lean_redis,no_metrics,no_breaker,asyncio_loop",
+        help=f"comma-separated; known: {', '.join(LEVERS)}; '+' combines (a+b)",
+    )
+    p.add_argument("--store", default="redis")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seq-count", type=int, default=1500, help="sequential calls per server per round")
+    p.add_argument("--closed-seconds", type=float, default=3.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--blocked", action="store_true", help="workload: one session over its budget (for deny_cache)"
+    )
+    args = p.parse_args(argv)
+    args.variant = ""
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    levers = [v.strip() for v in args.levers.split(",") if v.strip()]
+    targets = [Target("baseline", "baseline", "spendgate", args.store, args.workers)]
+    targets += [
+        Target(v, v, "spendgate", args.store, args.workers, variant=v.replace("+", ",")) for v in levers
+    ]
+    seq: dict[str, list[int]] = {t.key: [] for t in targets}
+    closed: dict[str, list[dict[str, Any]]] = {t.key: [] for t in targets}
+    with Processes() as procs:
+        bench = Bench(args, procs, log)
+        _start_servers(bench, targets)
+        for rnd in range(args.rounds):
+            log(f"round {rnd + 1}/{args.rounds}")
+            # Rotate the order each round: whoever goes first meets a different machine state.
+            order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+            for key, figures in _sequential(bench, order, "decide", rounds=1, keep_samples=True).items():
+                seq[key].extend(figures["samples_us"])
+            for target in order:
+                closed[target.key].append(_closed(bench, target, "decide"))
+    results: dict[str, Any] = {}
+    for t in targets:
+        runs = closed[t.key]
+        calls = sum(r["calls_for_cpu"] for r in runs)
+        results[t.key] = {
+            "doc": LEVERS[t.key].doc if t.key in LEVERS else ("combined" if t.key != "baseline" else "as is"),
+            "sequential": summarize(seq[t.key]),
+            "closed_rps_median": statistics.median(r["throughput_rps"] for r in runs),
+            "closed_rps_runs": [r["throughput_rps"] for r in runs],
+            "server_cpu_s_per_1k": 1000 * sum(r["server_cpu_s"] for r in runs) / calls,
+            "redis_cpu_s_per_1k": 1000 * sum(r["redis_cpu_s"] for r in runs) / calls,
+        }
+    document = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ("levers-blocked.json" if args.blocked else "levers.json")).write_text(
+        json.dumps(_finite(document), indent=2) + "\n"
+    )
+    print(table(results))
+    return 0
+
+
+def table(results: dict[str, Any]) -> str:
+    """Each lever beside the baseline: deltas of latency, ratios of throughput and CPU."""
+    base = results["baseline"]
+    lines = [
+        f"{'lever':<28} {'seq p50 ms':>16} {'seq p99 ms':>16} {'closed rps':>14} "
+        f"{'server CPU-s/1k':>18} {'redis CPU-s/1k':>15}"
+    ]
+    for key, r in results.items():
+        s, b = r["sequential"], base["sequential"]
+
+        def delta(name: str, s: dict[str, float] = s, b: dict[str, float] = b) -> str:
+            return f"{s[name]:.3f} ({1000 * (s[name] - b[name]):+.0f}us)"
+
+        lines.append(
+            f"{key:<28} {delta('p50'):>16} {delta('p99'):>16} "
+            f"{r['closed_rps_median']:>6.0f} ({r['closed_rps_median'] / base['closed_rps_median']:.2f}x) "
+            f"{r['server_cpu_s_per_1k']:>9.3f} "
+            f"({r['server_cpu_s_per_1k'] / base['server_cpu_s_per_1k']:.2f}x) "
+            f"{r['redis_cpu_s_per_1k']:>15.3f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

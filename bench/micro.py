@@ -1,0 +1,223 @@
+"""Where a Decide's server time goes, piece by piece, in one process (no gRPC, no network for most).
+
+``python -m bench.micro [--redis-url URL]`` times, in µs per call on uvloop: request
+validation, the engine over the memory store (bare and behind the breaker and
+instrumentation layers), the response message, metrics, authentication, and — when
+a Redis URL is given or redis-server is installed — one Decide script round trip
+through redis-py, through the lean pipelined client (bench/_lean_redis.py), and a
+trivial EVALSHA through each (the floor's round trip). A profile in numbers, to say
+which lever is worth what before measuring it end to end (bench/levers.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _request(i: int) -> Any:
+    from spendgate.v1 import decision_pb2 as pb
+
+    return pb.DecideRequest(
+        session_id=f"micro-s{i // 64}",
+        model="gpt-4o",
+        input_tokens=2000,
+        max_output_tokens=1000,
+        fingerprint=hashlib.sha256(str(i).encode()).digest(),
+        tool_call_count=1,
+    )
+
+
+def _config() -> Any:
+    import tempfile
+    from pathlib import Path
+
+    from spendgate_server.settings import load_config_file
+
+    from bench.run import BENCH_CONFIG_YAML
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(BENCH_CONFIG_YAML)
+        config, _prices = load_config_file(str(path))
+    return config
+
+
+async def _time_async(n: int, make: Callable[[int], Awaitable[Any]]) -> float:
+    for i in range(min(n, 500)):
+        await make(10_000_000 + i)
+    start = time.perf_counter_ns()
+    for i in range(n):
+        await make(i)
+    return (time.perf_counter_ns() - start) / n / 1000
+
+
+def _time_sync(n: int, make: Callable[[int], Any]) -> float:
+    for i in range(min(n, 500)):
+        make(10_000_000 + i)
+    start = time.perf_counter_ns()
+    for i in range(n):
+        make(i)
+    return (time.perf_counter_ns() - start) / n / 1000
+
+
+async def measure(n: int, redis_url: str | None) -> dict[str, float]:
+    """µs per call of each piece."""
+    from spendgate_server.engine import DecisionEngine
+    from spendgate_server.metrics import Metrics
+    from spendgate_server.pricing import PriceTable
+    from spendgate_server.remote_config import ConfigResolver
+    from spendgate_server.store.breaker import CircuitBreakerStore
+    from spendgate_server.store.instrumented import InstrumentedStore
+    from spendgate_server.store.memory import MemoryStore
+    from spendgate_server.validation import call_from_proto
+    from spendgate_server.wire import decision_to_proto
+
+    out: dict[str, float] = {}
+    config = _config()
+    prices = PriceTable()
+    requests = [_request(i) for i in range(n)]
+    calls = [call_from_proto(r, "default") for r in requests]
+
+    out["validate call_from_proto"] = _time_sync(n, lambda i: call_from_proto(requests[i % n], "default"))
+
+    def engine(store: Any) -> DecisionEngine:
+        return DecisionEngine(store, prices, ConfigResolver.static(config))
+
+    bare = engine(MemoryStore())
+    out["engine.decide, memory store"] = await _time_async(n, lambda i: bare.decide(calls[i % n]))
+    metrics = Metrics()
+    layered = engine(
+        InstrumentedStore(CircuitBreakerStore(MemoryStore()), metrics.store_seconds, metrics.store_errors)
+    )
+    out["engine.decide, memory store + breaker + instrumentation"] = await _time_async(
+        n, lambda i: layered.decide(calls[i % n])
+    )
+    decision = await engine(MemoryStore()).decide(calls[0])
+    out["response decision_to_proto"] = _time_sync(n, lambda i: decision_to_proto(decision))
+    out["metrics.decided"] = _time_sync(n, lambda i: metrics.decided(decision, 0.0005))
+    out["response SerializeToString"] = _time_sync(
+        n, lambda i: decision_to_proto(decision).SerializeToString()
+    )
+    raw = requests[0].SerializeToString()
+    out["request FromString"] = _time_sync(n, lambda i: type(requests[0]).FromString(raw))
+    try:
+        import tempfile
+        from pathlib import Path
+
+        from spendgate_server.auth import Authenticator
+        from spendgate_server.keystore import FileKeyStore, Scope, new_key
+
+        with tempfile.TemporaryDirectory() as tmp:
+            keystore = FileKeyStore(str(Path(tmp) / "keys.json"))
+            full, record = new_key("bench", Scope.CLIENT, "bench", 0)
+            await keystore.add(record)
+            auth = Authenticator(keystore, allow_open_mode=False)
+            await auth.load()
+        metadata = (("authorization", f"Bearer {full}"),)
+        method = "/spendgate.v1.DecisionService/Decide"
+        out["auth.authenticate (key check)"] = _time_sync(n, lambda i: auth.authenticate(metadata, method))
+    except ImportError:
+        pass
+
+    if redis_url:
+        out.update(await _redis_round_trips(n, redis_url, calls, bare))
+    return out
+
+
+async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: Any) -> dict[str, float]:
+    from spendgate_server.store.redis import RedisStore, session_keys
+
+    from bench._lean_redis import PipelinedRedis
+
+    out: dict[str, float] = {}
+    store = RedisStore.from_url(redis_url)
+    reserve_requests = []
+    for i, call in enumerate(calls):
+        config, _version = await engine.effective_config(call)
+        reserve_requests.append(
+            engine._reserve_request(call, config, f"{i:032x}", 15_000_000, "", 1_800_000_000_000)
+        )
+    out["redis-py: RedisStore.reserve (decide.lua round trip)"] = await _time_async(
+        n, lambda i: store.reserve(reserve_requests[i % n])
+    )
+    client: Any = store.client
+    sha = await client.script_load("return 1")
+    out["redis-py: trivial EVALSHA (the floor's round trip)"] = await _time_async(
+        n, lambda i: client.evalsha(sha, 0)
+    )
+    kwargs = client.connection_pool.connection_kwargs
+    lean = PipelinedRedis(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
+    decide_sha = store._decide.sha
+    args0 = [r for r in reserve_requests]
+
+    def lean_reserve(i: int) -> Awaitable[Any]:
+        r = args0[i % n]
+        keys = session_keys(r.session, "sgx")
+        return lean.call(
+            b"EVALSHA",
+            decide_sha,
+            2,
+            *keys,
+            r.now_ms,
+            f"{i:032x}",
+            r.estimate_nano_usd,
+            r.reservation_ttl_ms,
+            r.session_ttl_ms,
+            "",
+            "",
+            r.dedup.fingerprint + "x",
+            r.dedup.ttl_ms,
+            "0",
+            1,
+            r.tools.cap,
+            "0",
+            r.budget.cap_nano_usd,
+            "0",
+            "0",
+        )
+
+    out["lean: decide.lua EVALSHA round trip"] = await _time_async(n, lean_reserve)
+    out["lean: trivial EVALSHA"] = await _time_async(n, lambda i: lean.call(b"EVALSHA", sha, 0))
+    await lean.close()
+    await store.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench.micro``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--redis-url", default="", help="default: a private redis-server, if installed")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import uvloop
+
+    from bench._procs import Processes
+
+    with Processes() as procs:
+        url = args.redis_url
+        if not url:
+            try:
+                url = f"redis://127.0.0.1:{procs.start_redis().port}/0"
+            except RuntimeError as exc:
+                print(f"no Redis round trips: {exc}", file=sys.stderr)
+        figures = uvloop.run(measure(args.count, url or None))
+    if args.json:
+        json.dump(figures, sys.stdout, indent=2)
+        print()
+    else:
+        for name, us in figures.items():
+            print(f"{us:9.1f} µs  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
