@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -11,6 +12,11 @@ from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 
 from tests.processes import RedisServer, SpendgateServer
+
+# Servers started by tests wait longer for Redis than production's 250 ms: CI machines are
+# shared and slow at times, and a test is about behaviour, not about that timeout (tests of
+# timeouts pass --redis-timeout-millis themselves, which wins over this).
+os.environ.setdefault("SPENDGATE_REDIS_TIMEOUT_MILLIS", "2000")
 
 # Every store-contract test runs once per backend (the shape of alisaifee/limits' tests).
 STORES = [
@@ -59,7 +65,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         backend: Store = MemoryStore()
     else:
-        backend = RedisStore.from_url(request.getfixturevalue("redis_url"))
+        backend = RedisStore.from_url(request.getfixturevalue("redis_url"), timeout_seconds=5)
     yield backend
     await backend.close()
 

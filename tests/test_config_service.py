@@ -38,7 +38,7 @@ async def config_store(request: pytest.FixtureRequest) -> AsyncIterator[ConfigSt
     if request.param == "memory":
         store: ConfigStore = MemoryConfigStore()
     else:
-        store = RedisConfigStore.from_url(request.getfixturevalue("redis_url"))
+        store = RedisConfigStore.from_url(request.getfixturevalue("redis_url"), timeout_seconds=5)
     yield store
     await store.close()
 
@@ -82,7 +82,10 @@ async def test_history_is_newest_first(config_store: ConfigStore) -> None:
 
 async def test_poll_catches_a_change_without_notices(redis_url: str) -> None:
     """With no pub/sub at all, polling the version counter invalidates the cached config."""
-    writer, reader = RedisConfigStore.from_url(redis_url), RedisConfigStore.from_url(redis_url)
+    writer, reader = (
+        RedisConfigStore.from_url(redis_url, timeout_seconds=5),
+        RedisConfigStore.from_url(redis_url, timeout_seconds=5),
+    )
     resolver = ConfigResolver(reader, EnforcementConfig())
     try:
         assert (await resolver.load("t", "")).config.token_ceiling is None

@@ -68,7 +68,7 @@ async def test_budget_holds_across_two_servers(
         for _ in range(2)
     ]
     clients = [AsyncDecisionClient(s.target, timeout=5, fail_mode="closed") for s in servers]
-    store = RedisStore.from_url(redis_url)
+    store = RedisStore.from_url(redis_url, timeout_seconds=5)
     config = {"max_session_usd": CAP_USD, "budget_mode": mode}
     try:
         for round_number in range(ROUNDS):

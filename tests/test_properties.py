@@ -148,7 +148,7 @@ def test_redis_store_behaves_exactly_like_memory_store(
     """The Lua scripts and the memory store give identical outcomes for any sequence of operations."""
 
     async def both() -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
-        store = RedisStore.from_url(redis_url)
+        store = RedisStore.from_url(redis_url, timeout_seconds=5)
         try:
             return await play(MemoryStore(), ops, rule), await play(store, ops, rule)
         finally:
