@@ -16,15 +16,27 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from spendgate.v1 import config_pb2, config_pb2_grpc, decision_pb2, decision_pb2_grpc
+from spendgate.v1 import (
+    config_pb2,
+    config_pb2_grpc,
+    decision_pb2,
+    decision_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+    violation_pb2,
+    violation_pb2_grpc,
+)
 
+from spendgate_server.alerts import WATCH_RECHECK_SECONDS, build_alerts
 from spendgate_server.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.config_servicer import ConfigServicer
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.journal import Journal
 from spendgate_server.keystore import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
+from spendgate_server.policy_servicer import PolicyServicer
 from spendgate_server.pricing import PriceTable
 from spendgate_server.remote_config import ConfigResolver
 from spendgate_server.servicer import DecisionServicer
@@ -36,6 +48,7 @@ from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_configs import RedisConfigStore
+from spendgate_server.violation_servicer import ViolationServicer
 
 __all__ = ["build_engine", "build_store", "run", "serve"]
 
@@ -46,6 +59,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
+    policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+    violation_pb2.DESCRIPTOR.services_by_name["ViolationService"].full_name,
 )
 # Reports only that the process is up and serving: for liveness probes, which must not
 # restart pods because Redis is down (readiness, on the service names, covers that).
@@ -115,14 +130,18 @@ def build_prices(settings: ServeSettings) -> PriceTable:
 
 
 def build_engine(
-    settings: ServeSettings, store: Store, prices: PriceTable, configs: ConfigResolver
+    settings: ServeSettings,
+    store: Store,
+    prices: PriceTable,
+    configs: ConfigResolver,
+    journal: Journal | None = None,
 ) -> DecisionEngine:
-    """The engine over ``store``, applying ``configs`` and ``prices``."""
+    """The engine over ``store``, applying ``configs`` and ``prices``, journaling settles to ``journal``."""
     timings = EngineTimings(
         reservation_ttl_ms=settings.reservation_ttl_seconds * 1000,
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
-    return DecisionEngine(store, prices, configs, timings=timings)
+    return DecisionEngine(store, prices, configs, timings=timings, journal=journal)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
@@ -185,8 +204,14 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     configs = ConfigResolver(
         build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
     )
-    engine = build_engine(settings, store, prices, configs)
+    alerts = build_alerts(settings)
+    engine = build_engine(settings, store, prices, configs, alerts.journal)
     config_task = asyncio.create_task(configs.run())
+    # The embedded memory store has no other reader of its journal: evaluate here.
+    alerts.start(
+        evaluate=settings.evaluator == "on" or (settings.evaluator == "auto" and settings.store == "memory"),
+        metrics=metrics,
+    )
 
     credentials = _server_credentials(settings)
     keystore = build_keystore(settings)
@@ -210,6 +235,10 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
     config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
+    violation_pb2_grpc.add_ViolationServiceServicer_to_server(
+        ViolationServicer(alerts.feed, WATCH_RECHECK_SECONDS), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -256,6 +285,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
+    await alerts.close()
     for task in (config_task, auth_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -52,7 +52,17 @@ _current: ContextVar[Principal] = ContextVar("spendgate_principal", default=DEV_
 
 # Methods anyone may call (probes and tooling), and those that need the admin scope.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ADMIN_METHODS = frozenset({"/spendgate.v1.ConfigService/UpdateConfig"})
+# PolicyService/GetPatternSet is left to client keys: clients fetch it to match prompts locally.
+ADMIN_METHODS = frozenset(
+    {
+        "/spendgate.v1.ConfigService/UpdateConfig",
+        "/spendgate.v1.PolicyService/GetPolicies",
+        "/spendgate.v1.PolicyService/UpdatePolicies",
+        "/spendgate.v1.PolicyService/ListPolicyRevisions",
+        "/spendgate.v1.ViolationService/ListViolations",
+        "/spendgate.v1.ViolationService/WatchViolations",
+    }
+)
 
 
 def current_principal() -> Principal:

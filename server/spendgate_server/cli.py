@@ -18,7 +18,9 @@ from spendgate_server.config_cli import add_config_arguments, run_config_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.policy_cli import add_policies_arguments, run_policies_command
 from spendgate_server.settings import add_serve_arguments, settings_from_args
+from spendgate_server.violations_cli import add_violations_arguments, run_violations_command
 
 __all__ = ["main"]
 
@@ -59,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
 
     console = commands.add_parser("console", help="serve the web console (sign in with an admin key)")
     add_console_arguments(console)
+
+    policies = commands.add_parser("policies", help="read and change the org-wide policies")
+    add_policies_arguments(policies)
+
+    violations = commands.add_parser("violations", help="list or follow policy violations (the alerts feed)")
+    add_violations_arguments(violations)
+
+    worker = commands.add_parser(
+        "worker", help="evaluate journaled calls against the policies (takes the serve flags; redis store)"
+    )
+    add_serve_arguments(worker)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     add_connection_arguments(settle)
@@ -157,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = run_config_command(args)
         elif args.command == "keys":
             code = run_keys_command(args)
+        elif args.command == "policies":
+            code = run_policies_command(args)
+        elif args.command == "violations":
+            code = run_violations_command(args)
+        elif args.command == "worker":
+            from spendgate_server.worker import run_worker
+
+            run_worker(settings_from_args(args))
+            code = 0
         elif args.command == "console":
             code = run_console_command(args)
         else:

@@ -7,10 +7,11 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spendgate_server.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.errors import NotFound
+from spendgate_server.journal import CallContext, Journal, JournalEvent
 from spendgate_server.money import format_usd
 from spendgate_server.pricing import PriceTable, Usage
 from spendgate_server.remote_config import ConfigResolver
@@ -137,6 +138,8 @@ class SettleCall:
     model: str
     usage: Usage
     provider_ok: bool
+    # What the client says about the call, for the journal.
+    context: CallContext = field(default_factory=CallContext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +162,10 @@ class DecisionEngine:
         *,
         timings: EngineTimings | None = None,
         clock: Clock = system_clock_ms,
+        journal: Journal | None = None,
     ) -> None:
         self._store = store
+        self._journal = journal
         self._prices = prices
         self._configs = configs
         self._timings = timings or EngineTimings()
@@ -347,10 +352,11 @@ class DecisionEngine:
         """
         cost = self._prices.lookup(settle.model).actual(settle.usage) if settle.provider_ok else 0
         t = self._timings
+        now_ms = self._clock()
         outcome = await self._store.settle(
             SettleRequest(
                 session=SessionKey(settle.tenant, settle.session_id),
-                now_ms=self._clock(),
+                now_ms=now_ms,
                 reservation_id=settle.reservation_id,
                 cost_nano_usd=cost,
                 settled_ttl_ms=t.settled_ttl_ms,
@@ -363,11 +369,34 @@ class DecisionEngine:
                 f"no reservation {settle.reservation_id!r} in session {settle.session_id!r} "
                 "(never made, or settled longer ago than the settle window)",
             )
+        if self._journal is not None:
+            # Also when already settled: the append is idempotent per decision id, so a settle
+            # retried because a server died between its settle and its append is journaled then.
+            event = _journal_event(settle, outcome.cost_nano_usd, now_ms)
+            await self._journal.append(event, t.settled_ttl_ms)
         return Settlement(
             outcome.cost_nano_usd,
             outcome.spent_nano_usd + outcome.reserved_nano_usd,
             outcome.status is SettleStatus.ALREADY_SETTLED,
         )
+
+
+def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
+    u = settle.usage
+    return JournalEvent(
+        decision_id=settle.reservation_id,
+        tenant=settle.tenant,
+        session_id=settle.session_id,
+        time_ms=now_ms,
+        effective_model=settle.model,
+        provider_ok=settle.provider_ok,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_input_tokens=u.cache_read_input_tokens,
+        cache_write_input_tokens=u.cache_write_input_tokens,
+        cost_nano_usd=cost,
+        context=settle.context,
+    )
 
 
 def _remaining(config: EnforcementConfig, committed: int) -> int | None:

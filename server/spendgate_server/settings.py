@@ -21,6 +21,7 @@ __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings
 STORES = ("memory", "redis")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVALUATOR_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,18 @@ class ServeSettings:
     redis_breaker_failures: int = 5
     # How long an open breaker answers UNAVAILABLE at once before one call may try the store.
     redis_breaker_open_millis: int = 1000
+    # Journal, policies and the alerts feed (each tenant's journal and feed keep this many entries).
+    journal_max_entries: int = 100_000
+    violations_max_entries: int = 100_000
+    # "auto" runs the evaluator inside serve with the memory store only (Redis: spendgate worker).
+    evaluator: str = "auto"
+    evaluator_batch_size: int = 100
+    # A journal entry pending this long belongs to a dead worker and is evaluated again.
+    evaluator_claim_idle_millis: int = 30_000
+    evaluator_poll_millis: int = 200
+    webhook_url: str = ""
+    webhook_secret: str = field(default="", repr=False)
+    webhook_timeout_millis: int = 5000
 
 
 def _env(name: str, default: str) -> str:
@@ -150,6 +163,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("redis_breaker_open_millis", str(d.redis_breaker_open_millis)),
         help="how long an open breaker fails calls at once before one call tries Redis again",
     )
+    a(
+        "--journal-max-entries",
+        default=_env("journal_max_entries", str(d.journal_max_entries)),
+        help="settled calls kept in each tenant's journal (older ones are trimmed)",
+    )
+    a(
+        "--violations-max-entries",
+        default=_env("violations_max_entries", str(d.violations_max_entries)),
+        help="violations kept in each tenant's alerts feed",
+    )
+    a(
+        "--evaluator",
+        default=_env("evaluator", d.evaluator),
+        help="run the policy evaluator in this process: auto (with the memory store only), on or off",
+    )
+    a("--evaluator-batch-size", default=_env("evaluator_batch_size", str(d.evaluator_batch_size)))
+    a(
+        "--evaluator-claim-idle-millis",
+        default=_env("evaluator_claim_idle_millis", str(d.evaluator_claim_idle_millis)),
+        help="re-evaluate journal entries a worker left unacknowledged this long (it died)",
+    )
+    a(
+        "--evaluator-poll-millis",
+        default=_env("evaluator_poll_millis", str(d.evaluator_poll_millis)),
+        help="pause of an idle evaluator, and how often alert watchers poll Redis",
+    )
+    a(
+        "--webhook-url",
+        default=_env("webhook_url", ""),
+        help="POST every violation here as signed JSON (runs with the evaluator)",
+    )
+    a(
+        "--webhook-secret-file",
+        default=_env("webhook_secret_file", ""),
+        help="file holding the webhook HMAC secret (or env SPENDGATE_WEBHOOK_SECRET)",
+    )
+    a("--webhook-timeout-millis", default=_env("webhook_timeout_millis", str(d.webhook_timeout_millis)))
 
 
 def _int(flag: str, value: str, low: int, high: int) -> int:
@@ -212,6 +262,29 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
     return config, prices
 
 
+def _webhook_url(url: str) -> str:
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, got {url!r}"
+        )
+    return url
+
+
+def _webhook_secret(url: str, path: str) -> str:
+    secret = os.environ.get("SPENDGATE_WEBHOOK_SECRET", "")
+    if path:
+        try:
+            secret = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--webhook-secret-file: cannot read {path}: {exc.strerror}") from exc
+    if url and len(secret) < 16:
+        raise ConfigError(
+            "--webhook-url needs a signing secret of at least 16 characters: "
+            "--webhook-secret-file FILE or env SPENDGATE_WEBHOOK_SECRET"
+        )
+    return secret
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Validate parsed flags into settings.
 
@@ -265,4 +338,15 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         redis_breaker_open_millis=_int(
             "redis-breaker-open-millis", args.redis_breaker_open_millis, 10, 600_000
         ),
+        journal_max_entries=_int("journal-max-entries", args.journal_max_entries, 100, 100_000_000),
+        violations_max_entries=_int("violations-max-entries", args.violations_max_entries, 100, 100_000_000),
+        evaluator=_choice("evaluator", args.evaluator, EVALUATOR_MODES),
+        evaluator_batch_size=_int("evaluator-batch-size", args.evaluator_batch_size, 1, 10_000),
+        evaluator_claim_idle_millis=_int(
+            "evaluator-claim-idle-millis", args.evaluator_claim_idle_millis, 10, 86_400_000
+        ),
+        evaluator_poll_millis=_int("evaluator-poll-millis", args.evaluator_poll_millis, 10, 60_000),
+        webhook_url=_webhook_url(args.webhook_url),
+        webhook_secret=_webhook_secret(args.webhook_url, args.webhook_secret_file),
+        webhook_timeout_millis=_int("webhook-timeout-millis", args.webhook_timeout_millis, 100, 120_000),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import policy_pb2 as ppb
 
 from spendgate_server.config import (
     MAX_DEDUP_TTL_SECONDS,
@@ -22,18 +23,39 @@ from spendgate_server.config import (
 )
 from spendgate_server.engine import Call, SettleCall
 from spendgate_server.errors import FieldViolation, InvalidArgument
+from spendgate_server.journal import CallContext
+from spendgate_server.policies import BannedPattern, KeyRule, Policies, check_policies
 from spendgate_server.pricing import Usage
 
-__all__ = ["BOUNDS", "call_from_proto", "config_from_proto", "project_from_proto", "settle_from_proto"]
+__all__ = [
+    "BOUNDS",
+    "MAX_PROMPT_TEXT_BYTES",
+    "call_from_proto",
+    "config_from_proto",
+    "cursor_from_proto",
+    "page_size_from_proto",
+    "policies_from_proto",
+    "project_from_proto",
+    "settle_from_proto",
+]
 
 # Ids and names: no braces (they delimit the Redis hash tag) and no whitespace.
 _NAME = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+_KEY_LABEL = re.compile(r"[A-Za-z0-9._:@/-]{1,64}")
+_ENVIRONMENT = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_PATTERN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 MAX_INPUT_TOKENS = 10_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
 MAX_TOOL_CALLS_PER_REQUEST = 10_000
+# Journaled prompt text: the whole SettleRequest must stay under the server's 64 KiB message limit.
+MAX_PROMPT_TEXT_BYTES = 32 * 1024
+MAX_PATTERN_MATCHES = 100
+MAX_PATTERN_OFFSET = 1 << 40
 
 BOUNDS = {
     "session_id": "1-128 characters of [A-Za-z0-9._:@/+=-]",
@@ -45,6 +67,10 @@ BOUNDS = {
     "request_id": "empty, or 1-128 characters of [A-Za-z0-9._:@/+=-]",
     "reservation_id": "32 lowercase hex characters (DecideResponse.reservation_id)",
     "project": "empty, or 1-64 characters of [A-Za-z0-9._-]",
+    "key_fingerprint": "empty, or 32 lowercase hex characters",
+    "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
+    "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
+    "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
 }
 
 
@@ -173,6 +199,7 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
     c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
     if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
         c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
+    context = _call_context(request, c)
     c.raise_if_any()
     return SettleCall(
         tenant=tenant,
@@ -181,7 +208,102 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         model=request.model,
         usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
+        context=context,
     )
+
+
+_VERDICT_NAMES = {
+    pb.VERDICT_UNSPECIFIED: "",
+    pb.VERDICT_ALLOW: "allow",
+    pb.VERDICT_ALLOW_DOWNGRADED: "allow_downgraded",
+}
+
+
+def _call_context(request: pb.SettleRequest, c: _Checker) -> CallContext:
+    """The journal context of a SettleRequest (every field optional)."""
+    c.name("requested_model", request.requested_model, required=False, bound=BOUNDS["model"])
+    if request.verdict not in _VERDICT_NAMES:
+        c.bad("verdict", "must be VERDICT_ALLOW or VERDICT_ALLOW_DOWNGRADED (a blocked call is not settled)")
+    c.project("project", request.project)
+    for field, value, pattern in (
+        ("key_fingerprint", request.key_fingerprint, _FINGERPRINT),
+        ("key_label", request.key_label, _KEY_LABEL),
+        ("environment", request.environment, _ENVIRONMENT),
+    ):
+        if value and not pattern.fullmatch(value):
+            c.bad(field, f"must be {BOUNDS[field]}")
+    if len(request.prompt_text.encode()) > MAX_PROMPT_TEXT_BYTES:
+        c.bad("prompt_text", f"must be at most {MAX_PROMPT_TEXT_BYTES} bytes of UTF-8 (truncate it)")
+    c.integer("pattern_set_version", request.pattern_set_version, 0, 1 << 62)
+    if len(request.pattern_matches) > MAX_PATTERN_MATCHES:
+        c.bad("pattern_matches", f"at most {MAX_PATTERN_MATCHES} matches")
+    for i, match in enumerate(request.pattern_matches[:MAX_PATTERN_MATCHES]):
+        if not _PATTERN_ID.fullmatch(match.pattern_id):
+            c.bad(f"pattern_matches[{i}].pattern_id", "must be 1-64 characters of [A-Za-z0-9._-]")
+        c.integer(f"pattern_matches[{i}].offset", match.offset, 0, MAX_PATTERN_OFFSET)
+    return CallContext(
+        requested_model=request.requested_model,
+        verdict=_VERDICT_NAMES.get(request.verdict, ""),
+        project=request.project,
+        key_fingerprint=request.key_fingerprint,
+        key_label=request.key_label,
+        environment=request.environment,
+        prompt_text=request.prompt_text,
+        prompt_truncated=request.prompt_truncated,
+        pattern_set_version=request.pattern_set_version,
+        pattern_matches=tuple((m.pattern_id, m.offset) for m in request.pattern_matches),
+    )
+
+
+def policies_from_proto(policies: ppb.Policies) -> Policies:
+    """Validate wire Policies: every bound, and every banned pattern compiled with RE2.
+
+    Raises:
+        InvalidArgument: naming each bad field (``policies.banned_patterns[2].pattern``:
+            RE2's reason).
+    """
+    c = _Checker()
+    threshold = None
+    if policies.HasField("approval_required_threshold_cents"):
+        threshold = policies.approval_required_threshold_cents
+    domain = Policies(
+        approved_models=tuple(policies.approved_models),
+        banned_patterns=tuple(BannedPattern(b.id, b.pattern) for b in policies.banned_patterns),
+        key_environment_check=tuple(
+            KeyRule(r.key_fingerprint, r.key_label, tuple(r.environments))
+            for r in policies.key_environment_check
+        ),
+        approval_required_threshold_cents=threshold,
+        journal_prompts=policies.journal_prompts,
+    )
+    c.violations += check_policies(domain)
+    c.raise_if_any()
+    return domain
+
+
+def page_size_from_proto(page_size: int, page_token: str, *, default: int, maximum: int) -> int:
+    """Validate a page size (0: ``default``) and that the token is a cursor or empty.
+
+    Raises:
+        InvalidArgument: naming ``page_size`` or ``page_token``.
+    """
+    c = _Checker()
+    c.integer("page_size", page_size, 0, maximum)
+    if page_token and not _CURSOR.fullmatch(page_token):
+        c.bad("page_token", "not a token from a previous page")
+    c.raise_if_any()
+    return page_size or default
+
+
+def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
+    """Validate a feed cursor: empty, "0" (the start) or a Violation.cursor.
+
+    Raises:
+        InvalidArgument: naming ``field``.
+    """
+    if cursor and cursor != "0" and not _CURSOR.fullmatch(cursor):
+        raise InvalidArgument([FieldViolation(field, f"must be empty, \"0\" or {BOUNDS['cursor']}")])
+    return cursor
 
 
 def project_from_proto(project: str) -> str:

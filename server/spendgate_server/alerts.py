@@ -1,0 +1,130 @@
+"""Composition of the journal, policies and alerts pipeline, shared by ``serve`` and ``worker``.
+
+settings → log store (Redis Streams or memory) + policy store → policy resolver →
+journal (for the engine), violations feed (for the servicer), evaluator and
+webhook sink (background tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import structlog
+
+from spendgate_server.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
+from spendgate_server.journal import StoreJournal
+from spendgate_server.metrics import Metrics
+from spendgate_server.remote_policies import PolicyResolver
+from spendgate_server.settings import ServeSettings
+from spendgate_server.store.configs import MemoryConfigStore
+from spendgate_server.store.logs import LogStore, MemoryLogStore
+from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
+from spendgate_server.store.redis_configs import RedisConfigStore
+from spendgate_server.store.redis_logs import RedisLogStore
+from spendgate_server.violations import ViolationFeed
+from spendgate_server.webhook import WebhookSink
+
+__all__ = ["VIOLATION_DEDUP_MS", "Alerts", "build_alerts"]
+
+_log = structlog.get_logger("spendgate.alerts")
+
+# A violation id is remembered this long: longer than a journal entry can wait to be
+# re-evaluated (its retention), so a late redelivery still finds it.
+VIOLATION_DEDUP_MS = 7 * 24 * 3600 * 1000
+# How long a watcher waits between checks for new violations when nothing is appended.
+WATCH_RECHECK_SECONDS = 5.0
+
+
+@dataclass
+class Alerts:
+    """The pipeline's parts and its background tasks."""
+
+    settings: ServeSettings
+    logs: LogStore
+    policies: PolicyResolver
+    journal: StoreJournal
+    feed: ViolationFeed
+    evaluator: Evaluator | None = None
+    webhook: WebhookSink | None = None
+    # The policy follower, then the evaluator and webhook sink when running.
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self, *, evaluate: bool, metrics: Metrics | None = None) -> None:
+        """Follow policy changes; with ``evaluate``, also run the evaluator and the webhook sink."""
+        s = self.settings
+        self.tasks.append(asyncio.create_task(self.policies.run()))
+        if not evaluate:
+            return
+        consumer = default_consumer_name()
+        self.evaluator = Evaluator(
+            self.logs,
+            self.feed,
+            self.policies,
+            consumer=consumer,
+            timings=EvaluatorTimings(
+                batch_size=s.evaluator_batch_size,
+                claim_idle_ms=s.evaluator_claim_idle_millis,
+                idle_poll_seconds=s.evaluator_poll_millis / 1000,
+            ),
+            metrics=metrics,
+        )
+        self.tasks.append(asyncio.create_task(self.evaluator.run()))
+        if s.webhook_url:
+            self.webhook = WebhookSink(
+                self.logs,
+                s.webhook_url,
+                s.webhook_secret.encode(),
+                consumer=consumer,
+                timeout_seconds=s.webhook_timeout_millis / 1000,
+                claim_idle_ms=max(s.evaluator_claim_idle_millis, 2 * s.webhook_timeout_millis),
+                idle_poll_seconds=s.evaluator_poll_millis / 1000,
+            )
+            self.tasks.append(asyncio.create_task(self.webhook.run()))
+        _log.info("evaluator_started", consumer=consumer, webhook=bool(s.webhook_url))
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        """Let the evaluator and sink finish their round (at most ``grace_seconds``), then stop all."""
+        for part in (self.evaluator, self.webhook):
+            if part is not None:
+                part.stop()
+        workers = self.tasks[1:]
+        if workers:
+            await asyncio.wait(workers, timeout=grace_seconds)
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+
+    async def close(self) -> None:
+        """Stop, then release connections."""
+        await self.stop()
+        await self.logs.close()
+        await self.policies.store.close()
+
+
+def build_alerts(settings: ServeSettings) -> Alerts:
+    """The pipeline over the store the settings name (Redis when the state is there)."""
+    timeout = settings.redis_timeout_millis / 1000
+    if settings.store == "redis":
+        logs: LogStore = RedisLogStore.from_url(
+            settings.redis_url, timeout_seconds=timeout, poll_seconds=settings.evaluator_poll_millis / 1000
+        )
+        client = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        policy_store = PolicyStore(RedisConfigStore(client, key_prefix=POLICY_KEY_PREFIX))
+    else:
+        logs = MemoryLogStore()
+        policy_store = PolicyStore(MemoryConfigStore())
+    policies = PolicyResolver(policy_store, settings.config_poll_millis / 1000)
+    journal = StoreJournal(
+        logs, max_entries=settings.journal_max_entries, journals_prompts=policies.journals_prompts
+    )
+    feed = ViolationFeed(
+        logs, max_entries=settings.violations_max_entries, dedup_window_ms=VIOLATION_DEDUP_MS
+    )
+    return Alerts(settings, logs, policies, journal, feed)

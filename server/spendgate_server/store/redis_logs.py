@@ -1,0 +1,220 @@
+"""Logs in Redis Streams: one stream per (log, tenant) under its own hash tag.
+
+Keys: ``sg:{<log>:<tenant>}`` (the stream) and ``sg:{<log>:<tenant>}:u:<uid>`` (one
+marker per unique id, expiring) share a hash tag, so the append script is
+single-slot. ``sg:<log>:tenants`` (a set, its own slot) lists the tenants, written
+once per tenant per process after its first append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from spendgate_server.errors import StoreUnavailable
+from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
+
+__all__ = ["APPEND_SCRIPT", "RedisLogStore"]
+
+_T = TypeVar("_T")
+
+APPEND_SCRIPT = """
+-- log_append: append the entries whose unique id was not seen; keep the newest N.
+-- KEYS[1] the stream   KEYS[2..n+1] one marker key per entry (same hash tag)
+-- ARGV[1] max entries (exact trim)   ARGV[2] marker ttl ms   ARGV[3..n+2] payloads
+-- Reply: per entry, its new stream id, or "" when its marker existed (nothing added)
+local out = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    out[#out + 1] = ''
+  else
+    local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'p', ARGV[i + 1])
+    redis.call('SET', KEYS[i], id, 'PX', ARGV[2])
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(raw: Any) -> list[LogEntry]:
+    out = []
+    for entry_id, fields in raw or ():
+        if fields is None:
+            continue
+        payload = fields.get(b"p", fields.get("p"))
+        if payload is not None:
+            out.append(LogEntry(_text(entry_id), _text(payload)))
+    return out
+
+
+class RedisLogStore(LogStore):
+    """Shared logs: every server appends, any number of workers consume."""
+
+    def __init__(self, client: aioredis.Redis, key_prefix: str = "sg", poll_seconds: float = 0.1) -> None:
+        self._client = client
+        self._poll_seconds = poll_seconds
+        self._prefix = key_prefix
+        self._append = client.register_script(APPEND_SCRIPT)
+        self._registered: set[tuple[str, str]] = set()
+        self._groups: set[tuple[str, str, str]] = set()
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_seconds: float = 0.5, poll_seconds: float = 0.1) -> RedisLogStore:
+        """Connect lazily to ``url``; ``wait`` polls every ``poll_seconds``."""
+        return cls(
+            aioredis.Redis.from_url(
+                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+            ),
+            poll_seconds=poll_seconds,
+        )
+
+    def stream_key(self, log: str, tenant: str) -> str:
+        """The tenant's stream of ``log``."""
+        return f"{self._prefix}:{{{log}:{tenant}}}"
+
+    def _registry(self, log: str) -> str:
+        return f"{self._prefix}:{log}:tenants"
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def append(
+        self,
+        log: str,
+        tenant: str,
+        entries: Sequence[tuple[str, str]],
+        *,
+        max_entries: int,
+        unique_ttl_ms: int,
+        now_ms: int,
+    ) -> AppendResult:
+        if not entries:
+            return AppendResult(())
+        stream = self.stream_key(log, tenant)
+        reply = await self._call(
+            self._append(
+                keys=[stream, *(f"{stream}:u:{uid}" for uid, _ in entries)],
+                args=[max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)],
+            )
+        )
+        if (log, tenant) not in self._registered:
+            await self._call(self._client.sadd(self._registry(log), tenant))
+            self._registered.add((log, tenant))
+        return AppendResult(tuple(_text(r) for r in reply))
+
+    async def tenants(self, log: str) -> list[str]:
+        members = await self._call(self._client.smembers(self._registry(log)))
+        return sorted(_text(m) for m in members)
+
+    async def _ensure_group(self, stream: str, group: str, *, force: bool = False) -> None:
+        if not force and (stream, group, "") in self._groups:
+            return
+        try:
+            await self._client.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise StoreUnavailable(f"redis: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        self._groups.add((stream, group, ""))
+
+    async def _grouped(self, stream: str, group: str, command: Any) -> Any:
+        """Run ``command()`` on an existing group; recreate it once if Redis lost it (NOGROUP)."""
+        await self._ensure_group(stream, group)
+        try:
+            return await command()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise StoreUnavailable(f"redis: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+        await self._ensure_group(stream, group, force=True)
+        return await self._call(command())
+
+    async def read_group(
+        self, log: str, tenant: str, group: str, consumer: str, count: int, now_ms: int
+    ) -> list[LogEntry]:
+        stream = self.stream_key(log, tenant)
+        reply = await self._grouped(
+            stream, group, lambda: self._client.xreadgroup(group, consumer, {stream: ">"}, count=count)
+        )
+        return [entry for _, items in reply or () for entry in _entries(items)]
+
+    async def claim(
+        self, log: str, tenant: str, group: str, consumer: str, min_idle_ms: int, count: int, now_ms: int
+    ) -> list[LogEntry]:
+        stream = self.stream_key(log, tenant)
+        reply = await self._grouped(
+            stream,
+            group,
+            lambda: self._client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count),
+        )
+        deleted = [_text(d) for d in reply[2]] if len(reply) > 2 else []
+        if deleted:
+            # Trimmed while pending (retention outran the consumers): nothing left to process.
+            await self._call(self._client.xack(stream, group, *deleted))
+        return _entries(reply[1])
+
+    async def ack(self, log: str, tenant: str, group: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self._call(self._client.xack(self.stream_key(log, tenant), group, *entry_ids))
+
+    async def pending(self, log: str, tenant: str, group: str) -> int:
+        stream = self.stream_key(log, tenant)
+        summary = await self._grouped(stream, group, lambda: self._client.xpending(stream, group))
+        return int(summary["pending"])
+
+    async def oldest_unacked_ms(self, log: str, tenant: str, group: str) -> int | None:
+        stream = self.stream_key(log, tenant)
+        summary = await self._grouped(stream, group, lambda: self._client.xpending(stream, group))
+        groups = await self._call(self._client.xinfo_groups(stream))
+        candidates = [entry_id_ms(_text(summary["min"]))] if summary["pending"] else []
+        for info in groups:
+            if _text(info["name"]) == group:
+                last = _text(info["last-delivered-id"])
+                first = await self._call(self._client.xrange(stream, min=f"({last}", max="+", count=1))
+                candidates += [entry_id_ms(_text(entry_id)) for entry_id, _ in first or ()]
+        return min(candidates) if candidates else None
+
+    async def after(self, log: str, tenant: str, cursor: str, count: int) -> list[LogEntry]:
+        stream = self.stream_key(log, tenant)
+        return _entries(await self._call(self._client.xrange(stream, min=f"({cursor}", max="+", count=count)))
+
+    async def before(self, log: str, tenant: str, cursor: str, low: str, count: int) -> list[LogEntry]:
+        stream = self.stream_key(log, tenant)
+        return _entries(
+            await self._call(
+                self._client.xrevrange(stream, max=f"({cursor}" if cursor else "+", min=low, count=count)
+            )
+        )
+
+    async def last_id(self, log: str, tenant: str) -> str:
+        newest = await self._call(self._client.xrevrange(self.stream_key(log, tenant), count=1))
+        return _text(newest[0][0]) if newest else "0-0"
+
+    async def wait(self, log: str, tenant: str, cursor: str, timeout_seconds: float) -> None:
+        # Polled rather than XREAD BLOCK: a blocked read would hold a pooled connection
+        # past the store's command timeout. The poll interval bounds a watcher's latency.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        mark = parse_entry_id(cursor)
+        while parse_entry_id(await self.last_id(log, tenant)) <= mark:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(self._poll_seconds, remaining))
+
+    async def close(self) -> None:
+        await self._client.aclose()
