@@ -37,6 +37,7 @@ from spendgate_client._errors import (
     TokenCeilingExceeded,
     ToolCallLimitExceeded,
 )
+from spendgate_client._policy import key_fingerprint
 
 if TYPE_CHECKING:
     from spendgate_client._anthropic import AsyncJournaledAnthropic, JournaledAnthropic
@@ -72,6 +73,7 @@ __all__ = [
     "TokenCeilingExceeded",
     "ToolCallLimitExceeded",
     "enforcement_config_to_proto",
+    "key_fingerprint",
     "tls_credentials",
 ]
 

@@ -189,6 +189,7 @@ class JournaledAnthropic(anthropic.Anthropic):
             route,
             body,
             lambda gated: super(JournaledAnthropic, self).post(path, body=gated, **kwargs),
+            getattr(self, "api_key", None),
         )
 
     def copy(self, **kwargs: Any) -> JournaledAnthropic:
@@ -268,6 +269,7 @@ class AsyncJournaledAnthropic(anthropic.AsyncAnthropic):
             route,
             body,
             lambda gated: super(AsyncJournaledAnthropic, self).post(path, body=gated, **kwargs),
+            getattr(self, "api_key", None),
         )
 
     def copy(self, **kwargs: Any) -> AsyncJournaledAnthropic:

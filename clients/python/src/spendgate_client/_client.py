@@ -74,6 +74,11 @@ _OUTAGE_CODES = frozenset(
     }
 )
 _SETTLE_ATTEMPTS = 3
+_SETTLE_VERDICTS = {
+    "": pb.VERDICT_UNSPECIFIED,
+    "allow": pb.VERDICT_ALLOW,
+    "allow_downgraded": pb.VERDICT_ALLOW_DOWNGRADED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +297,10 @@ class _Base:
         cache_read_input_tokens: int,
         cache_write_input_tokens: int,
         provider_ok: bool,
+        context: Mapping[str, Any],
     ) -> pb.SettleRequest:
+        if context.get("verdict", "") not in _SETTLE_VERDICTS:
+            raise ValueError(f"verdict must be 'allow' or 'allow_downgraded', got {context['verdict']!r}")
         return pb.SettleRequest(
             session_id=session_id,
             reservation_id=reservation_id,
@@ -304,6 +312,19 @@ class _Base:
                 cache_write_input_tokens=cache_write_input_tokens,
             ),
             outcome=pb.PROVIDER_OUTCOME_OK if provider_ok else pb.PROVIDER_OUTCOME_ERROR,
+            requested_model=context.get("requested_model", ""),
+            verdict=_SETTLE_VERDICTS[context.get("verdict", "")],
+            project=context.get("project", ""),
+            key_fingerprint=context.get("key_fingerprint", ""),
+            key_label=context.get("key_label", ""),
+            environment=context.get("environment", ""),
+            prompt_text=context.get("prompt_text", ""),
+            prompt_truncated=context.get("prompt_truncated", False),
+            pattern_set_version=context.get("pattern_set_version", 0),
+            pattern_matches=[
+                pb.PatternMatch(pattern_id=pid, offset=offset)
+                for pid, offset in context.get("pattern_matches", ())
+            ],
         )
 
 
@@ -386,14 +407,35 @@ class DecisionClient(_Base):
         cache_read_input_tokens: int = 0,
         cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
+        requested_model: str = "",
+        verdict: str = "",
+        project: str = "",
+        key_fingerprint: str = "",
+        key_label: str = "",
+        environment: str = "",
+        prompt_text: str = "",
+        prompt_truncated: bool = False,
+        pattern_set_version: int = 0,
+        pattern_matches: Sequence[tuple[str, int]] = (),
     ) -> Settlement | None:
         """Report a call's real usage. Retried (it is idempotent); never raises on an outage.
 
         Returns None when the service stayed unreachable: the reservation then expires
         and is counted at its estimate, which errs on the side of the budget.
 
+        The keyword arguments after ``provider_ok`` describe the call for the journal
+        and the org-wide policies (all optional): ``requested_model`` (before any
+        downgrade), ``verdict`` of its decision (``"allow"`` or ``"allow_downgraded"``),
+        ``project``, ``key_fingerprint`` (:func:`spendgate_client.key_fingerprint` of
+        the provider key: never the key), ``key_label``, ``environment`` (e.g. env
+        ``SPENDGATE_ENVIRONMENT``), ``prompt_text`` (only when the tenant journals
+        prompts; at most 32 KiB) with ``prompt_truncated``, and the banned patterns
+        matched locally: ``pattern_matches`` as (pattern id, offset) pairs under
+        ``pattern_set_version``.
+
         Raises:
             InvalidRequest: the reservation is unknown or a field is malformed.
+            ValueError: ``verdict`` is not one of the above.
         """
         request = self._settle_request(
             session_id,
@@ -404,6 +446,18 @@ class DecisionClient(_Base):
             cache_read_input_tokens,
             cache_write_input_tokens,
             provider_ok,
+            {
+                "requested_model": requested_model,
+                "verdict": verdict,
+                "project": project,
+                "key_fingerprint": key_fingerprint,
+                "key_label": key_label,
+                "environment": environment,
+                "prompt_text": prompt_text,
+                "prompt_truncated": prompt_truncated,
+                "pattern_set_version": pattern_set_version,
+                "pattern_matches": pattern_matches,
+            },
         )
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
@@ -509,6 +563,16 @@ class AsyncDecisionClient(_Base):
         cache_read_input_tokens: int = 0,
         cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
+        requested_model: str = "",
+        verdict: str = "",
+        project: str = "",
+        key_fingerprint: str = "",
+        key_label: str = "",
+        environment: str = "",
+        prompt_text: str = "",
+        prompt_truncated: bool = False,
+        pattern_set_version: int = 0,
+        pattern_matches: Sequence[tuple[str, int]] = (),
     ) -> Settlement | None:
         """See DecisionClient.settle."""
         request = self._settle_request(
@@ -520,6 +584,18 @@ class AsyncDecisionClient(_Base):
             cache_read_input_tokens,
             cache_write_input_tokens,
             provider_ok,
+            {
+                "requested_model": requested_model,
+                "verdict": verdict,
+                "project": project,
+                "key_fingerprint": key_fingerprint,
+                "key_label": key_label,
+                "environment": environment,
+                "prompt_text": prompt_text,
+                "prompt_truncated": prompt_truncated,
+                "pattern_set_version": pattern_set_version,
+                "pattern_matches": pattern_matches,
+            },
         )
         for attempt in range(_SETTLE_ATTEMPTS):
             try:

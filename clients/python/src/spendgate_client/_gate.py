@@ -24,6 +24,7 @@ from spendgate.v1 import decision_pb2 as pb
 from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode
 from spendgate_client._config import enforcement_config_to_proto
 from spendgate_client._estimate import PreparedRequest
+from spendgate_client._policy import CallJournal, JournalSettings, PatternMatcher, prompt_text
 from spendgate_client._settler import Settler
 
 __all__ = [
@@ -106,9 +107,11 @@ class Gate:
             else None
         )
         self.settler = Settler(self.client)
+        # Environment, project and key label come from SPENDGATE_ENVIRONMENT, _PROJECT, _KEY_LABEL.
+        self.journal = JournalSettings(matcher=PatternMatcher(self.client))
 
-    def decide(self, request: PreparedRequest) -> Ticket:
-        """Ask Decide (blocking) and admit the call.
+    def decide(self, request: PreparedRequest, api_key: str | None = None) -> Ticket:
+        """Ask Decide (blocking) and admit the call; ``api_key`` (the provider's) is only fingerprinted.
 
         Raises:
             EnforcementError: the call is blocked (the subclass names the rule).
@@ -123,9 +126,9 @@ class Gate:
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
         )
-        return self._admit(decision, request)
+        return self._admit(decision, request, api_key)
 
-    async def adecide(self, request: PreparedRequest) -> Ticket:
+    async def adecide(self, request: PreparedRequest, api_key: str | None = None) -> Ticket:
         """Ask Decide on the event loop and admit the call; raises like :meth:`decide`."""
         assert self.async_client is not None, "made without asynchronous=True"
         decision = await self.async_client.decide(
@@ -137,9 +140,9 @@ class Gate:
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
         )
-        return self._admit(decision, request)
+        return self._admit(decision, request, api_key)
 
-    def _admit(self, decision: Decision, request: PreparedRequest) -> Ticket:
+    def _admit(self, decision: Decision, request: PreparedRequest, api_key: str | None) -> Ticket:
         decision.raise_for_block()
         if decision.shadow_rules and not decision.would_block:
             _log.info(
@@ -160,7 +163,19 @@ class Gate:
             _log.info(
                 "spendgate downgraded %s to %s: %s", request.model, decision.effective_model, decision.reason
             )
-        return Ticket(self, decision, decision.effective_model or request.model)
+        model = decision.effective_model or request.model
+        if not decision.reservation_id:
+            return Ticket(self, decision, model)
+        matcher = self.journal.matcher
+        journal = CallJournal(
+            self.journal,
+            request.model,
+            decision.verdict,
+            self.journal.fingerprint(api_key),
+            # Read now: the caller may append to its messages list once the call returns.
+            prompt_text(request.body) if matcher is None or matcher.wants_text() else None,
+        )
+        return Ticket(self, decision, model, journal)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for queued settles; True if all were sent (or dropped for good) in time."""
@@ -181,10 +196,13 @@ class Gate:
 class Ticket:
     """One admitted call: settles at most once, from any thread."""
 
-    __slots__ = ("_done", "_gate", "_lock", "decision", "model")
+    __slots__ = ("_done", "_gate", "_lock", "decision", "journal", "model")
 
-    def __init__(self, gate: Gate, decision: Decision, model: str) -> None:
+    def __init__(
+        self, gate: Gate, decision: Decision, model: str, journal: CallJournal | None = None
+    ) -> None:
         self._gate = gate
+        self.journal = journal
         self._lock = threading.Lock()
         # Fail-open calls reserved nothing: there is nothing to settle.
         self._done = not decision.reservation_id
@@ -209,13 +227,18 @@ class Ticket:
                 output_tokens=usage.output_tokens,
                 cache_read_input_tokens=usage.cache_read_input_tokens,
                 cache_write_input_tokens=usage.cache_write_input_tokens,
+                journal=self.journal,
             )
 
     def release(self) -> None:
         """The provider refused the call before billing it: give the reservation back."""
         if self._claim():
             self._gate.settler.submit(
-                self._gate.session_id, self.decision.reservation_id, self.model, provider_ok=False
+                self._gate.session_id,
+                self.decision.reservation_id,
+                self.model,
+                provider_ok=False,
+                journal=self.journal,
             )
 
     def abandon(self, why: str) -> None:
@@ -437,10 +460,14 @@ def call_gated(
     route: Route,
     body: Mapping[str, Any],
     send: Callable[[dict[str, Any]], Any],
+    api_key: str | None = None,
 ) -> Any:
-    """Decide, send the body (on the effective model) with ``send``, settle or watch the stream."""
+    """Decide, send the body (on the effective model) with ``send``, settle or watch the stream.
+
+    ``api_key`` is the provider key the call is made with: only its fingerprint is reported.
+    """
     request, observe = _send_body(provider, route, body)
-    ticket = gate.decide(request)
+    ticket = gate.decide(request, api_key)
     try:
         result = send(_on_model(request.body, ticket.model))
     except provider.unknown_outcome:
@@ -458,10 +485,11 @@ async def acall_gated(
     route: Route,
     body: Mapping[str, Any],
     send: Callable[[dict[str, Any]], Awaitable[Any]],
+    api_key: str | None = None,
 ) -> Any:
     """The asyncio twin of :func:`call_gated`."""
     request, observe = _send_body(provider, route, body)
-    ticket = await gate.adecide(request)
+    ticket = await gate.adecide(request, api_key)
     try:
         result = await send(_on_model(request.body, ticket.model))
     except provider.unknown_outcome:

@@ -230,6 +230,7 @@ class JournaledOpenAI(openai.OpenAI):
             route,
             body,
             lambda gated: super(JournaledOpenAI, self).post(path, body=gated, **kwargs),
+            getattr(self, "api_key", None),
         )
 
     def copy(self, **kwargs: Any) -> JournaledOpenAI:
@@ -309,6 +310,7 @@ class AsyncJournaledOpenAI(openai.AsyncOpenAI):
             route,
             body,
             lambda gated: super(AsyncJournaledOpenAI, self).post(path, body=gated, **kwargs),
+            getattr(self, "api_key", None),
         )
 
     def copy(self, **kwargs: Any) -> AsyncJournaledOpenAI:

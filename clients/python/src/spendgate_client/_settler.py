@@ -22,9 +22,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from spendgate_client._client import DecisionClient
 from spendgate_client._errors import SpendgateError
+from spendgate_client._policy import CallJournal
 
 __all__ = ["EXIT_FLUSH_SECONDS", "MAX_RETRY_SECONDS", "SettleJob", "Settler"]
 
@@ -54,6 +56,7 @@ class SettleJob:
     cache_read_input_tokens: int = field(default=0, compare=False)
     cache_write_input_tokens: int = field(default=0, compare=False)
     provider_ok: bool = field(default=True, compare=False)
+    journal: CallJournal | None = field(default=None, compare=False)
     first_tried: float = field(default=0.0, compare=False)
     last_tried: float = field(default=0.0, compare=False)
     rounds: int = field(default=0, compare=False)
@@ -116,8 +119,13 @@ class Settler:
         cache_read_input_tokens: int = 0,
         cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
+        journal: CallJournal | None = None,
     ) -> None:
-        """Queue a Settle; returns at once. After ``close()`` it is sent inline instead."""
+        """Queue a Settle; returns at once. After ``close()`` it is sent inline instead.
+
+        ``journal`` adds the call's journal context (and matches its prompt against the
+        banned patterns) when the job is sent, on the settle thread.
+        """
         now = time.monotonic()
         job = SettleJob(
             now,
@@ -130,6 +138,7 @@ class Settler:
             cache_read_input_tokens,
             cache_write_input_tokens,
             provider_ok,
+            journal,
             now,
         )
         with self._cond:
@@ -232,6 +241,13 @@ class Settler:
 
     def _send(self, job: SettleJob) -> bool | None:
         """True when settled, False when dropped for good, None to retry later."""
+        context: dict[str, Any] = {}
+        if job.journal is not None:
+            try:
+                context = job.journal.settle_fields()
+            except Exception:
+                # The journal context is best effort: the settle itself must still go out.
+                _log.exception("spendgate: journal context of %s failed; settled without", job.reservation_id)
         try:
             settlement = self._client.settle(
                 job.session_id,
@@ -242,6 +258,7 @@ class Settler:
                 cache_read_input_tokens=job.cache_read_input_tokens,
                 cache_write_input_tokens=job.cache_write_input_tokens,
                 provider_ok=job.provider_ok,
+                **context,
             )
         except SpendgateError as error:
             # Not an outage: the service refused it (unknown or expired reservation).
