@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -148,3 +150,30 @@ def test_metrics_count_decisions(spendgate: Callable[..., SpendgateServer]) -> N
     assert m["spendgate_settle_lag_seconds_count"] == 3
     assert m['spendgate_store_duration_seconds_count{op="reserve"}'] == 4
     assert m["spendgate_health_serving"] == 1
+
+
+def child_pids(pid: int) -> set[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(c) for c in children}
+
+
+@pytest.mark.redis
+def test_a_killed_worker_is_replaced(redis_url: str, spendgate: Callable[..., SpendgateServer]) -> None:
+    """With --workers 2, a worker killed by SIGKILL is replaced and the port keeps answering."""
+    server = spendgate("--store", "redis", "--redis-url", redis_url, "--workers", "2", port=free_port())
+    deadline = time.monotonic() + POLL_SECONDS
+    while len(before := child_pids(server.process.pid)) < 2:
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.05)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    while len(after := child_pids(server.process.pid) - {victim}) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(0.05)
+    assert victim not in after
+    with DecisionClient(server.target, timeout=5, fail_mode="closed") as client:
+        for i in range(10):
+            assert client.decide(
+                f"w-{i}", "claude-sonnet-4-5", 10, 10, hashlib.sha256(bytes([i])).digest()
+            ).allowed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import multiprocess
 from spendgate.v1 import (
     config_pb2,
     config_pb2_grpc,
@@ -317,7 +319,11 @@ def _run_worker(settings: ServeSettings) -> None:
 
 
 def run(settings: ServeSettings) -> None:
-    """Run the server, in ``settings.workers`` processes sharing the port when above one."""
+    """Run the server, in ``settings.workers`` processes sharing the port when above one.
+
+    A worker that dies while the supervisor is not stopping is replaced, so a crashed
+    worker does not leave the pod serving with fewer processes than asked for.
+    """
     if settings.workers == 1:
         _run_one(settings)
         return
@@ -329,18 +335,37 @@ def run(settings: ServeSettings) -> None:
         serve_metrics(settings.metrics_port, settings.host, None)
     # spawn, not fork: gRPC's threads must not be forked.
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_run_worker, args=(settings,)) for _ in range(settings.workers)]
-    for worker in workers:
+    stopping = False
+
+    def start_worker() -> multiprocessing.process.BaseProcess:
+        worker = ctx.Process(target=_run_worker, args=(settings,))
         worker.start()
+        return worker
+
+    workers = [start_worker() for _ in range(settings.workers)]
 
     def forward(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
-    if any(w.exitcode != 0 for w in workers):
+    failed = False
+    while any(w.is_alive() for w in workers):
+        multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1.0)
+        for index, worker in enumerate(workers):
+            if worker.is_alive() or stopping:
+                continue
+            if worker.exitcode == 2:
+                # A configuration error: every replacement would fail the same way.
+                stopping, failed = True, True
+                forward(signal.SIGTERM, None)
+                break
+            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]  # untyped upstream
+            _log.warning("worker_died", pid=worker.pid, exitcode=worker.exitcode, action="replaced")
+            workers[index] = start_worker()
+    if failed or any(w.exitcode not in (0, -signal.SIGTERM) for w in workers):
         sys.exit(1)

@@ -19,10 +19,10 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.store.redis import RedisClient, connect
 
 __all__ = [
     "ApiKey",
@@ -135,17 +135,14 @@ class RedisKeyStore(KeyStore):
 
     KEY = "sg:api-keys"
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     @classmethod
     def from_url(cls, url: str, timeout_seconds: float = 0.5) -> RedisKeyStore:
         """Connect lazily to ``url``."""
-        return cls(
-            aioredis.Redis.from_url(
-                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-            )
-        )
+        # connect() also understands redis+cluster:// and turns redis-py's retries off.
+        return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=8))
 
     async def all(self) -> dict[str, ApiKey]:
         try:

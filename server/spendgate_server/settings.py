@@ -32,7 +32,8 @@ class ServeSettings:
     port: int = 50051
     store: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_millis: int = 250
+    # Below the clients' default 250 ms deadline, so a hung Redis reaches them as UNAVAILABLE.
+    redis_timeout_millis: int = 100
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
     price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)

@@ -6,7 +6,6 @@ import asyncio
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
@@ -18,6 +17,7 @@ from spendgate_server.store.configs import (
     ConfigStore,
     StoredConfig,
 )
+from spendgate_server.store.redis import RedisClient, connect
 
 __all__ = ["CHANGES_CHANNEL", "RedisConfigStore"]
 
@@ -29,7 +29,7 @@ _RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0)
 class RedisConfigStore(ConfigStore):
     """Shared configs; every server sees a write within the pub/sub delay, or the poll interval."""
 
-    def __init__(self, client: aioredis.Redis, key_prefix: str = "sg") -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
         self._client = client
         self._prefix = key_prefix
         # Stand-alone script: it needs none of the session helpers that load_script prepends.
@@ -39,11 +39,8 @@ class RedisConfigStore(ConfigStore):
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 0.5) -> RedisConfigStore:
         """Connect lazily to ``url``."""
-        return cls(
-            aioredis.Redis.from_url(
-                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-            )
-        )
+        # connect() also understands redis+cluster:// and turns redis-py's retries off.
+        return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=8))
 
     def _hash(self, tenant: str) -> str:
         return f"{self._prefix}:{{cfg:{tenant}}}"
