@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     levers = [v.strip() for v in args.levers.split(",") if v.strip()]
-    targets = [Target("baseline", "baseline", "spendgate", args.store, args.workers)]
+    # The floor runs alongside, so every lever can also be read as a ratio to it.
+    targets = [FLOOR, Target("baseline", "baseline", "spendgate", args.store, args.workers)]
     targets += [
         Target(v, v, "spendgate", args.store, args.workers, variant=v.replace("+", ",")) for v in levers
     ]
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = closed[t.key]
         calls = sum(r["calls_for_cpu"] for r in runs)
         results[t.key] = {
-            "doc": LEVERS[t.key].doc if t.key in LEVERS else ("combined" if t.key != "baseline" else "as is"),
+            "doc": LEVERS[t.key].doc if t.key in LEVERS else _DOCS.get(t.key, "levers combined"),
             "sequential": summarize(seq[t.key]),
             "closed_rps_median": statistics.median(r["throughput_rps"] for r in runs),
             "closed_rps_runs": [r["throughput_rps"] for r in runs],
@@ -104,25 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_DOCS = {"baseline": "the server as it is", "floor": "the naive floor (bench/floor.py)"}
+
+
 def table(results: dict[str, Any]) -> str:
-    """Each lever beside the baseline: deltas of latency, ratios of throughput and CPU."""
-    base = results["baseline"]
-    lines = [
-        f"{'lever':<28} {'seq p50 ms':>16} {'seq p99 ms':>16} {'closed rps':>14} "
-        f"{'server CPU-s/1k':>18} {'redis CPU-s/1k':>15}"
-    ]
+    """Each lever beside the baseline (deltas, ratios) and as a ratio to the floor."""
+    base, floor = results["baseline"], results.get("floor")
+    header = (
+        f"{'lever':<40} {'seq p50 ms':>17} {'/floor':>6} {'seq p99 ms':>17} {'closed rps':>13} {'/floor':>6} "
+        f"{'server CPU-s/1k':>16} {'redis CPU-s/1k':>14}"
+    )
+    lines = [header, "-" * len(header)]
     for key, r in results.items():
         s, b = r["sequential"], base["sequential"]
-
-        def delta(name: str, s: dict[str, float] = s, b: dict[str, float] = b) -> str:
-            return f"{s[name]:.3f} ({1000 * (s[name] - b[name]):+.0f}us)"
-
+        rps, cpu = r["closed_rps_median"], r["server_cpu_s_per_1k"]
+        f_p50 = f"{s['p50'] / floor['sequential']['p50']:.2f}x" if floor else "-"
+        f_rps = f"{rps / floor['closed_rps_median']:.2f}x" if floor else "-"
         lines.append(
-            f"{key:<28} {delta('p50'):>16} {delta('p99'):>16} "
-            f"{r['closed_rps_median']:>6.0f} ({r['closed_rps_median'] / base['closed_rps_median']:.2f}x) "
-            f"{r['server_cpu_s_per_1k']:>9.3f} "
-            f"({r['server_cpu_s_per_1k'] / base['server_cpu_s_per_1k']:.2f}x) "
-            f"{r['redis_cpu_s_per_1k']:>15.3f}"
+            f"{key:<40} {s['p50']:.3f} ({1000 * (s['p50'] - b['p50']):+5.0f}us) {f_p50:>6} "
+            f"{s['p99']:.3f} ({1000 * (s['p99'] - b['p99']):+5.0f}us) "
+            f"{rps:>5.0f} ({rps / base['closed_rps_median']:.2f}x) {f_rps:>6} "
+            f"{cpu:.3f} ({cpu / base['server_cpu_s_per_1k']:.2f}x) {r['redis_cpu_s_per_1k']:>14.3f}"
         )
     return "\n".join(lines)
 

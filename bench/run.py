@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -191,7 +192,7 @@ class Bench:
         )
         env = dict(os.environ)
         env.pop("SPENDGATE_API_KEY", None)
-        if target.client == "spendgate" and self.api_keys.get(target.store):
+        if target.client in ("spendgate", "raw") and self.api_keys.get(target.store):
             env["SPENDGATE_API_KEY"] = self.api_keys[target.store]
         done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, env=env)
         if done.returncode != 0:
@@ -569,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp.replace(json_path)
     (args.out / "latest.md").write_text(report.markdown(document) + "\n")
     print(report.table(document))
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        print("\nno plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        args.no_plot = True
     if not args.no_plot:
         png = args.out / "latency_vs_load.png"
         report.plot(document, png)

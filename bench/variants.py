@@ -102,6 +102,71 @@ def _no_interceptors() -> None:
     grpc.aio.server = server
 
 
+@dataclass(frozen=True)
+class _Details:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+def _wrap_once() -> None:
+    """No per-call interceptor chain: each method's handler is wrapped by the interceptors once.
+
+    The server's interceptors (auth, decode errors) only depend on the method name, so
+    their wrapping is applied when handlers are registered (or first looked up, for
+    generic handlers) instead of on every call; behaviour is unchanged.
+    """
+    import grpc
+
+    original = grpc.aio.server
+
+    def wrap(interceptors: list[Any], method: str, handler: Any) -> Any:
+        details = _Details(method, ())
+        for interceptor in reversed(interceptors):  # the first interceptor ends up outermost
+
+            async def continuation(_details: Any, handler: Any = handler) -> Any:
+                return handler
+
+            coro = interceptor.intercept_service(continuation, details)
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                handler = done.value
+            else:  # pragma: no cover - an interceptor that suspends cannot be hoisted
+                raise RuntimeError(f"{type(interceptor).__name__} suspends in intercept_service")
+        return handler
+
+    class Hoisted(grpc.GenericRpcHandler):
+        def __init__(self, inner: Any, interceptors: list[Any]) -> None:
+            self._inner, self._interceptors = inner, interceptors
+            self._cache: dict[str, Any] = {}
+
+        def service(self, details: Any) -> Any:
+            method = details.method
+            if method not in self._cache:
+                handler = self._inner.service(details)
+                self._cache[method] = None if handler is None else wrap(self._interceptors, method, handler)
+            return self._cache[method]
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        interceptors = list(kwargs.pop("interceptors", None) or ())
+        srv: Any = original(*args, **kwargs)
+        add_generic, add_registered = srv.add_generic_rpc_handlers, srv.add_registered_method_handlers
+
+        def add_generic_rpc_handlers(handlers: Any) -> None:
+            add_generic(tuple(Hoisted(h, interceptors) for h in handlers))
+
+        def add_registered_method_handlers(service: str, handlers: dict[str, Any]) -> None:
+            add_registered(
+                service, {k: wrap(interceptors, f"/{service}/{k}", h) for k, h in handlers.items()}
+            )
+
+        srv.add_generic_rpc_handlers = add_generic_rpc_handlers
+        srv.add_registered_method_handlers = add_registered_method_handlers
+        return srv
+
+    grpc.aio.server = server
+
+
 def _memo_interceptors() -> None:
     from spendgate_server import auth, status
 
@@ -252,6 +317,10 @@ LEVERS: dict[str, Lever] = {
     "deny_cache": Lever(
         "local deny cache: a session the store blocked for its budget is blocked locally for 250 ms",
         _deny_cache(0.25),
+    ),
+    "wrap_once": Lever(
+        "auth and decode-error wrapping applied once per method at registration, no per-call interceptors",
+        _wrap_once,
     ),
     "asyncio_loop": Lever("the default asyncio loop instead of uvloop (what uvloop buys)", _asyncio_loop),
     "opt_latency": Lever(
