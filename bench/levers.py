@@ -20,6 +20,7 @@ from typing import Any
 from bench._procs import Processes
 from bench._stats import summarize
 from bench.run import (
+    FLOOR,
     RESULTS_DIR,
     Bench,
     Target,
