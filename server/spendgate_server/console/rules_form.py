@@ -126,8 +126,8 @@ RULE_SECTIONS = (
 )
 RULE_KEYS = tuple(section.key for section in RULE_SECTIONS)
 BUDGET_MODES = (
-    ("crossing", "Crossing: allowed while spend is below the cap (crosses it by at most one call)"),
-    ("strict", "Strict: allowed only if this call's estimate still fits"),
+    ("crossing", "Crossing: may exceed it by one call"),
+    ("strict", "Strict: never exceeds it"),
 )
 
 # Service field paths (wire names, google.rpc.BadRequest) → the form field they concern.
