@@ -22,7 +22,7 @@ from spendgate_server.policies import (
 from spendgate_server.policy_checks import CENT_NANO_USD, evaluate, redacted_excerpt
 from spendgate_server.violations import PolicyType, Violation
 
-SECRET = "sk-ant-api03-Zq8Xv2LmN4pR7tY1uW9eB3cD5fG6hJ0k"
+SECRET = "sk-ant-api03-Zq8Xv2LmN4pR7tY1uW9eB3cD5fG6hJ0k"  # noqa: S105  # a fake key the tests must never see stored
 
 
 def policies(**raw: Any) -> CompiledPolicies:
@@ -53,7 +53,7 @@ def kinds(found: list[Violation]) -> list[PolicyType]:
 
 
 def test_approved_models_checks_the_model_that_ran() -> None:
-    """An unlisted effective model fires (naming a downgrade); an approved one, even if requested otherwise, does not."""
+    """An unlisted model that ran fires (naming any downgrade); an approved one that ran is silent."""
     p = policies(approved_models=["claude-sonnet-4-5", "claude-haiku-4-5*"])
     assert evaluate(event(), p) == []
     assert evaluate(event(model="claude-haiku-4-5-20251001", requested_model="claude-opus-4-1"), p) == []
@@ -74,7 +74,7 @@ def test_threshold_fires_only_above_it() -> None:
 
 
 def test_key_environment_by_fingerprint_and_by_label() -> None:
-    """A listed key outside its environments (or with none reported) fires; inside, or unlisted, it does not."""
+    """A listed key outside its environments (or with none reported) fires; inside, or unlisted: silent."""
     fp = key_fingerprint("sk-prod-key")
     p = policies(
         key_environment_check=[
