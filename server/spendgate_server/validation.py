@@ -302,7 +302,7 @@ def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
         InvalidArgument: naming ``field``.
     """
     if cursor and cursor != "0" and not _CURSOR.fullmatch(cursor):
-        raise InvalidArgument([FieldViolation(field, f"must be empty, \"0\" or {BOUNDS['cursor']}")])
+        raise InvalidArgument([FieldViolation(field, f'must be empty, "0" or {BOUNDS["cursor"]}')])
     return cursor
 
 
