@@ -565,9 +565,10 @@ def test_settings_off_loopback_need_a_public_url_and_https(monkeypatch: pytest.M
         parse_console_args("--host", ALL_INTERFACES)
     with pytest.raises(ConfigError, match="in clear"):
         parse_console_args("--host", ALL_INTERFACES, "--public-url", "http://console.internal:8080")
-    assert parse_console_args(
-        "--host", ALL_INTERFACES, "--public-url", "https://c.example.com/"
-    ).secure_cookies
+    public = parse_console_args("--host", ALL_INTERFACES, "--public-url", "https://Console.Example.com:443/")
+    assert public.secure_cookies and public.public_url == "https://console.example.com"
+    with pytest.raises(ConfigError, match="SPENDGATE_CONSOLE_HTTPS_CERT"):
+        parse_console_args("--https-cert", "/nonexistent/cert.pem", "--https-key", "/nonexistent/key.pem")
     with pytest.raises(ConfigError, match="SPENDGATE_CONSOLE_PORT"):
         parse_console_args("--port", "http")
     monkeypatch.setenv("SPENDGATE_CONSOLE_PROJECTS", "batch,web")

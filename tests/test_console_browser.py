@@ -26,16 +26,13 @@ from spendgate.v1 import config_pb2_grpc
 from spendgate.v1 import decision_pb2 as pb
 from spendgate_client import DecisionClient
 
-from tests.ensure_chromium import chromium_path
+from tests.ensure_chromium import ensure as ensure_chromium
 from tests.processes import STARTUP_SECONDS, SpendgateServer, stop_process
 from tests.test_security import bearer, create_key
 
-CHROMIUM = chromium_path()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="Debian's chromium is not installed and could not be installed here "
-    "(as root: python -m tests.ensure_chromium; else: apt-get install chromium)",
-)
+# Installs Debian's chromium when it is missing and this runs as root; skips only when it cannot.
+CHROMIUM, MISSING = ensure_chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=MISSING)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -85,6 +85,7 @@ def create_app(
             yield
         finally:
             await console.close()
+            _log.info("console_stopped")
 
     async def home(request: Request) -> Response:
         return RedirectResponse("/rules", status_code=303)
@@ -141,5 +142,6 @@ def run_console(settings: ConsoleSettings) -> None:
     )
     url = settings.public_url or min(origins)
     _log.info("console_serving", host=settings.host, port=port, url=url, target=settings.target)
+    # On SIGINT/SIGTERM uvicorn finishes open requests, runs the lifespan's shutdown, then
+    # re-raises the signal, so the process ends the way the signal says.
     uvicorn.Server(config).run(sockets=[sock])
-    _log.info("console_stopped")

@@ -161,14 +161,24 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
         raise ConfigError("--https-cert and --https-key go together: give both or neither")
     if (args.tls_cert or args.tls_key) and not args.tls_ca:
         raise ConfigError("--tls-cert/--tls-key need --tls-ca")
-    public_url = args.public_url.rstrip("/")
-    if public_url:
-        parts = urlsplit(public_url)
+    for flag in ("tls-ca", "tls-cert", "tls-key", "https-cert", "https-key"):
+        path = getattr(args, flag.replace("-", "_"))
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{_flag(flag)}: cannot read {path}")
+    public_url = ""
+    if args.public_url:
+        parts = urlsplit(args.public_url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
             raise ConfigError(
                 f"{_flag('public-url')} must be an origin such as https://console.example.com, "
                 f"got {args.public_url!r}"
             )
+        # Written the way browsers send Origin: lower case, no default port.
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        default_port = {"http": 80, "https": 443}[parts.scheme]
+        port = f":{parts.port}" if parts.port not in (None, default_port) else ""
+        public_url = f"{parts.scheme}://{host}{port}"
     if not is_loopback(args.host):
         # Off loopback, the Host and Origin headers can only be checked against a known origin,
         # and an admin key must not cross the network in clear.
