@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from spendgate.v1 import config_pb2 as cpb
 from spendgate_server.config import EnforcementConfig, ModelDowngrade, Rule, config_to_dict
 from spendgate_server.console.app import allowed_origins, create_app
 from spendgate_server.console.backend import (
@@ -37,8 +39,9 @@ from spendgate_server.console.settings import (
     add_console_arguments,
     console_settings_from_args,
 )
-from spendgate_server.errors import ConfigError, FieldViolation
+from spendgate_server.errors import ConfigError, FieldViolation, InvalidArgument
 from spendgate_server.keystore import parse_key
+from spendgate_server.status import abort, rpc_status
 from starlette.testclient import TestClient
 
 from tests.conftest import FakeClock
@@ -644,6 +647,37 @@ async def test_backend_maps_bad_request_conflict_and_history(
         assert second.updated_by.startswith("ops (") and second.update_time is not None
     finally:
         await backend.close()
+
+
+async def _old_update_config(request: cpb.UpdateConfigRequest, context: Any) -> cpb.UpdateConfigResponse:
+    """UpdateConfig of a server from before PolicyService: auth first, then validation."""
+    metadata = dict(context.invocation_metadata() or ())
+    if metadata.get("authorization") != f"Bearer {ADMIN_KEY}":
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "needs an admin key")
+    await abort(context, *rpc_status(InvalidArgument([FieldViolation("project", "must be ...")])))
+
+
+async def test_backend_probes_an_older_server_without_writing() -> None:
+    """Against a server without PolicyService, the admin check falls back to a write that cannot succeed."""
+    server = grpc.aio.server()
+    update = grpc.unary_unary_rpc_method_handler(
+        _old_update_config,
+        request_deserializer=cpb.UpdateConfigRequest.FromString,
+        response_serializer=cpb.UpdateConfigResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("spendgate.v1.ConfigService", {"UpdateConfig": update}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    backend = GrpcBackend(f"127.0.0.1:{port}")
+    try:
+        await backend.verify_admin(ADMIN_KEY)
+        with pytest.raises(NotAuthorized):
+            await backend.verify_admin(CLIENT_KEY)
+    finally:
+        await backend.close()
+        await server.stop(None)
 
 
 async def test_backend_unreachable_is_unavailable() -> None:

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from spendgate.v1 import config_pb2 as cpb
-from spendgate.v1 import config_pb2_grpc
+from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc
+from spendgate.v1 import policy_pb2 as ppb
 
 from spendgate_server.config import EnforcementConfig, config_to_dict
 from spendgate_server.errors import ConfigError, FieldViolation, SpendgateError
@@ -36,7 +37,7 @@ __all__ = [
     "RevisionPage",
 ]
 
-# A project name no server accepts: the admin probe below must never write anything.
+# A project name no server accepts: the fallback admin probe must never write anything.
 _PROBE_PROJECT = "!"
 
 
@@ -196,6 +197,7 @@ class GrpcBackend:
         else:
             self._channel = grpc.aio.insecure_channel(target)
         self._stub = config_pb2_grpc.ConfigServiceStub(self._channel)
+        self._policies = policy_pb2_grpc.PolicyServiceStub(self._channel)
         self._timeout = timeout_seconds
 
     def _metadata(self, api_key: str) -> tuple[tuple[str, str], ...]:
@@ -204,14 +206,24 @@ class GrpcBackend:
     async def verify_admin(self, api_key: str) -> None:
         """Prove the key is an admin key without changing anything.
 
-        UpdateConfig is the admin-only call, and the server checks the key and its scope
-        before the request: a project name that can never be valid is answered
-        INVALID_ARGUMENT on ``project`` for an admin key, PERMISSION_DENIED for a client
-        key and UNAUTHENTICATED for any other, and nothing is ever written.
+        GetPolicies is an admin-only read. A server older than PolicyService answers it
+        UNIMPLEMENTED; there UpdateConfig, the admin-only write, is asked to store a config
+        for a project name that can never be valid: the server checks the key and its
+        scope first, so an admin key gets INVALID_ARGUMENT on ``project``, and nothing is
+        ever written.
         """
+        metadata = self._metadata(api_key)
+        try:
+            await self._policies.GetPolicies(
+                ppb.GetPoliciesRequest(), timeout=self._timeout, metadata=metadata
+            )
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise _translate(exc) from exc
         request = cpb.UpdateConfigRequest(project=_PROBE_PROJECT)
         try:
-            await self._stub.UpdateConfig(request, timeout=self._timeout, metadata=self._metadata(api_key))
+            await self._stub.UpdateConfig(request, timeout=self._timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             error = _translate(exc)
             if isinstance(error, InvalidInput) and [v.field for v in error.violations] == ["project"]:
