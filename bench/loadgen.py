@@ -125,28 +125,39 @@ class Reservations:
 
 
 async def _prefill(args: argparse.Namespace, count: int) -> Reservations:
-    """Make ``count`` reservations through the async client (untimed)."""
+    """Make ``count`` reservations through the async client (untimed, gently: 8 callers).
+
+    A failed Decide (an overloaded server may time out) is retried with a new call; if
+    fewer than ``count`` could be made, settles wrap around (a repeat is ``already_settled``).
+    """
     from spendgate_client import AsyncDecisionClient
 
     made = Reservations()
-    made.items = [("", "")] * count
     client = AsyncDecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
     tag = args.tag + "-pre"
     next_i = 0
+    limit = count * 2
 
     async def worker() -> None:
         nonlocal next_i
-        while next_i < count:
+        while len(made.items) < count and next_i < limit:
             i = next_i
             next_i += 1
             session = _session(tag, i)
-            decision = await client.decide(
-                session, MODEL, INPUT_TOKENS, MAX_OUTPUT_TOKENS, _fingerprint(tag, i), tool_call_count=1
-            )
-            made.items[i] = (session, decision.reservation_id)
+            try:
+                decision = await client.decide(
+                    session, MODEL, INPUT_TOKENS, MAX_OUTPUT_TOKENS, _fingerprint(tag, i), tool_call_count=1
+                )
+            except Exception:  # noqa: S112  # an untimed set-up call: try the next one
+                continue
+            if decision.reservation_id:
+                made.items.append((session, decision.reservation_id))
 
-    await asyncio.gather(*(worker() for _ in range(32)))
+    await asyncio.gather(*(worker() for _ in range(8)))
     await client.close()
+    if not made.items:
+        raise RuntimeError(f"could not make any reservation to settle at {args.target}")
+    await asyncio.sleep(0.3)  # let the server settle down before the timed part
     return made
 
 
@@ -190,7 +201,7 @@ def _sync_call(
         items = reservations.items
 
         def call(i: int) -> None:
-            session, reservation = items[i]
+            session, reservation = items[i % len(items)]
             client.settle(
                 session, reservation, MODEL, input_tokens=INPUT_TOKENS, output_tokens=MAX_OUTPUT_TOKENS // 2
             )
@@ -237,7 +248,7 @@ def _spendgate_async_call(
     items = reservations.items
 
     async def settle(i: int) -> None:
-        session, reservation = items[i]
+        session, reservation = items[i % len(items)]
         await client.settle(
             session, reservation, MODEL, input_tokens=INPUT_TOKENS, output_tokens=MAX_OUTPUT_TOKENS // 2
         )
