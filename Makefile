@@ -10,7 +10,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
 
-.PHONY: help venv protos protos-check run test test-fast lint bench clean
+.PHONY: help venv protos protos-check run test lint bench clean console screenshots
 
 help:
 	@echo "make run | test | bench | lint | protos | protos-check | clean"
@@ -47,6 +47,7 @@ run: $(STAMP)
 # Python suite (real redis-server and servers), then the Node client against a real server.
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m tests.ensure_redis
+	$(BIN)/python -m tests.ensure_chromium
 	$(BIN)/pytest
 	cd $(NODE_DIR) && npm test
 
@@ -54,6 +55,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+console: $(STAMP)
+	$(BIN)/spendgate console
+
+# Refresh docs/screenshots from a browser run of the console.
+screenshots: $(STAMP)
+	SPENDGATE_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_console_browser.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
