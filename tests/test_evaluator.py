@@ -287,3 +287,41 @@ async def test_killed_worker_processes_lose_no_event_and_duplicate_no_violation(
     finally:
         await logs.close()
         await policy_store.close()
+
+
+@pytest.mark.redis
+async def test_journal_and_feed_work_on_a_redis_cluster() -> None:
+    """Every tenant's journal and feed live in one slot each: appends, groups and claims work on a cluster."""
+    from spendgate_server.store.redis import connect
+
+    from tests.processes import RedisClusterNodes
+
+    cluster = RedisClusterNodes.start(masters=3)
+    logs = RedisLogStore.from_url(cluster.url, timeout_seconds=5)
+    policy_store = PolicyStore(
+        RedisConfigStore(connect(cluster.url, timeout_seconds=5), key_prefix=POLICY_KEY_PREFIX)
+    )
+    try:
+        tenants = [f"tenant-{n}" for n in range(6)]  # spread over the masters' slots
+        policies = PolicyResolver(policy_store)
+        journal = StoreJournal(logs, max_entries=100, journals_prompts=policies.journals_prompts)
+        feed = ViolationFeed(logs, max_entries=100, dedup_window_ms=WEEK_MS)
+        for tenant in tenants:
+            await policy_store.put(tenant, json.dumps({"approved_models": ["ok"]}), "", "t", 1)
+            for n in range(3):
+                event = JournalEvent(f"{n:032x}", tenant, "s", 1, "bad", True, 1, 1, 0, 0, 1)
+                await journal.append(event, WEEK_MS)
+        # A consumer reads a batch and dies; the survivor claims it and finishes everything.
+        await logs.read_group(JOURNAL_LOG, tenants[0], EVALUATOR_GROUP, "dead", 2, 0)
+        evaluator = Evaluator(
+            logs, feed, policies, consumer="alive", timings=EvaluatorTimings(claim_idle_ms=0)
+        )
+        assert await drain(evaluator) == 18
+        for tenant in tenants:
+            assert len(await feed.after(tenant, "0-0", 100)) == 3
+            assert await logs.pending(JOURNAL_LOG, tenant, EVALUATOR_GROUP) == 0
+        assert sorted(await logs.tenants(JOURNAL_LOG)) == tenants
+    finally:
+        await logs.close()
+        await policy_store.close()
+        cluster.stop()

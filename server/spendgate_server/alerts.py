@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 import structlog
 
 from spendgate_server.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
@@ -22,6 +21,7 @@ from spendgate_server.settings import ServeSettings
 from spendgate_server.store.configs import MemoryConfigStore
 from spendgate_server.store.logs import LogStore, MemoryLogStore
 from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
+from spendgate_server.store.redis import connect
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_logs import RedisLogStore
 from spendgate_server.violations import ViolationFeed
@@ -113,9 +113,7 @@ def build_alerts(settings: ServeSettings) -> Alerts:
         logs: LogStore = RedisLogStore.from_url(
             settings.redis_url, timeout_seconds=timeout, poll_seconds=settings.evaluator_poll_millis / 1000
         )
-        client = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        client = connect(settings.redis_url, timeout_seconds=timeout, max_connections=8)
         policy_store = PolicyStore(RedisConfigStore(client, key_prefix=POLICY_KEY_PREFIX))
     else:
         logs = MemoryLogStore()

@@ -122,12 +122,10 @@ class Evaluator:
         violations: list[Violation] = []
         for entry in entries:
             try:
-                event = JournalEvent.from_json(entry.payload)
-            except ValueError as exc:
-                # A poison entry is acknowledged, never retried forever.
-                _log.error("journal_entry_unreadable", tenant=tenant, entry_id=entry.entry_id, error=str(exc))
-                continue
-            violations += evaluate(event, policies)
+                violations += evaluate(JournalEvent.from_json(entry.payload), policies)
+            except Exception:
+                # A poison entry is logged and acknowledged: retrying it forever would stall the tenant.
+                _log.exception("journal_entry_not_evaluated", tenant=tenant, entry_id=entry.entry_id)
         # Stored first, acknowledged after: a crash in between re-evaluates, and the ids dedupe.
         added = await self._feed.add(tenant, violations, self._clock())
         await self._logs.ack(JOURNAL_LOG, tenant, EVALUATOR_GROUP, [e.entry_id for e in entries])
@@ -168,9 +166,15 @@ class Evaluator:
                     await self.refresh_metrics()
                     next_metrics = loop.time() + self._timings.metrics_interval_seconds
                 failures = 0
-            except SpendgateError as exc:
+            except Exception as exc:
+                # Store outages (SpendgateError) and anything unexpected: back off, keep evaluating.
                 failures += 1
-                _log.warning("evaluator_round_failed", error=str(exc), failures=failures)
+                _log.warning(
+                    "evaluator_round_failed",
+                    error=str(exc),
+                    failures=failures,
+                    exc_info=not isinstance(exc, SpendgateError),
+                )
                 await asyncio.sleep(min(self._timings.idle_poll_seconds * 2**failures, 5.0))
                 continue
             if not done:

@@ -169,7 +169,11 @@ class WebhookSink:
 
     async def _deliver(self, tenant: str, entry: LogEntry) -> bool:
         """POST one violation until it is accepted (True) or the sink stops (False)."""
-        violation = Violation.from_json(entry.payload, entry.entry_id)
+        try:
+            violation = Violation.from_json(entry.payload, entry.entry_id)
+        except (ValueError, KeyError, TypeError):
+            _log.exception("webhook_violation_unreadable", tenant=tenant, entry_id=entry.entry_id)
+            return True  # acknowledged: an unreadable entry would block the feed forever
         body = json.dumps(violation.webhook_payload(tenant), separators=(",", ":"), sort_keys=True).encode()
         attempt = 0
         while not self._stopping:
@@ -203,8 +207,9 @@ class WebhookSink:
         while not self._stopping:
             try:
                 done = await self.run_once()
-            except SpendgateError as exc:
-                _log.warning("webhook_round_failed", error=str(exc))
+            except Exception as exc:
+                unexpected = not isinstance(exc, SpendgateError)
+                _log.warning("webhook_round_failed", error=str(exc), exc_info=unexpected)
                 done = 0
             if not done and not self._stopping:
                 await asyncio.sleep(self._idle_poll)

@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
+from spendgate_server.store.redis import RedisClient, connect
 
 __all__ = ["APPEND_SCRIPT", "RedisLogStore"]
 
@@ -59,7 +59,7 @@ def _entries(raw: Any) -> list[LogEntry]:
 class RedisLogStore(LogStore):
     """Shared logs: every server appends, any number of workers consume."""
 
-    def __init__(self, client: aioredis.Redis, key_prefix: str = "sg", poll_seconds: float = 0.1) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = "sg", poll_seconds: float = 0.1) -> None:
         self._client = client
         self._poll_seconds = poll_seconds
         self._prefix = key_prefix
@@ -69,12 +69,10 @@ class RedisLogStore(LogStore):
 
     @classmethod
     def from_url(cls, url: str, *, timeout_seconds: float = 0.5, poll_seconds: float = 0.1) -> RedisLogStore:
-        """Connect lazily to ``url``; ``wait`` polls every ``poll_seconds``."""
+        """Connect lazily to ``url`` (one Redis, or a cluster: ``redis+cluster://``); ``wait`` polls
+        every ``poll_seconds``."""
         return cls(
-            aioredis.Redis.from_url(
-                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-            ),
-            poll_seconds=poll_seconds,
+            connect(url, timeout_seconds=timeout_seconds, max_connections=16), poll_seconds=poll_seconds
         )
 
     def stream_key(self, log: str, tenant: str) -> str:
