@@ -25,6 +25,8 @@ from spendgate.v1 import (
     decision_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
     violation_pb2,
     violation_pb2_grpc,
 )
@@ -34,6 +36,7 @@ from spendgate_server.auth import Authenticator, AuthInterceptor, check_exposure
 from spendgate_server.config_servicer import ConfigServicer
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.insights import InsightsStore, MemoryInsightsStore, SessionActivity
 from spendgate_server.journal import Journal
 from spendgate_server.keystore import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.logging import configure_logging
@@ -42,6 +45,7 @@ from spendgate_server.policy_servicer import PolicyServicer
 from spendgate_server.pricing import PriceTable
 from spendgate_server.remote_config import ConfigResolver
 from spendgate_server.servicer import DecisionServicer
+from spendgate_server.session_servicer import SessionServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.status import DecodeErrorInterceptor
 from spendgate_server.store import Store
@@ -50,6 +54,7 @@ from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_configs import RedisConfigStore
+from spendgate_server.store.redis_insights import RedisInsightsStore
 from spendgate_server.violation_servicer import ViolationServicer
 
 __all__ = ["build_engine", "build_store", "run", "serve"]
@@ -63,6 +68,7 @@ SERVICE_NAMES = (
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
     policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
     violation_pb2.DESCRIPTOR.services_by_name["ViolationService"].full_name,
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 # Reports only that the process is up and serving: for liveness probes, which must not
 # restart pods because Redis is down (readiness, on the service names, covers that).
@@ -94,6 +100,15 @@ def build_config_store(settings: ServeSettings) -> ConfigStore:
             settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
         )
     return MemoryConfigStore()
+
+
+def build_insights_store(settings: ServeSettings) -> InsightsStore:
+    """Where the fleet's session insights are aggregated: Redis when the state is, else here."""
+    if settings.store == "redis":
+        return RedisInsightsStore.from_url(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
+        )
+    return MemoryInsightsStore()
 
 
 def build_keystore(settings: ServeSettings) -> KeyStore | None:
@@ -209,6 +224,8 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     alerts = build_alerts(settings)
     engine = build_engine(settings, store, prices, configs, alerts.journal)
     config_task = asyncio.create_task(configs.run())
+    activity = SessionActivity(build_insights_store(settings))
+    activity_task = asyncio.create_task(activity.run())
     # The embedded memory store has no other reader of its journal: evaluate here.
     alerts.start(
         evaluate=settings.evaluator == "on" or (settings.evaluator == "auto" and settings.store == "memory"),
@@ -235,8 +252,11 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
 
     interceptors = [AuthInterceptor(authenticator), DecodeErrorInterceptor()]
     server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, metrics), server)
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+        DecisionServicer(engine, metrics, activity), server
+    )
     config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
         ViolationServicer(alerts.feed, WATCH_RECHECK_SECONDS), server
@@ -288,13 +308,14 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
     await alerts.close()
-    for task in (config_task, auth_task):
+    for task in (config_task, auth_task, activity_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     if keystore is not None:
         await keystore.close()
     await configs.store.close()
+    await activity.store.close()
     await store.close()
     _log.info("stopped")
 

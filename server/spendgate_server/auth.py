@@ -61,6 +61,8 @@ ADMIN_METHODS = frozenset(
         "/spendgate.v1.PolicyService/ListPolicyRevisions",
         "/spendgate.v1.ViolationService/ListViolations",
         "/spendgate.v1.ViolationService/WatchViolations",
+        "/spendgate.v1.SessionService/ListSessions",
+        "/spendgate.v1.SessionService/GetSessionSpend",
     }
 )
 

@@ -116,6 +116,8 @@ class Decision:
     remaining_budget_nano_usd: int | None
     config_version: int
     shadow_rules: frozenset[Rule] = frozenset()
+    # The effective max_session_usd, for reporting (SessionService); None when off.
+    budget_nano_usd: int | None = None
 
     @property
     def would_block(self) -> bool:
@@ -126,6 +128,11 @@ class Decision:
     def allowed(self) -> bool:
         """The call may go to the provider."""
         return self.verdict is not Verdict.BLOCK
+
+    @property
+    def spend_known(self) -> bool:
+        """Whether session_spend_nano_usd was read from the store (a ceiling block never asks it)."""
+        return not (self.verdict is Verdict.BLOCK and self.rule is Rule.TOKEN_CEILING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +261,7 @@ class DecisionEngine:
                 committed,
                 remaining,
                 version,
+                budget_nano_usd=config.max_session_nano_usd,
             )
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
@@ -282,6 +290,7 @@ class DecisionEngine:
             remaining,
             version,
             frozenset(shadow),
+            config.max_session_nano_usd,
         )
 
     def _reserve_request(
@@ -342,6 +351,7 @@ class DecisionEngine:
             None if committed is None else _remaining(config, committed),
             version,
             shadow,
+            config.max_session_nano_usd,
         )
 
     async def settle(self, settle: SettleCall) -> Settlement:

@@ -13,6 +13,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.auth import current_principal
 from spendgate_server.engine import DecisionEngine
 from spendgate_server.errors import SpendgateError, StoreUnavailable
+from spendgate_server.insights import SessionActivity
 from spendgate_server.metrics import Metrics
 from spendgate_server.status import abort, rpc_status
 from spendgate_server.validation import call_from_proto, settle_from_proto
@@ -27,17 +28,23 @@ _log = structlog.get_logger("spendgate.servicer")
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     """Serves spendgate.v1.DecisionService over the engine."""
 
-    def __init__(self, engine: DecisionEngine, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: DecisionEngine, metrics: Metrics, activity: SessionActivity | None = None
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._activity = activity
 
     async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
         started = time.perf_counter()
         try:
-            decision = await self._engine.decide(call_from_proto(request, current_principal().tenant))
+            call = call_from_proto(request, current_principal().tenant)
+            decision = await self._engine.decide(call)
         except Exception as exc:
             await self._fail("Decide", context, exc)
         self._metrics.decided(decision, time.perf_counter() - started)
+        if self._activity is not None:
+            self._activity.decided(call.tenant, call.project, call.session_id, decision)
         return decision_to_proto(decision)
 
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
@@ -50,6 +57,10 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self._metrics.settled(
             settle.reservation_id, settled, not settle.provider_ok, time.perf_counter() - started
         )
+        if self._activity is not None and not settled.already_settled:
+            self._activity.settled(
+                settle.tenant, settle.session_id, settled.cost_nano_usd, settled.session_spend_nano_usd
+            )
         return pb.SettleResponse(
             actual_cost_nano_usd=settled.cost_nano_usd,
             session_spend_nano_usd=settled.session_spend_nano_usd,

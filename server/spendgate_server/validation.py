@@ -36,6 +36,7 @@ __all__ = [
     "page_size_from_proto",
     "policies_from_proto",
     "project_from_proto",
+    "session_id_from_proto",
     "settle_from_proto",
 ]
 
@@ -316,3 +317,15 @@ def project_from_proto(project: str) -> str:
     c.project("project", project)
     c.raise_if_any()
     return project
+
+
+def session_id_from_proto(session_id: str) -> str:
+    """Validate a session id field.
+
+    Raises:
+        InvalidArgument: naming ``session_id``.
+    """
+    c = _Checker()
+    c.name("session_id", session_id)
+    c.raise_if_any()
+    return session_id
