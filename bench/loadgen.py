@@ -4,7 +4,7 @@ Modes:
   seq     one call at a time from the *sync* client (latency without queueing);
   open    calls sent on a fixed schedule (``--rate`` per second), latency measured from
           each call's *scheduled* send time, so a slow server cannot hide queueing
-          (no coordinated omission); a pacing thread keeps the schedule with
+          (no coordinated omission); a timerfd keeps the schedule with the
           sub-millisecond precision that event-loop timers (1 ms) do not have;
   closed  ``--concurrency`` callers, each sending its next call when the last answers.
 
@@ -380,18 +380,15 @@ async def run_open(
             *(calls[0](total + i) for i in range(min(args.warmup, 200))), return_exceptions=True
         )
 
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
     start = clock() + 20_000_000
     launched = 0
 
-    def on_ticks() -> None:
+    def launch(due: int) -> None:
+        # Every call due by now (a late wake sends several, each timed from its own due time).
         nonlocal launched
-        try:
-            ticks = len(os.read(read_fd, 65536))
-        except BlockingIOError:
-            return
-        for _ in range(ticks):
+        for _ in range(due):
+            if launched >= total:
+                break
             i = launched
             launched += 1
             task = loop.create_task(one(i, start + int(i * interval_ns)))
@@ -400,30 +397,97 @@ async def run_open(
         if launched >= total:
             done.set()
 
-    def pacer() -> None:
-        # time.sleep is a clock_nanosleep: ~60 µs precision, against 1 ms for loop timers.
-        for i in range(total):
-            delay = (start + i * interval_ns - clock()) / 1e9
-            if delay > 0:
-                time.sleep(delay)
-            os.write(write_fd, b".")
-
-    loop.add_reader(read_fd, on_ticks)
-    previous_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)  # the pacer must get the GIL promptly when it wakes
-    thread = threading.Thread(target=pacer, name="pacer", daemon=True)
-    thread.start()
-    await done.wait()
-    if tasks:
-        await asyncio.gather(*tasks)
-    elapsed = (clock() - start) / 1e9
-    thread.join()
-    sys.setswitchinterval(previous_interval)
-    loop.remove_reader(read_fd)
-    os.close(read_fd)
-    os.close(write_fd)
+    ticker = _Ticker.timerfd(start, interval_ns) or _Ticker.thread(start, interval_ns, total)
+    loop.add_reader(ticker.fd, lambda: launch(ticker.read()))
+    try:
+        await done.wait()
+        if tasks:
+            await asyncio.gather(*tasks)
+        elapsed = (clock() - start) / 1e9
+    finally:
+        loop.remove_reader(ticker.fd)
+        ticker.close()
     await close()
     return rec, elapsed, lags_us
+
+
+class _Ticker:
+    """A file descriptor that becomes readable at each scheduled send time.
+
+    Linux: a timerfd (kernel hrtimer, µs precision, no thread, one read per wake that
+    says how many sends fell due). Elsewhere: a thread sleeping to each due time and
+    writing a byte to a pipe (needs the GIL on every wake, so it costs more CPU).
+    Event-loop timers are not used: their resolution is 1 ms, as long as a Decide.
+    """
+
+    def __init__(self, fd: int, read: Callable[[], int], close: Callable[[], None]) -> None:
+        self.fd, self.read, self.close = fd, read, close
+
+    @classmethod
+    def timerfd(cls, start_ns: int, interval_ns: float) -> _Ticker | None:
+        import ctypes
+        import ctypes.util
+
+        if not sys.platform.startswith("linux"):
+            return None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+        class Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]  # ctypes API
+
+        class Itimerspec(ctypes.Structure):
+            _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]  # ctypes API
+
+        clock_monotonic, tfd_nonblock, tfd_cloexec, tfd_timer_abstime = 1, 0o4000, 0o2000000, 1
+        fd = libc.timerfd_create(clock_monotonic, tfd_nonblock | tfd_cloexec)
+        if fd < 0:
+            return None
+        # perf_counter_ns reads CLOCK_MONOTONIC on Linux: the same clock the timer runs on.
+        step = int(interval_ns)
+        spec = Itimerspec(
+            Timespec(step // 10**9, step % 10**9), Timespec(start_ns // 10**9, start_ns % 10**9)
+        )
+        if libc.timerfd_settime(fd, tfd_timer_abstime, ctypes.byref(spec), None) != 0:
+            os.close(fd)
+            return None
+
+        def read() -> int:
+            try:
+                return int.from_bytes(os.read(fd, 8), sys.byteorder)
+            except BlockingIOError:
+                return 0
+
+        return cls(fd, read, lambda: os.close(fd))
+
+    @classmethod
+    def thread(cls, start_ns: int, interval_ns: float, total: int) -> _Ticker:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        stop = threading.Event()
+
+        def pacer() -> None:
+            for i in range(total):
+                delay = (start_ns + i * interval_ns - time.perf_counter_ns()) / 1e9
+                if delay > 0 and stop.wait(delay):
+                    return
+                os.write(write_fd, b".")
+
+        thread = threading.Thread(target=pacer, name="pacer", daemon=True)
+        thread.start()
+
+        def read() -> int:
+            try:
+                return len(os.read(read_fd, 65536))
+            except BlockingIOError:
+                return 0
+
+        def close() -> None:
+            stop.set()
+            thread.join()
+            os.close(read_fd)
+            os.close(write_fd)
+
+        return cls(read_fd, read, close)
 
 
 # --- entry point -------------------------------------------------------------------------------
