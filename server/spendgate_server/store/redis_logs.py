@@ -71,9 +71,8 @@ class RedisLogStore(LogStore):
     def from_url(cls, url: str, *, timeout_seconds: float = 0.5, poll_seconds: float = 0.1) -> RedisLogStore:
         """Connect lazily to ``url`` (one Redis, or a cluster: ``redis+cluster://``); ``wait`` polls
         every ``poll_seconds``."""
-        return cls(
-            connect(url, timeout_seconds=timeout_seconds, max_connections=16), poll_seconds=poll_seconds
-        )
+        # As many connections as the session store: every Settle also appends to the journal.
+        return cls(connect(url, timeout_seconds=timeout_seconds), poll_seconds=poll_seconds)
 
     def stream_key(self, log: str, tenant: str) -> str:
         """The tenant's stream of ``log``."""
