@@ -15,6 +15,8 @@ _OPEN_ROWS = ("p50", "p99", "p99.9")
 def _num(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float) and abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}"
@@ -50,6 +52,7 @@ def _rows(document: dict[str, Any], rpc: str) -> tuple[list[str], list[list[str]
         label = f"open {point['fraction_of_floor']:g}x ({point['offered_rps']:.0f}/s)"
         for name in _OPEN_ROWS:
             add(f"{label} {name} ms", lambda r, i=i, n=name: r["open"][i][n])
+    add("open-loop failed calls (all loads)", lambda r: sum(p["errors"] for p in r["open"]), 0, ratio=False)
     add("closed-loop calls/s", lambda r: r["closed"]["throughput_rps"], 0)
     add("server CPU-s / 1k calls", lambda r: r["closed"].get("server_cpu_s_per_1k"))
     add("redis CPU-s / 1k calls", lambda r: r["closed"].get("redis_cpu_s_per_1k"))

@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     a(
         "--loads",
-        default=_env_default("loads", "0.25,0.5,0.75,0.9"),
+        default=_env_default("loads", "0.1,0.25,0.4,0.5,0.65,0.9"),
         help="open-loop offered loads as fractions of the floor's capacity (env SG_BENCH_LOADS)",
     )
     a(
