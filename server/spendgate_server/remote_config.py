@@ -53,6 +53,7 @@ class ConfigResolver:
         self._changed = asyncio.Condition()
         # Strong references: the loop keeps only weak ones to tasks.
         self._notifications: set[asyncio.Task[None]] = set()
+        self._loading: dict[tuple[str, str], asyncio.Future[ResolvedConfig]] = {}
 
     @classmethod
     def static(cls, default: EnforcementConfig) -> ConfigResolver:
@@ -64,7 +65,21 @@ class ConfigResolver:
         return self._cache.get((tenant, project))
 
     async def load(self, tenant: str, project: str) -> ResolvedConfig:
-        """Read the tenant's (and project's) config from the store and cache the result."""
+        """Read the tenant's (and project's) config from the store and cache the result.
+
+        Concurrent misses for the same config share one read, so a burst of first calls
+        (or the burst after an invalidation) costs the store one round trip set, not one each.
+        """
+        key = (tenant, project)
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(tenant, project))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        # Shielded: one waiter giving up must not cancel the read the others wait for.
+        return await asyncio.shield(loading)
+
+    async def _load(self, tenant: str, project: str) -> ResolvedConfig:
         generation = self._generation.get(tenant, 0)
         # The version counter is read first: a write racing with this load shows up at the next poll.
         version_counter = (await self.store.versions([tenant]))[tenant]

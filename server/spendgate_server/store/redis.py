@@ -107,7 +107,12 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
     try:
         if scheme in CLUSTER_SCHEMES:
             return _cluster(url, CLUSTER_SCHEMES[scheme], common)
-        return aioredis.Redis.from_url(url, **common)
+        # A blocking pool: past max_connections a call waits (up to the timeout) for a free
+        # connection instead of failing at once with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(url, timeout=timeout_seconds, **common)
+        client = aioredis.Redis(connection_pool=pool)
+        client.auto_close_connection_pool = True  # aclose() closes the pool it was given
+        return client
     except (ValueError, RedisClusterException) as exc:
         raise ConfigError(
             f"--redis-url {url!r} is not valid: {exc}; expected redis://host:port/db, rediss://, "
