@@ -1,14 +1,17 @@
-"""The console's only way to spendgate: ConfigService calls made with the signed-in admin's key.
+"""The console's only way to spendgate: calls to its services made with the signed-in admin's key.
 
-The console keeps no data of its own; every page is read from the service when it is
-shown, and every write is the service's compare-and-set. gRPC failures become the few
-errors a page can act on (sign in again, show field errors, show a conflict, say the
-service is down).
+ConfigService (rules), PolicyService (policies), ViolationService (the alerts feed, paged
+and live) and SessionService (top sessions and their spend). The console keeps no data of
+its own; every page is read from the service when it is shown, and every write is the
+service's compare-and-set. Replies are turned into the server's own domain types
+(``Policies``, ``Violation``, ``SessionSummary``) so pages share their vocabulary with
+the CLI. gRPC failures become the few errors a page can act on (sign in again, show
+field errors, show a conflict, say the service is down).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,12 +20,18 @@ from typing import Any, Protocol
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from spendgate.v1 import config_pb2 as cpb
-from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc
+from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc, session_pb2_grpc, violation_pb2_grpc
 from spendgate.v1 import policy_pb2 as ppb
+from spendgate.v1 import session_pb2 as spb
+from spendgate.v1 import violation_pb2 as vpb
 
-from spendgate_server.config import EnforcementConfig, config_to_dict
+from spendgate_server.alerts_wire import policies_to_proto
+from spendgate_server.config import EnforcementConfig, Rule, config_to_dict
 from spendgate_server.errors import ConfigError, FieldViolation, SpendgateError
+from spendgate_server.insights import SessionSummary, SpendPoint
+from spendgate_server.policies import BannedPattern, KeyRule, Policies, policies_to_dict
 from spendgate_server.validation import config_from_proto
+from spendgate_server.violations import PatternHit, PolicyType, Violation, ViolationFilter
 from spendgate_server.wire import config_to_proto
 
 __all__ = [
@@ -34,7 +43,10 @@ __all__ = [
     "GrpcBackend",
     "InvalidInput",
     "NotAuthorized",
+    "PolicyRevisionPage",
+    "PolicyView",
     "RevisionPage",
+    "ViolationPage",
 ]
 
 # A project name no server accepts: the fallback admin probe must never write anything.
@@ -91,6 +103,39 @@ class RevisionPage:
     older: ConfigView | None
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    """The tenant's policies in their user-facing form (``policies_to_dict``), and who wrote them when."""
+
+    policies: dict[str, Any]
+    version: int = 0
+    etag: str = ""
+    updated_by: str = ""
+    update_time: datetime | None = None
+
+    @property
+    def written(self) -> bool:
+        """False while nobody has written policies (every policy is off)."""
+        return self.version > 0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRevisionPage:
+    """One page of policy history, newest first; ``older`` is the revision just before the last one."""
+
+    revisions: tuple[PolicyView, ...]
+    next_page_token: str
+    older: PolicyView | None
+
+
+@dataclass(frozen=True, slots=True)
+class ViolationPage:
+    """One page of the alerts feed, newest first; ``next_page_token`` pages on to older ones."""
+
+    violations: tuple[Violation, ...]
+    next_page_token: str
+
+
 class Backend(Protocol):
     """What the pages need from spendgate (GrpcBackend; tests also use an in-memory fake)."""
 
@@ -114,6 +159,40 @@ class Backend(Protocol):
         """One page of the config's history."""
         ...
 
+    async def get_policies(self, api_key: str) -> PolicyView:
+        """The tenant's current policies."""
+        ...
+
+    async def update_policies(self, api_key: str, policies: Policies, etag: str) -> PolicyView:
+        """Compare-and-set: EditConflict when ``etag`` is stale, InvalidInput when refused."""
+        ...
+
+    async def list_policy_revisions(
+        self, api_key: str, page_size: int, page_token: str
+    ) -> PolicyRevisionPage:
+        """One page of the policies' history."""
+        ...
+
+    async def list_violations(
+        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str
+    ) -> ViolationPage:
+        """One page of the violations ``where`` admits, newest first."""
+        ...
+
+    def watch_violations(
+        self, api_key: str, where: ViolationFilter, cursor: str
+    ) -> AsyncGenerator[Violation, None]:
+        """The violations ``where`` admits found after ``cursor``, oldest first, then live, until closed."""
+        ...
+
+    async def list_sessions(self, api_key: str, project: str, page_size: int) -> tuple[SessionSummary, ...]:
+        """The sessions (of ``project`` when given) with the most spend, highest first."""
+        ...
+
+    async def get_session_spend(self, api_key: str, session_id: str) -> tuple[SpendPoint, ...]:
+        """One session's settled spend per minute, oldest first."""
+        ...
+
     async def close(self) -> None:
         """Release the connection."""
         ...
@@ -133,7 +212,104 @@ def _view(message: cpb.Config) -> ConfigView:
     )
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
+def _time(message: Any) -> datetime:
+    """A google.protobuf.Timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(message.seconds + message.nanos / 1e9, UTC)
+
+
+def _ms(message: Any) -> int:
+    """A google.protobuf.Timestamp as Unix milliseconds."""
+    return int(message.seconds) * 1000 + int(message.nanos) // 1_000_000
+
+
+def _policies(message: ppb.Policies) -> Policies:
+    """The domain form of stored policies, as they are: the service validated them when written."""
+    threshold = None
+    if message.HasField("approval_required_threshold_cents"):
+        threshold = message.approval_required_threshold_cents
+    return Policies(
+        approved_models=tuple(message.approved_models),
+        banned_patterns=tuple(BannedPattern(b.id, b.pattern) for b in message.banned_patterns),
+        key_environment_check=tuple(
+            KeyRule(r.key_fingerprint, r.key_label, tuple(r.environments))
+            for r in message.key_environment_check
+        ),
+        approval_required_threshold_cents=threshold,
+        journal_prompts=message.journal_prompts,
+    )
+
+
+def _policy_view(message: ppb.PolicySet) -> PolicyView:
+    return PolicyView(
+        policies=policies_to_dict(_policies(message.policies)) if message.version else {},
+        version=message.version,
+        etag=message.etag,
+        updated_by=message.updated_by,
+        update_time=_time(message.update_time) if message.version else None,
+    )
+
+
+def _violation(message: vpb.Violation) -> Violation:
+    """The domain form of a violation; its pattern hit carries no matched text (the wire has none)."""
+    try:
+        policy_type = PolicyType(message.policy_type)
+    except ValueError:
+        raise BackendError(
+            f"the service reported a violation of policy type {message.policy_type}, which this console "
+            "does not know: upgrade the console"
+        ) from None
+    pattern = None
+    if message.HasField("pattern"):
+        p = message.pattern
+        pattern = PatternHit(p.pattern_id, p.pattern, p.offset, p.redacted_excerpt, p.matched_on_client)
+    return Violation(
+        violation_id=message.violation_id,
+        policy_type=policy_type,
+        message=message.message,
+        call_time_ms=_ms(message.call_time),
+        decision_id=message.decision_id,
+        session_id=message.session_id,
+        project=message.project,
+        requested_model=message.requested_model,
+        effective_model=message.effective_model,
+        environment=message.environment,
+        key_fingerprint=message.key_fingerprint,
+        key_label=message.key_label,
+        cost_nano_usd=message.cost_nano_usd,
+        policy_version=message.policy_version,
+        pattern=pattern,
+        approved_models=tuple(message.approved_models),
+        permitted_environments=tuple(message.permitted_environments),
+        threshold_cents=message.threshold_cents,
+        cursor=message.cursor,
+    )
+
+
+def _session(message: spb.SessionSummary) -> SessionSummary:
+    blocked: dict[Rule, int] = {}
+    for count in message.blocked:
+        if count.rule in Rule._value2member_map_:
+            blocked[Rule(count.rule)] = count.count
+    return SessionSummary(
+        session_id=message.session_id,
+        project=message.project,
+        spend_nano_usd=message.spend_nano_usd,
+        budget_nano_usd=message.budget_nano_usd if message.HasField("budget_nano_usd") else None,
+        decisions=message.decision_count,
+        blocked=blocked,
+        last_seen_ms=_ms(message.last_seen_time),
+    )
+
+
+def _filter_fields(where: ViolationFilter) -> dict[str, Any]:
+    return {
+        "policy_type": int(where.policy_type) if where.policy_type else 0,
+        "session_id": where.session_id,
+        "project": where.project,
+    }
+
+
+def _field_violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
     """The google.rpc.BadRequest field violations carried in ``grpc-status-details-bin``."""
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
@@ -153,7 +329,7 @@ def _translate(error: grpc.aio.AioRpcError) -> BackendError:
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return NotAuthorized(details)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(details, _violations(error))
+        return InvalidInput(details, _field_violations(error))
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return EditConflict(details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -198,6 +374,8 @@ class GrpcBackend:
             self._channel = grpc.aio.insecure_channel(target)
         self._stub = config_pb2_grpc.ConfigServiceStub(self._channel)
         self._policies = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        self._feed = violation_pb2_grpc.ViolationServiceStub(self._channel)
+        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._timeout = timeout_seconds
 
     def _metadata(self, api_key: str) -> tuple[tuple[str, str], ...]:
@@ -280,6 +458,103 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
         return RevisionPage(tuple(_view(r) for r in page.revisions), page.next_page_token, older)
+
+    async def get_policies(self, api_key: str) -> PolicyView:
+        """The tenant's current policies."""
+        try:
+            response = await self._policies.GetPolicies(
+                ppb.GetPoliciesRequest(), timeout=self._timeout, metadata=self._metadata(api_key)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return _policy_view(response.policy_set)
+
+    async def update_policies(self, api_key: str, policies: Policies, etag: str) -> PolicyView:
+        """Compare-and-set: EditConflict on a stale ``etag``, InvalidInput (RE2's reasons too) if refused."""
+        request = ppb.UpdatePoliciesRequest(policies=policies_to_proto(policies), etag=etag)
+        try:
+            response = await self._policies.UpdatePolicies(
+                request, timeout=self._timeout, metadata=self._metadata(api_key)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return _policy_view(response.policy_set)
+
+    async def list_policy_revisions(
+        self, api_key: str, page_size: int, page_token: str
+    ) -> PolicyRevisionPage:
+        """One page of policy history, plus the revision before its last one (to diff that one too)."""
+        metadata = self._metadata(api_key)
+        try:
+            page = await self._policies.ListPolicyRevisions(
+                ppb.ListPolicyRevisionsRequest(page_size=page_size, page_token=page_token),
+                timeout=self._timeout,
+                metadata=metadata,
+            )
+            older = None
+            if page.next_page_token:
+                after = await self._policies.ListPolicyRevisions(
+                    ppb.ListPolicyRevisionsRequest(page_size=1, page_token=page.next_page_token),
+                    timeout=self._timeout,
+                    metadata=metadata,
+                )
+                older = _policy_view(after.revisions[0]) if after.revisions else None
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return PolicyRevisionPage(tuple(_policy_view(r) for r in page.revisions), page.next_page_token, older)
+
+    async def list_violations(
+        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str
+    ) -> ViolationPage:
+        """One page of the violations ``where`` admits, newest first."""
+        request = vpb.ListViolationsRequest(
+            page_size=page_size, page_token=page_token, **_filter_fields(where)
+        )
+        try:
+            response = await self._feed.ListViolations(
+                request, timeout=self._timeout, metadata=self._metadata(api_key)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return ViolationPage(tuple(_violation(v) for v in response.violations), response.next_page_token)
+
+    async def watch_violations(
+        self, api_key: str, where: ViolationFilter, cursor: str
+    ) -> AsyncGenerator[Violation, None]:
+        """WatchViolations from ``cursor``: no deadline (it is live); the call ends when the iterator does."""
+        request = vpb.WatchViolationsRequest(cursor=cursor, **_filter_fields(where))
+        call = self._feed.WatchViolations(request, metadata=self._metadata(api_key))
+        try:
+            async for response in call:
+                yield _violation(response.violation)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        finally:
+            call.cancel()
+
+    async def list_sessions(self, api_key: str, project: str, page_size: int) -> tuple[SessionSummary, ...]:
+        """The sessions (of ``project`` when given) with the most spend, highest first."""
+        try:
+            response = await self._sessions.ListSessions(
+                spb.ListSessionsRequest(project=project, page_size=page_size),
+                timeout=self._timeout,
+                metadata=self._metadata(api_key),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return tuple(_session(s) for s in response.sessions)
+
+    async def get_session_spend(self, api_key: str, session_id: str) -> tuple[SpendPoint, ...]:
+        """One session's settled spend per minute over the last 24 hours, oldest first."""
+        try:
+            response = await self._sessions.GetSessionSpend(
+                spb.GetSessionSpendRequest(session_id=session_id),
+                timeout=self._timeout,
+                metadata=self._metadata(api_key),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return tuple(SpendPoint(_ms(p.minute_start_time), p.cost_nano_usd) for p in response.points)
 
     async def close(self) -> None:
         """Close the channel."""

@@ -70,6 +70,17 @@ class SessionStore:
 
     def get(self, session_id: str) -> ConsoleSession | None:
         """The live session with this id (its idle timer restarts), or None."""
+        session = self.peek(session_id)
+        if session is not None:
+            session.last_seen_at = self._clock()
+        return session
+
+    def peek(self, session_id: str) -> ConsoleSession | None:
+        """The live session with this id, or None; its idle timer does not restart.
+
+        What the live alerts feed uses: a feed left open in an unattended browser is not
+        activity, so it never keeps a session alive, and it stops when the session ends.
+        """
         session = self._sessions.get(session_id)
         if session is None:
             return None
@@ -77,7 +88,6 @@ class SessionStore:
         if now - session.last_seen_at > self._idle or now - session.created_at > self._max_age:
             del self._sessions[session_id]
             return None
-        session.last_seen_at = now
         return session
 
     def delete(self, session_id: str) -> None:

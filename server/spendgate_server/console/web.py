@@ -20,6 +20,7 @@ import hmac
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -32,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spendgate_server.console.backend import Backend, BackendError, BackendUnavailable, NotAuthorized
 from spendgate_server.console.sessions import ConsoleSession, SessionStore
+from spendgate_server.money import format_usd
 
 __all__ = [
     "Console",
@@ -49,7 +51,10 @@ __all__ = [
 
 _log = structlog.get_logger("spendgate.console")
 
-MAX_FORM_BYTES = 64 * 1024
+# The largest policy set the service accepts (100 patterns of 1 KiB, 200 keys with 16
+# environments each, 200 models), url-encoded, fits; nothing bigger is read.
+MAX_FORM_BYTES = 1024 * 1024
+MAX_FORM_FIELDS = 2000
 CSP = (
     "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -94,6 +99,10 @@ class Console:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self.templates.filters["usd"] = format_usd
+        self.templates.filters["utc"] = _utc
+        self.templates.filters["iso"] = _iso
+        self.templates.filters["clock"] = _clock
 
     @property
     def backend(self) -> Backend:
@@ -133,17 +142,40 @@ class Console:
         response.delete_cookie(name, path="/", httponly=True, samesite="strict", secure=self.secure_cookies)
 
 
+def _utc(unix_ms: int) -> str:
+    """Unix milliseconds as people read them here: ``2026-01-02 15:04:05 UTC``."""
+    return datetime.fromtimestamp(unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _clock(unix_ms: int) -> str:
+    """Unix milliseconds as a time of day in UTC: ``15:04``."""
+    return datetime.fromtimestamp(unix_ms / 1000, UTC).strftime("%H:%M")
+
+
+def _iso(unix_ms: int) -> str:
+    """Unix milliseconds for a ``<time datetime>`` attribute."""
+    return datetime.fromtimestamp(unix_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
 def console_of(request: Request) -> Console:
     """The Console behind this request's application."""
     console: Console = request.app.state.console
     return console
 
 
-def current_session(request: Request) -> ConsoleSession | None:
-    """The signed-in session named by the request's cookie, or None."""
+def current_session(request: Request, *, touch: bool = True) -> ConsoleSession | None:
+    """The signed-in session named by the request's cookie, or None.
+
+    Args:
+        request: the request.
+        touch: the request is activity, restarting the session's idle timer (the live
+            feed's stream is not).
+    """
     console = console_of(request)
     session_id = request.cookies.get(console.session_cookie, "")
-    return console.sessions.get(session_id) if session_id else None
+    if not session_id:
+        return None
+    return console.sessions.get(session_id) if touch else console.sessions.peek(session_id)
 
 
 class FormRefused(Exception):
@@ -176,7 +208,9 @@ async def read_form(request: Request, expected_token: str) -> dict[str, list[str
         if len(body) > MAX_FORM_BYTES:
             raise FormRefused("the form is too large")
     try:
-        fields = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=200, strict_parsing=False)
+        fields = parse_qs(
+            body.decode(), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS, strict_parsing=False
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormRefused("the form could not be read") from exc
     presented = (fields.get("csrf_token") or [""])[0]
