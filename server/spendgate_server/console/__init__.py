@@ -1,4 +1,4 @@
-"""``spendgate console``: the web console (rules now; policies, violations and sessions to come).
+"""``spendgate console``: the web console: rules, policies, the live violations feed and top sessions.
 
 A small Starlette application that talks to the spendgate services as the signed-in admin
 and keeps nothing of its own but the signed-in sessions. Importing this package does not

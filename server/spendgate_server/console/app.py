@@ -63,7 +63,7 @@ def create_app(
         origins: Every origin (scheme://host[:port]) browsers reach the console at.
         secure_cookies: Browsers use HTTPS: cookies get ``Secure`` and the ``__Host-`` prefix.
         target: The service's address, shown in the page footer.
-        projects: Projects listed on the Rules page.
+        projects: Projects listed on the Rules page and offered in the filters.
         idle_seconds: A session ends after this long without a request.
         max_age_seconds: A session ends this long after sign-in.
         clock: Seconds, for session expiry (tests pass a fake one).

@@ -38,7 +38,7 @@ class ConsoleSettings:
     # The origin browsers use to reach the console, e.g. https://console.example.com.
     public_url: str = ""
     insecure: bool = False
-    # Projects offered as links on the Rules page (the service has no call that lists them).
+    # Projects offered as links on the Rules page and as filter suggestions (no call lists them).
     projects: tuple[str, ...] = ()
     session_idle_minutes: int = 60
     session_max_hours: int = 12
@@ -100,7 +100,7 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
         dest="projects",
         action="append",
         default=[p for p in _env("projects", "").split(",") if p],
-        help="a project to list on the Rules page; repeat it (env SPENDGATE_CONSOLE_PROJECTS=a,b)",
+        help="a project to offer on the pages; repeat it (env SPENDGATE_CONSOLE_PROJECTS=a,b)",
     )
     a(
         "--session-idle-minutes",
