@@ -1,29 +1,34 @@
 """The web console end to end: a real server, a real console process, Debian's Chromium driven by Playwright.
 
-Each page is photographed into tests/artifacts/ (gitignored); with
-SPENDGATE_UPDATE_SCREENSHOTS=1 the pictures are also copied to docs/screenshots/ for the README.
+The server runs the memory store with its policy evaluator embedded, so a call settled
+through the Python DecisionClient reaches the alerts feed within moments. Each page is
+photographed into tests/artifacts/ (gitignored); with SPENDGATE_UPDATE_SCREENSHOTS=1 the
+pictures are also copied to docs/screenshots/ for the README.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, ViewportSize, expect, sync_playwright
 from spendgate.v1 import config_pb2 as cpb
-from spendgate.v1 import config_pb2_grpc
+from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc
 from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import policy_pb2 as ppb
 from spendgate_client import DecisionClient
 
 from tests.ensure_chromium import ensure as ensure_chromium
@@ -51,6 +56,9 @@ LAUNCH_ARGS = [
 ]
 TIMEOUT_MILLIS = 15_000
 MODEL = "claude-sonnet-4-5"
+UNAPPROVED_MODEL = "claude-haiku-4-5-20251001"
+SECRET = "sk-live-Zq8Xv2LmN4pR7tY1uW9eB3cD5fG6hJ0kQ"  # noqa: S105  # fake: the feed must never show it
+PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
 @dataclass
@@ -112,13 +120,55 @@ class Stack:
             request = cpb.UpdateConfigRequest(project=project, enforcement_config=config, etag=etag)
             return stub.UpdateConfig(request, metadata=bearer(self.admin_key)).config
 
+    def policies(self) -> ppb.PolicySet:
+        """The policies as the service has them now."""
+        with grpc.insecure_channel(self.server.target) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            return stub.GetPolicies(ppb.GetPoliciesRequest(), metadata=bearer(self.admin_key)).policy_set
+
+    def write_policies_as_someone_else(self, change: Callable[[ppb.Policies], None]) -> ppb.PolicySet:
+        """Another admin changes the policies through the API (read, change, compare-and-set)."""
+        current = self.policies()
+        policies = ppb.Policies()
+        policies.CopyFrom(current.policies)
+        change(policies)
+        with grpc.insecure_channel(self.server.target) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            request = ppb.UpdatePoliciesRequest(policies=policies, etag=current.etag)
+            return stub.UpdatePolicies(request, metadata=bearer(self.admin_key)).policy_set
+
+    def call(
+        self,
+        session: str,
+        model: str,
+        *,
+        fingerprint: bytes | None = None,
+        config: dict[str, Any] | None = None,
+        **context: Any,
+    ) -> bool:
+        """Decide one call through the Python client and settle it when allowed; True when allowed."""
+        client = DecisionClient(self.server.target, api_key=self.client_key, fail_mode="closed", timeout=5)
+        try:
+            decision = client.decide(
+                session, model, 100, 500, fingerprint or uuid.uuid4().bytes, enforcement_config=config
+            )
+            if decision.allowed:
+                settled = client.settle(
+                    session, decision.reservation_id, model, input_tokens=100, output_tokens=500, **context
+                )
+                assert settled is not None
+            return decision.allowed
+        finally:
+            client.close()
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys_file = tmp_path_factory.mktemp("console-keys") / "keys.json"
     admin = create_key(keys_file, "acme", "admin", "ops")
     client = create_key(keys_file, "acme", "client", "agent")
-    server = SpendgateServer.start("--keys-file", str(keys_file))
+    # The evaluator is embedded (memory store) and polls quickly, so violations arrive at once.
+    server = SpendgateServer.start("--keys-file", str(keys_file), "--evaluator-poll-millis", "20")
     try:
         console = ConsoleProcess.start(server.target, "--project", "batch", "--project", "web")
     except BaseException:
@@ -193,6 +243,17 @@ def decide(stack: Stack, session: str, input_tokens: int) -> tuple[str, str | No
 
 def save(page: Page) -> None:
     page.get_by_role("button", name="Save rules").click()
+
+
+def save_policies(page: Page) -> None:
+    page.get_by_role("button", name="Save policies").click()
+
+
+def watch_for_csp_errors(page: Page) -> list[str]:
+    """Collect the console errors of ``page`` (a script or style refused by the CSP would be one)."""
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    return errors
 
 
 def test_sign_in_change_a_rule_and_the_next_decision_changes(page: Page, stack: Stack) -> None:
@@ -271,21 +332,151 @@ def test_a_stale_edit_is_shown_as_a_conflict_and_overwrites_nothing(page: Page, 
     screenshot(page, "rules-history")
 
 
-def test_other_pages_keyboard_and_phone_width(page: Page, stack: Stack) -> None:
+def test_a_bad_pattern_is_refused_beside_its_row_with_re2s_reason(page: Page, stack: Stack) -> None:
+    """A bad regular expression comes back from the service as RE2's message beside its row, unsaved."""
+    sign_in(page, stack, "/policies")
+    expect(page.get_by_role("heading", level=1)).to_contain_text("Policies")
+    before = stack.policies().version
+    page.get_by_label("Approved models, one per line").fill(MODEL)
+    page.get_by_label("Pattern 1 Id").fill("live-key")
+    page.get_by_label("Pattern 1 RE2 expression").fill("sk-live-[A-Za-z0-9]+")
+    page.get_by_label("Pattern 2 Id").fill("injection")
+    page.get_by_label("Pattern 2 RE2 expression").fill("(?<=look)behind")
+    save_policies(page)
+    row = page.locator(".field", has=page.locator("#f-banned_patterns-1-pattern"))
+    expect(row.locator(".error")).to_contain_text(
+        "RE2 refuses '(?<=look)behind': invalid perl operator: (?<="
+    )
+    expect(page.locator("#f-banned_patterns-1-pattern")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#f-banned_patterns-0-pattern")).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator(".error-summary")).to_contain_text("Banned pattern 2, pattern")
+    screenshot(page, "policies-validation-error")
+    assert stack.policies().version == before, "nothing was saved"
+
+    page.get_by_label("Pattern 2 RE2 expression").fill("ignore (all )?previous instructions")
+    save_policies(page)
+    expect(page.get_by_role("status")).to_contain_text("Saved as version")
+    expect(page.locator("#policy-banned_patterns .badge")).to_have_text("On")
+    assert [p.id for p in stack.policies().policies.banned_patterns] == ["live-key", "injection"]
+
+
+def test_a_stale_policy_edit_is_a_conflict_and_overwrites_nothing(page: Page, stack: Stack) -> None:
+    """When another admin saves policies first, the editor sees both diffs; a second save replaces."""
+    sign_in(page, stack, "/policies")
+    page.get_by_label("Threshold per call, US cents").fill("250")
+
+    def add_key_rule(policies: ppb.Policies) -> None:
+        policies.key_environment_check.add(key_label="ci-key", environments=["staging"])
+
+    theirs = stack.write_policies_as_someone_else(add_key_rule)
+    save_policies(page)
+    conflict = page.get_by_role("alert").filter(has_text="someone else saved first")
+    expect(conflict).to_contain_text(f"saved version {theirs.version}")
+    expect(conflict.locator(".diff").first).to_contain_text(
+        '+ key_environment_check[label ci-key]: ["staging"]'
+    )
+    expect(conflict.locator(".diff").last).to_contain_text("+ approval_required_threshold_cents: 250")
+    expect(conflict.locator(".diff").last).to_contain_text("- key_environment_check[label ci-key]")
+    expect(page.get_by_label("Threshold per call, US cents")).to_have_value("250")
+    screenshot(page, "policies-conflict")
+    stored = stack.policies()
+    assert stored.version == theirs.version
+    assert not stored.policies.HasField("approval_required_threshold_cents")
+
+    page.get_by_role("button", name=f"Replace version {theirs.version} with my edit").click()
+    expect(page.get_by_role("status")).to_contain_text("Saved as version")
+    assert stack.policies().policies.approval_required_threshold_cents == 250
+    screenshot(page, "policies")
+
+
+def test_a_violation_appears_in_the_live_feed_without_reloading(page: Page, stack: Stack) -> None:
+    """A call breaking policies set here shows up live, filtered, with the secret it held redacted."""
+    csp_errors = watch_for_csp_errors(page)
+    sign_in(page, stack, "/policies")
+    page.get_by_label("Approved models, one per line").fill(MODEL)
+    page.get_by_label("Pattern 1 Id").fill("live-key")
+    page.get_by_label("Pattern 1 RE2 expression").fill("sk-live-")
+    page.get_by_label("Journal prompt text").check()
+    save_policies(page)
+    expect(page.get_by_role("status")).to_contain_text("Saved as version")
+
+    session = f"agent-{uuid.uuid4().hex[:8]}"
+    page.goto(f"{stack.console.url}/violations?session={session}")
+    expect(page.locator("#live-status")).to_contain_text("Live:")
+    page.evaluate("window.notReloaded = true")
+    assert stack.call(f"other-{uuid.uuid4().hex[:8]}", UNAPPROVED_MODEL), "another session's violation"
+    prompt = f"You are helpful.\nmy key is {SECRET} why does it fail?"
+    assert stack.call(session, UNAPPROVED_MODEL, project="web", environment="dev", prompt_text=prompt)
+
+    feed = page.locator("#violations > li")
+    expect(feed).to_have_count(2)
+    expect(feed.filter(has_text="Unapproved model")).to_contain_text(
+        f"model {UNAPPROVED_MODEL} ran and is not in approved_models"
+    )
+    banned = feed.filter(has_text="Banned pattern")
+    expect(banned).to_contain_text("Prompt matched banned pattern live-key at offset 27")
+    expect(banned).to_contain_text("my key is [REDACTED] why does it fail?")
+    expect(page.locator("#live-status")).to_contain_text("2 new since the page opened")
+    assert page.evaluate("window.notReloaded") is True, "the page was never reloaded"
+    assert SECRET[8:] not in page.content()
+    # The other session's violation was found first: filtered out by the stream, not merely late.
+    expect(feed).to_have_count(2)
+    screenshot(page, "violations-live")
+
+    page.goto(stack.console.url + "/violations")
+    expect(page.locator("#violations > li").first).to_be_visible()
+    screenshot(page, "violations")
+    page.set_viewport_size(PHONE)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "violations-phone")
+    assert csp_errors == []
+
+
+def test_sessions_page_shows_spend_budget_and_blocked_calls(page: Page, stack: Stack) -> None:
+    """A session that spent and had a call blocked shows its budget bar, blocked count and chart."""
+    session = f"support-{uuid.uuid4().hex[:8]}"
+    config = {"max_session_usd": 0.05, "dedup_ttl_seconds": 60}
+    repeated = uuid.uuid4().bytes
+    for i in range(3):
+        assert stack.call(session, MODEL, fingerprint=repeated if i == 0 else None, config=config)
+    assert not stack.call(session, MODEL, fingerprint=repeated, config=config), "the duplicate is blocked"
+    stack.call(f"batch-{uuid.uuid4().hex[:8]}", MODEL)
+
+    # DecisionClient.decide names no project (only settle does), so these sessions have none to filter by.
+    sign_in(page, stack, "/sessions")
+    card = page.locator(".session-card", has_text=session)
+    deadline = time.monotonic() + TIMEOUT_MILLIS / 1000
+    # Servers flush session figures about once a second: reload until they arrive.
+    while card.locator(".blocked").count() == 0:
+        assert time.monotonic() < deadline, "the session never appeared with its blocked call"
+        time.sleep(0.25)
+        page.reload()
+    expect(card.locator(".budget-text")).to_contain_text(" of $0.05 (")
+    expect(card.locator("meter")).to_have_accessible_name("Budget used")
+    expect(card.locator(".blocked")).to_contain_text("Duplicate requests (dedup_ttl_seconds): 1")
+    expect(card.get_by_role("img")).to_have_accessible_name(
+        re.compile(r"^Settled spend per minute, .* in all")
+    )
+    expect(card.locator("svg rect")).to_have_count(1)
+    screenshot(page, "sessions")
+    page.set_viewport_size(PHONE)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    screenshot(page, "sessions-phone")
+
+
+def test_every_page_keyboard_labels_and_phone_width(page: Page, stack: Stack) -> None:
     """Every page is in the navigation, controls have labels and visible focus, phones need no side-scroll."""
     sign_in(page, stack)
-    for title, name in (("Policies", "policies"), ("Violations", "violations"), ("Sessions", "sessions")):
+    for title in ("Policies", "Violations", "Sessions", "Rules"):
         page.get_by_role("navigation", name="Main").get_by_role("link", name=title).click()
-        expect(page.get_by_role("heading", level=1)).to_have_text(title)
-        screenshot(page, name)
+        expect(page.get_by_role("heading", level=1)).to_contain_text(title)
+        unlabelled = page.evaluate(
+            "[...document.querySelectorAll('input:not([type=hidden]), select, textarea, button, meter')]"
+            ".filter(e => e.tagName === 'BUTTON' ? !e.textContent.trim() : !(e.labels && e.labels.length))"
+            ".map(e => e.name || e.id)"
+        )
+        assert unlabelled == [], title
 
-    page.goto(stack.console.url + "/rules")
-    unlabelled = page.evaluate(
-        "[...document.querySelectorAll('input:not([type=hidden]), select, button')]"
-        ".filter(e => e.tagName === 'BUTTON' ? !e.textContent.trim() : !(e.labels && e.labels.length))"
-        ".map(e => e.name || e.id)"
-    )
-    assert unlabelled == []
     page.keyboard.press("Tab")
     skip = page.get_by_role("link", name="Skip to content")
     expect(skip).to_be_focused()
@@ -293,10 +484,11 @@ def test_other_pages_keyboard_and_phone_width(page: Page, stack: Stack) -> None:
     page.keyboard.press("Enter")
     expect(page.locator("main")).to_be_focused()
 
-    page.set_viewport_size({"width": 390, "height": 844})
-    page.goto(stack.console.url + "/rules")
-    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    screenshot(page, "rules-phone")
+    page.set_viewport_size(PHONE)
+    for path, name in (("/rules", "rules-phone"), ("/policies", "policies-phone")):
+        page.goto(stack.console.url + path)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+        screenshot(page, name)
 
 
 def test_client_key_is_refused_and_sign_out_ends_the_session(page: Page, stack: Stack) -> None:
