@@ -22,7 +22,6 @@ from spendgate.v1 import config_pb2 as cpb
 from spendgate_server.config import EnforcementConfig, ModelDowngrade, Rule, config_to_dict
 from spendgate_server.console.app import allowed_origins, create_app
 from spendgate_server.console.backend import (
-    BackendError,
     BackendUnavailable,
     ConfigView,
     EditConflict,
@@ -85,7 +84,7 @@ class FakeBackend:
         self.listed: list[tuple[ViolationFilter, int, str]] = []
         self.watched: list[tuple[ViolationFilter, str]] = []
         # Raised by a watch after it has sent what it had (None: it just ends).
-        self.watch_error: BackendError | None = None
+        self.watch_error: Exception | None = None
         # A watch waits here after sending what it had, until set (None: it ends at once).
         self.watch_hold: asyncio.Event | None = None
         self.sessions: list[SessionSummary] = []

@@ -497,6 +497,10 @@ def test_stream_ends_on_refusal_and_closes_quietly_when_the_service_goes_away(si
     with client.stream("GET", "/violations/stream?cursor=0") as response:
         body = response.read().decode()
     assert "event: violation" in body and "event: ended" not in body
+    backend.watch_error = RuntimeError("a bug")  # not a BackendError: a bug in the relay itself
+    with client.stream("GET", "/violations/stream?cursor=0") as response:
+        body = response.read().decode()
+    assert "event: ended\ndata: spendgate refused the live feed: the console failed to relay" in body
 
 
 # --- Sessions

@@ -198,6 +198,10 @@ async def _events(
             await queue.put(_END)
         except BackendError as exc:
             await queue.put(exc)
+        except Exception as exc:
+            # Never a silent stall: the feed ends and says so, and the log has the details.
+            _log.error("console_feed_failed", key=session.key_label, exc_info=exc)
+            await queue.put(BackendError("the console failed to relay the feed (see its log)"))
 
     reader = asyncio.ensure_future(relay())
     deadline = asyncio.get_running_loop().time() + STREAM_SECONDS
