@@ -364,3 +364,33 @@ def test_config_round_trips_through_user_form() -> None:
 
     config = parse_enforcement_config({"max_session_usd": "0.000000001", "shadow": True, "token_ceiling": 9})
     assert parse_enforcement_config(config_to_dict(config)) == config
+
+
+def test_wrapper_project_applies_project_rules(spendgate: Callable[..., SpendgateServer]) -> None:
+    """A client naming a project (DecisionClient project=, wrappers' spendgate_project=) gets its rules."""
+    from spendgate_client import DecisionClient, JournaledAnthropic, TokenCeilingExceeded
+
+    server = spendgate()
+    write(server.target, {"token_ceiling": 50}, project="tight")
+    with DecisionClient(server.target, timeout=5) as client:
+        fp = hashlib.sha256(b"p").digest()
+        assert client.decide("s", "claude-sonnet-4-5", 100, 10, fp).allowed
+        assert not client.decide("s", "claude-sonnet-4-5", 100, 10, fp, project="tight").allowed
+    wrapped = JournaledAnthropic(
+        api_key="sk-ant-test",
+        session_id="w",
+        spendgate_target=server.target,
+        spendgate_project="tight",
+        base_url="http://127.0.0.1:9",  # never contacted: the call is blocked first
+    )
+    try:
+        with pytest.raises(TokenCeilingExceeded):
+            wrapped.messages.create(
+                model="claude-test-big",
+                max_tokens=10,
+                messages=[{"role": "user", "content": "hello " * 100}],
+            )
+    finally:
+        wrapped.close()
+    with pytest.raises(ValueError, match="spendgate_project"):
+        JournaledAnthropic(api_key="k", session_id="w", spendgate_project="bad project!")

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import anthropic
+import grpc
 
 from spendgate_client._client import FailMode
 from spendgate_client._estimate import PreparedRequest, prepare_anthropic
@@ -130,6 +131,9 @@ class JournaledAnthropic(anthropic.Anthropic):
         fail_mode: ``"open"`` lets calls through when spendgate is unreachable;
             ``"closed"`` raises ``SpendgateUnavailable``.
         decide_timeout: deadline of each Decide, in seconds.
+        spendgate_project: project whose server-side rules apply on top of the tenant's;
+            default env ``SPENDGATE_PROJECT``.
+        spendgate_credentials: TLS credentials for spendgate (``tls_credentials(...)``).
         **kwargs: passed unchanged to ``anthropic.Anthropic`` (``api_key``,
             ``base_url``, ``timeout``, ``max_retries``, …).
 
@@ -147,6 +151,8 @@ class JournaledAnthropic(anthropic.Anthropic):
         spendgate_api_key: str | None = None,
         fail_mode: FailMode = "open",
         decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
+        spendgate_project: str | None = None,
+        spendgate_credentials: grpc.ChannelCredentials | None = None,
         _spendgate_gate: Gate | None = None,
         **kwargs: Any,
     ) -> None:
@@ -159,6 +165,8 @@ class JournaledAnthropic(anthropic.Anthropic):
             fail_mode=fail_mode,
             decide_timeout=decide_timeout,
             asynchronous=False,
+            spendgate_project=spendgate_project,
+            spendgate_credentials=spendgate_credentials,
         )
         try:
             super().__init__(**kwargs)
@@ -228,6 +236,8 @@ class AsyncJournaledAnthropic(anthropic.AsyncAnthropic):
         spendgate_api_key: str | None = None,
         fail_mode: FailMode = "open",
         decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
+        spendgate_project: str | None = None,
+        spendgate_credentials: grpc.ChannelCredentials | None = None,
         _spendgate_gate: Gate | None = None,
         **kwargs: Any,
     ) -> None:
@@ -239,6 +249,8 @@ class AsyncJournaledAnthropic(anthropic.AsyncAnthropic):
             fail_mode=fail_mode,
             decide_timeout=decide_timeout,
             asynchronous=True,
+            spendgate_project=spendgate_project,
+            spendgate_credentials=spendgate_credentials,
         )
         try:
             super().__init__(**kwargs)

@@ -261,6 +261,7 @@ class _Base:
         tool_call_count: int,
         request_id: str,
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None,
+        project: str = "",
     ) -> pb.DecideRequest:
         request = pb.DecideRequest(
             session_id=session_id,
@@ -270,6 +271,7 @@ class _Base:
             fingerprint=fingerprint,
             tool_call_count=tool_call_count,
             request_id=request_id,
+            project=project,
         )
         if enforcement_config is not None:
             if not isinstance(enforcement_config, pb.EnforcementConfig):
@@ -370,8 +372,13 @@ class DecisionClient(_Base):
         tool_call_count: int = 0,
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
+        project: str = "",
     ) -> Decision:
         """Ask whether a provider call may go ahead. A block is returned, not raised.
+
+        ``project`` names the project whose server-side rules apply on top of the tenant's.
+
+        ``project`` names the project whose server-side rules apply on top of the tenant's.
 
         Raises:
             SpendgateUnavailable: the service is unreachable or late and fail_mode is closed.
@@ -386,6 +393,7 @@ class DecisionClient(_Base):
             tool_call_count,
             request_id,
             enforcement_config,
+            project,
         )
         self.stats.add("decisions")
         try:
@@ -531,6 +539,7 @@ class AsyncDecisionClient(_Base):
         tool_call_count: int = 0,
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
+        project: str = "",
     ) -> Decision:
         """See DecisionClient.decide."""
         request = self._decide_request(
@@ -542,6 +551,7 @@ class AsyncDecisionClient(_Base):
             tool_call_count,
             request_id,
             enforcement_config,
+            project,
         )
         self.stats.add("decisions")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import weakref
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from spendgate.v1 import decision_pb2 as pb
 
 from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode
@@ -48,6 +50,7 @@ DEFAULT_DECIDE_TIMEOUT = 0.25
 # The server's bound on session ids (validation.BOUNDS["session_id"]), checked up front
 # so a typo fails at construction rather than on the first call.
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,10 @@ class Gate:
         spendgate_api_key: default env ``SPENDGATE_API_KEY``.
         fail_mode: ``"open"`` or ``"closed"`` when the service is unreachable.
         decide_timeout: deadline of each Decide, in seconds.
+        spendgate_project: project whose server-side rules apply on top of the tenant's;
+            default env ``SPENDGATE_PROJECT``.
+        spendgate_credentials: TLS channel credentials for spendgate
+            (:func:`spendgate_client.tls_credentials`); plaintext when None.
         asynchronous: also make an AsyncDecisionClient for the async wrappers' Decide.
 
     Raises:
@@ -86,29 +93,43 @@ class Gate:
         fail_mode: FailMode,
         decide_timeout: float,
         asynchronous: bool,
+        spendgate_project: str | None = None,
+        spendgate_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
             raise ValueError(
                 f"session_id must be 1-128 characters of [A-Za-z0-9._:@/+=-], got {session_id!r}"
             )
         self.session_id = session_id
+        project = os.environ.get("SPENDGATE_PROJECT", "") if spendgate_project is None else spendgate_project
+        if project and not _PROJECT.fullmatch(project):
+            raise ValueError(f"spendgate_project must be 1-64 characters of [A-Za-z0-9._-], got {project!r}")
+        self.project = project
         self.config: pb.EnforcementConfig | None = (
             enforcement_config_to_proto(enforcement_config) if enforcement_config is not None else None
         )
         # The blocking client decides for the sync wrappers and settles for both.
         self.client = DecisionClient(
-            spendgate_target, timeout=decide_timeout, fail_mode=fail_mode, api_key=spendgate_api_key
+            spendgate_target,
+            timeout=decide_timeout,
+            fail_mode=fail_mode,
+            api_key=spendgate_api_key,
+            credentials=spendgate_credentials,
         )
         self.async_client = (
             AsyncDecisionClient(
-                spendgate_target, timeout=decide_timeout, fail_mode=fail_mode, api_key=spendgate_api_key
+                spendgate_target,
+                timeout=decide_timeout,
+                fail_mode=fail_mode,
+                api_key=spendgate_api_key,
+                credentials=spendgate_credentials,
             )
             if asynchronous
             else None
         )
         self.settler = Settler(self.client)
         # Environment, project and key label come from SPENDGATE_ENVIRONMENT, _PROJECT, _KEY_LABEL.
-        self.journal = JournalSettings(matcher=PatternMatcher(self.client))
+        self.journal = JournalSettings(project=project, matcher=PatternMatcher(self.client))
 
     def decide(self, request: PreparedRequest, api_key: str | None = None) -> Ticket:
         """Ask Decide (blocking) and admit the call; ``api_key`` (the provider's) is only fingerprinted.
@@ -125,6 +146,7 @@ class Gate:
             request.fingerprint,
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
+            project=self.project,
         )
         return self._admit(decision, request, api_key)
 
@@ -139,6 +161,7 @@ class Gate:
             request.fingerprint,
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
+            project=self.project,
         )
         return self._admit(decision, request, api_key)
 

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
+import grpc
 import openai
 
 from spendgate_client._client import FailMode
@@ -171,6 +172,9 @@ class JournaledOpenAI(openai.OpenAI):
         fail_mode: ``"open"`` lets calls through when spendgate is unreachable;
             ``"closed"`` raises ``SpendgateUnavailable``.
         decide_timeout: deadline of each Decide, in seconds.
+        spendgate_project: project whose server-side rules apply on top of the tenant's;
+            default env ``SPENDGATE_PROJECT``.
+        spendgate_credentials: TLS credentials for spendgate (``tls_credentials(...)``).
         **kwargs: passed unchanged to ``openai.OpenAI`` (``api_key``, ``base_url``,
             ``timeout``, ``max_retries``, …).
 
@@ -188,6 +192,8 @@ class JournaledOpenAI(openai.OpenAI):
         spendgate_api_key: str | None = None,
         fail_mode: FailMode = "open",
         decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
+        spendgate_project: str | None = None,
+        spendgate_credentials: grpc.ChannelCredentials | None = None,
         _spendgate_gate: Gate | None = None,
         **kwargs: Any,
     ) -> None:
@@ -200,6 +206,8 @@ class JournaledOpenAI(openai.OpenAI):
             fail_mode=fail_mode,
             decide_timeout=decide_timeout,
             asynchronous=False,
+            spendgate_project=spendgate_project,
+            spendgate_credentials=spendgate_credentials,
         )
         try:
             super().__init__(**kwargs)
@@ -269,6 +277,8 @@ class AsyncJournaledOpenAI(openai.AsyncOpenAI):
         spendgate_api_key: str | None = None,
         fail_mode: FailMode = "open",
         decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
+        spendgate_project: str | None = None,
+        spendgate_credentials: grpc.ChannelCredentials | None = None,
         _spendgate_gate: Gate | None = None,
         **kwargs: Any,
     ) -> None:
@@ -280,6 +290,8 @@ class AsyncJournaledOpenAI(openai.AsyncOpenAI):
             fail_mode=fail_mode,
             decide_timeout=decide_timeout,
             asynchronous=True,
+            spendgate_project=spendgate_project,
+            spendgate_credentials=spendgate_credentials,
         )
         try:
             super().__init__(**kwargs)
