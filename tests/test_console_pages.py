@@ -629,9 +629,11 @@ async def test_backend_policies_feed_and_sessions_against_a_real_server(server: 
         settle_call(server.target, new_session(), "claude-test-small", b"z" * 32)
         where = ViolationFilter(PolicyType.APPROVED_MODELS, session, "")
         deadline = time.monotonic() + DEADLINE_SECONDS
-        while len((page := await backend.list_violations("", where, 2, "")).violations) < 2:
+        # Wait for all three: with only two evaluated yet, a page of two would rightly be the last.
+        while len((await backend.list_violations("", where, 3, "")).violations) < 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
+        page = await backend.list_violations("", where, 2, "")
         assert page.next_page_token and all(v.session_id == session for v in page.violations)
         watch = backend.watch_violations("", where, "0")
         streamed = [await anext(watch) for _ in range(3)]
