@@ -533,3 +533,21 @@ def test_client_killed_between_decide_and_settle(
         assert ledger.settled == {orphans[0]: ACTUAL}
         assert ledger.spent == 2 * ESTIMATE + ACTUAL
     assert_exact(redis_server.port, "bystander", settled)
+
+
+@pytest.mark.redis
+async def test_pipelining_off_uses_the_pool(redis_url: str) -> None:
+    """--redis-pipelining off runs the same scripts through redis-py's pool, with the same results."""
+    from spendgate_server.store.base import ReserveRequest, ReserveStatus, SessionKey
+
+    pooled = RedisStore.from_url(redis_url, timeout_seconds=5, pipelined=False)
+    piped = RedisStore.from_url(redis_url, timeout_seconds=5)
+    try:
+        session = SessionKey("t", "pipelining")
+        for store, rid in ((pooled, "1" * 32), (piped, "2" * 32)):
+            outcome = await store.reserve(ReserveRequest(session, 1, rid, 10, 60_000, 3_600_000))
+            assert outcome.status is ReserveStatus.ALLOWED
+        assert (await pooled.session_state(session, 1, 3_600_000)).reserved_nano_usd == 20
+    finally:
+        await pooled.close()
+        await piped.close()

@@ -49,6 +49,7 @@ from spendgate_server.session_servicer import SessionServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.status import DecodeErrorInterceptor
 from spendgate_server.store import Store
+from spendgate_server.store.breaker import CircuitBreakerStore
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
 from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.memory import MemoryStore
@@ -79,10 +80,12 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def build_store(settings: ServeSettings) -> Store:
     """The store named by the settings; Redis sits behind a circuit breaker (store/breaker.py)."""
-    from spendgate_server.store.breaker import CircuitBreakerStore
-
     if settings.store == "redis":
-        redis = RedisStore.from_url(settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000)
+        redis = RedisStore.from_url(
+            settings.redis_url,
+            timeout_seconds=settings.redis_timeout_millis / 1000,
+            pipelined=settings.redis_pipelining == "on",
+        )
         if settings.redis_breaker_failures == 0:
             return redis
         return CircuitBreakerStore(

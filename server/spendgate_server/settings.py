@@ -34,6 +34,8 @@ class ServeSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Below the clients' default 250 ms deadline, so a hung Redis reaches them as UNAVAILABLE.
     redis_timeout_millis: int = 100
+    # "on": Decide/Settle scripts share one pipelined connection (store/pipeline.py).
+    redis_pipelining: str = "on"
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
     price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
@@ -151,6 +153,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca",
         default=_env("tls_client_ca", ""),
         help="PEM CA bundle: require client certificates (mTLS)",
+    )
+    a(
+        "--redis-pipelining",
+        default=_env("redis_pipelining", d.redis_pipelining),
+        help="on: hot-path scripts share one pipelined connection (plain redis:// only); off: a pool",
     )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
@@ -331,6 +338,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        redis_pipelining=_choice("redis-pipelining", args.redis_pipelining, ("on", "off")),
         config_poll_millis=_int("config-poll-millis", args.config_poll_millis, 50, 600_000),
         health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),

@@ -48,6 +48,7 @@ from spendgate_server.store.base import (
     Store,
     shadow_rules_from_mask,
 )
+from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 
 __all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "connect", "load_script"]
 
@@ -150,19 +151,42 @@ def _unavailable_reply(exc: ResponseError) -> bool:
 class RedisStore(Store):
     """Shared state in Redis or Redis Cluster (or anything speaking the protocol with Lua)."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
+    def __init__(
+        self, client: RedisClient, key_prefix: str = "sg", hot_path: PipelinedRedis | None = None
+    ) -> None:
         self._client = client
         self._prefix = key_prefix
+        # When given, Decide/Settle scripts go over this pipelined connection (pipeline.py).
+        self._hot_path = hot_path
+        self._sources = {name: load_script(name) for name in ("decide", "settle", "state")}
         # Script objects run EVALSHA and, on NOSCRIPT (a restarted or failed-over
         # Redis has an empty script cache), load the script and run it again.
-        self._decide = client.register_script(load_script("decide"))
-        self._settle = client.register_script(load_script("settle"))
-        self._state = client.register_script(load_script("state"))
+        self._decide = client.register_script(self._sources["decide"])
+        self._settle = client.register_script(self._sources["settle"])
+        self._state = client.register_script(self._sources["state"])
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64) -> RedisStore:
-        """Connect lazily to ``url`` (see :func:`connect`) with short timeouts and no retries."""
-        return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=max_connections))
+    def from_url(
+        cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64, pipelined: bool = True
+    ) -> RedisStore:
+        """Connect lazily to ``url`` (see :func:`connect`) with short timeouts and no retries.
+
+        With ``pipelined`` and a plain ``redis://`` URL, the scripts run over one shared
+        pipelined connection (pipeline.py); other URLs, and pings, use redis-py.
+        """
+        client = connect(url, timeout_seconds=timeout_seconds, max_connections=max_connections)
+        hot_path = None
+        if pipelined and url.partition("://")[0].lower() == "redis":
+            options = parse_url(url)
+            hot_path = PipelinedRedis(
+                options.get("host", "localhost"),
+                int(options.get("port", 6379)),
+                int(options.get("db", 0)),
+                username=options.get("username"),
+                password=options.get("password"),
+                timeout_seconds=timeout_seconds,
+            )
+        return cls(client, hot_path=hot_path)
 
     @property
     def client(self) -> RedisClient:
@@ -170,6 +194,14 @@ class RedisStore(Store):
         return self._client
 
     async def _run(self, script: Any, session: SessionKey, args: list[Any]) -> list[Any]:
+        if self._hot_path is not None:
+            try:
+                hot: list[Any] = await self._hot_path.run_script(
+                    script.script, session_keys(session, self._prefix), args
+                )
+            except ScriptError as exc:
+                raise RuntimeError(str(exc)) from exc
+            return hot
         try:
             reply: list[Any] = await script(keys=session_keys(session, self._prefix), args=args)
         except ResponseError as exc:
@@ -245,4 +277,6 @@ class RedisStore(Store):
             raise StoreUnavailable(f"redis: {exc}") from exc
 
     async def close(self) -> None:
+        if self._hot_path is not None:
+            await self._hot_path.close()
         await self._client.aclose()
