@@ -34,6 +34,7 @@ from spendgate.v1 import (
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, build_alerts
 from spendgate_server.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.config_servicer import ConfigServicer
+from spendgate_server.deny_cache import DenyCache
 from spendgate_server.engine import DecisionEngine, EngineTimings
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.insights import InsightsStore, MemoryInsightsStore, SessionActivity
@@ -161,7 +162,8 @@ def build_engine(
         reservation_ttl_ms=settings.reservation_ttl_seconds * 1000,
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
-    return DecisionEngine(store, prices, configs, timings=timings, journal=journal)
+    deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
+    return DecisionEngine(store, prices, configs, timings=timings, journal=journal, deny_cache=deny)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spendgate_server.config import BudgetMode, EnforcementConfig, Rule
+from spendgate_server.deny_cache import DenyCache
 from spendgate_server.errors import NotFound
 from spendgate_server.journal import CallContext, Journal, JournalEvent
 from spendgate_server.money import format_usd
@@ -170,8 +171,10 @@ class DecisionEngine:
         timings: EngineTimings | None = None,
         clock: Clock = system_clock_ms,
         journal: Journal | None = None,
+        deny_cache: DenyCache | None = None,
     ) -> None:
         self._store = store
+        self._deny = deny_cache
         self._journal = journal
         self._prices = prices
         self._configs = configs
@@ -240,6 +243,30 @@ class DecisionEngine:
                 )
                 estimate = fallback.estimate(call.input_tokens, call.max_output_tokens)
 
+        cap = config.max_session_nano_usd
+        cacheable = (
+            self._deny is not None
+            and cap is not None
+            and config.budget_mode is BudgetMode.CROSSING
+            and not config.is_shadow(Rule.SESSION_BUDGET)
+        )
+        # A retried request id must replay its decision, which only the store knows.
+        if cacheable and not call.request_id:
+            assert self._deny is not None and cap is not None
+            denied = self._deny.blocked(call.tenant, call.session_id, cap, now_ms)
+            if denied is not None:
+                return self._blocked(
+                    call,
+                    config,
+                    version,
+                    decision_id,
+                    Rule.SESSION_BUDGET,
+                    estimate,
+                    f"session spend {format_usd(denied.committed_nano_usd)} has reached max_session_usd "
+                    f"{format_usd(cap)}; start a new session id",
+                    denied.committed_nano_usd,
+                    frozenset(shadow),
+                )
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
         outcome = await self._store.reserve(
             self._reserve_request(call, config, decision_id, estimate, memo, now_ms)
@@ -265,6 +292,9 @@ class DecisionEngine:
             )
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
+            if cacheable and outcome.blocked_by is Rule.SESSION_BUDGET:
+                assert self._deny is not None and cap is not None
+                self._deny.remember(call.tenant, call.session_id, committed, cap, now_ms)
             return self._blocked(
                 call,
                 config,
@@ -361,6 +391,8 @@ class DecisionEngine:
             NotFound: the reservation id is unknown to this session, or long expired.
         """
         cost = self._prices.lookup(settle.model).actual(settle.usage) if settle.provider_ok else 0
+        if self._deny is not None:
+            self._deny.forget(settle.tenant, settle.session_id)
         t = self._timings
         now_ms = self._clock()
         outcome = await self._store.settle(

@@ -34,6 +34,8 @@ class ServeSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Below the clients' default 250 ms deadline, so a hung Redis reaches them as UNAVAILABLE.
     redis_timeout_millis: int = 100
+    # A session found out of budget is answered from memory this long (0: off; deny_cache.py).
+    deny_cache_millis: int = 250
     # "on": Decide/Settle scripts share one pipelined connection (store/pipeline.py).
     redis_pipelining: str = "on"
     workers: int = 1
@@ -158,6 +160,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-pipelining",
         default=_env("redis_pipelining", d.redis_pipelining),
         help="on: hot-path scripts share one pipelined connection (plain redis:// only); off: a pool",
+    )
+    a(
+        "--deny-cache-millis",
+        default=_env("deny_cache_millis", str(d.deny_cache_millis)),
+        help="answer a session already out of budget from memory this long (0 turns it off)",
     )
     a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
     a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
@@ -339,6 +346,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         redis_pipelining=_choice("redis-pipelining", args.redis_pipelining, ("on", "off")),
+        deny_cache_millis=_int("deny-cache-millis", args.deny_cache_millis, 0, 60_000),
         config_poll_millis=_int("config-poll-millis", args.config_poll_millis, 50, 600_000),
         health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
         log_format=_choice("log-format", args.log_format, LOG_FORMATS),
