@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml protos/python/pyproject.toml clients/python/pyproject.t
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --config-settings editable_mode=compat \
-		-e ./protos/python -e './clients/python[anthropic,openai,re2]' -e '.[dev]'
+		-e ./protos/python -e './clients/python[anthropic,openai,re2]' -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
