@@ -1,6 +1,6 @@
 """What each tuning lever buys: the server as it is against the same server with one lever, same run.
 
-``python -m bench.levers --levers lean_redis,no_metrics`` starts one private Redis,
+``python -m bench.levers --levers redis_pool,no_metrics`` starts one private Redis,
 the unchanged server ("baseline") and one server per lever (bench/variants.py),
 then, round after round so a noisy machine's drift hits all alike, measures
 sequential Decide latency and closed-loop throughput with CPU-seconds per 1,000
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.levers", description=__doc__)
     p.add_argument(
         "--levers",
-        default="lean_redis,no_metrics,no_breaker,asyncio_loop",
+        default="redis_pool,no_metrics,no_breaker,asyncio_loop",
         help=f"comma-separated; known: {', '.join(LEVERS)}; '+' combines (a+b)",
     )
     p.add_argument("--store", default="redis")

@@ -4,7 +4,7 @@
 validation, the engine over the memory store (bare and behind the breaker and
 instrumentation layers), the response message, metrics, authentication, and — when
 a Redis URL is given or redis-server is installed — one Decide script round trip
-through redis-py, through the lean pipelined client (bench/_lean_redis.py), and a
+through redis-py, through the server's pipelined client (store/pipeline.py), and a
 trivial EVALSHA through each (the floor's round trip). A profile in numbers, to say
 which lever is worth what before measuring it end to end (bench/levers.py).
 """
@@ -133,12 +133,11 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
 
 
 async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: Any) -> dict[str, float]:
+    from spendgate_server.store.pipeline import PipelinedRedis
     from spendgate_server.store.redis import RedisStore, session_keys
 
-    from bench._lean_redis import PipelinedRedis
-
     out: dict[str, float] = {}
-    store = RedisStore.from_url(redis_url)
+    store = RedisStore.from_url(redis_url, pipelined=False)
     reserve_requests = []
     for i, call in enumerate(calls):
         config, _version = await engine.effective_config(call)
@@ -162,7 +161,7 @@ async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: A
         r = args0[i % n]
         keys = session_keys(r.session, "sgx")
         return lean.call(
-            b"EVALSHA",
+            "EVALSHA",
             decide_sha,
             2,
             *keys,

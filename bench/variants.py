@@ -30,44 +30,6 @@ class Lever:
     flags: tuple[str, ...] = ()
 
 
-def _lean_redis(batch_writes: bool) -> Callable[[], None]:
-    def patch() -> None:
-        from spendgate_server.errors import StoreUnavailable
-        from spendgate_server.store import redis as store_redis
-
-        from bench._lean_redis import PipelinedRedis, ReplyError
-
-        async def _run(self: Any, script: Any, session: Any, args: list[Any]) -> list[Any]:
-            lean: PipelinedRedis | None = self.__dict__.get("_bench_lean")
-            if lean is None:
-                kwargs = self._client.connection_pool.connection_kwargs
-                lean = PipelinedRedis(
-                    kwargs.get("host", "127.0.0.1"),
-                    int(kwargs.get("port", 6379)),
-                    int(kwargs.get("db", 0) or 0),
-                    timeout_seconds=float(kwargs.get("socket_timeout") or 0.25),
-                    batch_writes=batch_writes,
-                )
-                self._bench_lean = lean
-            keys = store_redis.session_keys(session, self._prefix)
-            try:
-                try:
-                    reply: list[Any] = await lean.call(b"EVALSHA", script.sha, len(keys), *keys, *args)
-                except ReplyError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):
-                        raise
-                    reply = await lean.call(b"EVAL", script.script, len(keys), *keys, *args)
-            except ReplyError as exc:
-                raise RuntimeError(f"spendgate Lua script failed: {exc}") from exc
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                raise StoreUnavailable(f"redis: {exc}") from exc
-            return reply
-
-        store_redis.RedisStore._run = _run  # type: ignore[method-assign]
-
-    return patch
-
-
 def _no_metrics() -> None:
     from spendgate_server import metrics
     from spendgate_server.store import instrumented
@@ -189,83 +151,6 @@ def _memo_interceptors() -> None:
     memoized(status.DecodeErrorInterceptor)
 
 
-def _deny_cache(ttl_seconds: float) -> Callable[[], None]:
-    """Remember sessions the store blocked for their budget; answer their next calls locally.
-
-    Only blocks, never allows, so it can never let through what the store would block.
-    It may block what the store would now allow (a settle elsewhere lowered the spend),
-    for at most ``ttl_seconds``; a settle through this process forgets the session at once.
-    Calls with a request_id always go to the store (a retry must replay its decision).
-    """
-
-    def patch() -> None:
-        import time
-
-        from spendgate_server import engine as eng
-        from spendgate_server.config import BudgetMode, Rule
-        from spendgate_server.store import ReserveOutcome, ReserveStatus
-
-        original_decide = eng.DecisionEngine.decide
-        original_settle = eng.DecisionEngine.settle
-
-        async def decide(self: Any, call: Any) -> Any:
-            cache: dict[tuple[str, str], tuple[int, float]] = self.__dict__.setdefault("_bench_deny", {})
-            key = (call.tenant, call.session_id)
-            entry = cache.get(key)
-            if entry is not None and not call.request_id:
-                committed, until = entry
-                if time.monotonic() >= until:
-                    cache.pop(key, None)
-                else:
-                    config, version = await self.effective_config(call)
-                    cap, ceiling = config.max_session_nano_usd, config.token_ceiling
-                    if (
-                        cap is not None
-                        and committed >= cap
-                        and config.budget_mode is BudgetMode.CROSSING
-                        and not config.is_shadow(Rule.SESSION_BUDGET)
-                        and (ceiling is None or call.input_tokens <= ceiling)
-                    ):
-                        pricing = self._prices.lookup(call.model)
-                        estimate = pricing.estimate(call.input_tokens, call.max_output_tokens)
-                        outcome = ReserveOutcome(
-                            status=ReserveStatus.BLOCKED,
-                            spent_nano_usd=committed,
-                            reserved_nano_usd=0,
-                            tool_calls=0,
-                            blocked_by=Rule.SESSION_BUDGET,
-                            shadow_fired=frozenset(),
-                            memo="",
-                        )
-                        reason = eng._block_reason(Rule.SESSION_BUDGET, config, outcome, call)
-                        decision_id = eng.new_decision_id(self._clock())
-                        return self._blocked(
-                            call,
-                            config,
-                            version,
-                            decision_id,
-                            Rule.SESSION_BUDGET,
-                            estimate,
-                            reason,
-                            committed,
-                        )
-            decision = await original_decide(self, call)
-            if decision.verdict is eng.Verdict.BLOCK and decision.rule is Rule.SESSION_BUDGET:
-                if len(cache) >= 100_000:  # bounded: a flood of blocked sessions cannot grow memory
-                    cache.clear()
-                cache[key] = (decision.session_spend_nano_usd, time.monotonic() + ttl_seconds)
-            return decision
-
-        async def settle(self: Any, settle: Any) -> Any:
-            self.__dict__.setdefault("_bench_deny", {}).pop((settle.tenant, settle.session_id), None)
-            return await original_settle(self, settle)
-
-        eng.DecisionEngine.decide = decide  # type: ignore[method-assign]
-        eng.DecisionEngine.settle = settle  # type: ignore[method-assign]
-
-    return patch
-
-
 def _asyncio_loop() -> None:
     import uvloop
 
@@ -290,13 +175,11 @@ def _server_option(name: str, value: int | str) -> Callable[[], None]:
 
 
 LEVERS: dict[str, Lever] = {
-    "lean_redis": Lever(
-        "RedisStore: one pipelined connection, hand-packed EVALSHA, hiredis parsing (no redis-py per call)",
-        _lean_redis(batch_writes=False),
-    ),
-    "lean_redis_batch": Lever(
-        "lean_redis, and the commands of one loop iteration coalesced into one socket write",
-        _lean_redis(batch_writes=True),
+    # The pipelined hot path (store/pipeline.py) and the deny cache began here as bench-only
+    # patches and are now the server's defaults; these levers measure what each buys.
+    "redis_pool": Lever(
+        "hot-path scripts through redis-py's pool instead of the pipelined connection",
+        flags=("--redis-pipelining", "off"),
     ),
     "no_metrics": Lever(
         "cost of Prometheus metrics: Metrics.decided/settled and store timing off", _no_metrics
@@ -314,9 +197,9 @@ LEVERS: dict[str, Lever] = {
         "interceptors build each method's wrapped handler once (cached by method), not per call",
         _memo_interceptors,
     ),
-    "deny_cache": Lever(
-        "local deny cache: a session the store blocked for its budget is blocked locally for 250 ms",
-        _deny_cache(0.25),
+    "no_deny_cache": Lever(
+        "no local deny cache: every call of a session out of budget asks the store",
+        flags=("--deny-cache-millis", "0"),
     ),
     "wrap_once": Lever(
         "auth and decode-error wrapping applied once per method at registration, no per-call interceptors",
