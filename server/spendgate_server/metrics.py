@@ -32,6 +32,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._decision_counters: dict[tuple[object, object], Counter] = {}
+        self._config_version_seen = -1
         r = self.registry
         self.decisions = Counter(
             "spendgate_decisions",
@@ -103,8 +105,17 @@ class Metrics:
     def decided(self, decision: Decision, seconds: float) -> None:
         """Record one Decide answered with a decision."""
         self.decide_seconds.observe(seconds)
-        self.decisions.labels(decision.verdict.name.lower(), _rule_label(decision.rule)).inc()
-        self.config_version.set(decision.config_version)
+        # Labelled children are looked up once per (verdict, rule): this runs on every Decide.
+        key = (decision.verdict, decision.rule)
+        counter = self._decision_counters.get(key)
+        if counter is None:
+            counter = self._decision_counters[key] = self.decisions.labels(
+                decision.verdict.name.lower(), _rule_label(decision.rule)
+            )
+        counter.inc()
+        if decision.config_version != self._config_version_seen:
+            self._config_version_seen = decision.config_version
+            self.config_version.set(decision.config_version)
         if decision.reservation_id:
             self.reservations.inc()
         for rule in decision.shadow_rules:
