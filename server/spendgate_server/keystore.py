@@ -19,10 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from redis.exceptions import RedisError
-
-from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.store.redis import RedisClient, connect
+from spendgate_server.errors import ConfigError
+from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = [
     "ApiKey",
@@ -145,20 +143,14 @@ class RedisKeyStore(KeyStore):
         return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=8))
 
     async def all(self) -> dict[str, ApiKey]:
-        try:
-            raw = await self._client.hgetall(self.KEY)
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        raw = await redis_call(self._client.hgetall(self.KEY))
         return {k.decode() if isinstance(k, bytes) else k: ApiKey.from_json(v) for k, v in raw.items()}
 
     async def add(self, key: ApiKey) -> None:
         await self._put(key)
 
     async def _put(self, key: ApiKey) -> None:
-        try:
-            await self._client.hset(self.KEY, key.key_id, key.to_json())
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        await redis_call(self._client.hset(self.KEY, key.key_id, key.to_json()))
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -12,8 +12,9 @@ mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -50,7 +51,7 @@ from spendgate_server.store.base import (
 )
 from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 
-__all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "connect", "load_script"]
+__all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "connect", "load_script", "redis_call"]
 
 RedisClient = aioredis.Redis | RedisCluster
 """A single Redis (or a proxy speaking its protocol) or a Redis Cluster."""
@@ -74,6 +75,17 @@ def session_keys(session: SessionKey, prefix: str) -> list[str]:
     """The two keys of a session, under one hash tag."""
     tag = f"{prefix}:{{{session.tenant}:{session.session_id}}}"
     return [tag, tag + ":exp"]
+
+
+_T = TypeVar("_T")
+
+
+async def redis_call(awaitable: Awaitable[_T]) -> _T:
+    """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status)."""
+    try:
+        return await awaitable
+    except RedisError as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
 
 
 def _flag(value: bool) -> str:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
 
-from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.configs import (
     HISTORY_LENGTH,
     ChangeListener,
@@ -17,7 +15,7 @@ from spendgate_server.store.configs import (
     ConfigStore,
     StoredConfig,
 )
-from spendgate_server.store.redis import RedisClient, connect
+from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["CHANGES_CHANNEL", "RedisConfigStore"]
 
@@ -45,21 +43,15 @@ class RedisConfigStore(ConfigStore):
     def _hash(self, tenant: str) -> str:
         return f"{self._prefix}:{{cfg:{tenant}}}"
 
-    async def _call(self, coroutine: Any) -> Any:
-        try:
-            return await coroutine
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-
     async def get(self, tenant: str, project: str) -> StoredConfig | None:
-        record = await self._call(self._client.hget(self._hash(tenant), f"p:{project}"))
+        record = await redis_call(self._client.hget(self._hash(tenant), f"p:{project}"))
         return StoredConfig.from_record(record) if record else None
 
     async def put(
         self, tenant: str, project: str, config_json: str, etag: str, actor: str, now_ms: int
     ) -> StoredConfig:
         hkey = self._hash(tenant)
-        written, value = await self._call(
+        written, value = await redis_call(
             self._put(
                 keys=[hkey, f"{hkey}:h:{project}"],
                 args=[project, etag, config_json, actor, now_ms, HISTORY_LENGTH, CHANGES_CHANNEL, tenant],
@@ -70,14 +62,14 @@ class RedisConfigStore(ConfigStore):
         return StoredConfig(project, config_json, int(value), actor, now_ms)
 
     async def history(self, tenant: str, project: str) -> list[StoredConfig]:
-        records = await self._call(self._client.lrange(f"{self._hash(tenant)}:h:{project}", 0, -1))
+        records = await redis_call(self._client.lrange(f"{self._hash(tenant)}:h:{project}", 0, -1))
         return [StoredConfig.from_record(r) for r in records]
 
     async def versions(self, tenants: list[str]) -> dict[str, int]:
         pipe = self._client.pipeline(transaction=False)
         for tenant in tenants:
             pipe.hget(self._hash(tenant), "v")
-        values = await self._call(pipe.execute())
+        values = await redis_call(pipe.execute())
         return {tenant: int(v or 0) for tenant, v in zip(tenants, values, strict=True)}
 
     async def listen(self, on_change: ChangeListener) -> None:

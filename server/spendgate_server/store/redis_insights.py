@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from redis.exceptions import RedisError
-
 from spendgate_server.config import Rule
-from spendgate_server.errors import StoreUnavailable
 from spendgate_server.insights import RETENTION_MS, InsightsStore, SessionDelta, SessionSummary, SpendPoint
-from spendgate_server.store.redis import RedisClient, connect
+from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["RedisInsightsStore"]
 
@@ -35,13 +32,6 @@ class RedisInsightsStore(InsightsStore):
 
     def _key(self, tenant: str, *parts: str) -> str:
         return ":".join((f"{self._prefix}:{{ins:{tenant}}}", *parts))
-
-    async def _execute(self, pipe: Any) -> list[Any]:
-        try:
-            result: list[Any] = await pipe.execute()
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-        return result
 
     async def record(self, tenant: str, deltas: dict[str, SessionDelta], now_ms: int) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -74,23 +64,20 @@ class RedisInsightsStore(InsightsStore):
         for ranking in rankings:
             pipe.zremrangebyrank(ranking, 0, -MAX_RANKED - 1)
             pipe.pexpire(ranking, ttl_ms)
-        await self._execute(pipe)
+        await redis_call(pipe.execute())
 
     async def top_sessions(self, tenant: str, project: str, limit: int, now_ms: int) -> list[SessionSummary]:
         ranking = self._key(tenant, "top", project) if project else self._key(tenant, "top")
-        try:
-            ranked = cast(
-                "list[tuple[bytes, float]]",
-                await self._client.zrevrange(ranking, 0, limit * 2 - 1, withscores=True),
-            )
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        ranked = cast(
+            "list[tuple[bytes, float]]",
+            await redis_call(self._client.zrevrange(ranking, 0, limit * 2 - 1, withscores=True)),
+        )
         pipe = self._client.pipeline(transaction=False)
         ids = [_text(member) for member, _ in ranked]
         for session_id in ids:
             pipe.hgetall(self._key(tenant, "s", session_id))
         summaries, stale = [], []
-        for session_id, raw in zip(ids, await self._execute(pipe), strict=True):
+        for session_id, raw in zip(ids, await redis_call(pipe.execute()), strict=True):
             fields = {_text(k): _text(v) for k, v in raw.items()}
             if not fields or int(fields.get("last", 0)) <= now_ms - RETENTION_MS:
                 stale.append(session_id)  # the summary expired: forget its rank too
@@ -108,17 +95,11 @@ class RedisInsightsStore(InsightsStore):
                 )
             )
         if stale:
-            try:
-                await self._client.zrem(ranking, *stale)
-            except RedisError as exc:
-                raise StoreUnavailable(f"redis: {exc}") from exc
+            await redis_call(self._client.zrem(ranking, *stale))
         return summaries[:limit]
 
     async def spend_series(self, tenant: str, session_id: str, now_ms: int) -> list[SpendPoint]:
-        try:
-            raw = await self._client.hgetall(self._key(tenant, "ts", session_id))
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        raw = await redis_call(self._client.hgetall(self._key(tenant, "ts", session_id)))
         points = sorted((int(_text(k)), int(_text(v))) for k, v in raw.items())
         return [SpendPoint(m, c) for m, c in points if m > now_ms - RETENTION_MS]
 

@@ -9,14 +9,14 @@ once per tenant per process after its first append.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
-from spendgate_server.store.redis import RedisClient, connect
+from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["APPEND_SCRIPT", "RedisLogStore"]
 
@@ -81,12 +81,6 @@ class RedisLogStore(LogStore):
     def _registry(self, log: str) -> str:
         return f"{self._prefix}:{log}:tenants"
 
-    async def _call(self, awaitable: Awaitable[_T]) -> _T:
-        try:
-            return await awaitable
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
-
     async def append(
         self,
         log: str,
@@ -100,19 +94,19 @@ class RedisLogStore(LogStore):
         if not entries:
             return AppendResult(())
         stream = self.stream_key(log, tenant)
-        reply = await self._call(
+        reply = await redis_call(
             self._append(
                 keys=[stream, *(f"{stream}:u:{uid}" for uid, _ in entries)],
                 args=[max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)],
             )
         )
         if (log, tenant) not in self._registered:
-            await self._call(self._client.sadd(self._registry(log), tenant))
+            await redis_call(self._client.sadd(self._registry(log), tenant))
             self._registered.add((log, tenant))
         return AppendResult(tuple(_text(r) for r in reply))
 
     async def tenants(self, log: str) -> list[str]:
-        members = await self._call(self._client.smembers(self._registry(log)))
+        members = await redis_call(self._client.smembers(self._registry(log)))
         return sorted(_text(m) for m in members)
 
     async def _ensure_group(self, stream: str, group: str, *, force: bool = False) -> None:
@@ -138,7 +132,7 @@ class RedisLogStore(LogStore):
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         await self._ensure_group(stream, group, force=True)
-        return await self._call(command())
+        return await redis_call(command())
 
     async def read_group(
         self, log: str, tenant: str, group: str, consumer: str, count: int, now_ms: int
@@ -161,12 +155,12 @@ class RedisLogStore(LogStore):
         deleted = [_text(d) for d in reply[2]] if len(reply) > 2 else []
         if deleted:
             # Trimmed while pending (retention outran the consumers): nothing left to process.
-            await self._call(self._client.xack(stream, group, *deleted))
+            await redis_call(self._client.xack(stream, group, *deleted))
         return _entries(reply[1])
 
     async def ack(self, log: str, tenant: str, group: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
-            await self._call(self._client.xack(self.stream_key(log, tenant), group, *entry_ids))
+            await redis_call(self._client.xack(self.stream_key(log, tenant), group, *entry_ids))
 
     async def pending(self, log: str, tenant: str, group: str) -> int:
         stream = self.stream_key(log, tenant)
@@ -176,29 +170,29 @@ class RedisLogStore(LogStore):
     async def oldest_unacked_ms(self, log: str, tenant: str, group: str) -> int | None:
         stream = self.stream_key(log, tenant)
         summary = await self._grouped(stream, group, lambda: self._client.xpending(stream, group))
-        groups = await self._call(self._client.xinfo_groups(stream))
+        groups = await redis_call(self._client.xinfo_groups(stream))
         candidates = [entry_id_ms(_text(summary["min"]))] if summary["pending"] else []
         for info in groups:
             if _text(info["name"]) == group:
                 last = _text(info["last-delivered-id"])
-                first = await self._call(self._client.xrange(stream, min=f"({last}", max="+", count=1))
+                first = await redis_call(self._client.xrange(stream, min=f"({last}", max="+", count=1))
                 candidates += [entry_id_ms(_text(entry_id)) for entry_id, _ in first or ()]
         return min(candidates) if candidates else None
 
     async def after(self, log: str, tenant: str, cursor: str, count: int) -> list[LogEntry]:
         stream = self.stream_key(log, tenant)
-        return _entries(await self._call(self._client.xrange(stream, min=f"({cursor}", max="+", count=count)))
+        return _entries(await redis_call(self._client.xrange(stream, min=f"({cursor}", max="+", count=count)))
 
     async def before(self, log: str, tenant: str, cursor: str, low: str, count: int) -> list[LogEntry]:
         stream = self.stream_key(log, tenant)
         return _entries(
-            await self._call(
+            await redis_call(
                 self._client.xrevrange(stream, max=f"({cursor}" if cursor else "+", min=low, count=count)
             )
         )
 
     async def last_id(self, log: str, tenant: str) -> str:
-        newest = await self._call(self._client.xrevrange(self.stream_key(log, tenant), count=1))
+        newest = await redis_call(self._client.xrevrange(self.stream_key(log, tenant), count=1))
         return _text(newest[0][0]) if newest else "0-0"
 
     async def wait(self, log: str, tenant: str, cursor: str, timeout_seconds: float) -> None:
