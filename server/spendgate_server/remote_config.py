@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -18,7 +20,7 @@ from spendgate_server.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore, StoredConfig
 
-__all__ = ["ConfigResolver", "ResolvedConfig", "parse_stored"]
+__all__ = ["ConfigResolver", "ResolvedConfig", "follow_changes", "parse_stored"]
 
 _log = structlog.get_logger("spendgate.remote_config")
 ALL_TENANTS = "*"
@@ -134,15 +136,32 @@ class ConfigResolver:
 
     async def run(self) -> None:
         """Follow change notices and poll until cancelled."""
-        listener = asyncio.create_task(self.store.listen(self.invalidate))
-        try:
-            while True:
-                await asyncio.sleep(self._poll_interval)
-                try:
-                    await self.poll_once()
-                except StoreUnavailable as exc:
-                    _log.warning("config_poll_failed", error=str(exc))
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await follow_changes(
+            self.store.listen, self.invalidate, self.poll_once, self._poll_interval, "config"
+        )
+
+
+async def follow_changes(
+    listen: Callable[[Callable[[str], None]], Coroutine[Any, Any, None]],
+    invalidate: Callable[[str], None],
+    poll_once: Callable[[], Awaitable[None]],
+    poll_interval_seconds: float,
+    what: str,
+) -> None:
+    """Keep a per-tenant cache fresh until cancelled: notices invalidate at once, and a poll
+    every ``poll_interval_seconds`` catches any notice that was lost.
+
+    Shared by the config and the policy caches; ``what`` names them in the logs.
+    """
+    listener = asyncio.create_task(listen(invalidate))
+    try:
+        while True:
+            await asyncio.sleep(poll_interval_seconds)
+            try:
+                await poll_once()
+            except StoreUnavailable as exc:
+                _log.warning(f"{what}_poll_failed", error=str(exc))
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener

@@ -3,14 +3,12 @@ bounded in staleness by polling (the remote_config.py pattern, per tenant)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 
 import structlog
 
-from spendgate_server.errors import StoreUnavailable
 from spendgate_server.policies import CompiledPolicies, Policies, compile_policies, policies_from_dict
+from spendgate_server.remote_config import follow_changes
 from spendgate_server.store.policies import PolicyStore, StoredPolicies
 
 __all__ = ["PolicyResolver", "parse_stored_policies"]
@@ -76,15 +74,6 @@ class PolicyResolver:
 
     async def run(self) -> None:
         """Follow change notices and poll until cancelled."""
-        listener = asyncio.create_task(self.store.listen(self.invalidate))
-        try:
-            while True:
-                await asyncio.sleep(self._poll_interval)
-                try:
-                    await self.poll_once()
-                except StoreUnavailable as exc:
-                    _log.warning("policy_poll_failed", error=str(exc))
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await follow_changes(
+            self.store.listen, self.invalidate, self.poll_once, self._poll_interval, "policy"
+        )
