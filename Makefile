@@ -55,13 +55,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 console: $(STAMP)
 	$(BIN)/spendgate console
 
 # Refresh docs/screenshots from a browser run of the console.
 screenshots: $(STAMP)
-	SPENDGATE_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_console_browser.py
+	SPENDGATE_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/console/test_console_browser.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -70,15 +70,15 @@ def _time_sync(n: int, make: Callable[[int], Any]) -> float:
 
 async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     """µs per call of each piece."""
-    from spendgate_server.engine import DecisionEngine
+    from spendgate_server.engine.decide import DecisionEngine
+    from spendgate_server.engine.pricing import PriceTable
+    from spendgate_server.engine.remote_config import ConfigResolver
     from spendgate_server.metrics import Metrics
-    from spendgate_server.pricing import PriceTable
-    from spendgate_server.remote_config import ConfigResolver
+    from spendgate_server.rpc.validation import call_from_proto
+    from spendgate_server.rpc.wire import decision_to_proto
     from spendgate_server.store.breaker import CircuitBreakerStore
     from spendgate_server.store.instrumented import InstrumentedStore
     from spendgate_server.store.memory import MemoryStore
-    from spendgate_server.validation import call_from_proto
-    from spendgate_server.wire import decision_to_proto
 
     out: dict[str, float] = {}
     config = _config()
@@ -112,8 +112,8 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
         import tempfile
         from pathlib import Path
 
-        from spendgate_server.auth import Authenticator
-        from spendgate_server.keystore import FileKeyStore, Scope, new_key
+        from spendgate_server.rpc.auth import Authenticator
+        from spendgate_server.store.keys import FileKeyStore, Scope, new_key
 
         with tempfile.TemporaryDirectory() as tmp:
             keystore = FileKeyStore(str(Path(tmp) / "keys.json"))

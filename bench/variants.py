@@ -44,7 +44,7 @@ def _no_metrics() -> None:
 
 
 def _no_auth() -> None:
-    from spendgate_server import auth
+    from spendgate_server.rpc import auth
 
     async def intercept_service(self: Any, continuation: Any, details: Any) -> Any:
         return await continuation(details)
@@ -130,7 +130,7 @@ def _wrap_once() -> None:
 
 
 def _memo_interceptors() -> None:
-    from spendgate_server import auth, status
+    from spendgate_server.rpc import auth, status
 
     missing = object()
 

@@ -9,7 +9,7 @@ writes it from the environment it runs in::
     .venv/bin/python deploy/docker/lock.py           # rewrite requirements.txt
     .venv/bin/python deploy/docker/lock.py --check   # exit 1 if it no longer fits
 
-``--check`` (run by tests/test_deploy.py) fails when a dependency was added or dropped
+``--check`` (run by tests/deploy/test_deploy.py) fails when a dependency was added or dropped
 in a pyproject.toml, or a pin no longer satisfies what its dependents ask for. It does
 not demand the venv's exact versions: a fresh ``make venv`` may resolve newer ones,
 and the image keeps the tested pins until this script is run again.

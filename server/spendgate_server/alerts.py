@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from spendgate_server.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
-from spendgate_server.journal import StoreJournal
 from spendgate_server.metrics import Metrics
-from spendgate_server.remote_policies import PolicyResolver
+from spendgate_server.policy.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
+from spendgate_server.policy.journal import StoreJournal
+from spendgate_server.policy.remote_policies import PolicyResolver
+from spendgate_server.policy.violations import ViolationFeed
+from spendgate_server.policy.webhook import WebhookSink
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store.configs import MemoryConfigStore
 from spendgate_server.store.logs import LogStore, MemoryLogStore
@@ -24,8 +26,6 @@ from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
 from spendgate_server.store.redis import connect
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_logs import RedisLogStore
-from spendgate_server.violations import ViolationFeed
-from spendgate_server.webhook import WebhookSink
 
 __all__ = ["VIOLATION_DEDUP_MS", "Alerts", "build_alerts"]
 

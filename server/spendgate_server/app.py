@@ -32,32 +32,33 @@ from spendgate.v1 import (
 )
 
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, build_alerts
-from spendgate_server.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
-from spendgate_server.config_servicer import ConfigServicer
-from spendgate_server.deny_cache import DenyCache
-from spendgate_server.engine import DecisionEngine, EngineTimings
+from spendgate_server.engine.decide import DecisionEngine, EngineTimings
+from spendgate_server.engine.deny_cache import DenyCache
+from spendgate_server.engine.insights import SessionActivity
+from spendgate_server.engine.pricing import PriceTable
+from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.insights import InsightsStore, MemoryInsightsStore, SessionActivity
-from spendgate_server.journal import Journal
-from spendgate_server.keystore import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
-from spendgate_server.policy_servicer import PolicyServicer
-from spendgate_server.pricing import PriceTable
-from spendgate_server.remote_config import ConfigResolver
-from spendgate_server.servicer import DecisionServicer
-from spendgate_server.session_servicer import SessionServicer
+from spendgate_server.policy.journal import Journal
+from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
+from spendgate_server.rpc.config import ConfigServicer
+from spendgate_server.rpc.decision import DecisionServicer
+from spendgate_server.rpc.policy import PolicyServicer
+from spendgate_server.rpc.session import SessionServicer
+from spendgate_server.rpc.status import DecodeErrorInterceptor
+from spendgate_server.rpc.violation import ViolationServicer
 from spendgate_server.settings import ServeSettings
-from spendgate_server.status import DecodeErrorInterceptor
 from spendgate_server.store import Store
 from spendgate_server.store.breaker import CircuitBreakerStore
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
+from spendgate_server.store.insights import InsightsStore, MemoryInsightsStore
 from spendgate_server.store.instrumented import InstrumentedStore
+from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_insights import RedisInsightsStore
-from spendgate_server.violation_servicer import ViolationServicer
 
 __all__ = ["build_engine", "build_store", "run", "serve"]
 

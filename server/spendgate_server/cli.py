@@ -13,14 +13,14 @@ from google.protobuf import json_format
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
-from spendgate_server.cli_channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.config_cli import add_config_arguments, run_config_command
+from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
+from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
+from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.keys_cli import add_keys_arguments, run_keys_command
-from spendgate_server.policy_cli import add_policies_arguments, run_policies_command
 from spendgate_server.settings import add_serve_arguments, settings_from_args
-from spendgate_server.violations_cli import add_violations_arguments, run_violations_command
 
 __all__ = ["main"]
 
@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 def _client_config(text: str) -> pb.EnforcementConfig | None:
     if not text:
         return None
-    from spendgate_server.config import parse_enforcement_config
-    from spendgate_server.wire import config_to_proto
+    from spendgate_server.engine.config import parse_enforcement_config
+    from spendgate_server.rpc.wire import config_to_proto
 
     try:
         raw = json.loads(text)

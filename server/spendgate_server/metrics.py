@@ -11,9 +11,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
-from spendgate_server.config import Rule
-from spendgate_server.engine import Decision, Settlement, decision_id_time_ms
+from spendgate_server.engine.decide import Decision, Settlement, decision_id_time_ms
 from spendgate_server.errors import ConfigError
+from spendgate_server.rule_codes import Rule
 
 __all__ = ["Metrics", "serve_metrics"]
 

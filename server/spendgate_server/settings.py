@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from spendgate_server.config import EnforcementConfig, parse_enforcement_config
+from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
+from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
-from spendgate_server.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
 

@@ -17,13 +17,13 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from spendgate_server.auth import is_loopback
 from spendgate_server.console.backend import Backend, GrpcBackend
 from spendgate_server.console.pages import NAV, ROUTES
 from spendgate_server.console.sessions import SessionStore
 from spendgate_server.console.settings import ConsoleSettings
 from spendgate_server.console.web import MAX_FORM_BYTES, Console, SecurityHeaders
 from spendgate_server.logging import configure_logging
+from spendgate_server.rpc.auth import is_loopback
 
 __all__ = ["allowed_origins", "create_app", "run_console"]
 

@@ -25,14 +25,14 @@ from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import session_pb2 as spb
 from spendgate.v1 import violation_pb2 as vpb
 
-from spendgate_server.alerts_wire import policies_to_proto
-from spendgate_server.config import EnforcementConfig, Rule, config_to_dict
+from spendgate_server.engine.config import EnforcementConfig, Rule, config_to_dict
 from spendgate_server.errors import ConfigError, FieldViolation, SpendgateError
-from spendgate_server.insights import SessionSummary, SpendPoint
-from spendgate_server.policies import BannedPattern, KeyRule, Policies, policies_to_dict
-from spendgate_server.validation import config_from_proto
-from spendgate_server.violations import PatternHit, PolicyType, Violation, ViolationFilter
-from spendgate_server.wire import config_to_proto
+from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies, policies_to_dict
+from spendgate_server.policy.violations import PatternHit, PolicyType, Violation, ViolationFilter
+from spendgate_server.rpc.alerts_wire import policies_to_proto
+from spendgate_server.rpc.validation import config_from_proto
+from spendgate_server.rpc.wire import config_to_proto
+from spendgate_server.store.insights import SessionSummary, SpendPoint
 
 __all__ = [
     "Backend",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spendgate_server.insights import MINUTE_MS, SpendPoint
+from spendgate_server.store.insights import MINUTE_MS, SpendPoint
 
 __all__ = ["Bar", "SpendChart", "spend_chart"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spendgate_server.errors import FieldViolation
-from spendgate_server.policies import BannedPattern, KeyRule, Policies
+from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies
 
 __all__ = [
     "BLANK_ROWS",

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spendgate_server.config import EnforcementConfig, config_to_dict, parse_enforcement_config
+from spendgate_server.engine.config import EnforcementConfig, config_to_dict, parse_enforcement_config
 from spendgate_server.errors import FieldViolation, InvalidArgument
 
 __all__ = [

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from spendgate_server.auth import is_loopback
 from spendgate_server.errors import ConfigError
+from spendgate_server.rpc.auth import is_loopback
 
 __all__ = ["ConsoleSettings", "add_console_arguments", "console_settings_from_args"]
 

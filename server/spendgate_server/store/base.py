@@ -11,7 +11,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from spendgate_server.config import Rule
+from spendgate_server.rule_codes import Rule
 
 __all__ = [
     "BudgetCheck",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from spendgate_server.config import Rule
+from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     SHADOW_BITS,
     ReserveOutcome,

@@ -35,8 +35,8 @@ from redis.exceptions import (
 )
 from redis.maint_notifications import MaintNotificationsConfig
 
-from spendgate_server.config import Rule
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     ReserveOutcome,
     ReserveRequest,

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from spendgate_server.config import Rule
-from spendgate_server.insights import RETENTION_MS, InsightsStore, SessionDelta, SessionSummary, SpendPoint
+from spendgate_server.rule_codes import Rule
+from spendgate_server.store.insights import (
+    RETENTION_MS,
+    InsightsStore,
+    SessionDelta,
+    SessionSummary,
+    SpendPoint,
+)
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["RedisInsightsStore"]

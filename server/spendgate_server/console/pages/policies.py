@@ -32,7 +32,7 @@ from spendgate_server.console.policies_form import (
 )
 from spendgate_server.console.sessions import ConsoleSession
 from spendgate_server.console.web import NavItem, console_of, page, read_form, render
-from spendgate_server.policies import policies_to_dict
+from spendgate_server.policy.policies import policies_to_dict
 
 __all__ = ["NAV", "POLICY_SECTIONS", "ROUTES"]
 

@@ -15,15 +15,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from spendgate_server.config import Rule
 from spendgate_server.console.charts import SpendChart, spend_chart
 from spendgate_server.console.rules_form import RULE_SECTIONS
 from spendgate_server.console.sessions import ConsoleSession
 from spendgate_server.console.web import NavItem, console_of, page, render
+from spendgate_server.engine.config import Rule
 from spendgate_server.errors import InvalidArgument
-from spendgate_server.insights import SessionSummary
 from spendgate_server.money import format_usd
-from spendgate_server.validation import project_from_proto
+from spendgate_server.rpc.validation import project_from_proto
+from spendgate_server.store.insights import SessionSummary
 
 __all__ = ["NAV", "ROUTES", "SessionCard", "session_card"]
 

@@ -25,7 +25,7 @@ from spendgate_server.console.web import (
     render,
     safe_next,
 )
-from spendgate_server.keystore import parse_key
+from spendgate_server.store.keys import parse_key
 
 __all__ = ["ROUTES"]
 

@@ -37,8 +37,8 @@ from spendgate_server.console.backend import (
 from spendgate_server.console.sessions import ConsoleSession
 from spendgate_server.console.web import Console, NavItem, console_of, current_session, page, render
 from spendgate_server.errors import InvalidArgument
-from spendgate_server.validation import project_from_proto, session_id_from_proto
-from spendgate_server.violations import PolicyType, Violation, ViolationFilter
+from spendgate_server.policy.violations import PolicyType, Violation, ViolationFilter
+from spendgate_server.rpc.validation import project_from_proto, session_id_from_proto
 
 __all__ = ["NAV", "ROUTES", "TYPE_LABELS", "Filters", "read_filters"]
 

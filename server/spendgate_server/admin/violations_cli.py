@@ -1,0 +1,125 @@
+"""``spendgate violations list|tail``: read the alerts feed."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+from spendgate.v1 import violation_pb2 as vpb
+from spendgate.v1 import violation_pb2_grpc
+
+from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.errors import ConfigError
+from spendgate_server.policy.violations import PolicyType
+from spendgate_server.rpc.alerts_wire import timestamp
+
+__all__ = ["add_violations_arguments", "format_violation", "run_violations_command"]
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare ``violations list|tail``."""
+    actions = parser.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="violations, newest first")
+    tail = actions.add_parser("tail", help="follow new violations; resumable with --cursor")
+    for action in (listing, tail):
+        add_connection_arguments(action)
+        action.add_argument(
+            "--type",
+            default="",
+            help="approved_models, banned_patterns, key_environment_check or "
+            "approval_required_threshold_cents",
+        )
+        action.add_argument("--session", default="")
+        action.add_argument("--project", default="")
+        action.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--since", default="", help="found after: a duration ago (30m, 2h, 7d) or ISO time")
+    listing.add_argument("--until", default="", help="found before: a duration ago or ISO time")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (all pages)")
+    listing.add_argument("--timeout", type=float, default=10.0)
+    tail.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
+    tail.add_argument("--from-start", action="store_true", help="every retained violation, then live")
+    tail.add_argument("--count", type=int, default=0, help="exit after this many violations")
+
+
+def _when(text: str, flag: str) -> int:
+    """Unix ms of a duration ago or an ISO time."""
+    match = _DURATION.fullmatch(text)
+    if match:
+        return time.time_ns() // 1_000_000 - int(match[1]) * _UNIT_SECONDS[match[2]] * 1000
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} must be a duration (30m, 2h, 7d) or an ISO time, got {text!r}") from exc
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def _policy_type(name: str) -> int:
+    if not name:
+        return 0
+    try:
+        return int(PolicyType.from_key(name))
+    except ValueError as exc:
+        raise ConfigError(f"--type: {exc}") from exc
+
+
+def format_violation(v: vpb.Violation) -> str:
+    """One line for a terminal."""
+    when = datetime.fromtimestamp(v.create_time.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    kind = PolicyType(v.policy_type).key if v.policy_type else "?"
+    project = f" project={v.project}" if v.project else ""
+    return f"{when}  {kind}  session={v.session_id}{project}  {v.message}  [cursor {v.cursor}]"
+
+
+def _print(v: vpb.Violation, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(v, preserving_proto_field_name=True, indent=None), flush=True)
+    else:
+        print(format_violation(v), flush=True)
+
+
+def run_violations_command(args: argparse.Namespace) -> int:
+    """Run one violations action; returns the exit code."""
+    policy_type = _policy_type(args.type)
+    with open_channel(args) as channel:
+        stub = violation_pb2_grpc.ViolationServiceStub(channel)
+        if args.action == "list":
+            request = vpb.ListViolationsRequest(
+                policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
+                session_id=args.session,
+                project=args.project,
+                page_size=min(max(args.limit, 1), 500),
+            )
+            if args.since:
+                request.start_time.CopyFrom(timestamp(_when(args.since, "--since")))
+            if args.until:
+                request.end_time.CopyFrom(timestamp(_when(args.until, "--until")))
+            shown = 0
+            while shown < args.limit:
+                page = stub.ListViolations(request, timeout=args.timeout, metadata=call_metadata(args))
+                for violation in page.violations[: args.limit - shown]:
+                    _print(violation, args.json)
+                    shown += 1
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+            if not shown and not args.json:
+                print("no violations", file=sys.stderr)
+            return 0
+        watch = vpb.WatchViolationsRequest(
+            cursor="0" if args.from_start and not args.cursor else args.cursor,
+            policy_type=policy_type,  # type: ignore[arg-type]  # as above
+            session_id=args.session,
+            project=args.project,
+        )
+        for seen, response in enumerate(stub.WatchViolations(watch, metadata=call_metadata(args)), 1):
+            _print(response.violation, args.json)
+            if args.count and seen >= args.count:
+                break
+        return 0

@@ -1,0 +1,247 @@
+"""Authentication and scopes: who is calling, for which tenant, allowed to do what.
+
+The tenant always comes from the caller's API key, never from the request. The key
+table is held in memory and reloaded every ``reload_seconds`` (the bound on how long
+a revoked key keeps working), so verifying a key costs one SHA-256 and a dict lookup,
+and a bad key never causes a store round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import structlog
+from prometheus_client import Counter
+
+from spendgate_server.errors import ConfigError, SpendgateError
+from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, parse_key
+
+__all__ = [
+    "DEV_PRINCIPAL",
+    "AuthInterceptor",
+    "Authenticator",
+    "Principal",
+    "current_principal",
+    "is_loopback",
+]
+
+_log = structlog.get_logger("spendgate.auth")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller."""
+
+    tenant: str
+    scope: Scope
+    key_id: str
+    name: str
+
+
+# Open development mode (no keys, loopback only): everyone is the admin of tenant "default".
+DEV_PRINCIPAL = Principal("default", Scope.ADMIN, "", "dev-mode")
+_current: ContextVar[Principal] = ContextVar("spendgate_principal", default=DEV_PRINCIPAL)
+
+# Methods anyone may call (probes and tooling), and those that need the admin scope.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# PolicyService/GetPatternSet is left to client keys: clients fetch it to match prompts locally.
+ADMIN_METHODS = frozenset(
+    {
+        "/spendgate.v1.ConfigService/UpdateConfig",
+        "/spendgate.v1.PolicyService/GetPolicies",
+        "/spendgate.v1.PolicyService/UpdatePolicies",
+        "/spendgate.v1.PolicyService/ListPolicyRevisions",
+        "/spendgate.v1.ViolationService/ListViolations",
+        "/spendgate.v1.ViolationService/WatchViolations",
+        "/spendgate.v1.SessionService/ListSessions",
+        "/spendgate.v1.SessionService/GetSessionSpend",
+    }
+)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served."""
+    return _current.get()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AuthError(SpendgateError):
+    """A call refused: UNAUTHENTICATED or PERMISSION_DENIED (never carries the secret)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class Authenticator:
+    """Verifies bearer keys against an in-memory copy of the key table."""
+
+    def __init__(
+        self,
+        keystore: KeyStore | None,
+        *,
+        allow_open_mode: bool,
+        reload_seconds: float = 5.0,
+        failures: Counter | None = None,
+    ) -> None:
+        self._keystore = keystore
+        self._allow_open_mode = allow_open_mode
+        self._reload_seconds = reload_seconds
+        self._failures = failures
+        self._keys: dict[str, ApiKey] = {}
+        self._last_logged: dict[tuple[str, str], float] = {}
+
+    @property
+    def has_keys(self) -> bool:
+        """At least one key record exists (revoked ones count: they still close open mode)."""
+        return bool(self._keys)
+
+    @property
+    def open_mode(self) -> bool:
+        """No key exists and open mode is allowed: every caller is the dev admin."""
+        return self._allow_open_mode and not self._keys
+
+    async def load(self) -> None:
+        """(Re)read the key table."""
+        if self._keystore is not None:
+            self._keys = await self._keystore.all()
+
+    async def run(self) -> None:
+        """Reload the key table until cancelled: new and revoked keys take effect within the period."""
+        while True:
+            await asyncio.sleep(self._reload_seconds)
+            try:
+                await self.load()
+            except SpendgateError as exc:
+                _log.warning("key_reload_failed", error=str(exc))
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, method: str) -> Principal:
+        """The principal of a call, checked against the method's scope.
+
+        Raises:
+            AuthError: no/invalid/revoked key (UNAUTHENTICATED) or too small a scope
+                (PERMISSION_DENIED).
+        """
+        if method.startswith(PUBLIC_PREFIXES) or self.open_mode:
+            return DEV_PRINCIPAL
+        presented = ""
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                presented = value.removeprefix("Bearer ").strip()
+        parsed = parse_key(presented) if presented else None
+        if parsed is None:
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing" if not presented else "malformed",
+                "",
+                "an API key is required: metadata 'authorization: Bearer sgk_…'",
+            )
+        key_id, secret = parsed
+        record = self._keys.get(key_id)
+        if record is None or not hmac.compare_digest(record.secret_sha256, hash_secret(secret)):
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown", key_id, f"API key {key_id} is not valid"
+            )
+        if not record.active:
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED, "revoked", key_id, f"API key {key_id} was revoked"
+            )
+        if method in ADMIN_METHODS and record.scope is not Scope.ADMIN:
+            raise self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "scope",
+                key_id,
+                f"API key {key_id} has the client scope; {method} needs an admin key",
+            )
+        return Principal(record.tenant, record.scope, key_id, record.name)
+
+    def _refuse(self, code: grpc.StatusCode, reason: str, key_id: str, message: str) -> AuthError:
+        if self._failures is not None:
+            self._failures.labels(reason).inc()
+        # At most one log line per (reason, key id) a minute: a flood of bad keys can't flood the logs.
+        now = time.monotonic()
+        if now - self._last_logged.get((reason, key_id), -60.0) >= 60.0:
+            if len(self._last_logged) > 10_000:
+                self._last_logged.clear()
+            self._last_logged[(reason, key_id)] = now
+            _log.warning("auth_failed", reason=reason, key_id=key_id or None)
+        return AuthError(code, reason, message)
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call and exposes the principal to the servicer (current_principal)."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        auth = self._auth
+
+        async def authenticated(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                metadata = cast("Sequence[tuple[str, Any]] | None", context.invocation_metadata())
+                _current.set(auth.authenticate(metadata, method))
+            except AuthError as exc:
+                await context.abort(exc.code, str(exc))
+
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await authenticated(context)
+                return await inner(request, context)
+
+            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_unary=unary))
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                await authenticated(context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_stream=stream))
+        return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
+
+
+def check_exposure(host: str, has_keys: bool, insecure: bool) -> None:
+    """Refuse to serve without keys on a non-loopback address unless explicitly --insecure.
+
+    Raises:
+        ConfigError: naming the flags to fix it.
+    """
+    if not has_keys and not is_loopback(host) and not insecure:
+        raise ConfigError(
+            f"--host {host} is reachable from the network and no API keys exist: create one with "
+            "'spendgate keys create', or pass --insecure to serve without authentication"
+        )

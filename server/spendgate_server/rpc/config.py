@@ -1,0 +1,163 @@
+"""ConfigService servicer: read, compare-and-set, history and watch of remote configs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from google.protobuf import timestamp_pb2
+from spendgate.v1 import config_pb2 as cpb
+from spendgate.v1 import config_pb2_grpc
+
+from spendgate_server.engine.config import config_to_dict
+from spendgate_server.engine.pricing import PriceTable
+from spendgate_server.engine.remote_config import ConfigResolver, parse_stored
+from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
+from spendgate_server.rpc.auth import current_principal
+from spendgate_server.rpc.status import abort, rpc_status
+from spendgate_server.rpc.validation import config_from_proto, project_from_proto
+from spendgate_server.rpc.wire import config_to_proto
+from spendgate_server.store.configs import StoredConfig
+
+__all__ = ["ConfigServicer"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger("spendgate.config")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+# A watch re-reads at least this often, so it converges even if every notice is lost.
+WATCH_RECHECK_SECONDS = 5.0
+
+
+def _config_message(project: str, stored: StoredConfig | None) -> cpb.Config:
+    if stored is None:
+        return cpb.Config(project=project)
+    message = cpb.Config(
+        project=project,
+        enforcement_config=config_to_proto(parse_stored(stored)),
+        version=stored.version,
+        etag=stored.etag,
+        updated_by=stored.updated_by,
+    )
+    message.update_time.CopyFrom(
+        timestamp_pb2.Timestamp(
+            seconds=stored.update_time_ms // 1000, nanos=stored.update_time_ms % 1000 * 1_000_000
+        )
+    )
+    return message
+
+
+def _actor(context: Context) -> str:
+    """Who writes: the API key's name and id; in open dev mode, whoever the caller says."""
+    principal = current_principal()
+    if principal.key_id:
+        return f"{principal.name} ({principal.key_id})"
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-spendgate-actor" and isinstance(value, str):
+            return value[:128]
+    return "anonymous"
+
+
+class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
+    """Serves spendgate.v1.ConfigService for the caller's tenant."""
+
+    def __init__(self, resolver: ConfigResolver, prices: PriceTable) -> None:
+        self._resolver = resolver
+        self._store = resolver.store
+        self._prices = prices
+
+    async def GetConfig(self, request: cpb.GetConfigRequest, context: Context) -> cpb.GetConfigResponse:
+        try:
+            project = project_from_proto(request.project)
+            stored = await self._store.get(current_principal().tenant, project)
+        except Exception as exc:
+            await self._fail(context, exc)
+        return cpb.GetConfigResponse(config=_config_message(project, stored))
+
+    async def UpdateConfig(
+        self, request: cpb.UpdateConfigRequest, context: Context
+    ) -> cpb.UpdateConfigResponse:
+        try:
+            project = project_from_proto(request.project)
+            config = config_from_proto(request.enforcement_config)
+            if config.model_downgrade is not None:
+                fallback = self._prices.lookup(config.model_downgrade.fallback_model)
+                if not fallback.known:
+                    raise InvalidArgument(
+                        [
+                            FieldViolation(
+                                "enforcement_config.model_downgrade.fallback_model",
+                                f"no price is known for {config.model_downgrade.fallback_model!r}: "
+                                "a downgrade needs a priced fallback (add a price override)",
+                            )
+                        ]
+                    )
+            stored = await self._store.put(
+                current_principal().tenant,
+                project,
+                json.dumps(config_to_dict(config), sort_keys=True),
+                request.etag,
+                _actor(context),
+                time.time_ns() // 1_000_000,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+        # This server sees its own write at once; the others through the store's notices.
+        self._resolver.invalidate(current_principal().tenant)
+        _log.info(
+            "config_updated",
+            tenant=current_principal().tenant,
+            project=project,
+            version=stored.version,
+            updated_by=stored.updated_by,
+        )
+        return cpb.UpdateConfigResponse(config=_config_message(project, stored))
+
+    async def ListConfigRevisions(
+        self, request: cpb.ListConfigRevisionsRequest, context: Context
+    ) -> cpb.ListConfigRevisionsResponse:
+        try:
+            project = project_from_proto(request.project)
+            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+                raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
+            if request.page_token and not request.page_token.isdigit():
+                raise InvalidArgument([FieldViolation("page_token", "not a token from a previous page")])
+            revisions = await self._store.history(current_principal().tenant, project)
+        except Exception as exc:
+            await self._fail(context, exc)
+        start = int(request.page_token or 0)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        page = revisions[start : start + size]
+        more = start + size < len(revisions)
+        return cpb.ListConfigRevisionsResponse(
+            revisions=[_config_message(project, r) for r in page],
+            next_page_token=str(start + size) if more else "",
+        )
+
+    async def WatchConfig(
+        self, request: cpb.WatchConfigRequest, context: Context
+    ) -> AsyncIterator[cpb.WatchConfigResponse]:
+        try:
+            project = project_from_proto(request.project)
+        except Exception as exc:
+            await self._fail(context, exc)
+        last_version = -1
+        while True:
+            try:
+                stored = await self._store.get(current_principal().tenant, project)
+            except Exception as exc:
+                await self._fail(context, exc)
+            version = stored.version if stored else 0
+            if version != last_version:
+                last_version = version
+                yield cpb.WatchConfigResponse(config=_config_message(project, stored))
+            await self._resolver.wait_for_change(current_principal().tenant, WATCH_RECHECK_SECONDS)
+
+    async def _fail(self, context: Context, exc: Exception) -> NoReturn:
+        code, status = rpc_status(exc)
+        if not isinstance(exc, SpendgateError):
+            _log.error("internal_error", rpc="ConfigService", exc_info=exc)
+        await abort(context, code, status)

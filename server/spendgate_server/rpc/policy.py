@@ -1,0 +1,127 @@
+"""PolicyService servicer: read, compare-and-set, history of policies, and the pattern set."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from spendgate.v1 import policy_pb2 as ppb
+from spendgate.v1 import policy_pb2_grpc
+
+from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
+from spendgate_server.policy.policies import policies_to_dict
+from spendgate_server.policy.remote_policies import PolicyResolver, parse_stored_policies
+from spendgate_server.rpc.alerts_wire import policies_to_proto, timestamp
+from spendgate_server.rpc.auth import current_principal
+from spendgate_server.rpc.status import abort, rpc_status
+from spendgate_server.rpc.validation import policies_from_proto
+from spendgate_server.store.policies import StoredPolicies
+
+__all__ = ["PolicyServicer", "actor_of"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger("spendgate.policies")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+
+
+def _policy_set(stored: StoredPolicies | None) -> ppb.PolicySet:
+    if stored is None:
+        return ppb.PolicySet(policies=ppb.Policies())
+    return ppb.PolicySet(
+        policies=policies_to_proto(parse_stored_policies(stored)),
+        version=stored.version,
+        etag=stored.etag,
+        updated_by=stored.updated_by,
+        update_time=timestamp(stored.update_time_ms),
+    )
+
+
+def actor_of(context: Context) -> str:
+    """Who writes: the API key's name and id; in open dev mode, whoever the caller says."""
+    principal = current_principal()
+    if principal.key_id:
+        return f"{principal.name} ({principal.key_id})"
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-spendgate-actor" and isinstance(value, str):
+            return value[:128]
+    return "anonymous"
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    """Serves spendgate.v1.PolicyService for the caller's tenant."""
+
+    def __init__(self, resolver: PolicyResolver) -> None:
+        self._resolver = resolver
+        self._store = resolver.store
+
+    async def GetPolicies(self, request: ppb.GetPoliciesRequest, context: Context) -> ppb.GetPoliciesResponse:
+        try:
+            stored = await self._store.get(current_principal().tenant)
+        except Exception as exc:
+            await self._fail(context, exc)
+        return ppb.GetPoliciesResponse(policy_set=_policy_set(stored))
+
+    async def UpdatePolicies(
+        self, request: ppb.UpdatePoliciesRequest, context: Context
+    ) -> ppb.UpdatePoliciesResponse:
+        tenant = current_principal().tenant
+        try:
+            policies = policies_from_proto(request.policies)
+            stored = await self._store.put(
+                tenant,
+                json.dumps(policies_to_dict(policies), sort_keys=True),
+                request.etag,
+                actor_of(context),
+                time.time_ns() // 1_000_000,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+        # This process sees its own write at once; the others through the store's notices.
+        self._resolver.invalidate(tenant)
+        _log.info("policies_updated", tenant=tenant, version=stored.version, updated_by=stored.updated_by)
+        return ppb.UpdatePoliciesResponse(policy_set=_policy_set(stored))
+
+    async def ListPolicyRevisions(
+        self, request: ppb.ListPolicyRevisionsRequest, context: Context
+    ) -> ppb.ListPolicyRevisionsResponse:
+        try:
+            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+                raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
+            if request.page_token and not request.page_token.isdigit():
+                raise InvalidArgument([FieldViolation("page_token", "not a token from a previous page")])
+            size = request.page_size or DEFAULT_PAGE_SIZE
+            revisions = await self._store.history(current_principal().tenant)
+        except Exception as exc:
+            await self._fail(context, exc)
+        start = int(request.page_token or 0)
+        page = revisions[start : start + size]
+        return ppb.ListPolicyRevisionsResponse(
+            revisions=[_policy_set(r) for r in page],
+            next_page_token=str(start + size) if start + size < len(revisions) else "",
+        )
+
+    async def GetPatternSet(
+        self, request: ppb.GetPatternSetRequest, context: Context
+    ) -> ppb.GetPatternSetResponse:
+        try:
+            compiled = await self._resolver.get(current_principal().tenant)
+        except Exception as exc:
+            await self._fail(context, exc)
+        if request.known_version and request.known_version == compiled.version:
+            return ppb.GetPatternSetResponse(version=compiled.version, unchanged=True)
+        return ppb.GetPatternSetResponse(
+            version=compiled.version,
+            patterns=[
+                ppb.BannedPattern(id=b.id, pattern=b.pattern) for b in compiled.policies.banned_patterns
+            ],
+            journal_prompts=compiled.journal_prompts,
+        )
+
+    async def _fail(self, context: Context, exc: Exception) -> NoReturn:
+        code, status = rpc_status(exc)
+        if not isinstance(exc, SpendgateError):
+            _log.error("internal_error", rpc="PolicyService", exc_info=exc)
+        await abort(context, code, status)

@@ -1,0 +1,331 @@
+"""Wire → domain: every request field checked against its documented bound.
+
+A request with any bad field raises InvalidArgument naming each one; nothing
+reaches the engine, so nothing changes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import policy_pb2 as ppb
+
+from spendgate_server.engine.config import (
+    MAX_DEDUP_TTL_SECONDS,
+    MAX_SESSION_NANO_USD,
+    MAX_TOKEN_CEILING,
+    MAX_TOOL_CALLS,
+    BudgetMode,
+    EnforcementConfig,
+    ModelDowngrade,
+    Rule,
+)
+from spendgate_server.engine.decide import Call, SettleCall
+from spendgate_server.engine.pricing import Usage
+from spendgate_server.errors import FieldViolation, InvalidArgument
+from spendgate_server.policy.journal import CallContext
+from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies, check_policies
+
+__all__ = [
+    "BOUNDS",
+    "MAX_PROMPT_TEXT_BYTES",
+    "call_from_proto",
+    "config_from_proto",
+    "cursor_from_proto",
+    "page_size_from_proto",
+    "policies_from_proto",
+    "project_from_proto",
+    "session_id_from_proto",
+    "settle_from_proto",
+]
+
+# Ids and names: no braces (they delimit the Redis hash tag) and no whitespace.
+_NAME = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+_KEY_LABEL = re.compile(r"[A-Za-z0-9._:@/-]{1,64}")
+_ENVIRONMENT = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_PATTERN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+MAX_INPUT_TOKENS = 10_000_000
+MAX_OUTPUT_TOKENS = 1_000_000
+MAX_TOOL_CALLS_PER_REQUEST = 10_000
+# Journaled prompt text: the whole SettleRequest must stay under the server's 64 KiB message limit.
+MAX_PROMPT_TEXT_BYTES = 32 * 1024
+MAX_PATTERN_MATCHES = 100
+MAX_PATTERN_OFFSET = 1 << 40
+
+BOUNDS = {
+    "session_id": "1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "model": "1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "input_tokens": f"0-{MAX_INPUT_TOKENS}",
+    "max_output_tokens": f"0-{MAX_OUTPUT_TOKENS}",
+    "fingerprint": "16-64 bytes",
+    "tool_call_count": f"0-{MAX_TOOL_CALLS_PER_REQUEST}",
+    "request_id": "empty, or 1-128 characters of [A-Za-z0-9._:@/+=-]",
+    "reservation_id": "32 lowercase hex characters (DecideResponse.reservation_id)",
+    "project": "empty, or 1-64 characters of [A-Za-z0-9._-]",
+    "key_fingerprint": "empty, or 32 lowercase hex characters",
+    "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
+    "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
+    "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
+}
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def bad(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def name(self, field: str, value: str, *, required: bool = True, bound: str = "") -> None:
+        if not value and not required:
+            return
+        if not 1 <= len(value) <= 128 or not _NAME.fullmatch(value):
+            self.bad(field, f"must be {bound or BOUNDS['session_id']}")
+
+    def integer(self, field: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            self.bad(field, f"must be between {low} and {high}, got {value}")
+
+    def project(self, field: str, value: str) -> None:
+        if value and not _PROJECT.fullmatch(value):
+            self.bad(field, f"must be {BOUNDS['project']}")
+
+    def raise_if_any(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+
+def config_from_proto(
+    config: pb.EnforcementConfig, check: _Checker | None = None, prefix: str = "enforcement_config."
+) -> EnforcementConfig:
+    """Validate a wire EnforcementConfig into the domain form."""
+    own = check is None
+    c = check or _Checker()
+
+    def opt(field: str, low: int, high: int) -> int | None:
+        if not config.HasField(field):  # type: ignore[arg-type]  # field names are checked by tests
+            return None
+        value: int = getattr(config, field)
+        c.integer(prefix + field, value, low, high)
+        return value
+
+    ceiling = opt("token_ceiling", 1, MAX_TOKEN_CEILING)
+    budget = opt("max_session_nano_usd", 0, MAX_SESSION_NANO_USD)
+    dedup = opt("dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS)
+    tools = opt("max_tool_calls", 0, MAX_TOOL_CALLS)
+    mode = BudgetMode.CROSSING
+    if config.budget_mode == pb.BUDGET_MODE_STRICT:
+        mode = BudgetMode.STRICT
+    elif config.budget_mode not in (pb.BUDGET_MODE_UNSPECIFIED, pb.BUDGET_MODE_CROSSING):
+        c.bad(prefix + "budget_mode", f"unknown BudgetMode value {config.budget_mode}")
+    downgrade = None
+    if config.HasField("model_downgrade"):
+        d = config.model_downgrade
+        c.integer(
+            prefix + "model_downgrade.threshold_nano_usd",
+            d.threshold_nano_usd,
+            0,
+            MAX_SESSION_NANO_USD,
+        )
+        c.name(prefix + "model_downgrade.fallback_model", d.fallback_model, bound=BOUNDS["model"])
+        downgrade = ModelDowngrade(d.threshold_nano_usd, d.fallback_model)
+    shadow: set[Rule] = set(Rule) if config.shadow else set()
+    for i, value in enumerate(config.shadow_rules):
+        if value in Rule._value2member_map_:
+            shadow.add(Rule(value))
+        else:
+            c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
+    if own:
+        c.raise_if_any()
+    return EnforcementConfig(ceiling, budget, mode, dedup, tools, downgrade, frozenset(shadow))
+
+
+def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
+    """Validate a DecideRequest.
+
+    Raises:
+        InvalidArgument: naming every field out of bounds.
+    """
+    c = _Checker()
+    c.name("session_id", request.session_id)
+    c.name("model", request.model, bound=BOUNDS["model"])
+    c.integer("input_tokens", request.input_tokens, 0, MAX_INPUT_TOKENS)
+    c.integer("max_output_tokens", request.max_output_tokens, 0, MAX_OUTPUT_TOKENS)
+    if not 16 <= len(request.fingerprint) <= 64:
+        c.bad(
+            "fingerprint",
+            f"must be 16-64 bytes (a hash of the request), got {len(request.fingerprint)}",
+        )
+    c.integer("tool_call_count", request.tool_call_count, 0, MAX_TOOL_CALLS_PER_REQUEST)
+    c.name("request_id", request.request_id, required=False, bound=BOUNDS["request_id"])
+    c.project("project", request.project)
+    client_config = (
+        config_from_proto(request.enforcement_config, c) if request.HasField("enforcement_config") else None
+    )
+    c.raise_if_any()
+    return Call(
+        tenant=tenant,
+        session_id=request.session_id,
+        model=request.model,
+        input_tokens=request.input_tokens,
+        max_output_tokens=request.max_output_tokens,
+        fingerprint=request.fingerprint,
+        tool_call_count=request.tool_call_count,
+        request_id=request.request_id,
+        client_config=client_config,
+        project=request.project,
+    )
+
+
+def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
+    """Validate a SettleRequest.
+
+    Raises:
+        InvalidArgument: naming every field out of bounds.
+    """
+    c = _Checker()
+    c.name("session_id", request.session_id)
+    if not _HEX_ID.fullmatch(request.reservation_id):
+        c.bad("reservation_id", f"must be {BOUNDS['reservation_id']}")
+    c.name("model", request.model, bound=BOUNDS["model"])
+    u = request.usage
+    for field in ("input_tokens", "cache_read_input_tokens", "cache_write_input_tokens"):
+        c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
+    c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
+    if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
+        c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
+    context = _call_context(request, c)
+    c.raise_if_any()
+    return SettleCall(
+        tenant=tenant,
+        session_id=request.session_id,
+        reservation_id=request.reservation_id,
+        model=request.model,
+        usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
+        provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
+        context=context,
+    )
+
+
+_VERDICT_NAMES = {
+    pb.VERDICT_UNSPECIFIED: "",
+    pb.VERDICT_ALLOW: "allow",
+    pb.VERDICT_ALLOW_DOWNGRADED: "allow_downgraded",
+}
+
+
+def _call_context(request: pb.SettleRequest, c: _Checker) -> CallContext:
+    """The journal context of a SettleRequest (every field optional)."""
+    c.name("requested_model", request.requested_model, required=False, bound=BOUNDS["model"])
+    if request.verdict not in _VERDICT_NAMES:
+        c.bad("verdict", "must be VERDICT_ALLOW or VERDICT_ALLOW_DOWNGRADED (a blocked call is not settled)")
+    c.project("project", request.project)
+    for field, value, pattern in (
+        ("key_fingerprint", request.key_fingerprint, _FINGERPRINT),
+        ("key_label", request.key_label, _KEY_LABEL),
+        ("environment", request.environment, _ENVIRONMENT),
+    ):
+        if value and not pattern.fullmatch(value):
+            c.bad(field, f"must be {BOUNDS[field]}")
+    if len(request.prompt_text.encode()) > MAX_PROMPT_TEXT_BYTES:
+        c.bad("prompt_text", f"must be at most {MAX_PROMPT_TEXT_BYTES} bytes of UTF-8 (truncate it)")
+    c.integer("pattern_set_version", request.pattern_set_version, 0, 1 << 62)
+    if len(request.pattern_matches) > MAX_PATTERN_MATCHES:
+        c.bad("pattern_matches", f"at most {MAX_PATTERN_MATCHES} matches")
+    for i, match in enumerate(request.pattern_matches[:MAX_PATTERN_MATCHES]):
+        if not _PATTERN_ID.fullmatch(match.pattern_id):
+            c.bad(f"pattern_matches[{i}].pattern_id", "must be 1-64 characters of [A-Za-z0-9._-]")
+        c.integer(f"pattern_matches[{i}].offset", match.offset, 0, MAX_PATTERN_OFFSET)
+    return CallContext(
+        requested_model=request.requested_model,
+        verdict=_VERDICT_NAMES.get(request.verdict, ""),
+        project=request.project,
+        key_fingerprint=request.key_fingerprint,
+        key_label=request.key_label,
+        environment=request.environment,
+        prompt_text=request.prompt_text,
+        prompt_truncated=request.prompt_truncated,
+        pattern_set_version=request.pattern_set_version,
+        pattern_matches=tuple((m.pattern_id, m.offset) for m in request.pattern_matches),
+    )
+
+
+def policies_from_proto(policies: ppb.Policies) -> Policies:
+    """Validate wire Policies: every bound, and every banned pattern compiled with RE2.
+
+    Raises:
+        InvalidArgument: naming each bad field (``policies.banned_patterns[2].pattern``:
+            RE2's reason).
+    """
+    c = _Checker()
+    threshold = None
+    if policies.HasField("approval_required_threshold_cents"):
+        threshold = policies.approval_required_threshold_cents
+    domain = Policies(
+        approved_models=tuple(policies.approved_models),
+        banned_patterns=tuple(BannedPattern(b.id, b.pattern) for b in policies.banned_patterns),
+        key_environment_check=tuple(
+            KeyRule(r.key_fingerprint, r.key_label, tuple(r.environments))
+            for r in policies.key_environment_check
+        ),
+        approval_required_threshold_cents=threshold,
+        journal_prompts=policies.journal_prompts,
+    )
+    c.violations += check_policies(domain)
+    c.raise_if_any()
+    return domain
+
+
+def page_size_from_proto(page_size: int, page_token: str, *, default: int, maximum: int) -> int:
+    """Validate a page size (0: ``default``) and that the token is a cursor or empty.
+
+    Raises:
+        InvalidArgument: naming ``page_size`` or ``page_token``.
+    """
+    c = _Checker()
+    c.integer("page_size", page_size, 0, maximum)
+    if page_token and not _CURSOR.fullmatch(page_token):
+        c.bad("page_token", "not a token from a previous page")
+    c.raise_if_any()
+    return page_size or default
+
+
+def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
+    """Validate a feed cursor: empty, "0" (the start) or a Violation.cursor.
+
+    Raises:
+        InvalidArgument: naming ``field``.
+    """
+    if cursor and cursor != "0" and not _CURSOR.fullmatch(cursor):
+        raise InvalidArgument([FieldViolation(field, f'must be empty, "0" or {BOUNDS["cursor"]}')])
+    return cursor
+
+
+def project_from_proto(project: str) -> str:
+    """Validate a project name field.
+
+    Raises:
+        InvalidArgument: naming ``project``.
+    """
+    c = _Checker()
+    c.project("project", project)
+    c.raise_if_any()
+    return project
+
+
+def session_id_from_proto(session_id: str) -> str:
+    """Validate a session id field.
+
+    Raises:
+        InvalidArgument: naming ``session_id``.
+    """
+    c = _Checker()
+    c.name("session_id", session_id)
+    c.raise_if_any()
+    return session_id

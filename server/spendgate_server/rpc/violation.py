@@ -1,0 +1,107 @@
+"""ViolationService servicer: the alerts feed, paged and live."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from spendgate.v1 import violation_pb2 as vpb
+from spendgate.v1 import violation_pb2_grpc
+
+from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
+from spendgate_server.policy.violations import PolicyType, ViolationFeed, ViolationFilter
+from spendgate_server.rpc.alerts_wire import violation_to_proto
+from spendgate_server.rpc.auth import current_principal
+from spendgate_server.rpc.status import abort, rpc_status
+from spendgate_server.rpc.validation import cursor_from_proto, page_size_from_proto
+
+__all__ = ["ViolationServicer"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger("spendgate.violations")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+# A page reads at most this many entries, so a filter matching nothing stays cheap.
+SCAN_LIMIT = 5000
+WATCH_BATCH = 100
+
+
+def _filter(policy_type: int, session_id: str, project: str) -> ViolationFilter:
+    if policy_type and policy_type not in PolicyType._value2member_map_:
+        raise InvalidArgument([FieldViolation("policy_type", f"unknown PolicyType value {policy_type}")])
+    return ViolationFilter(PolicyType(policy_type) if policy_type else None, session_id, project)
+
+
+class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
+    """Serves spendgate.v1.ViolationService for the caller's tenant.
+
+    Args:
+        feed: the alerts feed.
+        recheck_seconds: a watcher re-reads the feed at least this often.
+    """
+
+    def __init__(self, feed: ViolationFeed, recheck_seconds: float = 5.0) -> None:
+        self._feed = feed
+        self._recheck = recheck_seconds
+
+    async def ListViolations(
+        self, request: vpb.ListViolationsRequest, context: Context
+    ) -> vpb.ListViolationsResponse:
+        try:
+            size = page_size_from_proto(
+                request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+            )
+            where = _filter(request.policy_type, request.session_id, request.project)
+            since = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
+            until = request.end_time.ToMilliseconds() if request.HasField("end_time") else None
+            if since < 0 or (until is not None and until <= since):
+                raise InvalidArgument(
+                    [FieldViolation("end_time", "must be after start_time (and both >= 0)")]
+                )
+            found, token = await self._feed.page(
+                current_principal().tenant,
+                before=request.page_token,
+                since_ms=since,
+                until_ms=until,
+                where=where,
+                page_size=size,
+                scan_limit=SCAN_LIMIT,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+        return vpb.ListViolationsResponse(
+            violations=[violation_to_proto(v) for v in found], next_page_token=token
+        )
+
+    async def WatchViolations(
+        self, request: vpb.WatchViolationsRequest, context: Context
+    ) -> AsyncIterator[vpb.WatchViolationsResponse]:
+        tenant = current_principal().tenant
+        try:
+            where = _filter(request.policy_type, request.session_id, request.project)
+            cursor = cursor_from_proto(request.cursor)
+            if not cursor:
+                cursor = await self._feed.last_cursor(tenant)
+            elif cursor == "0":
+                cursor = "0-0"
+        except Exception as exc:
+            await self._fail(context, exc)
+        while True:
+            try:
+                batch = await self._feed.after(tenant, cursor, WATCH_BATCH)
+                if not batch:
+                    await self._feed.wait(tenant, cursor, self._recheck)
+                    continue
+            except Exception as exc:
+                await self._fail(context, exc)
+            for violation in batch:
+                cursor = violation.cursor
+                if where.matches(violation):
+                    yield vpb.WatchViolationsResponse(violation=violation_to_proto(violation))
+
+    async def _fail(self, context: Context, exc: Exception) -> NoReturn:
+        code, status = rpc_status(exc)
+        if not isinstance(exc, SpendgateError):
+            _log.error("internal_error", rpc="ViolationService", exc_info=exc)
+        await abort(context, code, status)

@@ -1,0 +1,52 @@
+"""Domain → wire: the proto form of decisions and configs (validation.py is the other way)."""
+
+from __future__ import annotations
+
+from spendgate.v1 import decision_pb2 as pb
+
+from spendgate_server.engine.config import BudgetMode, EnforcementConfig
+from spendgate_server.engine.decide import Decision
+
+__all__ = ["config_to_proto", "decision_to_proto"]
+
+
+def decision_to_proto(d: Decision) -> pb.DecideResponse:
+    """Wire form of a Decision."""
+    response = pb.DecideResponse(
+        verdict=int(d.verdict),  # type: ignore[arg-type]  # Verdict values are the wire codes
+        effective_model=d.effective_model,
+        rule=int(d.rule or 0),  # type: ignore[arg-type]  # Rule values are the wire codes
+        reason=d.reason,
+        decision_id=d.decision_id,
+        reservation_id=d.reservation_id,
+        estimated_cost_nano_usd=d.estimated_cost_nano_usd,
+        session_spend_nano_usd=d.session_spend_nano_usd,
+        config_version=d.config_version,
+        would_block=d.would_block,
+        shadow_rules=sorted(int(r) for r in d.shadow_rules),  # type: ignore[misc]
+    )
+    if d.remaining_budget_nano_usd is not None:
+        response.remaining_budget_nano_usd = d.remaining_budget_nano_usd
+    return response
+
+
+def config_to_proto(config: EnforcementConfig) -> pb.EnforcementConfig:
+    """Wire form of an EnforcementConfig."""
+    message = pb.EnforcementConfig(
+        budget_mode=pb.BUDGET_MODE_STRICT
+        if config.budget_mode is BudgetMode.STRICT
+        else pb.BUDGET_MODE_CROSSING,
+        shadow_rules=sorted(int(r) for r in config.shadow_rules),  # type: ignore[misc]
+    )
+    if config.token_ceiling is not None:
+        message.token_ceiling = config.token_ceiling
+    if config.max_session_nano_usd is not None:
+        message.max_session_nano_usd = config.max_session_nano_usd
+    if config.dedup_ttl_seconds is not None:
+        message.dedup_ttl_seconds = config.dedup_ttl_seconds
+    if config.max_tool_calls is not None:
+        message.max_tool_calls = config.max_tool_calls
+    if config.model_downgrade is not None:
+        message.model_downgrade.threshold_nano_usd = config.model_downgrade.threshold_nano_usd
+        message.model_downgrade.fallback_model = config.model_downgrade.fallback_model
+    return message
