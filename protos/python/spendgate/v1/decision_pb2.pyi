@@ -314,6 +314,9 @@ class DecideResponse(_message.Message):
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
     WOULD_BLOCK_FIELD_NUMBER: _builtins.int
     SHADOW_RULES_FIELD_NUMBER: _builtins.int
+    SETTLED_SPEND_NANO_USD_FIELD_NUMBER: _builtins.int
+    RESERVED_NANO_USD_FIELD_NUMBER: _builtins.int
+    UNBLOCKS_ON_SETTLE_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     effective_model: _builtins.str
     """The model the call must run on (the requested one, or the fallback)."""
@@ -335,6 +338,15 @@ class DecideResponse(_message.Message):
     """Version of the server-side config used (0: the server's default config)."""
     would_block: _builtins.bool
     """True when a rule in shadow mode would have blocked this allowed call."""
+    settled_spend_nano_usd: _builtins.int
+    """session_spend_nano_usd split in two: what settled calls cost, and what open
+    reservations (calls still in flight, or never settled) hold.
+    """
+    reserved_nano_usd: _builtins.int
+    unblocks_on_settle: _builtins.bool
+    """True when a session_budget block is due to open reservations: it can lift once
+    they settle (wait), rather than needing a new session id.
+    """
     @_builtins.property
     def shadow_rules(self) -> _containers.RepeatedScalarFieldContainer[Global___Rule.ValueType]:
         """The shadow-mode rules that fired."""
@@ -354,10 +366,13 @@ class DecideResponse(_message.Message):
         config_version: _builtins.int = ...,
         would_block: _builtins.bool = ...,
         shadow_rules: _abc.Iterable[Global___Rule.ValueType] | None = ...,
+        settled_spend_nano_usd: _builtins.int = ...,
+        reserved_nano_usd: _builtins.int = ...,
+        unblocks_on_settle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "remaining_budget_nano_usd", b"remaining_budget_nano_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "config_version", b"config_version", "decision_id", b"decision_id", "effective_model", b"effective_model", "estimated_cost_nano_usd", b"estimated_cost_nano_usd", "reason", b"reason", "remaining_budget_nano_usd", b"remaining_budget_nano_usd", "reservation_id", b"reservation_id", "rule", b"rule", "session_spend_nano_usd", b"session_spend_nano_usd", "shadow_rules", b"shadow_rules", "verdict", b"verdict", "would_block", b"would_block"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "config_version", b"config_version", "decision_id", b"decision_id", "effective_model", b"effective_model", "estimated_cost_nano_usd", b"estimated_cost_nano_usd", "reason", b"reason", "remaining_budget_nano_usd", b"remaining_budget_nano_usd", "reservation_id", b"reservation_id", "reserved_nano_usd", b"reserved_nano_usd", "rule", b"rule", "session_spend_nano_usd", b"session_spend_nano_usd", "settled_spend_nano_usd", b"settled_spend_nano_usd", "shadow_rules", b"shadow_rules", "unblocks_on_settle", b"unblocks_on_settle", "verdict", b"verdict", "would_block", b"would_block"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__remaining_budget_nano_usd: _TypeAlias = _typing.Literal["remaining_budget_nano_usd"]  # noqa: Y015
     _WhichOneofArgType__remaining_budget_nano_usd: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd"]  # noqa: Y015
@@ -371,15 +386,49 @@ class Usage(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Uncached input tokens (excluding cache reads and writes)."""
     output_tokens: _builtins.int
     cache_read_input_tokens: _builtins.int
     cache_write_input_tokens: _builtins.int
+    service_tier: _builtins.str
+    """The service tier that actually ran, as the provider reported it ("priority",
+    "flex", "batch", ...); empty for the standard tier.
+    """
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Every billed dimension the provider reported, keyed by genai-prices usage key
+        ("input_tokens", "cache_write_1h_tokens", "output_audio_tokens", "web_searches",
+        ...), each count in that key's unit and with that key's meaning. When set, it is
+        the whole usage and fields 1-4 are ignored; an older client sends only 1-4.
+        """
+
     def __init__(
         self,
         *,
@@ -387,10 +436,12 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         cache_read_input_tokens: _builtins.int = ...,
         cache_write_input_tokens: _builtins.int = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        service_tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_read_input_tokens", b"cache_read_input_tokens", "cache_write_input_tokens", b"cache_write_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_read_input_tokens", b"cache_read_input_tokens", "cache_write_input_tokens", b"cache_write_input_tokens", "counts", b"counts", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "service_tier", b"service_tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
