@@ -7,6 +7,8 @@ its id is known, so the step is idempotent, and a revoked key is never revived.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +19,7 @@ import pytest
 import redis
 from spendgate.v1 import config_pb2 as cpb
 from spendgate.v1 import config_pb2_grpc
-from spendgate_server.errors import ConfigError
+from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.store.keys import (
     FileKeyStore,
     RedisKeyStore,
@@ -26,6 +28,7 @@ from spendgate_server.store.keys import (
     install_key,
     parse_key,
 )
+from spendgate_server.store.redis import redis_call
 
 from tests.processes import SpendgateServer
 
@@ -145,15 +148,49 @@ def test_a_bad_admin_key_file_is_one_line_exit_2_and_never_echoed(
         assert content not in line
 
 
-def test_without_a_key_a_network_bound_server_still_refuses_to_start(redis_url: str) -> None:
-    """The safe default stands: no keys, no --admin-key-file, not loopback -> exit 2 naming the fix."""
+@pytest.mark.parametrize("evaluator", ["on", "off"])
+def test_without_a_key_a_network_bound_server_still_refuses_to_start(redis_url: str, evaluator: str) -> None:
+    """The safe default stands: no keys, no --admin-key-file, not loopback -> exit 2 naming the fix, also
+    with the policy evaluator running (as in the Kubernetes pods: it used to swallow the shutdown)."""
     flush = redis.Redis.from_url(redis_url)
     flush.flushall()
     flush.close()
     result = cli(
         "serve",
         *("--host", "0.0.0.0", "--port", "0", "--metrics-port", "0", "--store", "redis"),  # noqa: S104
-        *("--redis-url", redis_url),
+        *("--redis-url", redis_url, "--evaluator", evaluator),
     )
     assert result.returncode == 2
-    assert "no API keys exist" in result.stderr
+    (line,) = result.stderr.splitlines()[-1:]
+    assert "no API keys exist" in line
+
+
+async def test_a_cancelled_redis_call_stays_a_cancellation() -> None:
+    """redis-py reports a read cut short by cancellation as a timeout; redis_call turns it back into the
+    cancellation, so a loop retrying on StoreUnavailable still ends when cancelled."""
+    started = asyncio.Event()
+
+    async def read_cut_short() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379") from None
+
+    async def retrying_loop() -> None:
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                await redis_call(read_cut_short())
+
+    task = asyncio.create_task(retrying_loop())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=30)
+    # Outside a cancellation the same error is an outage, as before.
+    with pytest.raises(StoreUnavailable, match="Timeout reading"):
+        await redis_call(_raise(redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")))
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
