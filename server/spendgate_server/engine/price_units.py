@@ -197,8 +197,8 @@ class PriceCard:
                 [
                     FieldViolation(
                         "usage.counts",
-                        f"reports parts of {missing} without the total; give the count of every "
-                        "total a reported part belongs to",
+                        f"{missing} must be given: a reported count is part of it, or two reported "
+                        "counts overlap in it (give 0 if they do not)",
                     )
                 ]
             )
