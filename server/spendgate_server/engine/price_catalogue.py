@@ -20,7 +20,8 @@ the same table):
    regional (``us.``, ``eu.``, in-region) endpoints apart; failing that, the bare
    model in the vendor's catalogue.
 5. A Vertex id (``model@version``) is looked up as ``model`` in Google's catalogue.
-6. Anything else goes to genai-prices' own matching (provider by model name).
+6. Anything else goes to genai-prices' own matching (provider by model name), and
+   when that finds nothing, to Anthropic's, OpenAI's and Google's catalogues in turn.
 """
 
 from __future__ import annotations
@@ -185,6 +186,11 @@ def _resolve(ref: str, depth: int) -> CatalogueEntry | None:
     try:
         provider_, model_ = data_snapshot.get_snapshot().find_provider_model(ref, None, None, None)
     except LookupError:
+        # genai-prices picks a provider by name patterns that miss some of their own entries
+        # (text-embedding-3-small, chatgpt-4o-latest, ft:gpt-4o-...): ask the three in turn.
+        for provider_id in MAX_PRICE_PROVIDERS:
+            if (entry := _in(provider_id, ref, "catalogue")) is not None:
+                return entry
         return None
     return CatalogueEntry(provider_, model_, "catalogue")
 
