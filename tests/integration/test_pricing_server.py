@@ -7,6 +7,7 @@ store; the cost the session counted must be the provider's bill, to the nano-USD
 from __future__ import annotations
 
 import hashlib
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import ROUND_CEILING, Decimal
@@ -16,7 +17,7 @@ from genai_prices import Usage as GenaiUsage
 from genai_prices import calc_price
 from spendgate_client import DecisionClient, InvalidRequest, Usage
 
-from tests.processes import SpendgateServer
+from tests.processes import SpendgateServer, free_port
 
 NANO = 1_000_000_000
 
@@ -144,6 +145,11 @@ def test_contradictory_counts_are_refused_and_nothing_is_settled(client: Decisio
     bad = {"input_tokens": 10, "cache_write_tokens": 5, "cache_write_1h_tokens": 100_000, "coffees": 1}
     with pytest.raises(InvalidRequest) as info:
         client.settle(session, decision.reservation_id, "claude-sonnet-4-5", counts=bad)
+    with pytest.raises(InvalidRequest) as tier:
+        client.settle(
+            session, decision.reservation_id, "claude-sonnet-4-5", usage=Usage(service_tier="not a tier")
+        )
+    assert [field for field, _ in tier.value.field_violations] == ["usage.service_tier"]
     assert sorted(info.value.field_violations) == [
         (
             "usage.counts[cache_write_1h_tokens]",
@@ -160,3 +166,24 @@ def test_contradictory_counts_are_refused_and_nothing_is_settled(client: Decisio
         session, decision.reservation_id, "claude-sonnet-4-5", counts={"input_tokens": 10, "output_tokens": 1}
     )
     assert result is not None and result.cost_nano_usd == 10 * 3_000 + 15_000
+
+
+def test_unpriced_tiers_and_models_are_counted_per_call_and_logged_once(
+    spendgate: Callable[..., SpendgateServer],
+) -> None:
+    """spendgate_unpriced_total{kind} counts every call charged the maximum; the log names each once."""
+    port = free_port()
+    server = spendgate("--metrics-port", str(port))
+    with DecisionClient(server.target, timeout=5, fail_mode="closed") as client:
+        usage = Usage(counts={"input_tokens": 1_000, "output_tokens": 1_000}, service_tier="priority")
+        for _ in range(3):
+            # Anthropic's priority tier has no catalogue price: 1,000 + 1,000 at $150/$600.
+            assert settled(client, "claude-sonnet-4-5", usage) == usd("0.75")
+        settled(client, "no-such-model", Usage(counts={"input_tokens": 1}))  # Decide and Settle: 2
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'spendgate_unpriced_total{kind="tier"} 3.0' in body
+    assert 'spendgate_unpriced_total{kind="model"} 2.0' in body
+    logged = [
+        (e["kind"], e["model"], e["name"]) for e in server.log_events() if e["event"] == "unknown_price"
+    ]
+    assert logged == [("tier", "claude-sonnet-4-5", "priority"), ("model", "no-such-model", "no-such-model")]
