@@ -86,15 +86,25 @@ def implied_keys(counts: Mapping[str, int]) -> frozenset[str]:
     overlap in it (cached tokens and audio tokens imply cached audio tokens). Pricing
     such a usage on a card that prices an implied key is refused.
     """
-    positive = [k for k, v in counts.items() if v > 0]
-    implied: set[str] = set()
-    for key in positive:
-        implied |= ANCESTORS[key]
-    for pair in combinations(positive, 2):
-        join = JOINS.get(frozenset(pair))
-        if join is not None:
-            implied.add(join)
-    return frozenset(implied.difference(counts))
+    positive = frozenset(k for k, v in counts.items() if v > 0)
+    implied = _implied_by.get(positive)
+    if implied is None:
+        found: set[str] = set()
+        for key in positive:
+            found |= ANCESTORS[key]
+        for pair in combinations(positive, 2):
+            join = JOINS.get(frozenset(pair))
+            if join is not None:
+                found.add(join)
+        implied = frozenset(found)
+        if len(_implied_by) < _MAX_SHAPES:
+            _implied_by[positive] = implied
+    return implied.difference(counts) if implied else implied
+
+
+# Usages come in few shapes (the same keys call after call): what each shape implies is kept.
+_MAX_SHAPES = 4096
+_implied_by: dict[frozenset[str], frozenset[str]] = {}
 
 
 def flat_max(value: PriceValue) -> Decimal:
@@ -203,25 +213,25 @@ class PriceCard:
                 ]
             )
         band = self.band(counts.get("input_tokens", 0)) if self.starts else 0
-        weights = self.weights[band]
         total = self.request_fee[band]
         leaves: list[int] = []
-        for i, key in enumerate(self.keys):
-            leaf = counts.get(key, 0)
-            for j in self.inner[i]:
+        get = counts.get
+        for key, inner, weight in zip(self.keys, self.inner, self.weights[band], strict=True):
+            leaf = get(key, 0)
+            for j in inner:
                 leaf -= leaves[j]
             if leaf < 0:
-                parts = ", ".join(self.keys[j] for j in self.inner[i] if counts.get(self.keys[j], 0))
+                parts = ", ".join(self.keys[j] for j in inner if get(self.keys[j], 0))
                 raise InvalidArgument(
                     [
                         FieldViolation(
                             "usage.counts",
-                            f"{parts} add up to more than {key} ({counts.get(key, 0)}), which includes them",
+                            f"{parts} add up to more than {key} ({get(key, 0)}), which includes them",
                         )
                     ]
                 )
             leaves.append(leaf)
-            total += leaf * weights[i]
+            total += leaf * weight
         return -(-total // self.denominator)
 
     def leaves(self, counts: Mapping[str, int]) -> list[tuple[str, int, int]]:

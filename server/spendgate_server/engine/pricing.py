@@ -371,7 +371,9 @@ class PriceTable:
         else:
             card = pricing.cards[""]
         cost = card.cost(counts, usage.implied)
-        unpriced = tuple(k for k, v in counts.items() if v > 0 and k not in card.covered)
+        unpriced: tuple[str, ...] = ()
+        if not card.covered.issuperset(counts):
+            unpriced = tuple(k for k, v in counts.items() if v > 0 and k not in card.covered)
         if unpriced:
             # Counts the card has no price for (nor for any total they belong to): the maximum.
             extra = {k: counts[k] for k in unpriced}
