@@ -136,12 +136,21 @@ class Usage:
         output_tokens: output tokens (reasoning included).
         cache_read_input_tokens: input tokens read from the prompt cache.
         cache_write_input_tokens: input tokens written to the prompt cache.
+        counts: every billed dimension, keyed by genai-prices usage key
+            (``input_tokens`` there counts *all* input tokens, cached ones included;
+            ``cache_write_1h_tokens``, ``output_audio_tokens``, ``audio_seconds``,
+            ``input_characters``, ``web_searches``, …). When set, a server that reads
+            it prices these and ignores the four token fields, which stay for older servers.
+        service_tier: the tier that actually ran (``"priority"``, ``"flex"``, ``"batch"``);
+            empty for the standard one.
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_write_input_tokens: int = 0
+    counts: Mapping[str, int] = field(default_factory=dict)
+    service_tier: str = ""
 
     def to_proto(self) -> pb.Usage:
         """The wire message."""
@@ -150,6 +159,8 @@ class Usage:
             output_tokens=self.output_tokens,
             cache_read_input_tokens=self.cache_read_input_tokens,
             cache_write_input_tokens=self.cache_write_input_tokens,
+            counts=self.counts,
+            service_tier=self.service_tier,
         )
 
 
@@ -382,6 +393,7 @@ class _Base:
         request_id: str,
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> pb.DecideRequest:
         request = pb.DecideRequest(
             session_id=session_id,
@@ -397,6 +409,8 @@ class _Base:
             if not isinstance(enforcement_config, pb.EnforcementConfig):
                 enforcement_config = enforcement_config_to_proto(enforcement_config)
             request.enforcement_config.CopyFrom(enforcement_config)
+        if max_usage is not None:
+            request.max_usage.CopyFrom(max_usage.to_proto())
         return request
 
     def _on_outage(self, error: grpc.RpcError, model: str) -> Decision:
@@ -470,10 +484,14 @@ class DecisionClient(_Base):
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> Decision:
         """Ask whether a provider call may go ahead. A block is returned, not raised.
 
         ``project`` names the project whose server-side rules apply on top of the tenant's.
+        ``max_usage`` is the call's worst case in the units its endpoint bills (counts by
+        genai-prices usage key) and the tier it runs at; when given, a server that reads it
+        reserves that instead of ``input_tokens`` x ``max_output_tokens``.
 
         Raises:
             SpendgateUnavailable: the service is unreachable or late and fail_mode is closed.
@@ -489,6 +507,7 @@ class DecisionClient(_Base):
             request_id,
             enforcement_config,
             project,
+            max_usage,
         )
         self.stats.add("decisions")
         try:
@@ -592,6 +611,7 @@ class AsyncDecisionClient(_Base):
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> Decision:
         """See DecisionClient.decide."""
         request = self._decide_request(
@@ -604,6 +624,7 @@ class AsyncDecisionClient(_Base):
             request_id,
             enforcement_config,
             project,
+            max_usage,
         )
         self.stats.add("decisions")
         try:
