@@ -711,7 +711,7 @@ def call_gated(
     call = Call(ticket, route, request, observe, provider)
     token = _current.set(call)
     try:
-        result = send(_on_model(request.body, ticket.model))
+        result = send(_on_model(request.body, ticket.model) if route.downgrade else request.body)
     except BaseException as error:
         _failed(call, error)
         raise
@@ -736,7 +736,7 @@ async def acall_gated(
     call = Call(ticket, route, request, observe, provider)
     token = _current.set(call)
     try:
-        result = await send(_on_model(request.body, ticket.model))
+        result = await send(_on_model(request.body, ticket.model) if route.downgrade else request.body)
     except BaseException as error:
         _failed(call, error)
         raise

@@ -120,7 +120,7 @@ class Reading:
 
 
 def _parse(content: bytes) -> Mapping[str, Any] | None:
-    """A JSON object, or JSON lines as ``{"lines": [...]}``; None when neither."""
+    """A JSON object, or JSON lines as ``{"lines": [...]}``; empty when neither (plain text, audio)."""
     try:
         body = json.loads(content)
     except ValueError:
@@ -130,6 +130,6 @@ def _parse(content: bytes) -> Mapping[str, Any] | None:
                 try:
                     lines.append(json.loads(raw))
                 except ValueError:
-                    return None
-        return {"lines": lines} if lines else None
-    return body if isinstance(body, Mapping) else None
+                    return {}
+        return {"lines": lines}
+    return body if isinstance(body, Mapping) else {}
