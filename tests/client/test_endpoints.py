@@ -604,3 +604,30 @@ async def test_unknown_paths_warn_once_and_are_guarded_when_they_name_a_model(
 def test_anthropic_sdk_has_the_module_it_is_tested_with() -> None:
     """The Anthropic SDK used here has Message Batches (the table's second row)."""
     assert hasattr(anthropic.Anthropic(api_key="k").messages, "batches")
+
+
+def test_responses_report_tool_calls_billed_per_call() -> None:
+    """Web searches, file searches and code interpreter calls in a Responses output are counted by key."""
+    from spendgate_client._estimate import prepare_openai_responses
+    from spendgate_client._openai import _read_responses
+
+    body = {
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+        "output": [
+            {"type": "web_search_call"},
+            {"type": "web_search_call"},
+            {"type": "file_search_call"},
+            {"type": "code_interpreter_call"},
+            {"type": "message"},
+        ],
+        "service_tier": "priority",
+    }
+    usage = _read_responses(body, prepare_openai_responses({"model": "gpt-4o", "input": "hi"}))
+    assert usage is not None and usage.service_tier == "priority"
+    assert dict(usage.counts) == {
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "web_searches": 2,
+        "storage_searches": 1,
+        "code_executions": 1,
+    }

@@ -86,14 +86,23 @@ _read_chat = _read("chat")
 _read_embeddings = _read("embeddings")
 
 
+# Responses output items billed per call (their tokens are in the usage already).
+_TOOL_CALL_COUNTS: Final = {
+    "web_search_call": "web_searches",
+    "file_search_call": "storage_searches",
+    "code_interpreter_call": "code_executions",
+}
+
+
 def _read_responses(body: Mapping[str, Any], request: PreparedRequest) -> Usage | None:
-    """Tokens by genai-prices' Responses extractor, plus the web searches the output shows."""
+    """Tokens by genai-prices' Responses extractor, plus the tool calls billed per call in its output."""
     if not isinstance(body.get("usage"), Mapping):
         return None
     counts = extract("openai", "responses", body)
-    searches = sum(1 for item in body.get("output") or () if field_of(item, "type") == "web_search_call")
-    if searches:
-        counts["web_searches"] = counts.get("web_searches", 0) + searches
+    for item in body.get("output") or ():
+        key = _TOOL_CALL_COUNTS.get(str(field_of(item, "type")))
+        if key is not None:
+            counts[key] = counts.get(key, 0) + 1
     return usage_from_counts(counts, _tier(body))
 
 
