@@ -89,6 +89,12 @@ class Decision:
 
     ``fail_open`` is True when the service was unreachable and ``fail_mode="open"``
     allowed the call without a decision (nothing was reserved).
+
+    ``session_spend_nano_usd`` splits into ``settled_spend_nano_usd`` (what settled
+    calls cost) and ``reserved_nano_usd`` (what open reservations hold: calls in
+    flight, or never settled). ``unblocks_on_settle`` is True when a budget block is
+    due to those reservations, so waiting for them to settle can lift it; False when
+    settled spend alone reached the cap (only a new session id helps).
     """
 
     verdict: str
@@ -104,6 +110,9 @@ class Decision:
     would_block: bool
     shadow_rules: tuple[str, ...]
     fail_open: bool = False
+    settled_spend_nano_usd: int = 0
+    reserved_nano_usd: int = 0
+    unblocks_on_settle: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -115,7 +124,14 @@ class Decision:
         if self.allowed:
             return
         code = next((c for c, k in _RULE_KEYS.items() if k == self.rule), 0)
-        raise _BLOCK_ERRORS.get(code, EnforcementError)(self.reason, self.decision_id, self.rule)
+        raise _BLOCK_ERRORS.get(code, EnforcementError)(
+            self.reason,
+            self.decision_id,
+            self.rule,
+            spent_nano_usd=self.settled_spend_nano_usd,
+            reserved_nano_usd=self.reserved_nano_usd,
+            unblocks_on_settle=self.unblocks_on_settle,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +309,9 @@ def _decision(response: pb.DecideResponse) -> Decision:
         config_version=response.config_version,
         would_block=response.would_block,
         shadow_rules=tuple(_RULE_KEYS.get(r, str(r)) for r in response.shadow_rules),
+        settled_spend_nano_usd=response.settled_spend_nano_usd,
+        reserved_nano_usd=response.reserved_nano_usd,
+        unblocks_on_settle=response.unblocks_on_settle,
     )
 
 
