@@ -249,6 +249,7 @@ class DecideRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENFORCEMENT_CONFIG_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
+    MAX_USAGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The agent session the call belongs to: 1-128 characters of
     [A-Za-z0-9._:@/-]. Budgets, tool counts and dedup are per session.
@@ -275,6 +276,15 @@ class DecideRequest(_message.Message):
     def enforcement_config(self) -> Global___EnforcementConfig:
         """Client-side limits; tighten-only."""
 
+    @_builtins.property
+    def max_usage(self) -> Global___Usage:
+        """The call's worst-case usage in the units its endpoint bills (counts keyed by
+        genai-prices usage key, as in Usage.counts: "input_tokens", "audio_seconds",
+        "input_characters", ...) and the tier it will run at ("batch" for batch jobs).
+        When its counts are set the reservation prices them instead of input_tokens and
+        max_output_tokens (which still feed token_ceiling); an older server ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -287,10 +297,11 @@ class DecideRequest(_message.Message):
         request_id: _builtins.str = ...,
         enforcement_config: Global___EnforcementConfig | None = ...,
         project: _builtins.str = ...,
+        max_usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "max_usage", b"max_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "max_usage", b"max_usage", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
