@@ -4,11 +4,8 @@ Each row is proved twice, with the sync and the async client: guarded (a session
 already over its cap is blocked before the provider) and settled (the usage the
 client reports, by genai-prices usage key, and the cost the server counts at
 genai-prices' real prices). The costs are the issue's: whisper-1 $0.006 a minute,
-tts-1 $0.015 per 1,000 characters, and so on.
-
-Costs of endpoints billed in other units than a chat model's input and output
-tokens need the server to price ``Usage.counts`` (and ``DecideRequest.max_usage``);
-those assertions are marked :data:`WAITS_ON_COUNTS_PRICING` until it does.
+tts-1 $0.015 per 1,000 characters, and so on; DALL·E, which genai-prices does not
+price, at the operator's per-image override.
 """
 
 from __future__ import annotations
@@ -49,16 +46,20 @@ OVERSPENT_NANO = 300_000_000
 # The issue's inputs name claude-sonnet-4-5, which the SDK warns is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-WAITS_ON_COUNTS_PRICING = pytest.mark.xfail(
-    reason="the server does not price Usage.counts (audio seconds, characters, images, batch tier) yet",
-    strict=False,
-)
+
+# genai-prices has no per-image price for DALL·E: the operator supplies it, as the README shows.
+DALLE_PRICES = """\
+prices:
+  dall-e-3-standard-1024x1024: {requests_kcount: 40, input_mtok: 0, output_mtok: 0}
+"""
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[SpendgateServer]:
-    """One server at genai-prices' real prices (sessions keep tests apart)."""
-    started = SpendgateServer.start()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpendgateServer]:
+    """A server at genai-prices' real prices plus the README's DALL·E override."""
+    config = tmp_path_factory.mktemp("prices") / "prices.yaml"
+    config.write_text(DALLE_PRICES)
+    started = SpendgateServer.start("--config", str(config))
     yield started
     started.stop()
 
@@ -206,7 +207,6 @@ async def test_embeddings_settle_their_input_tokens(
     ]
 
 
-@WAITS_ON_COUNTS_PRICING
 async def test_embeddings_cost_their_token_price(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:
@@ -271,11 +271,10 @@ async def test_dalle_settles_one_request_per_image_of_its_quality_and_size(
     assert fake.requests[0].model == "dall-e-3"  # the provider still gets the model asked for
 
 
-@WAITS_ON_COUNTS_PRICING
 async def test_dalle_costs_its_per_image_price(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:
-    """dall-e-3 standard 1024x1024 costs $0.04 an image."""
+    """dall-e-3 standard 1024x1024 costs $0.04 an image (the operator's per-image price)."""
     client = make()
     await resolve(
         client.images.generate(model="dall-e-3", prompt="a cat", quality="standard", size="1024x1024")
@@ -315,7 +314,6 @@ async def test_whisper_settles_seconds_of_audio(
     assert client.spendgate_settles.counts == [{"audio_seconds": 60}]
 
 
-@WAITS_ON_COUNTS_PRICING
 async def test_whisper_costs_per_minute(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:
@@ -347,7 +345,6 @@ async def test_speech_is_guarded(
     )
 
 
-@WAITS_ON_COUNTS_PRICING
 async def test_speech_costs_per_character(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:
@@ -549,7 +546,6 @@ async def test_anthropic_batch_settles_when_its_results_are_read(
     ]
 
 
-@WAITS_ON_COUNTS_PRICING
 async def test_anthropic_batch_costs_half(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:

@@ -427,3 +427,19 @@ def test_legacy_rate_card_pricing_still_works() -> None:
     table = PriceTable({"big": ModelPricing("big", RateCard(1_000_000_000, 2_000_000_000, 100_000_000, 0))})
     assert table.cost("big", Usage(10, 20, 1_000)) == 10 * 1_000 + 20 * 2_000 + 1_000 * 100
     assert table.lookup("big").estimate(100, 100) == 300_000
+
+
+def test_reported_requests_multiply_the_per_request_fee_and_cost_nothing_where_unpriced() -> None:
+    """A usage may report ``requests`` (one per image for DALL·E); absent, one request is billed."""
+    table = PriceTable(
+        parse_price_overrides(
+            {"dall-e-3-standard-1024x1024": {"requests_kcount": 40, "input_mtok": 0, "output_mtok": 0}}
+        )
+    )
+    assert table.cost("dall-e-3-standard-1024x1024", Usage(counts={"requests": 3})) == 120_000_000
+    assert table.cost("dall-e-3-standard-1024x1024", Usage(counts={})) == 40_000_000
+    # gpt-4o-mini has no per-request fee: reporting requests adds nothing.
+    tokens = {"input_tokens": 1_000, "output_tokens": 100}
+    assert table.cost("gpt-4o-mini", Usage(counts={**tokens, "requests": 1})) == table.cost(
+        "gpt-4o-mini", Usage(counts=tokens)
+    )

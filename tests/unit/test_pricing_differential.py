@@ -26,7 +26,14 @@ from spendgate_server.engine.price_catalogue import (
     tier_context,
     tier_prices,
 )
-from spendgate_server.engine.price_units import ANCESTORS, JOINS, REGISTRY, USAGE_KEYS, PriceCard
+from spendgate_server.engine.price_units import (
+    ANCESTORS,
+    JOINS,
+    REGISTRY,
+    REQUESTS_KEY,
+    USAGE_KEYS,
+    PriceCard,
+)
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.store.memory import MemoryStore
@@ -82,7 +89,8 @@ def priced_calls(draw: st.DrawFn) -> tuple[str, CatalogueEntry, str, dict[str, i
     tiers = tier_prices(entry.model, NOW)
     tier = draw(st.sampled_from(sorted(tiers)))
     card = PriceCard.compile(tiers[tier])
-    covered = sorted(card.covered & USAGE_KEYS)
+    # genai-prices bills exactly one request per call: its Usage cannot report requests.
+    covered = sorted(card.covered & USAGE_KEYS - {REQUESTS_KEY})
     extra = draw(st.sets(st.sampled_from(covered), max_size=4)) if covered else set()
     keys = _closed(set(card.keys) | extra)
     assume(keys <= card.covered)

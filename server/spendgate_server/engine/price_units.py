@@ -48,10 +48,10 @@ REGISTRY = UnitRegistry(unit_data)
 """genai-prices' unit registry: every usage key, its price key, its ``per`` and its dimensions."""
 
 REQUESTS_KEY = "requests"
-"""The per-call fee unit: never reported, always one per call where a model prices it."""
+"""The per-request fee unit: one per call unless reported (a DALL·E call bills one per image)."""
 
-USAGE_KEYS: frozenset[str] = frozenset(k for k in REGISTRY.units if k != REQUESTS_KEY)
-"""Every usage key a Usage may report."""
+USAGE_KEYS: frozenset[str] = frozenset(REGISTRY.units)
+"""Every usage key a Usage may report (``requests`` included: absent, it counts as one)."""
 
 ANCESTORS: Mapping[str, frozenset[str]] = {k: REGISTRY.ancestor_usage_keys(k) for k in REGISTRY.units}
 """For each usage key, the keys whose counts include it (``input_tokens`` ⊇ ``cache_read_tokens``)."""
@@ -170,7 +170,10 @@ class PriceCard:
         denominator = math.lcm(*(r.denominator for band in rates for r in band)) if priced else 1
         weights = tuple(tuple(int(r * denominator) for r in band[: len(keys)]) for band in rates)
         request_fee = tuple(int(band[-1] * denominator) if fee is not None else 0 for band in rates)
-        covered = frozenset(k for k in REGISTRY.units if k in units or not ANCESTORS[k].isdisjoint(units))
+        # Requests are always covered: a card without a per-request fee charges none, as genai-prices.
+        covered = frozenset(
+            k for k in REGISTRY.units if k in units or k == REQUESTS_KEY or not ANCESTORS[k].isdisjoint(units)
+        )
         return cls(
             prices=dict(prices),
             keys=keys,
@@ -213,9 +216,9 @@ class PriceCard:
                 ]
             )
         band = self.band(counts.get("input_tokens", 0)) if self.starts else 0
-        total = self.request_fee[band]
-        leaves: list[int] = []
         get = counts.get
+        total = self.request_fee[band] * get(REQUESTS_KEY, 1)
+        leaves: list[int] = []
         for key, inner, weight in zip(self.keys, self.inner, self.weights[band], strict=True):
             leaf = get(key, 0)
             for j in inner:
