@@ -30,6 +30,25 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
+# The message and the BadRequest both travel in trailers, which clients refuse past 16 KiB
+# (grpc's default metadata limit): each is kept under this many bytes.
+MAX_ERROR_TEXT_BYTES = 4 * 1024
+
+
+def _bounded(exc: InvalidArgument) -> InvalidArgument:
+    """``exc`` with as many field violations as fit MAX_ERROR_TEXT_BYTES, the rest counted in a last one."""
+    kept: list[FieldViolation] = []
+    size = 0
+    for violation in exc.violations:
+        size += len(violation.field.encode()) + len(violation.description.encode()) + 4
+        if size > MAX_ERROR_TEXT_BYTES and kept:
+            rest = len(exc.violations) - len(kept)
+            kept.append(FieldViolation(violation.field, f"... and {rest} more problems (fix these first)"))
+            return InvalidArgument(kept)
+        kept.append(violation)
+    return exc
+
+
 def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (ErrorInfo, plus BadRequest for bad input) of ``exc``.
 
@@ -38,6 +57,7 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     details = []
     if isinstance(exc, InvalidArgument):
         code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+        exc = _bounded(exc)
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations
