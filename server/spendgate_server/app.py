@@ -41,6 +41,7 @@ from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
+from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
@@ -265,7 +266,12 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
-        ViolationServicer(alerts.feed, WATCH_RECHECK_SECONDS), server
+        ViolationServicer(
+            alerts.feed,
+            WATCH_RECHECK_SECONDS,
+            WatchLimits(settings.max_watch_streams_per_tenant, settings.max_watch_streams),
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

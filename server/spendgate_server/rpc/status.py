@@ -14,6 +14,7 @@ from spendgate_server.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     SpendgateError,
     StoreUnavailable,
 )
@@ -67,6 +68,10 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
         code, reason = grpc.StatusCode.FAILED_PRECONDITION, "ETAG_MISMATCH"
     elif isinstance(exc, NotFound):
         code, reason = grpc.StatusCode.NOT_FOUND, "NOT_FOUND"
+    elif isinstance(exc, ResourceExhausted):
+        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"
+        quota = error_details_pb2.QuotaFailure.Violation(subject=exc.quota, description=str(exc))
+        details.append(_packed(error_details_pb2.QuotaFailure(violations=[quota])))
     elif isinstance(exc, StoreUnavailable):
         code, reason = grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"
     else:
