@@ -77,6 +77,8 @@ class ServeSettings:
     # Limits per tenant and per process (RESOURCE_EXHAUSTED past them, naming the flag).
     max_watch_streams_per_tenant: int = 64
     max_watch_streams: int = 1024
+    # Distinct live sessions per tenant (0: no limit).
+    max_sessions_per_tenant: int = 100_000
 
 
 def _env(name: str, default: str) -> str:
@@ -227,6 +229,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-watch-streams",
         default=_env("max_watch_streams", str(d.max_watch_streams)),
         help="open WatchViolations streams of all tenants on this server (per worker process)",
+    )
+    a(
+        "--max-sessions-per-tenant",
+        default=_env("max_sessions_per_tenant", str(d.max_sessions_per_tenant)),
+        help="distinct live sessions (used within --session-ttl-seconds) one tenant may hold; 0: no limit",
     )
 
 
@@ -383,4 +390,5 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
             "max-watch-streams-per-tenant", args.max_watch_streams_per_tenant, 1, 1_000_000
         ),
         max_watch_streams=_int("max-watch-streams", args.max_watch_streams, 1, 1_000_000),
+        max_sessions_per_tenant=_int("max-sessions-per-tenant", args.max_sessions_per_tenant, 0, 100_000_000),
     )
