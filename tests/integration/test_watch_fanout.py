@@ -89,7 +89,8 @@ async def test_many_watchers_from_any_cursor_each_get_every_violation_once_over_
     feed: ViolationFeed,
 ) -> None:
     """200 watchers (live, from the start, from a middle cursor) over a 2-connection pool: all complete."""
-    hub = ViolationHub(feed, WatchLimits(per_tenant=1000, per_process=1000, batch_size=7), 0.05)
+    limits = WatchLimits(per_tenant=1000, per_process=1000, batch_size=7, messages_per_second_per_tenant=1e9)
+    hub = ViolationHub(feed, limits, 0.05)
     old = await append(feed, "t", 10)
     middle = (await feed.after("t", "0-0", 5))[-1].cursor
     live = [hub.open("t", "") for _ in range(100)]
@@ -130,6 +131,21 @@ async def test_a_slow_watcher_drops_its_buffer_and_catches_up_from_the_feed(feed
     assert [v.decision_id for v in await collect(slow, 30)] == sent
     slow.close()
     fast.close()
+
+
+async def test_a_tenants_message_budget_paces_its_watchers_and_loses_nothing(feed: ViolationFeed) -> None:
+    """With a budget of a few messages at a time, every watcher still gets each violation once, in order."""
+    hub = ViolationHub(feed, WatchLimits(messages_per_second_per_tenant=400, batch_size=9), 0.05)
+    watches = [hub.open("t", "") for _ in range(3)] + [hub.open("t", "0-0")]
+    await asyncio.wait_for(hub.wait_ready("t"), WAIT_SECONDS)
+    readers = [asyncio.create_task(collect(w, 60)) for w in watches]
+    sent: list[str] = []
+    for _ in range(6):
+        sent += await append(feed, "t", 10)
+    for got in await asyncio.gather(*readers):
+        assert [v.decision_id for v in got] == sent
+    for w in watches:
+        w.close()
 
 
 async def test_limits_per_tenant_and_per_process_refuse_with_the_quota_named(feed: ViolationFeed) -> None:

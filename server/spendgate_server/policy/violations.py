@@ -261,6 +261,11 @@ class WatchLimits:
         concurrent_catch_ups: store reads that watchers resuming from an old cursor
             may run at once, so a burst of reconnects cannot take the connection pool.
         batch_size: violations read per store call.
+        messages_per_second_per_tenant: violations handed to one tenant's watchers per
+            second in this process, all its streams together (bursts up to a tenth of
+            a second's worth). Each message costs the serving loop tens of microseconds;
+            past this a tenant's watchers fall behind (and catch up later) instead of
+            taking the loop from other tenants' decisions.
     """
 
     per_tenant: int = 64
@@ -268,6 +273,40 @@ class WatchLimits:
     queued_per_watch: int = 1000
     concurrent_catch_ups: int = 4
     batch_size: int = 100
+    messages_per_second_per_tenant: float = 1000.0
+
+
+class _Budget:
+    """A token bucket: ``rate`` tokens a second, holding at most ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last = asyncio.get_running_loop().time()
+        # Waiters queue here in turn (FIFO), so at most one of them sleeps on the clock.
+        self._turn = asyncio.Lock()
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+
+    async def take(self, wanted: int) -> int:
+        """Wait until at least one token is there; take up to ``wanted``; return how many."""
+        loop = asyncio.get_running_loop()
+        self._refill(loop.time())
+        if self._tokens >= 1 and not self._turn.locked():
+            granted = min(wanted, int(self._tokens))
+            self._tokens -= granted
+            return granted
+        async with self._turn:
+            self._refill(loop.time())
+            while self._tokens < 1:
+                await asyncio.sleep((1 - self._tokens) / self._rate)
+                self._refill(loop.time())
+            granted = min(wanted, int(self._tokens))
+            self._tokens -= granted
+            return granted
 
 
 class Watch:
@@ -336,8 +375,19 @@ class Watch:
                     self._behind = True
             else:
                 batch, self._queue = self._queue, []
-            fresh = [v for v in batch if parse_entry_id(v.cursor) > mark]
+            # Increasing positions only: the queue may repeat what a read returned.
+            fresh = []
+            last = mark
+            for violation in batch:
+                position = parse_entry_id(violation.cursor)
+                if position > last:
+                    fresh.append(violation)
+                    last = position
             if fresh:
+                granted = await self._reader.budget.take(len(fresh))
+                # What the tenant's budget does not cover yet waits at the head of the queue.
+                self._queue[:0] = fresh[granted:]
+                fresh = fresh[:granted]
                 self.cursor = fresh[-1].cursor
                 return fresh
             if not self._behind and not self._queue and self._error is None:
@@ -360,6 +410,8 @@ class _TenantReader:
         # Set once the newest cursor is known: deliveries start after it.
         self.ready = asyncio.Event()
         self.position = "0-0"
+        rate = hub.limits.messages_per_second_per_tenant
+        self.budget = _Budget(rate, max(1.0, rate / 10))
         self._hub = hub
         self.task = asyncio.create_task(self._run(), name=f"violations-reader:{tenant}")
 

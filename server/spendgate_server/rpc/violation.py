@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -13,6 +14,7 @@ from spendgate.v1 import violation_pb2_grpc
 from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
 from spendgate_server.policy.violations import (
     PolicyType,
+    Violation,
     ViolationFeed,
     ViolationFilter,
     ViolationHub,
@@ -30,6 +32,8 @@ _log = structlog.get_logger("spendgate.violations")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # A page reads at most this many entries, so a filter matching nothing stays cheap.
 SCAN_LIMIT = 5000
+# Recent violations kept converted for watchers (a message is never changed once built).
+RESPONSE_CACHE_SIZE = 4096
 
 
 def _filter(policy_type: int, session_id: str, project: str) -> ViolationFilter:
@@ -53,6 +57,7 @@ class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
     ) -> None:
         self._feed = feed
         self.hub = ViolationHub(feed, watch_limits, recheck_seconds)
+        self._responses: OrderedDict[tuple[str, str], vpb.WatchViolationsResponse] = OrderedDict()
 
     async def ListViolations(
         self, request: vpb.ListViolationsRequest, context: Context
@@ -104,7 +109,18 @@ class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
                     await self._fail(context, exc)
                 for violation in batch:
                     if where.matches(violation):
-                        yield vpb.WatchViolationsResponse(violation=violation_to_proto(violation))
+                        yield self._response(tenant, violation)
+
+    def _response(self, tenant: str, violation: Violation) -> vpb.WatchViolationsResponse:
+        # Every watcher of a tenant sends the same violations: convert each once.
+        key = (tenant, violation.cursor)
+        response = self._responses.get(key)
+        if response is None:
+            response = vpb.WatchViolationsResponse(violation=violation_to_proto(violation))
+            self._responses[key] = response
+            if len(self._responses) > RESPONSE_CACHE_SIZE:
+                self._responses.popitem(last=False)
+        return response
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         code, status = rpc_status(exc)
