@@ -15,14 +15,14 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.engine.config import EnforcementConfig
 from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.pricing import PriceTable
-from spendgate_server.engine.quota import SessionQuota
+from spendgate_server.engine.quota import REGISTRY_RETRY_MS, SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
-from spendgate_server.errors import ResourceExhausted
+from spendgate_server.errors import ResourceExhausted, StoreUnavailable
 from spendgate_server.store import SessionKey, Store
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_session_registry import RedisSessionRegistry
-from spendgate_server.store.session_registry import MemorySessionRegistry, SessionRegistry
+from spendgate_server.store.session_registry import Admission, MemorySessionRegistry, SessionRegistry
 
 from tests.conftest import STORES, FakeClock
 from tests.integration.test_security import bearer, create_key, decide_request
@@ -157,3 +157,40 @@ def test_a_server_refuses_a_tenants_sessions_past_its_quota_and_not_anothers(
     if store == "redis":
         ledger = read_ledger(redis.Redis.from_url(url), "s5", tenant="acme")
         assert (ledger.spent, ledger.reserved, ledger.open) == (0, 0, {})
+
+
+class DownRegistry(MemorySessionRegistry):
+    """A registry whose store does not answer."""
+
+    local = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def admit(
+        self, tenant: str, session_id: str, now_ms: int, expires_ms: int, limit: int
+    ) -> Admission:
+        self.asked += 1
+        raise StoreUnavailable("redis: Timeout reading from socket")
+
+
+async def test_an_unreachable_registry_admits_and_is_asked_again_only_after_a_second(
+    clock: FakeClock,
+) -> None:
+    """The quota guards memory, not spend: a registry outage never fails a Decide; one try a second."""
+    registry = DownRegistry()
+    quota = SessionQuota(registry, 3, TTL_MS)
+    engine = DecisionEngine(
+        MemoryStore(),
+        PriceTable(PRICES),
+        ConfigResolver.static(EnforcementConfig()),
+        clock=clock,
+        quota=quota,
+    )
+    for n in range(10):
+        assert (await engine.decide(call(session=f"s{n}"))).allowed
+    assert (registry.asked, quota.unchecked) == (1, 10)
+    clock.advance(REGISTRY_RETRY_MS)
+    await engine.decide(call(session="later"))
+    assert registry.asked == 2

@@ -12,6 +12,11 @@ registered in the background, so a new session costs no extra round trip. The co
 stays exact in the registry; a tenant can overshoot its limit by at most the
 registrations in flight per process (``IN_FLIGHT_PER_TENANT``), and a session admitted
 ahead of a refusal is refused from its next call on.
+
+The quota guards memory, not spend: when the registry cannot be reached the call is
+admitted (the store it shares is most likely down too, and the store's own circuit
+breaker answers at once), and for ``REGISTRY_RETRY_MS`` new sessions are admitted
+without asking, so an outage costs one registry timeout per process per interval.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from collections import OrderedDict
 
 import structlog
 
-from spendgate_server.errors import ResourceExhausted, SpendgateError
+from spendgate_server.errors import ResourceExhausted, SpendgateError, StoreUnavailable
 from spendgate_server.store.session_registry import SessionRegistry
 
-__all__ = ["IN_FLIGHT_PER_TENANT", "SessionQuota"]
+__all__ = ["IN_FLIGHT_PER_TENANT", "REGISTRY_RETRY_MS", "SessionQuota"]
 
 _log = structlog.get_logger("spendgate.quota")
 
@@ -34,6 +39,8 @@ IN_FLIGHT_PER_TENANT = 64
 KNOWN_SESSIONS = 200_000
 # A known session's registry expiry is refreshed at most this often.
 REFRESH_MS = 60_000
+# After the registry failed to answer, new sessions are admitted unasked this long.
+REGISTRY_RETRY_MS = 1_000
 
 
 class SessionQuota:
@@ -56,13 +63,14 @@ class SessionQuota:
         self._tasks: set[asyncio.Task[None]] = set()
         # Far from the limit by this much, a new session is registered in the background.
         self._margin = max(IN_FLIGHT_PER_TENANT, limit // 10)
+        self._registry_down_until_ms = 0
+        self.unchecked = 0
 
     async def admit(self, tenant: str, session_id: str, now_ms: int) -> None:
         """Let ``session_id`` hold state, or refuse it.
 
         Raises:
             ResourceExhausted: ``tenant`` already has ``limit`` live sessions and this one is new.
-            StoreUnavailable: the registry could not be reached.
         """
         key = (tenant, session_id)
         refresh_at = self._known.get(key)
@@ -87,7 +95,20 @@ class SessionQuota:
             self._remember(key, now_ms)
             self._later(tenant, session_id, now_ms)
             return
-        admission = await self.registry.admit(tenant, session_id, now_ms, now_ms + self._ttl_ms, self.limit)
+        if now_ms < self._registry_down_until_ms:
+            self.unchecked += 1
+            return
+        try:
+            admission = await self.registry.admit(
+                tenant, session_id, now_ms, now_ms + self._ttl_ms, self.limit
+            )
+        except StoreUnavailable as exc:
+            self._registry_down_until_ms = now_ms + REGISTRY_RETRY_MS
+            self.unchecked += 1
+            _log.warning(
+                "session_registry_unavailable", error=str(exc), admitted_unchecked_ms=REGISTRY_RETRY_MS
+            )
+            return
         self._counts[tenant] = admission.live_sessions
         if not admission.admitted:
             raise ResourceExhausted(
