@@ -106,7 +106,7 @@ async def test_far_from_the_limit_new_sessions_are_registered_in_the_background(
     """With room to spare the registry is written after the decision; the count still ends exact."""
     q = await quotaed("redis", redis_url, 10_000, clock)
     try:
-        await q.engine.decide(call(session="first"))  # the tenant's count is learnt here
+        await q.engine.decide(call(session="first"))
         for n in range(200):
             assert (await q.engine.decide(call(session=f"s{n}"))).allowed
         await q.quota.drain()

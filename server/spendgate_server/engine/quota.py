@@ -6,9 +6,10 @@ live sessions in a :class:`SessionRegistry` and refuses a new session past the l
 with RESOURCE_EXHAUSTED, before anything is written.
 
 The Decide hot path pays a dict lookup for a session this process has seen. A new
-session is checked with the registry before the decision when the tenant is near its
-limit (or the registry is local); far from the limit it is admitted at once and
-registered in the background, so a new session costs no extra round trip. The count
+session is checked with the registry before the decision only when the tenant is near
+its limit (within a tenth of it, and at least IN_FLIGHT_PER_TENANT) or the registry is
+local; otherwise it is admitted at once and registered in the background, so a new
+session costs no extra round trip and the decision never waits on the registry. The count
 stays exact in the registry; a tenant can overshoot its limit by at most the
 registrations in flight per process (``IN_FLIGHT_PER_TENANT``), and a session admitted
 ahead of a refusal is refused from its next call on.
@@ -84,10 +85,11 @@ class SessionQuota:
                 self._later(tenant, session_id, now_ms)
                 return
         in_flight = self._in_flight.get(tenant, 0)
-        count = self._counts.get(tenant)
+        # A tenant not heard of yet counts as empty: its first replies tell the truth, and
+        # until then at most IN_FLIGHT_PER_TENANT sessions go ahead unchecked.
+        count = self._counts.get(tenant, 0)
         ahead = (
             not self.registry.local
-            and count is not None
             and count + in_flight < self.limit - self._margin
             and in_flight < IN_FLIGHT_PER_TENANT
         )
