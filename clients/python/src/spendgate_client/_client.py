@@ -136,20 +136,30 @@ class Usage:
         output_tokens: output tokens (reasoning included).
         cache_read_input_tokens: input tokens read from the prompt cache.
         cache_write_input_tokens: input tokens written to the prompt cache.
+        counts: every billed dimension by genai-prices usage key (``input_tokens`` counting
+            all input, cached or not; ``cache_write_1h_tokens``, ``output_audio_tokens``,
+            ``web_searches``, ...); when given, it is the whole usage and the four fields
+            above are not sent.
+        service_tier: the service tier that ran, as the provider reported it (empty: standard).
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_write_input_tokens: int = 0
+    counts: Mapping[str, int] = field(default_factory=dict)
+    service_tier: str = ""
 
     def to_proto(self) -> pb.Usage:
         """The wire message."""
+        if self.counts:
+            return pb.Usage(counts=self.counts, service_tier=self.service_tier)
         return pb.Usage(
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             cache_read_input_tokens=self.cache_read_input_tokens,
             cache_write_input_tokens=self.cache_write_input_tokens,
+            service_tier=self.service_tier,
         )
 
 

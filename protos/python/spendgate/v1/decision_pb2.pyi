@@ -419,7 +419,9 @@ class Usage(_message.Message):
     cache_write_input_tokens: _builtins.int
     service_tier: _builtins.str
     """The service tier that actually ran, as the provider reported it ("priority",
-    "flex", "batch", ...); empty for the standard tier.
+    "flex", "batch", ...; case-insensitive, 0-32 characters of [A-Za-z0-9._-]);
+    empty, "standard" or "default" for the standard tier. A tier with no known price
+    for the model is charged the never-undercount maximum.
     """
     @_builtins.property
     def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
@@ -427,6 +429,14 @@ class Usage(_message.Message):
         ("input_tokens", "cache_write_1h_tokens", "output_audio_tokens", "web_searches",
         ...), each count in that key's unit and with that key's meaning. When set, it is
         the whole usage and fields 1-4 are ignored; an older client sends only 1-4.
+
+        Keys nest as in genai-prices: a count includes the counts of the keys below it.
+        "input_tokens" counts every input token, cached or not, of every modality (unlike
+        field 1); "cache_write_tokens" includes "cache_write_5m_tokens" and
+        "cache_write_1h_tokens"; "cache_audio_read_tokens" is part of both
+        "cache_read_tokens" and "input_audio_tokens". A part above its total, or a part
+        without a total the model prices, is INVALID_ARGUMENT on usage.counts[KEY] or
+        usage.counts. Counts: input tokens 0-10M, output tokens 0-1M, anything else 0-1e9.
         """
 
     def __init__(
