@@ -13,6 +13,7 @@ from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
+from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import NotFound
 from spendgate_server.money import format_usd
@@ -172,8 +173,10 @@ class DecisionEngine:
         clock: Clock = system_clock_ms,
         journal: Journal | None = None,
         deny_cache: DenyCache | None = None,
+        quota: SessionQuota | None = None,
     ) -> None:
         self._store = store
+        self._quota = quota
         self._deny = deny_cache
         self._journal = journal
         self._prices = prices
@@ -268,6 +271,9 @@ class DecisionEngine:
                     frozenset(shadow),
                 )
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
+        if self._quota is not None:
+            # Before anything is written: a session past the tenant's quota leaves no state.
+            await self._quota.admit(call.tenant, call.session_id, now_ms)
         outcome = await self._store.reserve(
             self._reserve_request(call, config, decision_id, estimate, memo, now_ms)
         )
@@ -389,8 +395,9 @@ class DecisionEngine:
 
         Raises:
             NotFound: the reservation id is unknown to this session, or long expired.
+            InvalidArgument: the usage counts contradict each other (nothing is settled).
         """
-        cost = self._prices.lookup(settle.model).actual(settle.usage) if settle.provider_ok else 0
+        cost = self._prices.cost(settle.model, settle.usage) if settle.provider_ok else 0
         if self._deny is not None:
             self._deny.forget(settle.tenant, settle.session_id)
         t = self._timings
