@@ -36,7 +36,7 @@ def readme_kubernetes_commands() -> str:
     """The shell commands of the README's Kubernetes section, continuation lines joined."""
     section = KUBERNETES_SECTION.search((ROOT / "README.md").read_text())
     assert section, "README has no '### Kubernetes' section"
-    blocks = re.findall(r"```sh\n(.*?)```", section[1], re.DOTALL)
+    blocks = re.findall(r"```sh[^\n]*\n(.*?)```", section[1], re.DOTALL)
     return "\n".join(blocks).replace("\\\n", " ")
 
 
