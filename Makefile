@@ -10,10 +10,10 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
 
-.PHONY: help venv protos protos-check run test lint bench clean console screenshots
+.PHONY: help venv protos protos-check run test lint bench clean console screenshots dist
 
 help:
-	@echo "make run | test | bench | lint | protos | protos-check | clean"
+	@echo "make run | test | bench | lint | dist | protos | protos-check | clean"
 
 $(STAMP): pyproject.toml protos/python/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache
+
+# What an application installs (README "Install the client"): the client's and the
+# contract's wheels, and the Node client as an npm tarball. Regular (non-editable) builds.
+DIST := dist
+dist: $(STAMP) $(NODE_STAMP)
+	@rm -rf $(DIST) && mkdir -p $(DIST)
+	@$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(DIST) ./protos/python ./clients/python
+	@cd $(NODE_DIR) && npm pack --silent --pack-destination $(abspath $(DIST)) >/dev/null
+	@ls -1 $(DIST)
 
 # --- Contract checks and the Node client (clients/node). buf comes from the
 # @bufbuild/buf npm package in clients/node: no other install, works offline.
