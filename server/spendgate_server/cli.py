@@ -20,6 +20,7 @@ from spendgate_server.admin.policy_cli import add_policies_arguments, run_polici
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.rule_codes import Rule
 from spendgate_server.settings import add_serve_arguments, settings_from_args
 
 __all__ = ["main"]
@@ -126,7 +127,8 @@ def _decide(args: argparse.Namespace) -> int:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
     else:
         verdict = pb.Verdict.Name(response.verdict).removeprefix("VERDICT_")
-        rule = pb.Rule.Name(response.rule).removeprefix("RULE_").lower() if response.rule else "-"
+        # The config key the user wrote (token_ceiling …), as everywhere users see a rule.
+        rule = Rule(response.rule).key if response.rule in Rule._value2member_map_ else "-"
         print(f"{verdict}  rule={rule}  model={response.effective_model}  reason: {response.reason}")
         print(
             f"  decision={response.decision_id}  estimate_nano_usd={response.estimated_cost_nano_usd}"
