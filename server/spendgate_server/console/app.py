@@ -22,6 +22,7 @@ from spendgate_server.console.pages import NAV, ROUTES
 from spendgate_server.console.sessions import SessionStore
 from spendgate_server.console.settings import ConsoleSettings
 from spendgate_server.console.web import MAX_FORM_BYTES, Console, SecurityHeaders
+from spendgate_server.errors import ConfigError
 from spendgate_server.logging import configure_logging
 from spendgate_server.rpc.auth import is_loopback
 
@@ -104,12 +105,21 @@ def create_app(
 
 
 def run_console(settings: ConsoleSettings) -> None:
-    """Serve the console until SIGINT/SIGTERM (uvicorn drains open requests, then stops)."""
+    """Serve the console until SIGINT/SIGTERM (uvicorn drains open requests, then stops).
+
+    Raises:
+        ConfigError: the address cannot be bound (taken, or not this machine's).
+    """
     configure_logging(settings.log_format, settings.log_level)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host.strip("[]"), settings.port))
+    try:
+        sock.bind((settings.host.strip("[]"), settings.port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError(f"--host {settings.host} --port {settings.port}: cannot bind: {reason}") from exc
     # Listening before uvicorn starts: connections made from now on queue instead of failing.
     sock.listen(128)
     port: int = sock.getsockname()[1]

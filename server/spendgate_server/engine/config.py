@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from spendgate_server.errors import FieldViolation, InvalidArgument
@@ -168,7 +168,7 @@ def parse_enforcement_config(raw: Mapping[str, Any], prefix: str = "") -> Enforc
             return None
         try:
             nano = usd_to_nano(Decimal(str(value)))
-        except (InvalidOperation, ValueError):
+        except (ArithmeticError, ValueError):  # InvalidOperation, and Overflow for 1e999999999
             bad(key, f"must be a number of US dollars, got {value!r}")
             return None
         if not 0 <= nano <= MAX_SESSION_NANO_USD:
@@ -202,7 +202,9 @@ def parse_enforcement_config(raw: Mapping[str, Any], prefix: str = "") -> Enforc
     raw_shadow = raw.get("shadow")
     if raw_shadow is True:
         shadow = frozenset(Rule)
-    elif isinstance(raw_shadow, list | tuple) and all(r in _RULES_BY_KEY for r in raw_shadow):
+    elif isinstance(raw_shadow, list | tuple) and all(
+        isinstance(r, str) and r in _RULES_BY_KEY for r in raw_shadow
+    ):
         shadow = frozenset(_RULES_BY_KEY[r] for r in raw_shadow)
     elif raw_shadow not in (None, False):
         bad("shadow", f"must be true, false or a list of rule keys from: {', '.join(_RULES_BY_KEY)}")
