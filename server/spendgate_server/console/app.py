@@ -56,6 +56,7 @@ def create_app(
     idle_seconds: float = 3600,
     max_age_seconds: float = 12 * 3600,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
 ) -> Starlette:
     """The console's ASGI application.
 
@@ -68,6 +69,7 @@ def create_app(
         idle_seconds: A session ends after this long without a request.
         max_age_seconds: A session ends this long after sign-in.
         clock: Seconds, for session expiry (tests pass a fake one).
+        wall_clock_ms: Unix milliseconds now, for time windows (tests pass a fake one).
     """
     console = Console(
         backend_factory=backend_factory,
@@ -77,6 +79,7 @@ def create_app(
         target=target,
         projects=projects,
         nav=NAV,
+        wall_clock_ms=wall_clock_ms,
     )
 
     @asynccontextmanager
