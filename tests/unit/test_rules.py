@@ -251,3 +251,17 @@ async def test_unknown_model_reject_policy(store: Store, clock: FakeClock) -> No
     with pytest.raises(InvalidArgument) as info:
         await engine.decide(call(model="no-such-model-anywhere"))
     assert info.value.violations[0].field == "model"
+
+
+async def test_refused_call_releases_its_dedup_mark(engine: DecisionEngine) -> None:
+    """A refused call frees its reservation and its fingerprint: the identical retry goes through."""
+    config = EnforcementConfig(dedup_ttl_seconds=60)
+    first = await engine.decide(call(prompt="q", config=config))
+    assert (await engine.decide(call(prompt="q", config=config))).rule is Rule.DUPLICATE_REQUEST
+    refused = await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(), False))
+    assert (refused.cost_nano_usd, refused.session_spend_nano_usd) == (0, 0)
+    retry = await engine.decide(call(prompt="q", config=config))
+    assert retry.verdict is Verdict.ALLOW
+    await engine.settle(SettleCall("t", "s1", retry.reservation_id, "big", Usage(100, 10), True))
+    again = await engine.decide(call(prompt="q", config=config))
+    assert (again.verdict, again.rule) == (Verdict.BLOCK, Rule.DUPLICATE_REQUEST)

@@ -416,6 +416,9 @@ class DecisionEngine:
                 cost_nano_usd=cost,
                 settled_ttl_ms=t.settled_ttl_ms,
                 session_ttl_ms=t.session_ttl_ms,
+                # A refused call never reached the provider: its identical retry must not be
+                # blocked as a duplicate of it.
+                release_dedup=not settle.provider_ok,
             )
         )
         if outcome.status is SettleStatus.UNKNOWN:

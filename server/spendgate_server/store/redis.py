@@ -159,6 +159,7 @@ SETTLE: ScriptSignature[SettleRequest] = ScriptSignature(
         ("cost_nano_usd", lambda r: r.cost_nano_usd),
         ("settled_ttl_ms", lambda r: r.settled_ttl_ms),
         ("session_ttl_ms", lambda r: r.session_ttl_ms),
+        ("release_dedup", lambda r: _flag(r.release_dedup)),
     ),
     reply=("status", "cost", "spent", "reserved"),
 )

@@ -6,6 +6,8 @@
 --                                           x:<id> estimate of a reservation that expired unsettled
 --                                           d:<id> cost counted when <id> was settled
 --                                           q:<request_id> memo of an admitted decision
+--                                           m:<id> "<due ms>:<fingerprint>" of the dedup mark
+--                                                  <id>'s admission set (until settled or forgotten)
 --   KEYS[2] sg:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
 --                                           r:<id> reservation expiry, f:<fingerprint> dedup expiry,
 --                                           x:/d:/q: records to forget
@@ -45,6 +47,8 @@ local function expire_due(hkey, zkey, now, forget_ms)
         redis.call('HSET', hkey, 'x:' .. id, estimate)
         redis.call('ZADD', zkey, now + forget_ms, 'x:' .. id)
       end
+    elseif kind == 'x' then
+      redis.call('HDEL', hkey, member, 'm:' .. string.sub(member, 3))
     elseif kind ~= 'f' then
       redis.call('HDEL', hkey, member)
     end

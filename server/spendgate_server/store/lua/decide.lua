@@ -82,7 +82,10 @@ redis.call('ZADD', zkey, now + reservation_ttl, 'r:' .. id)
 reserved = incr(hkey, 'reserved', estimate)
 tools = incr(hkey, 'tools', tool_count)
 if fingerprint ~= '' then
-  redis.call('ZADD', zkey, now + dedup_ttl, 'f:' .. fingerprint)
+  local due = string.format('%.0f', now + dedup_ttl)
+  redis.call('ZADD', zkey, due, 'f:' .. fingerprint)
+  -- So a settle of a refused call can remove this mark (and only this one).
+  redis.call('HSET', hkey, 'm:' .. id, due .. ':' .. fingerprint)
 end
 if request_id ~= '' then
   redis.call('HSET', hkey, 'q:' .. request_id, memo)
