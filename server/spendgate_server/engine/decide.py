@@ -16,7 +16,6 @@ from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.engine.rules import (
-    SESSION_BUDGET,
     STATEFUL_RULES,
     STATELESS_RULES,
     Draft,
@@ -125,6 +124,12 @@ class Decision:
     shadow_rules: frozenset[Rule] = frozenset()
     # The effective max_session_usd, for reporting (SessionService); None when off.
     budget_nano_usd: int | None = None
+    # session_spend_nano_usd split in two: what settled (or expired) calls cost, and what
+    # open reservations hold. Both 0 when the spend was not read (a ceiling block).
+    settled_spend_nano_usd: int = 0
+    reserved_nano_usd: int = 0
+    # The block can lift once the calls in flight settle; no new session id is needed.
+    unblocks_on_settle: bool = False
 
     @property
     def would_block(self) -> bool:
@@ -165,6 +170,14 @@ class Settlement:
     already_settled: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Spend:
+    """A session's spend as the store (or the deny cache) reported it."""
+
+    settled_nano_usd: int
+    reserved_nano_usd: int
+
+
 @dataclass(slots=True)
 class _Answer:
     """The decision being made; every Decision is built here, by keyword."""
@@ -187,10 +200,12 @@ class _Answer:
         reason: str,
         decision_id: str,
         estimate_nano_usd: int,
-        committed_nano_usd: int | None,
+        spend: _Spend | None,
         shadow: frozenset[Rule],
+        unblocks_on_settle: bool = False,
     ) -> Decision:
-        # committed_nano_usd is None when the store was not asked (a ceiling block).
+        # spend is None when the store was not asked (a ceiling block).
+        committed = None if spend is None else spend.settled_nano_usd + spend.reserved_nano_usd
         return Decision(
             verdict=verdict,
             effective_model=effective_model,
@@ -199,16 +214,17 @@ class _Answer:
             decision_id=decision_id,
             reservation_id="" if verdict is Verdict.BLOCK else decision_id,
             estimated_cost_nano_usd=estimate_nano_usd,
-            session_spend_nano_usd=committed_nano_usd or 0,
-            remaining_budget_nano_usd=None
-            if committed_nano_usd is None
-            else _remaining(self.config, committed_nano_usd),
+            session_spend_nano_usd=committed or 0,
+            remaining_budget_nano_usd=None if committed is None else _remaining(self.config, committed),
             config_version=self.version,
             shadow_rules=shadow,
             budget_nano_usd=self.config.max_session_nano_usd,
+            settled_spend_nano_usd=0 if spend is None else spend.settled_nano_usd,
+            reserved_nano_usd=0 if spend is None else spend.reserved_nano_usd,
+            unblocks_on_settle=unblocks_on_settle,
         )
 
-    def allowed(self, draft: Draft, committed_nano_usd: int) -> Decision:
+    def allowed(self, draft: Draft, spend: _Spend) -> Decision:
         """The store admitted the call (on ``draft.model``, downgraded or not)."""
         reason = self.reason
         if self.shadow and self.rule is None:
@@ -220,12 +236,18 @@ class _Answer:
             reason=reason,
             decision_id=self.decision_id,
             estimate_nano_usd=draft.estimate_nano_usd,
-            committed_nano_usd=committed_nano_usd,
+            spend=spend,
             shadow=frozenset(self.shadow),
         )
 
     def blocked(
-        self, rule: Rule, reason: str, estimate_nano_usd: int, committed_nano_usd: int | None = None
+        self,
+        rule: Rule,
+        reason: str,
+        estimate_nano_usd: int,
+        spend: _Spend | None = None,
+        *,
+        unblocks_on_settle: bool = False,
     ) -> Decision:
         """A block by ``rule``: it names the requested model and reserves nothing."""
         return self._build(
@@ -235,8 +257,9 @@ class _Answer:
             reason=reason,
             decision_id=self.decision_id,
             estimate_nano_usd=estimate_nano_usd,
-            committed_nano_usd=committed_nano_usd,
+            spend=spend,
             shadow=frozenset(self.shadow),
+            unblocks_on_settle=unblocks_on_settle,
         )
 
     def memo(self, draft: Draft) -> str:
@@ -252,7 +275,7 @@ class _Answer:
             ]
         )
 
-    def replayed(self, memo: str, committed_nano_usd: int) -> Decision:
+    def replayed(self, memo: str, spend: _Spend) -> Decision:
         """The decision stored under the call's request id, with the session's spend now."""
         decision_id, verdict, model, rule, estimate, reason = json.loads(memo)
         return self._build(
@@ -262,7 +285,7 @@ class _Answer:
             reason=reason,
             decision_id=decision_id,
             estimate_nano_usd=estimate,
-            committed_nano_usd=committed_nano_usd,
+            spend=spend,
             shadow=frozenset(),
         )
 
@@ -345,36 +368,50 @@ class DecisionEngine:
             assert self._deny is not None and cap is not None
             denied = self._deny.blocked(call.tenant, call.session_id, cap, now_ms)
             if denied is not None:
-                committed = denied.committed_nano_usd
-                reason = SESSION_BUDGET.reason(config, committed)
-                return answer.blocked(Rule.SESSION_BUDGET, reason, draft.estimate_nano_usd, committed)
+                spend = _Spend(denied.settled_nano_usd, denied.reserved_nano_usd)
+                return self._blocked_by_store(answer, Rule.SESSION_BUDGET, spend, draft)
         memo = answer.memo(draft) if call.request_id else ""
         request = self._reserve_request(
             call, config, answer.decision_id, draft.estimate_nano_usd, memo, now_ms
         )
         outcome = await self._store.reserve(request)
         answer.shadow |= outcome.shadow_fired
-        committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
+        spend = _Spend(outcome.spent_nano_usd, outcome.reserved_nano_usd)
 
         if outcome.status is ReserveStatus.REPLAYED:
-            return answer.replayed(outcome.memo, committed)
+            return answer.replayed(outcome.memo, spend)
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
             if cacheable and outcome.blocked_by is Rule.SESSION_BUDGET:
                 assert self._deny is not None and cap is not None
-                self._deny.remember(call.tenant, call.session_id, committed, cap, now_ms)
-            blocker = unit_for(outcome.blocked_by)
-            assert isinstance(blocker, StatefulRule)
-            view = StoreView(
-                outcome.spent_nano_usd,
-                outcome.reserved_nano_usd,
-                outcome.tool_calls,
-                call.tool_call_count,
-                draft.estimate_nano_usd,
-            )
-            reason = blocker.block_reason(config, view)
-            return answer.blocked(outcome.blocked_by, reason, draft.estimate_nano_usd, committed)
-        return answer.allowed(draft, committed)
+                committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
+                self._deny.remember(
+                    call.tenant, call.session_id, committed, cap, now_ms, outcome.reserved_nano_usd
+                )
+            return self._blocked_by_store(answer, outcome.blocked_by, spend, draft, outcome.tool_calls)
+        return answer.allowed(draft, spend)
+
+    @staticmethod
+    def _blocked_by_store(
+        answer: _Answer, rule: Rule, spend: _Spend, draft: Draft, tool_calls: int = 0
+    ) -> Decision:
+        """A block by a stateful rule, with its unit's reason for what the store (or deny cache) saw."""
+        unit = unit_for(rule)
+        assert isinstance(unit, StatefulRule)
+        view = StoreView(
+            spend.settled_nano_usd,
+            spend.reserved_nano_usd,
+            tool_calls,
+            answer.call.tool_call_count,
+            draft.estimate_nano_usd,
+        )
+        return answer.blocked(
+            rule,
+            unit.block_reason(answer.config, view),
+            draft.estimate_nano_usd,
+            spend,
+            unblocks_on_settle=unit.unblocks_on_settle(answer.config, view),
+        )
 
     def _reserve_request(
         self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str, now_ms: int

@@ -27,6 +27,9 @@ def decision_to_proto(d: Decision) -> pb.DecideResponse:
         config_version=d.config_version,
         would_block=d.would_block,
         shadow_rules=sorted(int(r) for r in d.shadow_rules),  # type: ignore[misc]
+        settled_spend_nano_usd=d.settled_spend_nano_usd,
+        reserved_nano_usd=d.reserved_nano_usd,
+        unblocks_on_settle=d.unblocks_on_settle,
     )
     if d.remaining_budget_nano_usd is not None:
         response.remaining_budget_nano_usd = d.remaining_budget_nano_usd

@@ -243,6 +243,10 @@ class StatefulRule(RuleUnit):
     def block_reason(self, config: Any, view: StoreView) -> str:
         """Why the store blocked the call, in words the caller can act on."""
 
+    def unblocks_on_settle(self, config: Any, view: StoreView) -> bool:
+        """Whether the block can lift once the session's calls in flight settle (no new session)."""
+        return False
+
 
 def pick_stricter(
     rule: Rule,

@@ -86,8 +86,9 @@ class SessionBudget(StatefulRule):
     docs = (
         DocRow(
             "`max_session_usd`",
-            "cap a session's spend (settled + open reservations); once reached, further calls block "
-            "until a new session id",
+            "cap a session's spend (settled + open reservations); once reached, further calls block: "
+            "until a new session id when settled spend alone reached it, else until calls in flight "
+            "settle (the block says which: `unblocks_on_settle`)",
             "per session",
             "lower wins",
         ),
@@ -151,17 +152,31 @@ class SessionBudget(StatefulRule):
         }
 
     def block_reason(self, config: _Fields, view: StoreView) -> str:
-        return self.reason(config, view.spent_nano_usd + view.reserved_nano_usd)
-
-    def reason(self, config: _Fields, committed_nano_usd: int) -> str:
-        """The reason of a budget block at ``committed_nano_usd`` (settled plus reserved)."""
-        cap = config.max_session_nano_usd or 0
+        settled, reserved = view.spent_nano_usd, view.reserved_nano_usd
+        spend = f"session spend {format_usd(settled + reserved)}"
+        if reserved:
+            spend += f" ({format_usd(settled)} settled + {format_usd(reserved)} reserved by calls in flight)"
+        cap = f"max_session_usd {format_usd(config.max_session_nano_usd or 0)}"
         if config.budget_mode is BudgetMode.STRICT:
-            return (
-                f"session spend {format_usd(committed_nano_usd)} plus this call's estimate would exceed "
-                f"max_session_usd {format_usd(cap)} (strict mode); start a new session id"
+            reached = (
+                f"{spend} plus this call's estimate {format_usd(view.estimate_nano_usd)} would exceed {cap}"
             )
-        return (
-            f"session spend {format_usd(committed_nano_usd)} has reached max_session_usd "
-            f"{format_usd(cap)}; start a new session id"
-        )
+            reached += " (strict mode)"
+            settled_alone = "settled spend plus this estimate fits"
+        else:
+            reached = f"{spend} has reached {cap}"
+            settled_alone = "settled spend alone is below the cap"
+        # "Start a new session" only when the settled spend alone blocks: settles cannot help then.
+        if not self.unblocks_on_settle(config, view):
+            return f"{reached}; start a new session id"
+        return f"{reached}; {settled_alone}, so waiting for the calls in flight to settle can lift this block"
+
+    def unblocks_on_settle(self, config: _Fields, view: StoreView) -> bool:
+        # Settles only replace reservations: they can lift the block only if the settled
+        # spend alone (with this call's estimate, in strict mode) stays within the cap.
+        cap = config.max_session_nano_usd or 0
+        if not view.reserved_nano_usd:
+            return False
+        if config.budget_mode is BudgetMode.STRICT:
+            return view.spent_nano_usd + view.estimate_nano_usd <= cap
+        return view.spent_nano_usd < cap
