@@ -1,6 +1,6 @@
 """Redis store: each atomic step is one Lua script, so one round trip per Decide or Settle.
 
-Keys of a session share the hash tag ``{tenant:session}`` (see lua/_session.lua),
+Keys of a session share the hash tag ``{tenant:session}`` (store/keyspace.py),
 which keeps every script single-slot, so the same scripts run on one Redis or on a
 Redis Cluster (``redis+cluster://`` URLs, see :func:`connect`).
 
@@ -38,6 +38,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.rule_codes import Rule
+from spendgate_server.store import keyspace
 from spendgate_server.store.base import (
     ReserveOutcome,
     ReserveRequest,
@@ -86,9 +87,8 @@ def load_script(name: str) -> str:
 
 
 def session_keys(session: SessionKey, prefix: str) -> list[str]:
-    """The two keys of a session, under one hash tag."""
-    tag = f"{prefix}:{{{session.tenant}:{session.session_id}}}"
-    return [tag, tag + ":exp"]
+    """The two keys of a session under namespace ``prefix``, one hash tag (store/keyspace.py)."""
+    return keyspace.session_keys(session.tenant, session.session_id, prefix)
 
 
 _T = TypeVar("_T")
