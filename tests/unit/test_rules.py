@@ -6,6 +6,7 @@ The engine runs over both stores; prices are overridden so costs are round numbe
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from spendgate_server.engine.config import (
@@ -20,7 +21,7 @@ from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.pricing import ModelPricing, PriceTable, RateCard, UnknownModelPolicy, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import InvalidArgument, NotFound
-from spendgate_server.store import SessionKey, Store
+from spendgate_server.store import ReserveRequest, SessionKey, Store
 
 from tests.conftest import FakeClock
 
@@ -352,4 +353,47 @@ async def test_a_ceiling_block_reports_no_spend(engine: DecisionEngine) -> None:
         0,
         0,
         False,
+    )
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"model": "small"},
+        {"input_tokens": 900_000},
+        {"max_output": 101},
+        {"prompt": "another prompt"},
+        {"tools": 1},
+        {"config": EnforcementConfig(token_ceiling=5_000)},
+    ],
+    ids=["model", "input-tokens", "max-output", "fingerprint", "tool-calls", "config"],
+)
+async def test_request_id_reused_for_another_request_is_refused(
+    engine: DecisionEngine, clock: FakeClock, changed: dict[str, object]
+) -> None:
+    """A request id replays only the request it was first used for; anything else changed is refused."""
+    first = await engine.decide(call(request_id="r-1"))
+    before = await engine.store.session_state(SessionKey("t", "s1"), clock(), 3_600_000)
+    with pytest.raises(InvalidArgument) as info:
+        await engine.decide(call(request_id="r-1", **changed))  # type: ignore[arg-type]
+    assert [v.field for v in info.value.violations] == ["request_id"]
+    assert "'r-1' was already used in this session for a different request" in str(info.value)
+    assert await engine.store.session_state(SessionKey("t", "s1"), clock(), 3_600_000) == before
+    retry = await engine.decide(call(request_id="r-1"))
+    assert (retry.decision_id, retry.verdict) == (first.decision_id, Verdict.ALLOW)
+
+
+async def test_a_memo_without_a_digest_still_replays(engine: DecisionEngine, clock: FakeClock) -> None:
+    """A decision stored before digests were kept (six fields) replays as it did then."""
+    memo = json.dumps(["a" * 32, int(Verdict.ALLOW), "big", 0, 300_000, "allowed"])
+    await engine.store.reserve(
+        ReserveRequest(
+            SessionKey("t", "s1"), clock(), "a" * 32, 300_000, 600_000, 3_600_000, request_id="old", memo=memo
+        )
+    )
+    replayed = await engine.decide(call(5, model="small", request_id="old"))
+    assert (replayed.decision_id, replayed.effective_model, replayed.estimated_cost_nano_usd) == (
+        "a" * 32,
+        "big",
+        300_000,
     )

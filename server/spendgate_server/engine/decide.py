@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
+from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule, config_to_dict
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
@@ -24,7 +25,7 @@ from spendgate_server.engine.rules import (
     StoreView,
     unit_for,
 )
-from spendgate_server.errors import NotFound
+from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound
 from spendgate_server.store import (
     ReserveRequest,
     ReserveStatus,
@@ -45,6 +46,7 @@ __all__ = [
     "Verdict",
     "decision_id_time_ms",
     "new_decision_id",
+    "request_digest",
     "system_clock_ms",
 ]
 
@@ -263,7 +265,11 @@ class _Answer:
         )
 
     def memo(self, draft: Draft) -> str:
-        """What a retried request id must get back unchanged, if the store admits this call."""
+        """What a retried request id must get back unchanged, if the store admits this call.
+
+        It ends with the digest of the request's content, so a request id reused for
+        another request is recognised.
+        """
         return json.dumps(
             [
                 self.decision_id,
@@ -272,12 +278,29 @@ class _Answer:
                 int(self.rule or 0),
                 draft.estimate_nano_usd,
                 self.reason,
+                request_digest(self.call),
             ]
         )
 
     def replayed(self, memo: str, spend: _Spend) -> Decision:
-        """The decision stored under the call's request id, with the session's spend now."""
-        decision_id, verdict, model, rule, estimate, reason = json.loads(memo)
+        """The decision stored under the call's request id, with the session's spend now.
+
+        Raises:
+            InvalidArgument: on ``request_id``, when the stored decision answered another request.
+        """
+        decision_id, verdict, model, rule, estimate, reason, *digest = json.loads(memo)
+        # A memo written before digests were kept has none: it replays as it did then.
+        if digest and digest[0] != request_digest(self.call):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "request_id",
+                        f"{self.call.request_id!r} was already used in this session for a different "
+                        "request (model, tokens, fingerprint, tool calls, project or enforcement_config "
+                        "differ); a retry must repeat its request exactly, a new request needs a new id",
+                    )
+                ]
+            )
         return self._build(
             verdict=Verdict(verdict),
             effective_model=model,
@@ -492,6 +515,26 @@ def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
         cost_nano_usd=cost,
         context=settle.context,
     )
+
+
+def request_digest(call: Call) -> str:
+    """A digest of what a Decide asks (not of who asks it or when), stored with its decision.
+
+    Two calls with the same request id must be the same request: same model, token
+    counts, fingerprint, tool calls, project and client config.
+    """
+    client_config = None if call.client_config is None else config_to_dict(call.client_config)
+    content = [
+        call.model,
+        call.input_tokens,
+        call.max_output_tokens,
+        call.fingerprint.hex(),
+        call.tool_call_count,
+        call.project,
+        client_config,
+    ]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _remaining(config: EnforcementConfig, committed: int) -> int | None:
