@@ -140,15 +140,26 @@ def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | Non
     )
 
 
-def build_prices(settings: ServeSettings) -> PriceTable:
-    """The price table with the settings' overrides and unknown-model policy."""
-    return PriceTable(
-        settings.price_overrides,
-        settings.unknown_model_price,
-        on_unknown=lambda model: _log.warning(
-            "unknown_model_price", model=model, policy=settings.unknown_model_price.value
-        ),
-    )
+def build_prices(settings: ServeSettings, metrics: Metrics | None = None) -> PriceTable:
+    """The price table with the settings' overrides and unknown-model policy.
+
+    Whatever has no known price is counted per call in ``metrics`` and logged once per name.
+    """
+
+    def unpriced(kind: str, model: str, name: str, first: bool) -> None:
+        if metrics is not None:
+            metrics.unpriced.labels(kind).inc()
+        if first:
+            _log.warning(
+                "unknown_price",
+                kind=kind,
+                model=model,
+                name=name,
+                policy=settings.unknown_model_price.value,
+                charged="the never-undercount maximum; add it to prices: in --config",
+            )
+
+    return PriceTable(settings.price_overrides, settings.unknown_model_price, unpriced)
 
 
 def build_engine(
@@ -223,7 +234,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
     if settings.metrics_port and settings.workers == 1:
         serve_metrics(settings.metrics_port, settings.host, metrics.registry)
-    prices = build_prices(settings)
+    prices = build_prices(settings, metrics)
     configs = ConfigResolver(
         build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
     )

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
-from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
+from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
@@ -40,7 +40,7 @@ class ServeSettings:
     redis_pipelining: str = "on"
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
-    price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
+    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
@@ -252,7 +252,7 @@ def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
-def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
+def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverride]]:
     """Read ``{enforcement: {...}, prices: {...}}`` from YAML or JSON.
 
     Raises:
@@ -273,7 +273,10 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
         config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
     except InvalidArgument as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
-    prices = parse_price_overrides(raw.get("prices") or {})
+    try:
+        prices = parse_price_overrides(raw.get("prices") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from exc
     return config, prices
 
 

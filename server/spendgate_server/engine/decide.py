@@ -462,8 +462,9 @@ class DecisionEngine:
 
         Raises:
             NotFound: the reservation id is unknown to this session, or long expired.
+            InvalidArgument: the usage counts contradict each other (nothing is settled).
         """
-        cost = self._prices.lookup(settle.model).actual(settle.usage) if settle.provider_ok else 0
+        cost = self._prices.cost(settle.model, settle.usage) if settle.provider_ok else 0
         if self._deny is not None:
             self._deny.forget(settle.tenant, settle.session_id)
         t = self._timings
