@@ -27,11 +27,13 @@ from spendgate_server.admin.decision_cli import (
     run_settle_command,
 )
 from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.admin.migrate_cli import add_migrate_arguments, run_migrate_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
+from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
-from spendgate_server.settings import add_serve_arguments, settings_from_args
+from spendgate_server.settings import add_serve_arguments, load_config_file, settings_from_args
 
 __all__ = ["main"]
 
@@ -67,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     add_keys_arguments(keys)
 
+    migrate = commands.add_parser("migrate-keys", help="move Redis records to the current key schema")
+    add_migrate_arguments(migrate)
+
     config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
     add_config_arguments(config)
 
@@ -83,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="evaluate journaled calls against the policies (takes the serve flags; redis store)"
     )
     add_serve_arguments(worker)
+
+    price = commands.add_parser(
+        "price", help="show how a model name resolves, its rates and what a usage costs (runs locally)"
+    )
+    add_price_arguments(price)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     add_settle_arguments(settle)
@@ -138,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = run_config_command(args)
         elif args.command == "keys":
             code = run_keys_command(args)
+        elif args.command == "migrate-keys":
+            code = run_migrate_command(args)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":
@@ -149,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 0
         elif args.command == "console":
             code = run_console_command(args)
+        elif args.command == "price":
+            code = run_price_command(args, lambda path: load_config_file(path)[1])
         else:
             code = run_settle_command(args)
     except (ConfigError, InvalidArgument) as exc:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
-from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
+from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
@@ -40,7 +40,7 @@ class ServeSettings:
     redis_pipelining: str = "on"
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
-    price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
+    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
@@ -74,6 +74,11 @@ class ServeSettings:
     webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
     webhook_timeout_millis: int = 5000
+    # Limits per tenant and per process (RESOURCE_EXHAUSTED past them, naming the flag).
+    max_watch_streams_per_tenant: int = 64
+    max_watch_streams: int = 1024
+    # Distinct live sessions per tenant (0: no limit).
+    max_sessions_per_tenant: int = 100_000
 
 
 def _env(name: str, default: str) -> str:
@@ -215,6 +220,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="file holding the webhook HMAC secret (or env SPENDGATE_WEBHOOK_SECRET)",
     )
     a("--webhook-timeout-millis", default=_env("webhook_timeout_millis", str(d.webhook_timeout_millis)))
+    a(
+        "--max-watch-streams-per-tenant",
+        default=_env("max_watch_streams_per_tenant", str(d.max_watch_streams_per_tenant)),
+        help="open WatchViolations streams one tenant may hold on this server",
+    )
+    a(
+        "--max-watch-streams",
+        default=_env("max_watch_streams", str(d.max_watch_streams)),
+        help="open WatchViolations streams of all tenants on this server (per worker process)",
+    )
+    a(
+        "--max-sessions-per-tenant",
+        default=_env("max_sessions_per_tenant", str(d.max_sessions_per_tenant)),
+        help="distinct live sessions (used within --session-ttl-seconds) one tenant may hold; 0: no limit",
+    )
 
 
 def _int(flag: str, value: str, low: int, high: int) -> int:
@@ -252,7 +272,7 @@ def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
-def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
+def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverride]]:
     """Read ``{enforcement: {...}, prices: {...}}`` from YAML or JSON.
 
     Raises:
@@ -273,7 +293,10 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
         config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
     except InvalidArgument as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
-    prices = parse_price_overrides(raw.get("prices") or {})
+    try:
+        prices = parse_price_overrides(raw.get("prices") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from exc
     return config, prices
 
 
@@ -366,4 +389,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         webhook_url=_webhook_url(args.webhook_url),
         webhook_secret=_webhook_secret(args.webhook_url, args.webhook_secret_file),
         webhook_timeout_millis=_int("webhook-timeout-millis", args.webhook_timeout_millis, 100, 120_000),
+        max_watch_streams_per_tenant=_int(
+            "max-watch-streams-per-tenant", args.max_watch_streams_per_tenant, 1, 1_000_000
+        ),
+        max_watch_streams=_int("max-watch-streams", args.max_watch_streams, 1, 1_000_000),
+        max_sessions_per_tenant=_int("max-sessions-per-tenant", args.max_sessions_per_tenant, 0, 100_000_000),
     )

@@ -31,13 +31,17 @@ from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 from spendgate_server import cli
 from spendgate_server.engine.config import parse_enforcement_config
+from spendgate_server.engine.price_units import USAGE_KEYS
 from spendgate_server.errors import InvalidArgument
 from spendgate_server.store.keys import Scope, new_key
 
 from tests.processes import RedisServer, SpendgateServer, free_port
 
 MODEL = "claude-sonnet-4-5"
-COMMANDS = ("serve", "decide", "settle", "keys", "config", "console", "policies", "violations", "worker")
+COMMANDS = (
+    *("serve", "decide", "settle", "keys", "config", "console", "policies", "violations", "worker"),
+    *("price", "migrate-keys"),
+)
 # What each command may exit with (README); 70 (internal error) and tracebacks never.
 DOCUMENTED = {"decide": {0, 1, 2, 3}}
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -290,7 +294,9 @@ def command_line(draw: st.DrawFn, head: list[str], flags: list[Flag]) -> Tokens:
         drawn.append((tokens if f.name else [value], kind == "bad"))
     drawn = draw(st.permutations(drawn))
     argv = [*head, *(token for tokens, _ in drawn for token in tokens)]
-    extra = draw(st.sampled_from(["--bogus", "--sesion=x", "stray"])) if noisy() else None
+    # A stray word would be taken for a positional argument left out: only where there is none.
+    strays = ["--bogus", "--sesion=x"] + ([] if any(not f.name for f in flags) else ["stray"])
+    extra = draw(st.sampled_from(strays)) if noisy() else None
     if extra is not None:
         argv.append(extra)
     return argv, any(bad for _, bad in drawn) or extra is not None
@@ -492,6 +498,45 @@ def test_console_fuzz(world: World, data: st.DataObject) -> None:
     with mock.patch("spendgate_server.console.app.run_console", served.append):
         run = check(data.draw(command_line(["console"], flags)), {0, 2})
     assert (run.code == 0) == bool(served)
+
+
+@FUZZ
+@given(data=st.data())
+def test_price_fuzz(world: World, data: st.DataObject) -> None:
+    """price (runs locally): 0, 3 when something has no known price, or one line and 2."""
+    usage = [
+        Flag("--" + key.replace("_", "-"), st.integers(0, 10**9).map(str), st.just("-1"))
+        for key in USAGE_KEYS
+    ]
+    config = rules_file(world)
+    models = st.sampled_from([MODEL, "gpt-4o", "us.anthropic.claude-sonnet-4-5-v1:0", "my-finetune"])
+    flags = [
+        Flag("", models, required=True),
+        Flag("--tier", st.sampled_from(["priority", "flex", "batch", "default"])),
+        Flag("--unknown-model-price", st.sampled_from(["max", "reject"]), st.just("free"), junk=False),
+        Flag("--config", config.good, config.bad, junk=False),
+        Flag("--json", None),
+        *data.draw(st.lists(st.sampled_from(usage), max_size=3, unique_by=lambda f: f.name)),
+    ]
+    check(data.draw(command_line(["price"], flags)), {0, 2, 3})
+
+
+@FUZZ
+@given(data=st.data())
+def test_migrate_keys_fuzz(world: World, data: st.DataObject) -> None:
+    """migrate-keys: against a real Redis, one with nothing listening, or a bad URL: one line on failure."""
+    flags = [
+        Flag(
+            "--redis-url",
+            st.sampled_from([world.redis_url, world.unreachable_redis_url]),
+            st.just("http://example"),
+            required=True,
+            junk=False,
+        ),
+        Flag("--dry-run", None),
+        Flag("--verbose", None),
+    ]
+    check(data.draw(command_line(["migrate-keys"], flags)), {0, 1, 2})
 
 
 @FUZZ

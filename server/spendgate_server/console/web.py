@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spendgate_server.console.backend import Backend, BackendError, BackendUnavailable, NotAuthorized
 from spendgate_server.console.sessions import ConsoleSession, SessionStore
+from spendgate_server.console.throttle import SignInThrottle
 from spendgate_server.money import format_usd
 
 __all__ = [
@@ -89,6 +90,8 @@ class Console:
     target: str
     projects: tuple[str, ...] = ()
     nav: tuple[NavItem, ...] = ()
+    # Failed sign-ins per client address (console/throttle.py).
+    throttle: SignInThrottle = field(default_factory=SignInThrottle)
     # Unix milliseconds now: the Violations page's window ends here (tests pass a fake clock).
     wall_clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
     templates: jinja2.Environment = field(init=False)
