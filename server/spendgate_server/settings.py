@@ -15,7 +15,7 @@ import yaml
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
-from spendgate_server.store.keys import parse_key
+from spendgate_server.store.keys import key_problem
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
 
@@ -349,11 +349,12 @@ def _admin_key(args: argparse.Namespace, store: str) -> str:
         key = Path(args.admin_key_file).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"--admin-key-file: cannot read {args.admin_key_file}: {exc.strerror}") from exc
-    if parse_key(key) is None:
-        # Never echo the content: the file may hold some other secret by mistake.
+    problem = key_problem(key)
+    if problem is not None:
+        # key_problem never repeats the content: the file may hold some other secret by mistake.
         raise ConfigError(
-            f"--admin-key-file {args.admin_key_file} does not hold a spendgate key "
-            "(sgk_<8 hex digits>_<43 characters>): make one with 'spendgate keys generate'"
+            f"--admin-key-file {args.admin_key_file} does not hold a spendgate key ({problem}): "
+            "make one with 'spendgate keys generate'"
         )
     return key
 

@@ -4,7 +4,9 @@ The runner reads each fenced ```console and ```sh block:
 
 - ``console`` blocks are ``$ command`` lines (``\\`` continues a line) each followed by
   the output it must print (stdout and stderr, as a terminal shows them). An ellipsis
-  ``…`` in the printed output stands for anything (ids, times, figures that vary).
+  ``…`` in the printed output stands for anything (ids, times, figures that vary); in a
+  command, ``--flag ab…`` is the value an earlier command of the document printed as
+  ``flag=ab…`` (a reservation id copied from ``decide`` to ``settle``).
 - ``sh`` blocks run as one bash script with ``set -e``; their background jobs (``&``)
   must each come up listening on a port, not exit.
 - A YAML block whose first line is ``# NAME`` is written to NAME first (the files the
@@ -103,6 +105,22 @@ def console_commands(text: str) -> list[Command]:
     return commands
 
 
+def fill_in(command: str, printed: list[str]) -> str:
+    """A flag value shortened with ``…``: the value an earlier command printed as ``flag=value``.
+
+    ``settle --reservation 01a2…`` takes the reservation the last ``decide`` printed as
+    ``reservation=01a2…``, the way a reader copies it.
+    """
+
+    def value(match: re.Match[str]) -> str:
+        flag, prefix = match[1], match[2]
+        found = re.findall(rf"\b{re.escape(flag)}=({re.escape(prefix)}\S*)", "\n".join(printed))
+        assert found, f"--{flag} {prefix}…: no earlier command printed {flag}={prefix}…"
+        return f"--{flag} {found[-1]}"
+
+    return re.sub(r"--([a-z][a-z-]*) (\S*)…", value, command)
+
+
 def matches(expected: str, actual: str) -> bool:
     """Whether an output line matches its printed form (``…`` matches anything)."""
     pattern = ".*?".join(re.escape(part) for part in expected.rstrip().split("…"))
@@ -198,6 +216,8 @@ class Session:
 
     namespace: Namespace
     workdir: Path
+    # What the document's commands printed so far, for values copied from one to the next.
+    printed: list[str] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +272,8 @@ def run_block(block: Block, session: Session, tmp_path: Path) -> None:
             assert code == 0, f"{block.name} failed (exit {code}):\n{output}"
             return
         for command in console_commands(block.text):
-            _, output = namespace.run(command.text)
+            _, output = namespace.run(fill_in(command.text, session.printed))
+            session.printed.append(output)
             actual = output.rstrip("\n").splitlines()
             shown = "\n".join(command.expected)
             assert len(actual) == len(command.expected) and all(
