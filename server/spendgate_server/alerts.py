@@ -1,6 +1,6 @@
 """Composition of the journal, policies and alerts pipeline, shared by ``serve`` and ``worker``.
 
-settings → log store (Redis Streams or memory) + policy store → policy resolver →
+the process's stores (stores.py: log store and policy store) → policy resolver →
 journal (for the engine), violations feed (for the servicer), evaluator and
 webhook sink (background tasks).
 """
@@ -20,12 +20,8 @@ from spendgate_server.policy.remote_policies import PolicyResolver
 from spendgate_server.policy.violations import ViolationFeed
 from spendgate_server.policy.webhook import WebhookSink
 from spendgate_server.settings import ServeSettings
-from spendgate_server.store.configs import MemoryConfigStore
-from spendgate_server.store.logs import LogStore, MemoryLogStore
-from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
-from spendgate_server.store.redis import connect
-from spendgate_server.store.redis_configs import RedisConfigStore
-from spendgate_server.store.redis_logs import RedisLogStore
+from spendgate_server.store.logs import LogStore
+from spendgate_server.stores import Stores
 
 __all__ = ["VIOLATION_DEDUP_MS", "Alerts", "build_alerts"]
 
@@ -106,19 +102,10 @@ class Alerts:
         await self.policies.store.close()
 
 
-def build_alerts(settings: ServeSettings) -> Alerts:
-    """The pipeline over the store the settings name (Redis when the state is there)."""
-    timeout = settings.redis_timeout_millis / 1000
-    if settings.store == "redis":
-        logs: LogStore = RedisLogStore.from_url(
-            settings.redis_url, timeout_seconds=timeout, poll_seconds=settings.evaluator_poll_millis / 1000
-        )
-        client = connect(settings.redis_url, timeout_seconds=timeout, max_connections=8)
-        policy_store = PolicyStore(RedisConfigStore(client, key_prefix=POLICY_KEY_PREFIX))
-    else:
-        logs = MemoryLogStore()
-        policy_store = PolicyStore(MemoryConfigStore())
-    policies = PolicyResolver(policy_store, settings.config_poll_millis / 1000)
+def build_alerts(settings: ServeSettings, stores: Stores) -> Alerts:
+    """The pipeline over the process's stores (stores.py chose their backend)."""
+    logs = stores.logs
+    policies = PolicyResolver(stores.policies, settings.config_poll_millis / 1000)
     journal = StoreJournal(
         logs, max_entries=settings.journal_max_entries, journals_prompts=policies.journals_prompts
     )

@@ -1,4 +1,5 @@
-"""Composition root: settings → store → engine → servicers → gRPC server (and worker processes)."""
+"""Composition root of ``spendgate serve``: settings → stores (stores.py) → engine → servicers →
+gRPC server (and its ``--workers`` processes)."""
 
 from __future__ import annotations
 
@@ -50,17 +51,10 @@ from spendgate_server.rpc.status import DecodeErrorInterceptor
 from spendgate_server.rpc.violation import ViolationServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
-from spendgate_server.store.breaker import CircuitBreakerStore
-from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
-from spendgate_server.store.insights import InsightsStore, MemoryInsightsStore
 from spendgate_server.store.instrumented import InstrumentedStore
-from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore
-from spendgate_server.store.memory import MemoryStore
-from spendgate_server.store.redis import RedisStore
-from spendgate_server.store.redis_configs import RedisConfigStore
-from spendgate_server.store.redis_insights import RedisInsightsStore
+from spendgate_server.stores import open_stores
 
-__all__ = ["build_engine", "build_store", "run", "serve"]
+__all__ = ["build_engine", "run", "serve"]
 
 _log = structlog.get_logger("spendgate.server")
 
@@ -78,51 +72,6 @@ SERVICE_NAMES = (
 LIVENESS_SERVICE = "spendgate.liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def build_store(settings: ServeSettings) -> Store:
-    """The store named by the settings; Redis sits behind a circuit breaker (store/breaker.py)."""
-    if settings.store == "redis":
-        redis = RedisStore.from_url(
-            settings.redis_url,
-            timeout_seconds=settings.redis_timeout_millis / 1000,
-            pipelined=settings.redis_pipelining == "on",
-        )
-        if settings.redis_breaker_failures == 0:
-            return redis
-        return CircuitBreakerStore(
-            redis,
-            failure_threshold=settings.redis_breaker_failures,
-            open_seconds=settings.redis_breaker_open_millis / 1000,
-        )
-    return MemoryStore()
-
-
-def build_config_store(settings: ServeSettings) -> ConfigStore:
-    """Where remote configs live: Redis when the state does, else this process."""
-    if settings.store == "redis":
-        return RedisConfigStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return MemoryConfigStore()
-
-
-def build_insights_store(settings: ServeSettings) -> InsightsStore:
-    """Where the fleet's session insights are aggregated: Redis when the state is, else here."""
-    if settings.store == "redis":
-        return RedisInsightsStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return MemoryInsightsStore()
-
-
-def build_keystore(settings: ServeSettings) -> KeyStore | None:
-    """Where API keys live: Redis with the redis store, else the --keys-file if given."""
-    if settings.store == "redis":
-        return RedisKeyStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return FileKeyStore(settings.keys_file) if settings.keys_file else None
 
 
 def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
@@ -215,22 +164,21 @@ class _Health:
 async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING first, stop after the drain period."""
     metrics = Metrics()
-    store: Store = InstrumentedStore(build_store(settings), metrics.store_seconds, metrics.store_errors)
+    stores = open_stores(settings, role="serve")
+    store: Store = InstrumentedStore(stores.sessions, metrics.store_seconds, metrics.store_errors)
     try:
         await store.ping()
     except StoreUnavailable as exc:
-        await store.close()
+        await stores.aclose()
         raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
     if settings.metrics_port and settings.workers == 1:
         serve_metrics(settings.metrics_port, settings.host, metrics.registry)
     prices = build_prices(settings)
-    configs = ConfigResolver(
-        build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
-    )
-    alerts = build_alerts(settings)
+    configs = ConfigResolver(stores.configs, settings.default_config, settings.config_poll_millis / 1000)
+    alerts = build_alerts(settings, stores)
     engine = build_engine(settings, store, prices, configs, alerts.journal)
     config_task = asyncio.create_task(configs.run())
-    activity = SessionActivity(build_insights_store(settings))
+    activity = SessionActivity(stores.insights)
     activity_task = asyncio.create_task(activity.run())
     # The embedded memory store has no other reader of its journal: evaluate here.
     alerts.start(
@@ -239,7 +187,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     )
 
     credentials = _server_credentials(settings)
-    keystore = build_keystore(settings)
+    keystore = stores.keys
     authenticator = Authenticator(
         keystore,
         allow_open_mode=is_loopback(settings.host) or settings.insecure,
@@ -318,11 +266,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    if keystore is not None:
-        await keystore.close()
-    await configs.store.close()
-    await activity.store.close()
-    await store.close()
+    await stores.aclose()
     _log.info("stopped")
 
 

@@ -20,7 +20,7 @@ from spendgate_server.admin.policy_cli import add_policies_arguments, run_polici
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.settings import add_serve_arguments, settings_from_args
+from spendgate_server.settings import add_serve_arguments, add_worker_arguments, settings_from_args
 
 __all__ = ["main"]
 
@@ -68,10 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     violations = commands.add_parser("violations", help="list or follow policy violations (the alerts feed)")
     add_violations_arguments(violations)
 
-    worker = commands.add_parser(
-        "worker", help="evaluate journaled calls against the policies (takes the serve flags; redis store)"
-    )
-    add_serve_arguments(worker)
+    worker = commands.add_parser("worker", help="evaluate journaled calls against the policies (redis store)")
+    add_worker_arguments(worker)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     add_connection_arguments(settle)
@@ -169,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "config":
             code = run_config_command(args)
         elif args.command == "keys":
-            code = run_keys_command(args)
+            from spendgate_server.stores import open_keystore
+
+            code = run_keys_command(args, open_keystore)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":

@@ -1,11 +1,11 @@
-"""Server settings: flags, each also readable from a SPENDGATE_* environment variable."""
+"""Settings of ``spendgate serve`` and ``spendgate worker``, read from the flag table (flags.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,15 @@ import yaml
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.flags import FlagValues, add_flags
 
-__all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
-
-STORES = ("memory", "redis")
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-EVALUATOR_MODES = ("auto", "on", "off")
+__all__ = [
+    "ServeSettings",
+    "add_serve_arguments",
+    "add_worker_arguments",
+    "load_config_file",
+    "settings_from_args",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,180 +78,14 @@ class ServeSettings:
     webhook_timeout_millis: int = 5000
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get("SPENDGATE_" + name.upper().replace("-", "_"), default)
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the serve flags; every default can come from SPENDGATE_<FLAG>."""
-    d = ServeSettings()
-    a = parser.add_argument
-    a("--host", default=_env("host", d.host), help="address to bind (env SPENDGATE_HOST)")
-    a("--port", default=_env("port", str(d.port)), help="port to bind, 0 for any free port")
-    a("--store", default=_env("store", d.store), help="state store: memory (embedded) or redis")
-    a(
-        "--redis-url",
-        default=_env("redis_url", d.redis_url),
-        help="redis://, rediss:// or unix:// URL",
-    )
-    a("--redis-timeout-millis", default=_env("redis_timeout_millis", str(d.redis_timeout_millis)))
-    a(
-        "--workers",
-        default=_env("workers", str(d.workers)),
-        help="server processes (redis store only)",
-    )
-    a(
-        "--config",
-        default=_env("config", ""),
-        help="YAML or JSON file: enforcement rules and prices",
-    )
-    a(
-        "--unknown-model-price",
-        default=_env("unknown_model_price", d.unknown_model_price.value),
-        help="unknown model: 'max' (price as the most expensive known) or 'reject'",
-    )
-    a(
-        "--reservation-ttl-seconds",
-        default=_env("reservation_ttl_seconds", str(d.reservation_ttl_seconds)),
-    )
-    a("--session-ttl-seconds", default=_env("session_ttl_seconds", str(d.session_ttl_seconds)))
-    a(
-        "--drain-seconds",
-        default=_env("drain_seconds", str(d.drain_seconds)),
-        help="on SIGTERM, report NOT_SERVING and keep serving this long before stopping",
-    )
-    a(
-        "--metrics-port",
-        default=_env("metrics_port", str(d.metrics_port)),
-        help="Prometheus /metrics port on --host; 0 turns it off",
-    )
-    a(
-        "--health-interval-millis",
-        default=_env("health_interval_millis", str(d.health_interval_millis)),
-        help="how often health re-checks the store",
-    )
-    a(
-        "--config-poll-millis",
-        default=_env("config_poll_millis", str(d.config_poll_millis)),
-        help="re-check remote config versions this often (the staleness bound if pub/sub drops)",
-    )
-    a(
-        "--keys-file",
-        default=_env("keys_file", ""),
-        help="API keys file for the memory store (the redis store keeps keys in Redis)",
-    )
-    a(
-        "--insecure",
-        action="store_true",
-        default=_env("insecure", "") in ("1", "true", "yes"),
-        help="serve without API keys on a non-loopback address (never in production)",
-    )
-    a(
-        "--key-reload-seconds",
-        default=_env("key_reload_seconds", str(d.key_reload_seconds)),
-        help="reload API keys this often: the bound on how long a revoked key still works",
-    )
-    a("--tls-cert", default=_env("tls_cert", ""), help="PEM certificate chain: serve TLS")
-    a("--tls-key", default=_env("tls_key", ""), help="PEM private key of --tls-cert")
-    a(
-        "--tls-client-ca",
-        default=_env("tls_client_ca", ""),
-        help="PEM CA bundle: require client certificates (mTLS)",
-    )
-    a(
-        "--redis-pipelining",
-        default=_env("redis_pipelining", d.redis_pipelining),
-        help="on: hot-path scripts share one pipelined connection (plain redis:// only); off: a pool",
-    )
-    a(
-        "--deny-cache-millis",
-        default=_env("deny_cache_millis", str(d.deny_cache_millis)),
-        help="answer a session already out of budget from memory this long (0 turns it off)",
-    )
-    a("--log-format", default=_env("log_format", d.log_format), help="auto, json or console")
-    a("--log-level", default=_env("log_level", d.log_level), help="debug, info, warning or error")
-    a(
-        "--redis-breaker-failures",
-        default=_env("redis_breaker_failures", str(d.redis_breaker_failures)),
-        help="consecutive Redis failures that open the circuit breaker (0 turns it off)",
-    )
-    a(
-        "--redis-breaker-open-millis",
-        default=_env("redis_breaker_open_millis", str(d.redis_breaker_open_millis)),
-        help="how long an open breaker fails calls at once before one call tries Redis again",
-    )
-    a(
-        "--journal-max-entries",
-        default=_env("journal_max_entries", str(d.journal_max_entries)),
-        help="settled calls kept in each tenant's journal (older ones are trimmed)",
-    )
-    a(
-        "--violations-max-entries",
-        default=_env("violations_max_entries", str(d.violations_max_entries)),
-        help="violations kept in each tenant's alerts feed",
-    )
-    a(
-        "--evaluator",
-        default=_env("evaluator", d.evaluator),
-        help="run the policy evaluator in this process: auto (with the memory store only), on or off",
-    )
-    a("--evaluator-batch-size", default=_env("evaluator_batch_size", str(d.evaluator_batch_size)))
-    a(
-        "--evaluator-claim-idle-millis",
-        default=_env("evaluator_claim_idle_millis", str(d.evaluator_claim_idle_millis)),
-        help="re-evaluate journal entries a worker left unacknowledged this long (it died)",
-    )
-    a(
-        "--evaluator-poll-millis",
-        default=_env("evaluator_poll_millis", str(d.evaluator_poll_millis)),
-        help="pause of an idle evaluator, and how often alert watchers poll Redis",
-    )
-    a(
-        "--webhook-url",
-        default=_env("webhook_url", ""),
-        help="POST every violation here as signed JSON (runs with the evaluator)",
-    )
-    a(
-        "--webhook-secret-file",
-        default=_env("webhook_secret_file", ""),
-        help="file holding the webhook HMAC secret (or env SPENDGATE_WEBHOOK_SECRET)",
-    )
-    a("--webhook-timeout-millis", default=_env("webhook_timeout_millis", str(d.webhook_timeout_millis)))
+    """Declare the flags of ``spendgate serve`` (the table in flags.py)."""
+    add_flags(parser, "serve")
 
 
-def _int(flag: str, value: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = low - 1
-    if not low <= number <= high:
-        raise ConfigError(
-            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be an integer "
-            f"between {low} and {high}, got {value!r}"
-        )
-    return number
-
-
-def _float(flag: str, value: str, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = low - 1
-    if not low <= number <= high:
-        raise ConfigError(
-            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be a number "
-            f"between {low:g} and {high:g}, got {value!r}"
-        )
-    return number
-
-
-def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"--{flag} (env SPENDGATE_{flag.upper().replace('-', '_')}) must be one of "
-            f"{', '.join(choices)}; got {value!r}"
-        )
-    return value
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the flags of ``spendgate worker``: the store, evaluator, webhook, metrics and log ones."""
+    add_flags(parser, "worker")
 
 
 def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
@@ -301,69 +137,64 @@ def _webhook_secret(url: str, path: str) -> str:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    """Validate parsed flags into settings.
+    """Validate the flags of ``serve`` or ``worker`` (as declared on ``args``) into settings.
+
+    Flags the command does not take keep their defaults.
 
     Raises:
         ConfigError: naming the flag, its environment variable and the accepted values.
     """
-    store = _choice("store", args.store, STORES)
-    workers = _int("workers", args.workers, 1, 64)
+    v = FlagValues(args)
+    store = v.text("store")
+    workers = v.integer("workers")
     if workers > 1 and store == "memory":
         raise ConfigError("--workers above 1 needs --store redis: the memory store would split the state")
-    port = _int("port", args.port, 0, 65535)
+    port = v.integer("port")
     if workers > 1 and port == 0:
         raise ConfigError("--workers above 1 needs a fixed --port: workers share it with SO_REUSEPORT")
-    config, prices = load_config_file(args.config) if args.config else (EnforcementConfig(), {})
-    drain = _float("drain-seconds", args.drain_seconds, 0, 3600)
-    if bool(args.tls_cert) != bool(args.tls_key):
+    config_path = v.raw("config")
+    config, prices = load_config_file(config_path) if config_path else (EnforcementConfig(), {})
+    tls_cert, tls_key, tls_client_ca = v.raw("tls-cert"), v.raw("tls-key"), v.raw("tls-client-ca")
+    if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
-    if args.tls_client_ca and not args.tls_cert:
+    if tls_client_ca and not tls_cert:
         raise ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    webhook_url = _webhook_url(v.raw("webhook-url"))
     return ServeSettings(
-        host=args.host,
+        host=v.raw("host"),
         port=port,
         store=store,
-        redis_url=args.redis_url,
-        redis_timeout_millis=_int("redis-timeout-millis", args.redis_timeout_millis, 1, 60_000),
+        redis_url=v.raw("redis-url"),
+        redis_timeout_millis=v.integer("redis-timeout-millis"),
         workers=workers,
         default_config=config,
         price_overrides=prices,
-        unknown_model_price=UnknownModelPolicy(
-            _choice(
-                "unknown-model-price",
-                args.unknown_model_price,
-                [p.value for p in UnknownModelPolicy],
-            )
-        ),
-        reservation_ttl_seconds=_int("reservation-ttl-seconds", args.reservation_ttl_seconds, 1, 86_400),
-        session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
-        drain_seconds=drain,
-        metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
-        keys_file=args.keys_file,
-        insecure=bool(args.insecure),
-        key_reload_seconds=_float("key-reload-seconds", args.key_reload_seconds, 0.1, 3600),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        redis_pipelining=_choice("redis-pipelining", args.redis_pipelining, ("on", "off")),
-        deny_cache_millis=_int("deny-cache-millis", args.deny_cache_millis, 0, 60_000),
-        config_poll_millis=_int("config-poll-millis", args.config_poll_millis, 50, 600_000),
-        health_interval_millis=_int("health-interval-millis", args.health_interval_millis, 50, 60_000),
-        log_format=_choice("log-format", args.log_format, LOG_FORMATS),
-        log_level=_choice("log-level", args.log_level, LOG_LEVELS),
-        redis_breaker_failures=_int("redis-breaker-failures", args.redis_breaker_failures, 0, 1000),
-        redis_breaker_open_millis=_int(
-            "redis-breaker-open-millis", args.redis_breaker_open_millis, 10, 600_000
-        ),
-        journal_max_entries=_int("journal-max-entries", args.journal_max_entries, 100, 100_000_000),
-        violations_max_entries=_int("violations-max-entries", args.violations_max_entries, 100, 100_000_000),
-        evaluator=_choice("evaluator", args.evaluator, EVALUATOR_MODES),
-        evaluator_batch_size=_int("evaluator-batch-size", args.evaluator_batch_size, 1, 10_000),
-        evaluator_claim_idle_millis=_int(
-            "evaluator-claim-idle-millis", args.evaluator_claim_idle_millis, 10, 86_400_000
-        ),
-        evaluator_poll_millis=_int("evaluator-poll-millis", args.evaluator_poll_millis, 10, 60_000),
-        webhook_url=_webhook_url(args.webhook_url),
-        webhook_secret=_webhook_secret(args.webhook_url, args.webhook_secret_file),
-        webhook_timeout_millis=_int("webhook-timeout-millis", args.webhook_timeout_millis, 100, 120_000),
+        unknown_model_price=UnknownModelPolicy(v.text("unknown-model-price")),
+        reservation_ttl_seconds=v.integer("reservation-ttl-seconds"),
+        session_ttl_seconds=v.integer("session-ttl-seconds"),
+        drain_seconds=v.number("drain-seconds"),
+        metrics_port=v.integer("metrics-port"),
+        keys_file=v.raw("keys-file"),
+        insecure=v.switch("insecure"),
+        key_reload_seconds=v.number("key-reload-seconds"),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        redis_pipelining=v.text("redis-pipelining"),
+        deny_cache_millis=v.integer("deny-cache-millis"),
+        config_poll_millis=v.integer("config-poll-millis"),
+        health_interval_millis=v.integer("health-interval-millis"),
+        log_format=v.text("log-format"),
+        log_level=v.text("log-level"),
+        redis_breaker_failures=v.integer("redis-breaker-failures"),
+        redis_breaker_open_millis=v.integer("redis-breaker-open-millis"),
+        journal_max_entries=v.integer("journal-max-entries"),
+        violations_max_entries=v.integer("violations-max-entries"),
+        evaluator=v.text("evaluator"),
+        evaluator_batch_size=v.integer("evaluator-batch-size"),
+        evaluator_claim_idle_millis=v.integer("evaluator-claim-idle-millis"),
+        evaluator_poll_millis=v.integer("evaluator-poll-millis"),
+        webhook_url=webhook_url,
+        webhook_secret=_webhook_secret(webhook_url, v.raw("webhook-secret-file")),
+        webhook_timeout_millis=v.integer("webhook-timeout-millis"),
     )

@@ -1,9 +1,9 @@
 """``spendgate worker``: the policy evaluator (and webhook sink) as a process of its own.
 
-It takes the flags of ``spendgate serve`` (and their SPENDGATE_* variables), so one
-environment configures both; only the store, evaluator, webhook, metrics and log
-flags matter here. Any number of workers share the work through Redis consumer
-groups; one that dies leaves its entries to the others.
+It takes its subset of the flag table (flags.py): the store, evaluator, webhook, metrics
+and log flags, with the same SPENDGATE_* variables as ``spendgate serve``, so one
+environment configures both. Any number of workers share the work through Redis
+consumer groups; one that dies leaves its entries to the others.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.settings import ServeSettings
+from spendgate_server.stores import open_stores
 
 __all__ = ["run_worker", "work"]
 
@@ -35,12 +36,13 @@ async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = No
     metrics = Metrics()
     if settings.metrics_port:
         serve_metrics(settings.metrics_port, settings.host, metrics.registry)
-    alerts = build_alerts(settings)
+    stores = open_stores(settings, role="worker")
     try:
-        await alerts.logs.tenants("journal")
+        await stores.ping()
     except StoreUnavailable as exc:
-        await alerts.close()
+        await stores.aclose()
         raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
+    alerts = build_alerts(settings, stores)
     alerts.start(evaluate=True, metrics=metrics)
     assert alerts.evaluator is not None
     _log.info("worker_ready", consumer=alerts.evaluator.consumer, webhook=bool(settings.webhook_url))
@@ -53,6 +55,7 @@ async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = No
     await stop.wait()
     _log.info("worker_stopping")
     await alerts.close()
+    await stores.aclose()
     _log.info("worker_stopped", evaluated=alerts.evaluator.evaluated)
 
 
