@@ -160,8 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "serve":
             from spendgate_server.app import run
 
-            run(settings_from_args(args))
-            code = 0
+            code = run(settings_from_args(args))
         elif args.command == "decide":
             code = _decide(args)
         elif args.command == "config":
@@ -177,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "worker":
             from spendgate_server.worker import run_worker
 
-            run_worker(settings_from_args(args))
-            code = 0
+            code = run_worker(settings_from_args(args))
         elif args.command == "console":
             code = run_console_command(args)
         else:

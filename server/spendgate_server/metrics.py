@@ -7,6 +7,7 @@ multiprocess mode aggregates every worker in the supervisor's endpoint.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
@@ -139,15 +140,19 @@ class Metrics:
             self.settles.labels("unknown").inc()
 
 
-def serve_metrics(port: int, host: str, registry: CollectorRegistry | None) -> None:
-    """Serve /metrics on ``host:port`` from a daemon thread.
+def serve_metrics(port: int, host: str, registry: CollectorRegistry | None) -> threading.Thread:
+    """Serve /metrics on ``host:port`` from a daemon thread; returns the thread (alive while it serves).
 
     ``registry`` None means the multiprocess view: the sum over every worker's files.
+
+    Raises:
+        ConfigError: the port cannot be bound.
     """
     if registry is None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     try:
-        start_http_server(port, addr=host, registry=registry)
+        _, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc
+    return thread

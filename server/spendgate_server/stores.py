@@ -13,7 +13,9 @@ import contextlib
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
+from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
 from spendgate_server.store.breaker import CircuitBreakerStore
@@ -28,7 +30,15 @@ from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_insights import RedisInsightsStore
 from spendgate_server.store.redis_logs import RedisLogStore
 
-__all__ = ["MemoryStores", "RedisStores", "Stores", "open_keystore", "open_stores"]
+__all__ = [
+    "MemoryStores",
+    "RedisStores",
+    "Stores",
+    "check_reachable",
+    "open_keystore",
+    "open_stores",
+    "redacted_url",
+]
 
 # The `spendgate keys` CLI waits longer than a server would: it is a person, not a Decide.
 _ADMIN_TIMEOUT_MILLIS = 500
@@ -200,6 +210,27 @@ def open_stores(settings: ServeSettings, *, role: str) -> Stores:
     if settings.store == "redis":
         return RedisStores(settings, role)
     return MemoryStores(settings)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
+
+
+async def check_reachable(stores: Stores, settings: ServeSettings) -> None:
+    """Refuse to start on a backend that does not answer.
+
+    Raises:
+        ConfigError: naming ``--redis-url`` (its password left out) and the failure.
+    """
+    try:
+        await stores.ping()
+    except StoreUnavailable as exc:
+        raise ConfigError(f"--redis-url {redacted_url(settings.redis_url)} is unreachable: {exc}") from exc
 
 
 @contextlib.asynccontextmanager

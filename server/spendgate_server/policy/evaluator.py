@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from spendgate_server.errors import SpendgateError
+from spendgate_server.errors import StoreUnavailable
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.checks import evaluate
 from spendgate_server.policy.journal import EVALUATOR_GROUP, JOURNAL_LOG, JournalEvent
@@ -155,7 +155,12 @@ class Evaluator:
         self._stopping = True
 
     async def run(self) -> None:
-        """Evaluate until :meth:`stop` (or cancellation); store outages are logged and retried."""
+        """Evaluate until :meth:`stop` (or cancellation); store outages are logged and retried.
+
+        Raises:
+            Exception: anything but an outage (a bug, a record it cannot read): the process
+                running the evaluator ends with it rather than evaluating nothing unnoticed.
+        """
         loop = asyncio.get_running_loop()
         next_metrics = 0.0
         failures = 0
@@ -166,15 +171,10 @@ class Evaluator:
                     await self.refresh_metrics()
                     next_metrics = loop.time() + self._timings.metrics_interval_seconds
                 failures = 0
-            except Exception as exc:
-                # Store outages (SpendgateError) and anything unexpected: back off, keep evaluating.
+            except StoreUnavailable as exc:
+                # An outage passes: back off, keep evaluating.
                 failures += 1
-                _log.warning(
-                    "evaluator_round_failed",
-                    error=str(exc),
-                    failures=failures,
-                    exc_info=not isinstance(exc, SpendgateError),
-                )
+                _log.warning("evaluator_round_failed", error=str(exc), failures=failures)
                 await asyncio.sleep(min(self._timings.idle_poll_seconds * 2**failures, 5.0))
                 continue
             if not done:
