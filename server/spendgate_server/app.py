@@ -303,7 +303,9 @@ async def _serve(
         raise ConfigError(f"--port {settings.port}: cannot bind {settings.host}: {exc}") from exc
     metrics_thread = None
     if settings.metrics_port and settings.workers == 1:
-        metrics_thread = serve_metrics(settings.metrics_port, settings.host, metrics.registry)
+        metrics_thread = serve_metrics(
+            settings.metrics_port, settings.host, metrics.registry, required=settings.metrics_port_named
+        )
     await server.start()
     try:
         status = _Health(health_servicer, store, metrics)
@@ -322,13 +324,7 @@ async def _serve(
                     group.create_task(
                         run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
                     )
-                # The embedded memory store has no other reader of its journal: evaluate here.
-                alerts.start(
-                    group,
-                    evaluate=settings.evaluator == "on"
-                    or (settings.evaluator == "auto" and settings.store == "memory"),
-                    metrics=metrics,
-                )
+                alerts.start(group, evaluate=settings.evaluator == "on", metrics=metrics)
                 _log.info(
                     "serving",
                     host=settings.host,
@@ -378,7 +374,9 @@ def _supervise(settings: ServeSettings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     metrics_thread = (
-        serve_metrics(settings.metrics_port, settings.host, None) if settings.metrics_port else None
+        serve_metrics(settings.metrics_port, settings.host, None, required=settings.metrics_port_named)
+        if settings.metrics_port
+        else None
     )
     # spawn, not fork: gRPC's threads must not be forked.
     ctx = multiprocessing.get_context("spawn")

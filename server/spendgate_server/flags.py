@@ -149,7 +149,15 @@ FLAGS: tuple[Flag, ...] = (
         3600,
         "on SIGTERM, report NOT_SERVING and keep serving this long before stopping",
     ),
-    _int("metrics-port", _SERVER, 9464, 0, 65535, "Prometheus /metrics port on --host; 0 turns it off"),
+    _int(
+        "metrics-port",
+        _SERVER,
+        9464,
+        0,
+        65535,
+        "Prometheus /metrics port on --host; 0 turns it off. If the default port is taken (another "
+        "server on this host), a warning is logged and the server runs without; a port named here must bind",
+    ),
     _int("health-interval-millis", _SERVE, 1000, 50, 60_000, "how often health re-checks the store"),
     _int(
         "config-poll-millis",
@@ -234,9 +242,9 @@ FLAGS: tuple[Flag, ...] = (
     _choice(
         "evaluator",
         _SERVE,
-        "auto",
-        ("auto", "on", "off"),
-        "run the policy evaluator in this process: auto (with the memory store only), on or off",
+        "on",
+        ("on", "off"),
+        "evaluate settled calls against the policies in this process; off leaves it to 'spendgate worker'",
     ),
     _int("evaluator-batch-size", _SERVER, 100, 1, 10_000, "journal entries evaluated per tenant and round"),
     _int(

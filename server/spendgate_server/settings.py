@@ -49,6 +49,9 @@ class ServeSettings:
     drain_seconds: float = 5.0
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 9464
+    # The user named the port (flag or variable): if it is taken, refuse to start. The default
+    # port may be taken by another server on the host: then warn and serve without metrics.
+    metrics_port_named: bool = False
     health_interval_millis: int = 1000
     keys_file: str = ""
     insecure: bool = False
@@ -67,8 +70,9 @@ class ServeSettings:
     # Journal, policies and the alerts feed (each tenant's journal and feed keep this many entries).
     journal_max_entries: int = 100_000
     violations_max_entries: int = 100_000
-    # "auto" runs the evaluator inside serve with the memory store only (Redis: spendgate worker).
-    evaluator: str = "auto"
+    # "on": serve evaluates the journal itself (with Redis, the consumer group shares the work
+    # with other servers and any `spendgate worker`); "off" leaves it to workers.
+    evaluator: str = "on"
     evaluator_batch_size: int = 100
     # A journal entry pending this long belongs to a dead worker and is evaluated again.
     evaluator_claim_idle_millis: int = 30_000
@@ -174,6 +178,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         session_ttl_seconds=v.integer("session-ttl-seconds"),
         drain_seconds=v.number("drain-seconds"),
         metrics_port=v.integer("metrics-port"),
+        metrics_port_named=v.given("metrics-port"),
         keys_file=v.raw("keys-file"),
         insecure=v.switch("insecure"),
         key_reload_seconds=v.number("key-reload-seconds"),

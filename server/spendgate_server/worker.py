@@ -57,7 +57,9 @@ async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = No
         await check_reachable(stores, settings)
         metrics = Metrics()
         metrics_thread = (
-            serve_metrics(settings.metrics_port, settings.host, metrics.registry)
+            serve_metrics(
+                settings.metrics_port, settings.host, metrics.registry, required=settings.metrics_port_named
+            )
             if settings.metrics_port
             else None
         )

@@ -49,7 +49,9 @@ def test_a_flag_wins_over_its_variable_which_wins_over_the_default(monkeypatch: 
     """SPENDGATE_<FLAG> (SPENDGATE_CONSOLE_<FLAG> for the console) sets a default; the command line wins."""
     monkeypatch.setenv("SPENDGATE_METRICS_PORT", "9999")
     monkeypatch.setenv("SPENDGATE_CONSOLE_PORT", "8181")
-    assert settings_from_args(parse(add_serve_arguments)).metrics_port == 9999
+    named = settings_from_args(parse(add_serve_arguments))
+    assert named.metrics_port == 9999 and named.metrics_port_named
+    assert settings_from_args(parse(add_worker_arguments)).metrics_port_named
     assert settings_from_args(parse(add_worker_arguments, "--metrics-port", "0")).metrics_port == 0
     assert console_settings_from_args(parse(add_console_arguments)).port == 8181
     values = FlagValues(parse(add_serve_arguments, "--port", "1"))
