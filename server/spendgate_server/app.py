@@ -73,6 +73,10 @@ _log = structlog.get_logger("spendgate.server")
 
 # Requests are a few hundred bytes; a tight limit makes oversized input cheap to refuse.
 MAX_MESSAGE_BYTES = 64 * 1024
+# A TLS handshake takes milliseconds; a client still in it after this long is not coming.
+_HANDSHAKE_TIMEOUT_MS = 10_000
+# How long a pinged connection may take to answer before it is closed as dead.
+_KEEPALIVE_TIMEOUT_MS = 20_000
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
@@ -158,7 +162,7 @@ def _check_port_free(settings: ServeSettings) -> None:
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # Workers share the port; a lone server must fail loudly if the port is taken.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -168,6 +172,24 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
+    idle_ms = round(settings.connection_idle_seconds * 1000)
+    if idle_ms:
+        # A connection with no call in flight is closed (GOAWAY, then close): idle clients cannot
+        # hold sockets and memory for ever. It also reaps a TCP connection that never speaks.
+        options.append(("grpc.max_connection_idle_ms", idle_ms))
+        # ...and, on TLS, one that never finishes its handshake (gRPC's default waits 120 s).
+        options.append(("grpc.server_handshake_timeout_ms", min(idle_ms, _HANDSHAKE_TIMEOUT_MS)))
+    keepalive_ms = round(settings.keepalive_seconds * 1000)
+    if keepalive_ms:
+        # Pings find peers that vanished without closing (a host gone, a dropped NAT entry),
+        # including those holding a WatchViolations stream, which never counts as idle.
+        options += [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+            # Keep pinging a quiet stream (gRPC stops after 2 pings without data by default).
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return options
 
 
 class _Health:

@@ -159,6 +159,24 @@ FLAGS: tuple[Flag, ...] = (
         "server on this host), a warning is logged and the server runs without; a port named here must bind",
     ),
     _int("health-interval-millis", _SERVE, 1000, 50, 60_000, "how often health re-checks the store"),
+    _float(
+        "connection-idle-seconds",
+        _SERVE,
+        120,
+        0,
+        86_400,
+        "close a client connection with no call in flight for this long (the client reconnects on "
+        "its next call); 0 keeps idle connections open",
+    ),
+    _float(
+        "keepalive-seconds",
+        _SERVE,
+        60,
+        0,
+        86_400,
+        "ping a client connection quiet for this long; one that does not answer within 20 s is closed "
+        "(a vanished peer, a dead stream); 0 leaves it to gRPC (2 hours)",
+    ),
     _int(
         "config-poll-millis",
         _SERVER,

@@ -53,6 +53,10 @@ class ServeSettings:
     # port may be taken by another server on the host: then warn and serve without metrics.
     metrics_port_named: bool = False
     health_interval_millis: int = 1000
+    # Idle client connections are closed after this long (0: never); see _server_options in app.py.
+    connection_idle_seconds: float = 120.0
+    # Quiet connections are pinged this often; an unanswered ping closes them (0: gRPC's 2 hours).
+    keepalive_seconds: float = 60.0
     keys_file: str = ""
     insecure: bool = False
     key_reload_seconds: float = 5.0
@@ -189,6 +193,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         deny_cache_millis=v.integer("deny-cache-millis"),
         config_poll_millis=v.integer("config-poll-millis"),
         health_interval_millis=v.integer("health-interval-millis"),
+        connection_idle_seconds=v.number("connection-idle-seconds"),
+        keepalive_seconds=v.number("keepalive-seconds"),
         log_format=v.text("log-format"),
         log_level=v.text("log-level"),
         redis_breaker_failures=v.integer("redis-breaker-failures"),
