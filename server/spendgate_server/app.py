@@ -37,6 +37,7 @@ from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.engine.pricing import PriceTable
+from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.lifecycle import (
@@ -55,6 +56,7 @@ from spendgate_server.lifecycle import (
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
+from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
@@ -106,15 +108,26 @@ def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | Non
     )
 
 
-def build_prices(settings: ServeSettings) -> PriceTable:
-    """The price table with the settings' overrides and unknown-model policy."""
-    return PriceTable(
-        settings.price_overrides,
-        settings.unknown_model_price,
-        on_unknown=lambda model: _log.warning(
-            "unknown_model_price", model=model, policy=settings.unknown_model_price.value
-        ),
-    )
+def build_prices(settings: ServeSettings, metrics: Metrics | None = None) -> PriceTable:
+    """The price table with the settings' overrides and unknown-model policy.
+
+    Whatever has no known price is counted per call in ``metrics`` and logged once per name.
+    """
+
+    def unpriced(kind: str, model: str, name: str, first: bool) -> None:
+        if metrics is not None:
+            metrics.unpriced.labels(kind).inc()
+        if first:
+            _log.warning(
+                "unknown_price",
+                kind=kind,
+                model=model,
+                name=name,
+                policy=settings.unknown_model_price.value,
+                charged="the never-undercount maximum; add it to prices: in --config",
+            )
+
+    return PriceTable(settings.price_overrides, settings.unknown_model_price, unpriced)
 
 
 def build_engine(
@@ -123,14 +136,27 @@ def build_engine(
     prices: PriceTable,
     configs: ConfigResolver,
     journal: Journal | None = None,
+    quota: SessionQuota | None = None,
 ) -> DecisionEngine:
-    """The engine over ``store``, applying ``configs`` and ``prices``, journaling settles to ``journal``."""
+    """The engine over ``store``, applying ``configs`` and ``prices``, journaling settles to ``journal``,
+    bounding each tenant's live sessions with ``quota``."""
     timings = EngineTimings(
         reservation_ttl_ms=settings.reservation_ttl_seconds * 1000,
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
     deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
-    return DecisionEngine(store, prices, configs, timings=timings, journal=journal, deny_cache=deny)
+    return DecisionEngine(
+        store, prices, configs, timings=timings, journal=journal, deny_cache=deny, quota=quota
+    )
+
+
+def build_session_quota(settings: ServeSettings, stores: Stores) -> SessionQuota | None:
+    """The --max-sessions-per-tenant bound, counted where the sessions live (None: no limit)."""
+    if not settings.max_sessions_per_tenant:
+        return None
+    return SessionQuota(
+        stores.session_registry, settings.max_sessions_per_tenant, settings.session_ttl_seconds * 1000
+    )
 
 
 def _check_port_free(settings: ServeSettings) -> None:
@@ -291,10 +317,12 @@ async def _serve(
             detail="no API keys exist: every caller is admin of tenant 'default'",
             host=settings.host,
         )
-    prices = build_prices(settings)
+    prices = build_prices(settings, metrics)
     configs = ConfigResolver(stores.configs, settings.default_config, settings.config_poll_millis / 1000)
     alerts = build_alerts(settings, stores)
-    engine = build_engine(settings, store, prices, configs, alerts.journal)
+    engine = build_engine(
+        settings, store, prices, configs, alerts.journal, build_session_quota(settings, stores)
+    )
     activity = SessionActivity(stores.insights)
 
     interceptors = [AuthInterceptor(authenticator), DecodeErrorInterceptor()]
@@ -306,7 +334,12 @@ async def _serve(
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
-        ViolationServicer(alerts.feed, WATCH_RECHECK_SECONDS), server
+        ViolationServicer(
+            alerts.feed,
+            WATCH_RECHECK_SECONDS,
+            WatchLimits(settings.max_watch_streams_per_tenant, settings.max_watch_streams),
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

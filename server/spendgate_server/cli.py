@@ -16,11 +16,18 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
 from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.admin.migrate_cli import add_migrate_arguments, run_migrate_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
+from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.settings import add_serve_arguments, add_worker_arguments, settings_from_args
+from spendgate_server.settings import (
+    add_serve_arguments,
+    add_worker_arguments,
+    load_config_file,
+    settings_from_args,
+)
 
 __all__ = ["main"]
 
@@ -56,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     add_keys_arguments(keys)
 
+    migrate = commands.add_parser("migrate-keys", help="move Redis records to the current key schema")
+    add_migrate_arguments(migrate)
+
     config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
     add_config_arguments(config)
 
@@ -70,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="evaluate journaled calls against the policies (redis store)")
     add_worker_arguments(worker)
+
+    price = commands.add_parser(
+        "price", help="show how a model name resolves, its rates and what a usage costs (runs locally)"
+    )
+    add_price_arguments(price)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     add_connection_arguments(settle)
@@ -169,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from spendgate_server.stores import open_keystore
 
             code = run_keys_command(args, open_keystore)
+        elif args.command == "migrate-keys":
+            from spendgate_server.stores import open_redis
+
+            code = run_migrate_command(args, open_redis)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":
@@ -179,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = run_worker(settings_from_args(args))
         elif args.command == "console":
             code = run_console_command(args)
+        elif args.command == "price":
+            code = run_price_command(args, lambda path: load_config_file(path)[1])
         else:
             code = _settle(args)
     except ConfigError as exc:

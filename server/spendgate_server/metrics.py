@@ -74,6 +74,13 @@ class Metrics:
             "spendgate_auth_failures", "Calls refused by authentication, by reason.", ["reason"], registry=r
         )
         self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
+        self.unpriced = Counter(
+            "spendgate_unpriced",
+            "Decides and Settles charged the never-undercount maximum: a model, service tier or "
+            "usage unit had no known price.",
+            ["kind"],
+            registry=r,
+        )
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
         self.settle_lag = Histogram(
             "spendgate_settle_lag_seconds",

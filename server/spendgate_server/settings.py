@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
-from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
+from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.flags import FlagValues, add_flags
 
@@ -42,7 +42,7 @@ class ServeSettings:
     redis_pipelining: str = "on"
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
-    price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
+    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
@@ -84,6 +84,11 @@ class ServeSettings:
     webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
     webhook_timeout_millis: int = 5000
+    # Limits per tenant and per process (RESOURCE_EXHAUSTED past them, naming the flag).
+    max_watch_streams_per_tenant: int = 64
+    max_watch_streams: int = 1024
+    # Distinct live sessions per tenant (0: no limit).
+    max_sessions_per_tenant: int = 100_000
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +101,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, "worker")
 
 
-def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
+def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverride]]:
     """Read ``{enforcement: {...}, prices: {...}}`` from YAML or JSON.
 
     Raises:
@@ -117,7 +122,10 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
         config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
     except InvalidArgument as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
-    prices = parse_price_overrides(raw.get("prices") or {})
+    try:
+        prices = parse_price_overrides(raw.get("prices") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from exc
     return config, prices
 
 
@@ -208,4 +216,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         webhook_url=webhook_url,
         webhook_secret=_webhook_secret(webhook_url, v.raw("webhook-secret-file")),
         webhook_timeout_millis=v.integer("webhook-timeout-millis"),
+        max_watch_streams_per_tenant=v.integer("max-watch-streams-per-tenant"),
+        max_watch_streams=v.integer("max-watch-streams"),
+        max_sessions_per_tenant=v.integer("max-sessions-per-tenant"),
     )

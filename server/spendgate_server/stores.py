@@ -25,10 +25,12 @@ from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore
 from spendgate_server.store.logs import LogStore, MemoryLogStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
-from spendgate_server.store.redis import RedisConnection, RedisStore, ping
+from spendgate_server.store.redis import RedisClient, RedisConnection, RedisStore, ping
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_insights import RedisInsightsStore
 from spendgate_server.store.redis_logs import RedisLogStore
+from spendgate_server.store.redis_session_registry import RedisSessionRegistry
+from spendgate_server.store.session_registry import MemorySessionRegistry, SessionRegistry
 
 __all__ = [
     "MemoryStores",
@@ -36,12 +38,15 @@ __all__ = [
     "Stores",
     "check_reachable",
     "open_keystore",
+    "open_redis",
     "open_stores",
     "redacted_url",
 ]
 
 # The `spendgate keys` CLI waits longer than a server would: it is a person, not a Decide.
 _ADMIN_TIMEOUT_MILLIS = 500
+# A migration scans and moves every key: its commands may take longer still.
+_MIGRATE_TIMEOUT_MILLIS = 5000
 
 
 class Stores(ABC):
@@ -77,6 +82,11 @@ class Stores(ABC):
     @abstractmethod
     def policies(self) -> PolicyStore:
         """The org-wide policies."""
+
+    @property
+    @abstractmethod
+    def session_registry(self) -> SessionRegistry:
+        """Each tenant's live sessions (for --max-sessions-per-tenant)."""
 
     @property
     @abstractmethod
@@ -123,6 +133,10 @@ class MemoryStores(Stores):
     @functools.cached_property
     def policies(self) -> PolicyStore:
         return PolicyStore(MemoryConfigStore())
+
+    @functools.cached_property
+    def session_registry(self) -> SessionRegistry:
+        return MemorySessionRegistry()
 
     @functools.cached_property
     def keys(self) -> KeyStore | None:
@@ -187,6 +201,10 @@ class RedisStores(Stores):
         )
 
     @functools.cached_property
+    def session_registry(self) -> SessionRegistry:
+        return RedisSessionRegistry(self.connection.client, owns_client=False)
+
+    @functools.cached_property
     def keys(self) -> KeyStore | None:
         return RedisKeyStore(self.connection.client, owns_client=False)
 
@@ -231,6 +249,18 @@ async def check_reachable(stores: Stores, settings: ServeSettings) -> None:
         await stores.ping()
     except StoreUnavailable as exc:
         raise ConfigError(f"--redis-url {redacted_url(settings.redis_url)} is unreachable: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def open_redis(url: str) -> AsyncIterator[RedisClient]:
+    """A client of the Redis at ``url`` for an admin command (``spendgate migrate-keys``)."""
+    connection = RedisConnection(
+        url, timeout_seconds=_MIGRATE_TIMEOUT_MILLIS / 1000, pipelined=False, name="spendgate-migrate"
+    )
+    try:
+        yield connection.client
+    finally:
+        await connection.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ from spendgate_server.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     SpendgateError,
     StoreUnavailable,
 )
@@ -30,6 +31,27 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
+# The message and the BadRequest both travel in trailers. grpc clients start refusing
+# metadata past 8 KiB (the soft limit of grpc.max_metadata_size; some calls between 8 and
+# 16 KiB are refused at random), and the BadRequest goes base64-encoded: each is kept
+# under this many bytes so that both, encoded, stay well inside 8 KiB.
+MAX_ERROR_TEXT_BYTES = 2 * 1024
+
+
+def _bounded(exc: InvalidArgument) -> InvalidArgument:
+    """``exc`` with as many field violations as fit MAX_ERROR_TEXT_BYTES, the rest counted in a last one."""
+    kept: list[FieldViolation] = []
+    size = 0
+    for violation in exc.violations:
+        size += len(violation.field.encode()) + len(violation.description.encode()) + 4
+        if size > MAX_ERROR_TEXT_BYTES and kept:
+            rest = len(exc.violations) - len(kept)
+            kept.append(FieldViolation(violation.field, f"... and {rest} more problems (fix these first)"))
+            return InvalidArgument(kept)
+        kept.append(violation)
+    return exc
+
+
 def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (ErrorInfo, plus BadRequest for bad input) of ``exc``.
 
@@ -38,6 +60,7 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     details = []
     if isinstance(exc, InvalidArgument):
         code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+        exc = _bounded(exc)
         violations = [
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations
@@ -47,6 +70,10 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
         code, reason = grpc.StatusCode.FAILED_PRECONDITION, "ETAG_MISMATCH"
     elif isinstance(exc, NotFound):
         code, reason = grpc.StatusCode.NOT_FOUND, "NOT_FOUND"
+    elif isinstance(exc, ResourceExhausted):
+        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"
+        quota = error_details_pb2.QuotaFailure.Violation(subject=exc.quota, description=str(exc))
+        details.append(_packed(error_details_pb2.QuotaFailure(violations=[quota])))
     elif isinstance(exc, StoreUnavailable):
         code, reason = grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"
     else:

@@ -7,22 +7,17 @@ reaches the engine, so nothing changes.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import policy_pb2 as ppb
 
-from spendgate_server.engine.config import (
-    MAX_DEDUP_TTL_SECONDS,
-    MAX_SESSION_NANO_USD,
-    MAX_TOKEN_CEILING,
-    MAX_TOOL_CALLS,
-    BudgetMode,
-    EnforcementConfig,
-    ModelDowngrade,
-    Rule,
-)
+from spendgate_server.engine.config import EnforcementConfig, Rule
 from spendgate_server.engine.decide import Call, SettleCall
+from spendgate_server.engine.price_units import ANCESTORS, REGISTRY, USAGE_KEYS
 from spendgate_server.engine.pricing import Usage
+from spendgate_server.engine.rules import RULE_UNITS
 from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.policy.journal import CallContext
 from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies, check_policies
@@ -56,6 +51,9 @@ MAX_TOOL_CALLS_PER_REQUEST = 10_000
 # Journaled prompt text: the whole SettleRequest must stay under the server's 64 KiB message limit.
 MAX_PROMPT_TEXT_BYTES = 32 * 1024
 MAX_PATTERN_MATCHES = 100
+# Usage counts that are neither input nor output tokens (seconds, characters, web searches, ...).
+MAX_USAGE_COUNT = 1_000_000_000
+_SERVICE_TIER = re.compile(r"[A-Za-z0-9._-]{0,32}")
 MAX_PATTERN_OFFSET = 1 << 40
 
 BOUNDS = {
@@ -72,7 +70,19 @@ BOUNDS = {
     "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
     "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
     "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
+    "usage.counts": (
+        f"genai-prices usage keys to counts: input tokens 0-{MAX_INPUT_TOKENS}, output tokens "
+        f"0-{MAX_OUTPUT_TOKENS}, anything else 0-{MAX_USAGE_COUNT}; no part above its total"
+    ),
+    "usage.service_tier": "0-32 characters of [A-Za-z0-9._-]",
 }
+
+
+def _count_bound(key: str) -> int:
+    dimensions = REGISTRY.units[key].dimensions
+    if dimensions.get("family") != "tokens":
+        return MAX_USAGE_COUNT
+    return MAX_OUTPUT_TOKENS if dimensions.get("direction") == "output" else MAX_INPUT_TOKENS
 
 
 class _Checker:
@@ -87,6 +97,9 @@ class _Checker:
             return
         if not 1 <= len(value) <= 128 or not _NAME.fullmatch(value):
             self.bad(field, f"must be {bound or BOUNDS['session_id']}")
+
+    def model_name(self, field: str, value: str) -> None:
+        self.name(field, value, bound=BOUNDS["model"])
 
     def integer(self, field: str, value: int, low: int, high: int) -> None:
         if not low <= value <= high:
@@ -104,37 +117,12 @@ class _Checker:
 def config_from_proto(
     config: pb.EnforcementConfig, check: _Checker | None = None, prefix: str = "enforcement_config."
 ) -> EnforcementConfig:
-    """Validate a wire EnforcementConfig into the domain form."""
+    """Validate a wire EnforcementConfig into the domain form (each rule's unit checks its fields)."""
     own = check is None
     c = check or _Checker()
-
-    def opt(field: str, low: int, high: int) -> int | None:
-        if not config.HasField(field):  # type: ignore[arg-type]  # field names are checked by tests
-            return None
-        value: int = getattr(config, field)
-        c.integer(prefix + field, value, low, high)
-        return value
-
-    ceiling = opt("token_ceiling", 1, MAX_TOKEN_CEILING)
-    budget = opt("max_session_nano_usd", 0, MAX_SESSION_NANO_USD)
-    dedup = opt("dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS)
-    tools = opt("max_tool_calls", 0, MAX_TOOL_CALLS)
-    mode = BudgetMode.CROSSING
-    if config.budget_mode == pb.BUDGET_MODE_STRICT:
-        mode = BudgetMode.STRICT
-    elif config.budget_mode not in (pb.BUDGET_MODE_UNSPECIFIED, pb.BUDGET_MODE_CROSSING):
-        c.bad(prefix + "budget_mode", f"unknown BudgetMode value {config.budget_mode}")
-    downgrade = None
-    if config.HasField("model_downgrade"):
-        d = config.model_downgrade
-        c.integer(
-            prefix + "model_downgrade.threshold_nano_usd",
-            d.threshold_nano_usd,
-            0,
-            MAX_SESSION_NANO_USD,
-        )
-        c.name(prefix + "model_downgrade.fallback_model", d.fallback_model, bound=BOUNDS["model"])
-        downgrade = ModelDowngrade(d.threshold_nano_usd, d.fallback_model)
+    fields: dict[str, Any] = {}
+    for unit in RULE_UNITS:
+        fields.update(unit.from_wire(config, c, prefix))
     shadow: set[Rule] = set(Rule) if config.shadow else set()
     for i, value in enumerate(config.shadow_rules):
         if value in Rule._value2member_map_:
@@ -143,7 +131,7 @@ def config_from_proto(
             c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
     if own:
         c.raise_if_any()
-    return EnforcementConfig(ceiling, budget, mode, dedup, tools, downgrade, frozenset(shadow))
+    return EnforcementConfig(**fields, shadow_rules=frozenset(shadow))
 
 
 def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
@@ -198,6 +186,9 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
     for field in ("input_tokens", "cache_read_input_tokens", "cache_write_input_tokens"):
         c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
     c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
+    _usage_counts(c, u.counts)
+    if not _SERVICE_TIER.fullmatch(u.service_tier):
+        c.bad("usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
     if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
         c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
     context = _call_context(request, c)
@@ -207,10 +198,37 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         session_id=request.session_id,
         reservation_id=request.reservation_id,
         model=request.model,
-        usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
+        usage=Usage(
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens,
+            u.cache_write_input_tokens,
+            counts=dict(u.counts),
+            service_tier=u.service_tier,
+        ),
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
         context=context,
     )
+
+
+def _usage_counts(c: _Checker, counts: Mapping[str, int]) -> None:
+    """Check Usage.counts: known keys, bounded counts, and no part above a total it belongs to."""
+    if len(counts) > len(USAGE_KEYS):
+        c.bad("usage.counts", f"at most {len(USAGE_KEYS)} keys, one per genai-prices usage key")
+        return
+    for key, value in counts.items():
+        field = f"usage.counts[{key[:64]}]"
+        if key not in USAGE_KEYS:
+            c.bad(
+                field,
+                "not a genai-prices usage key (input_tokens, output_tokens, cache_read_tokens, "
+                "cache_write_tokens, cache_write_1h_tokens, input_audio_tokens, web_searches, ...)",
+            )
+            continue
+        c.integer(field, value, 0, _count_bound(key))
+        for total in sorted(ANCESTORS[key].intersection(counts)):
+            if counts[total] < value:
+                c.bad(field, f"{value} is more than {total} ({counts[total]}), which includes it")
 
 
 _VERDICT_NAMES = {
