@@ -7,8 +7,10 @@ multiprocess mode aggregates every worker in the supervisor's endpoint.
 
 from __future__ import annotations
 
+import threading
 import time
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from spendgate_server.engine.decide import Decision, Settlement, decision_id_time_ms
@@ -16,6 +18,8 @@ from spendgate_server.errors import ConfigError
 from spendgate_server.rule_codes import Rule
 
 __all__ = ["Metrics", "serve_metrics"]
+
+_log = structlog.get_logger("spendgate.metrics")
 
 # Decide takes ~0.5 ms end to end; buckets resolve 50 µs to 1 s.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0)
@@ -146,15 +150,31 @@ class Metrics:
             self.settles.labels("unknown").inc()
 
 
-def serve_metrics(port: int, host: str, registry: CollectorRegistry | None) -> None:
-    """Serve /metrics on ``host:port`` from a daemon thread.
+def serve_metrics(
+    port: int, host: str, registry: CollectorRegistry | None, *, required: bool = True
+) -> threading.Thread | None:
+    """Serve /metrics on ``host:port`` from a daemon thread; returns the thread (alive while it serves).
 
     ``registry`` None means the multiprocess view: the sum over every worker's files.
+    Without ``required`` (the port is the default one, not one the user named), a port
+    another process holds costs one warning and None is returned: a second server on the
+    host still serves, without metrics.
+
+    Raises:
+        ConfigError: the port cannot be bound and is ``required``.
     """
     if registry is None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     try:
-        start_http_server(port, addr=host, registry=registry)
+        _, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc
+        if required:
+            raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc
+        _log.warning(
+            "metrics_off",
+            detail=f"the default --metrics-port {port} is taken on {host} ({exc.strerror}): serving "
+            "without metrics; give --metrics-port a free port to have them",
+        )
+        return None
+    return thread

@@ -13,6 +13,8 @@ mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -61,11 +63,13 @@ __all__ = [
     "SETTLE",
     "STATE",
     "RedisClient",
+    "RedisConnection",
     "RedisStore",
     "ScriptSignature",
     "connect",
     "decide_args",
     "load_script",
+    "ping",
     "redis_call",
 ]
 
@@ -189,7 +193,9 @@ def decide_args(request: ReserveRequest) -> list[object]:
     return DECIDE.args(request)
 
 
-def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> RedisClient:
+def connect(
+    url: str, *, timeout_seconds: float, max_connections: int = 64, client_name: str | None = None
+) -> RedisClient:
     """A lazily connecting client for ``url``; nothing is contacted until the first call.
 
     ``redis://``, ``rediss://`` and ``unix://`` give one Redis. ``redis+cluster://`` and
@@ -202,6 +208,9 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
     pooled connections a restarted Redis has closed (every such connection would then
     fail one call) and may stretch timeouts to 10 s during a maintenance event.
 
+    ``client_name`` is set on every connection (``CLIENT SETNAME``), so ``CLIENT LIST``
+    on the Redis tells which process and which client holds it.
+
     Raises:
         ConfigError: the URL is malformed; the message names --redis-url.
     """
@@ -213,6 +222,8 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
         "retry": Retry(NoBackoff(), 0),
         "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
+    if client_name:
+        common["client_name"] = client_name
     scheme = url.partition("://")[0].lower()
     try:
         if scheme in CLUSTER_SCHEMES:
@@ -253,17 +264,93 @@ def _cluster(url: str, base_scheme: str, common: dict[str, Any]) -> RedisCluster
     return RedisCluster(startup_nodes=nodes, **options, **common)
 
 
+async def ping(client: RedisClient) -> None:
+    """Check that Redis answers; on a cluster, every primary (one missing cannot serve its slots).
+
+    Raises:
+        StoreUnavailable: it does not.
+    """
+    try:
+        if isinstance(client, RedisCluster):
+            await client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await client.ping()
+    except (RedisError, RedisClusterException) as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
 def _unavailable_reply(exc: ResponseError) -> bool:
     return isinstance(exc, _OUTAGE_REPLIES) or str(exc).startswith(_OUTAGE_PREFIXES)
+
+
+# Numbers the clients a process makes, so CLIENT LIST can tell two clients of one process apart.
+_CLIENT_NUMBERS = itertools.count(1)
+
+
+class RedisConnection:
+    """One process's client of Redis: the redis-py client (one pool) that every store of the
+    process shares, and the pipelined hot-path connection (pipeline.py), owned by this object.
+
+    Args:
+        url: as for :func:`connect`.
+        timeout_seconds: bound on connecting and on every command.
+        pipelined: with a plain ``redis://`` URL, Decide/Settle scripts go over one pipelined
+            connection; other URLs, and every other command, use the pool.
+        name: what the process is (``spendgate-serve``); its process id and the client's
+            number in the process follow, so ``CLIENT LIST`` attributes every connection.
+        max_connections: bound of the pool, shared by every store of the process.
+
+    Raises:
+        ConfigError: the URL is malformed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_seconds: float,
+        pipelined: bool = True,
+        name: str = "spendgate",
+        max_connections: int = 64,
+    ) -> None:
+        self.name = f"{name}-{os.getpid()}-{next(_CLIENT_NUMBERS)}"
+        self.client = connect(
+            url, timeout_seconds=timeout_seconds, max_connections=max_connections, client_name=self.name
+        )
+        self.hot_path: PipelinedRedis | None = None
+        if pipelined and url.partition("://")[0].lower() == "redis":
+            options = parse_url(url)
+            self.hot_path = PipelinedRedis(
+                options.get("host", "localhost"),
+                int(options.get("port", 6379)),
+                int(options.get("db", 0)),
+                username=options.get("username"),
+                password=options.get("password"),
+                timeout_seconds=timeout_seconds,
+                client_name=f"{self.name}-hot",
+            )
+
+    async def aclose(self) -> None:
+        """Close the hot-path connection and the pool."""
+        if self.hot_path is not None:
+            await self.hot_path.close()
+        await self.client.aclose()
 
 
 class RedisStore(Store):
     """Shared state in Redis or Redis Cluster (or anything speaking the protocol with Lua)."""
 
     def __init__(
-        self, client: RedisClient, key_prefix: str = "sg", hot_path: PipelinedRedis | None = None
+        self,
+        client: RedisClient,
+        key_prefix: str = "sg",
+        hot_path: PipelinedRedis | None = None,
+        *,
+        owns_client: bool = True,
     ) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._prefix = key_prefix
         # When given, Decide/Settle scripts go over this pipelined connection (pipeline.py).
         self._hot_path = hot_path
@@ -278,24 +365,15 @@ class RedisStore(Store):
     def from_url(
         cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64, pipelined: bool = True
     ) -> RedisStore:
-        """Connect lazily to ``url`` (see :func:`connect`) with short timeouts and no retries.
+        """A store with a client of its own (see :class:`RedisConnection`), closed with it.
 
         With ``pipelined`` and a plain ``redis://`` URL, the scripts run over one shared
         pipelined connection (pipeline.py); other URLs, and pings, use redis-py.
         """
-        client = connect(url, timeout_seconds=timeout_seconds, max_connections=max_connections)
-        hot_path = None
-        if pipelined and url.partition("://")[0].lower() == "redis":
-            options = parse_url(url)
-            hot_path = PipelinedRedis(
-                options.get("host", "localhost"),
-                int(options.get("port", 6379)),
-                int(options.get("db", 0)),
-                username=options.get("username"),
-                password=options.get("password"),
-                timeout_seconds=timeout_seconds,
-            )
-        return cls(client, hot_path=hot_path)
+        connection = RedisConnection(
+            url, timeout_seconds=timeout_seconds, pipelined=pipelined, max_connections=max_connections
+        )
+        return cls(connection.client, hot_path=connection.hot_path)
 
     @property
     def client(self) -> RedisClient:
@@ -345,16 +423,11 @@ class RedisStore(Store):
         return SessionState(spent, reserved, tools, open_count)
 
     async def ping(self) -> None:
-        try:
-            if isinstance(self._client, RedisCluster):
-                # Every primary: a cluster missing one cannot serve that part of the sessions.
-                await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
-            else:
-                await self._client.ping()
-        except (RedisError, RedisClusterException) as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        await ping(self._client)
 
     async def close(self) -> None:
+        if not self._owns_client:
+            return
         if self._hot_path is not None:
             await self._hot_path.close()
         await self._client.aclose()
