@@ -28,7 +28,7 @@ POLL_SECONDS = 20.0
 
 
 def readme_block(heading: str) -> list[str]:
-    """The commands of the first ```sh block after ``heading`` in the README (attributes may follow ``sh``)."""
+    """The commands of the first ```sh block (attributes may follow ``sh``) after ``heading``."""
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```sh[^\n]*\n(.*?)```", text[text.index(heading) :], re.DOTALL)
     assert block is not None, heading
