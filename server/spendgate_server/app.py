@@ -245,7 +245,9 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         allow_open_mode=is_loopback(settings.host) or settings.insecure,
         reload_seconds=settings.key_reload_seconds,
         failures=metrics.auth_failures,
+        keys_missing=metrics.auth_keys_missing,
     )
+    # The first load decides, once, whether this server runs open (rpc/auth.py).
     await authenticator.load()
     check_exposure(settings.host, authenticator.has_keys, settings.insecure)
     if authenticator.open_mode:

@@ -69,6 +69,12 @@ class Metrics:
         self.auth_failures = Counter(
             "spendgate_auth_failures", "Calls refused by authentication, by reason.", ["reason"], registry=r
         )
+        self.auth_keys_missing = Gauge(
+            "spendgate_auth_keys_missing",
+            "1 while a server that started with API keys finds none (every call refused).",
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
         self.settle_lag = Histogram(
