@@ -19,7 +19,8 @@ from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
-from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.documents import parse_document
+from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
 from spendgate_server.settings import add_serve_arguments, settings_from_args
 
 __all__ = ["main"]
@@ -91,11 +92,11 @@ def _client_config(text: str) -> pb.EnforcementConfig | None:
     from spendgate_server.engine.config import parse_enforcement_config
     from spendgate_server.rpc.wire import config_to_proto
 
+    raw = parse_document(text, "--config", json_only=True)
     try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--config is not valid JSON: {exc}") from exc
-    return config_to_proto(parse_enforcement_config(raw, prefix="--config "))
+        return config_to_proto(parse_enforcement_config(raw, prefix="--config "))
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _fingerprint(args: argparse.Namespace) -> bytes:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
@@ -258,22 +256,17 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
     Raises:
         ConfigError: naming the file and the bad key.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from exc
-    try:
-        raw: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--config: {path} is not valid YAML/JSON: {exc}") from exc
-    raw = raw or {}
+    raw: Any = read_document(path, f"--config {path}") or {}
     if not isinstance(raw, dict) or not set(raw) <= {"enforcement", "prices"}:
         raise ConfigError(f"--config: {path} must be a mapping with keys 'enforcement' and/or 'prices'")
     try:
         config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
     except InvalidArgument as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
-    prices = parse_price_overrides(raw.get("prices") or {})
+    prices_raw = raw.get("prices") or {}
+    if not isinstance(prices_raw, dict):
+        raise ConfigError(f"--config: {path}: prices must be a mapping of model names")
+    prices = parse_price_overrides(prices_raw)
     return config, prices
 
 

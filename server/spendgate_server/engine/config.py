@@ -166,13 +166,23 @@ def parse_enforcement_config(raw: Mapping[str, Any], prefix: str = "") -> Enforc
         if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
             bad(key, f"must be a number of US dollars, got {type(value).__name__}")
             return None
+        bound = f"must be between 0 and {MAX_SESSION_NANO_USD // NANO_PER_USD}"
         try:
-            nano = usd_to_nano(Decimal(str(value)))
-        except (InvalidOperation, ValueError):
-            bad(key, f"must be a number of US dollars, got {value!r}")
+            amount = Decimal(str(value))
+        except InvalidOperation:
+            bad(key, f"must be a number of US dollars, got {str(value)[:64]!r}")
             return None
+        if not amount.is_finite():
+            bad(key, f"{bound}, got {value}")
+            return None
+        try:
+            nano = usd_to_nano(amount)
+        except ValueError:
+            # Far out of range (1e999999): the amount is not echoed, it may be thousands of digits.
+            nano = -1
         if not 0 <= nano <= MAX_SESSION_NANO_USD:
-            bad(key, f"must be between 0 and {MAX_SESSION_NANO_USD // NANO_PER_USD}, got {value}")
+            shown = f", got {value}" if nano >= 0 or len(str(value)) <= 32 else ""
+            bad(key, f"{bound}{shown}")
             return None
         return nano
 
@@ -202,7 +212,9 @@ def parse_enforcement_config(raw: Mapping[str, Any], prefix: str = "") -> Enforc
     raw_shadow = raw.get("shadow")
     if raw_shadow is True:
         shadow = frozenset(Rule)
-    elif isinstance(raw_shadow, list | tuple) and all(r in _RULES_BY_KEY for r in raw_shadow):
+    elif isinstance(raw_shadow, list | tuple) and all(
+        isinstance(r, str) and r in _RULES_BY_KEY for r in raw_shadow
+    ):
         shadow = frozenset(_RULES_BY_KEY[r] for r in raw_shadow)
     elif raw_shadow not in (None, False):
         bad("shadow", f"must be true, false or a list of rule keys from: {', '.join(_RULES_BY_KEY)}")

@@ -22,6 +22,17 @@ from spendgate_server.store.configs import ConfigConflict
 __all__ = ["DOMAIN", "DecodeErrorInterceptor", "abort", "rpc_status"]
 
 DOMAIN = "spendgate.dev"
+# Error details are bounded whatever the input: a request with thousands of bad entries gets
+# the first few named and a count of the rest, never a trailer a client cannot read (gRPC's
+# default limit on received metadata is 8 KiB).
+MAX_FIELD_VIOLATIONS = 10
+MAX_FIELD_CHARS = 96
+MAX_DESCRIPTION_CHARS = 160
+MAX_MESSAGE_CHARS = 512
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -34,15 +45,26 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (ErrorInfo, plus BadRequest for bad input) of ``exc``.
 
     Errors we did not raise on purpose become INTERNAL without their text, which may hold secrets.
+    The details are bounded (MAX_FIELD_VIOLATIONS violations, clipped texts, a message of at
+    most MAX_MESSAGE_CHARS), so an error stays a few KiB whatever the request held.
     """
     details = []
+    message = str(exc) if isinstance(exc, SpendgateError) else "internal error; see server logs"
     if isinstance(exc, InvalidArgument):
         code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+        shown = [
+            (_clip(v.field, MAX_FIELD_CHARS), _clip(v.description, MAX_DESCRIPTION_CHARS))
+            for v in exc.violations[:MAX_FIELD_VIOLATIONS]
+        ]
         violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in shown
         ]
         details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
+        hidden = len(exc.violations) - len(shown)
+        more = f"; and {hidden} more invalid field{'s' if hidden > 1 else ''}" if hidden else ""
+        named = "; ".join(f"{field}: {description}" for field, description in shown)
+        message = _clip(named, MAX_MESSAGE_CHARS - len(more)) + more
     elif isinstance(exc, ConfigConflict):
         code, reason = grpc.StatusCode.FAILED_PRECONDITION, "ETAG_MISMATCH"
     elif isinstance(exc, NotFound):
@@ -51,7 +73,7 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
         code, reason = grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"
     else:
         code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-    message = str(exc) if isinstance(exc, SpendgateError) else "internal error; see server logs"
+    message = _clip(message, MAX_MESSAGE_CHARS)
     details.insert(0, _packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
     return code, status_pb2.Status(code=code.value[0], message=message, details=details)
 
