@@ -23,7 +23,9 @@ from spendgate_client._client import (
     Decision,
     DecisionClient,
     FailMode,
+    JournalContext,
     Settlement,
+    Usage,
     tls_credentials,
 )
 from spendgate_client._config import CONFIG_KEYS, enforcement_config_to_proto
@@ -64,6 +66,7 @@ __all__ = [
     "EnforcementError",
     "FailMode",
     "InvalidRequest",
+    "JournalContext",
     "JournaledAnthropic",
     "JournaledOpenAI",
     "SessionBudgetExceeded",
@@ -72,6 +75,7 @@ __all__ = [
     "SpendgateUnavailable",
     "TokenCeilingExceeded",
     "ToolCallLimitExceeded",
+    "Usage",
     "enforcement_config_to_proto",
     "key_fingerprint",
     "tls_credentials",

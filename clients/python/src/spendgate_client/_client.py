@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
 import grpc
@@ -35,7 +35,9 @@ __all__ = [
     "Decision",
     "DecisionClient",
     "FailMode",
+    "JournalContext",
     "Settlement",
+    "Usage",
     "tls_credentials",
 ]
 
@@ -123,6 +125,124 @@ class Settlement:
     cost_nano_usd: int
     session_spend_nano_usd: int
     already_settled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the provider billed for one call, as it travels from the wrapper to Settle.
+
+    Attributes:
+        input_tokens: uncached input tokens (cache reads and writes excluded).
+        output_tokens: output tokens (reasoning included).
+        cache_read_input_tokens: input tokens read from the prompt cache.
+        cache_write_input_tokens: input tokens written to the prompt cache.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+
+    def to_proto(self) -> pb.Usage:
+        """The wire message."""
+        return pb.Usage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens,
+            cache_write_input_tokens=self.cache_write_input_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JournalContext:
+    """What a Settle tells the journal and the org-wide policies about its call (all optional).
+
+    Attributes:
+        requested_model: the model the caller asked for, before any downgrade.
+        verdict: the verdict of the call's decision: ``"allow"`` or ``"allow_downgraded"``.
+        project: the project the call belongs to.
+        key_fingerprint: :func:`spendgate_client.key_fingerprint` of the provider key (never the key).
+        key_label: a name for the provider key (env ``SPENDGATE_KEY_LABEL``).
+        environment: where the client runs (env ``SPENDGATE_ENVIRONMENT``).
+        prompt_text: the prompt, only when the tenant journals prompts (at most 32 KiB).
+        prompt_truncated: ``prompt_text`` was cut to fit.
+        pattern_set_version: the banned-pattern set ``pattern_matches`` was matched with.
+        pattern_matches: the banned patterns matched locally, as (pattern id, offset) pairs.
+
+    Raises:
+        ValueError: ``verdict`` is not one of the above.
+    """
+
+    requested_model: str = ""
+    verdict: str = ""
+    project: str = ""
+    key_fingerprint: str = ""
+    key_label: str = ""
+    environment: str = ""
+    prompt_text: str = ""
+    prompt_truncated: bool = False
+    pattern_set_version: int = 0
+    pattern_matches: Sequence[tuple[str, int]] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.verdict not in _SETTLE_VERDICTS:
+            raise ValueError(f"verdict must be 'allow' or 'allow_downgraded', got {self.verdict!r}")
+
+    def fill(self, request: pb.SettleRequest) -> None:
+        """Write these fields into ``request``."""
+        request.requested_model = self.requested_model
+        request.verdict = _SETTLE_VERDICTS[self.verdict]
+        request.project = self.project
+        request.key_fingerprint = self.key_fingerprint
+        request.key_label = self.key_label
+        request.environment = self.environment
+        request.prompt_text = self.prompt_text
+        request.prompt_truncated = self.prompt_truncated
+        request.pattern_set_version = self.pattern_set_version
+        request.pattern_matches.extend(
+            pb.PatternMatch(pattern_id=pid, offset=offset) for pid, offset in self.pattern_matches
+        )
+
+
+_USAGE_FIELDS = frozenset(f.name for f in fields(Usage))
+_JOURNAL_FIELDS = frozenset(f.name for f in fields(JournalContext))
+
+
+def _settle_request(
+    session_id: str,
+    reservation_id: str,
+    model: str,
+    usage: Usage | None,
+    provider_ok: bool,
+    journal: JournalContext | None,
+    keywords: Mapping[str, Any],
+) -> pb.SettleRequest:
+    """The SettleRequest; ``keywords`` are Usage and JournalContext fields given one by one."""
+    unknown = set(keywords) - _USAGE_FIELDS - _JOURNAL_FIELDS
+    if unknown:
+        raise TypeError(f"settle() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    by_usage = {k: v for k, v in keywords.items() if k in _USAGE_FIELDS}
+    by_journal = {k: v for k, v in keywords.items() if k in _JOURNAL_FIELDS}
+    if by_usage:
+        usage = replace(usage or Usage(), **by_usage)
+    if by_journal:
+        journal = replace(journal or JournalContext(), **by_journal)
+    request = pb.SettleRequest(
+        session_id=session_id,
+        reservation_id=reservation_id,
+        model=model,
+        usage=(usage or Usage()).to_proto(),
+        outcome=pb.PROVIDER_OUTCOME_OK if provider_ok else pb.PROVIDER_OUTCOME_ERROR,
+    )
+    if journal is not None:
+        journal.fill(request)
+    return request
+
+
+def _settlement(response: pb.SettleResponse) -> Settlement:
+    return Settlement(
+        response.actual_cost_nano_usd, response.session_spend_nano_usd, response.already_settled
+    )
 
 
 class ClientStats:
@@ -289,45 +409,22 @@ class _Base:
         _log.warning("spendgate unreachable (%s); fail_mode='open' allows the call", code.name)
         return _fail_open_decision(model, f"fail open: spendgate {code.name}")
 
-    @staticmethod
-    def _settle_request(
-        session_id: str,
-        reservation_id: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cache_read_input_tokens: int,
-        cache_write_input_tokens: int,
-        provider_ok: bool,
-        context: Mapping[str, Any],
-    ) -> pb.SettleRequest:
-        if context.get("verdict", "") not in _SETTLE_VERDICTS:
-            raise ValueError(f"verdict must be 'allow' or 'allow_downgraded', got {context['verdict']!r}")
-        return pb.SettleRequest(
-            session_id=session_id,
-            reservation_id=reservation_id,
-            model=model,
-            usage=pb.Usage(
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cache_read_input_tokens=cache_read_input_tokens,
-                cache_write_input_tokens=cache_write_input_tokens,
-            ),
-            outcome=pb.PROVIDER_OUTCOME_OK if provider_ok else pb.PROVIDER_OUTCOME_ERROR,
-            requested_model=context.get("requested_model", ""),
-            verdict=_SETTLE_VERDICTS[context.get("verdict", "")],
-            project=context.get("project", ""),
-            key_fingerprint=context.get("key_fingerprint", ""),
-            key_label=context.get("key_label", ""),
-            environment=context.get("environment", ""),
-            prompt_text=context.get("prompt_text", ""),
-            prompt_truncated=context.get("prompt_truncated", False),
-            pattern_set_version=context.get("pattern_set_version", 0),
-            pattern_matches=[
-                pb.PatternMatch(pattern_id=pid, offset=offset)
-                for pid, offset in context.get("pattern_matches", ())
-            ],
-        )
+    def _settle_backoff(self, error: grpc.RpcError, attempt: int) -> float:
+        """Seconds to wait before the next try of a Settle that failed with ``error``.
+
+        Raises:
+            SpendgateError: the service refused the Settle (not an outage): never retried.
+        """
+        if error.code() not in _OUTAGE_CODES:
+            raise _caller_error(error) from error
+        if attempt + 1 < _SETTLE_ATTEMPTS:
+            self.stats.add("settle_retries")
+            return 0.05 * float(2**attempt)
+        return 0.0
+
+    def _settle_lost(self, reservation_id: str) -> None:
+        self.stats.add("settle_failures")
+        _log.warning("spendgate settle of %s failed; it will count at its estimate", reservation_id)
 
 
 class DecisionClient(_Base):
@@ -378,8 +475,6 @@ class DecisionClient(_Base):
 
         ``project`` names the project whose server-side rules apply on top of the tenant's.
 
-        ``project`` names the project whose server-side rules apply on top of the tenant's.
-
         Raises:
             SpendgateUnavailable: the service is unreachable or late and fail_mode is closed.
             InvalidRequest: the request is malformed (names the field).
@@ -409,81 +504,38 @@ class DecisionClient(_Base):
         session_id: str,
         reservation_id: str,
         model: str,
+        usage: Usage | None = None,
         *,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cache_read_input_tokens: int = 0,
-        cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
-        requested_model: str = "",
-        verdict: str = "",
-        project: str = "",
-        key_fingerprint: str = "",
-        key_label: str = "",
-        environment: str = "",
-        prompt_text: str = "",
-        prompt_truncated: bool = False,
-        pattern_set_version: int = 0,
-        pattern_matches: Sequence[tuple[str, int]] = (),
+        journal: JournalContext | None = None,
+        **keywords: Any,
     ) -> Settlement | None:
         """Report a call's real usage. Retried (it is idempotent); never raises on an outage.
 
         Returns None when the service stayed unreachable: the reservation then expires
         and is counted at its estimate, which errs on the side of the budget.
 
-        The keyword arguments after ``provider_ok`` describe the call for the journal
-        and the org-wide policies (all optional): ``requested_model`` (before any
-        downgrade), ``verdict`` of its decision (``"allow"`` or ``"allow_downgraded"``),
-        ``project``, ``key_fingerprint`` (:func:`spendgate_client.key_fingerprint` of
-        the provider key: never the key), ``key_label``, ``environment`` (e.g. env
-        ``SPENDGATE_ENVIRONMENT``), ``prompt_text`` (only when the tenant journals
-        prompts; at most 32 KiB) with ``prompt_truncated``, and the banned patterns
-        matched locally: ``pattern_matches`` as (pattern id, offset) pairs under
-        ``pattern_set_version``.
+        ``usage`` is what the provider billed (nothing when omitted); ``provider_ok=False``
+        says the provider refused the call, which releases the reservation. ``journal``
+        describes the call for the journal and the org-wide policies. Any field of
+        :class:`Usage` or :class:`JournalContext` may also be given as a keyword
+        (``settle(s, r, m, input_tokens=1000, output_tokens=50)``); it overrides the
+        same field of ``usage`` or ``journal``.
 
         Raises:
             InvalidRequest: the reservation is unknown or a field is malformed.
-            ValueError: ``verdict`` is not one of the above.
+            ValueError: ``verdict`` is not ``"allow"`` or ``"allow_downgraded"``.
+            TypeError: a keyword that is no field of Usage or JournalContext.
         """
-        request = self._settle_request(
-            session_id,
-            reservation_id,
-            model,
-            input_tokens,
-            output_tokens,
-            cache_read_input_tokens,
-            cache_write_input_tokens,
-            provider_ok,
-            {
-                "requested_model": requested_model,
-                "verdict": verdict,
-                "project": project,
-                "key_fingerprint": key_fingerprint,
-                "key_label": key_label,
-                "environment": environment,
-                "prompt_text": prompt_text,
-                "prompt_truncated": prompt_truncated,
-                "pattern_set_version": pattern_set_version,
-                "pattern_matches": pattern_matches,
-            },
-        )
+        request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 response = self._stub.Settle(request, timeout=self.timeout * 4, metadata=self._metadata)
             except grpc.RpcError as error:
-                if error.code() not in _OUTAGE_CODES:
-                    raise _caller_error(error) from error
-                if attempt + 1 < _SETTLE_ATTEMPTS:
-                    self.stats.add("settle_retries")
-                    time.sleep(0.05 * 2**attempt)
+                time.sleep(self._settle_backoff(error, attempt))
                 continue
-            return Settlement(
-                response.actual_cost_nano_usd,
-                response.session_spend_nano_usd,
-                response.already_settled,
-            )
-        self.stats.add("settle_failures")
-        _log.warning("spendgate settle of %s failed; it will count at its estimate", reservation_id)
+            return _settlement(response)
+        self._settle_lost(reservation_id)
         return None
 
     def close(self) -> None:
@@ -567,65 +619,24 @@ class AsyncDecisionClient(_Base):
         session_id: str,
         reservation_id: str,
         model: str,
+        usage: Usage | None = None,
         *,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cache_read_input_tokens: int = 0,
-        cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
-        requested_model: str = "",
-        verdict: str = "",
-        project: str = "",
-        key_fingerprint: str = "",
-        key_label: str = "",
-        environment: str = "",
-        prompt_text: str = "",
-        prompt_truncated: bool = False,
-        pattern_set_version: int = 0,
-        pattern_matches: Sequence[tuple[str, int]] = (),
+        journal: JournalContext | None = None,
+        **keywords: Any,
     ) -> Settlement | None:
         """See DecisionClient.settle."""
-        request = self._settle_request(
-            session_id,
-            reservation_id,
-            model,
-            input_tokens,
-            output_tokens,
-            cache_read_input_tokens,
-            cache_write_input_tokens,
-            provider_ok,
-            {
-                "requested_model": requested_model,
-                "verdict": verdict,
-                "project": project,
-                "key_fingerprint": key_fingerprint,
-                "key_label": key_label,
-                "environment": environment,
-                "prompt_text": prompt_text,
-                "prompt_truncated": prompt_truncated,
-                "pattern_set_version": pattern_set_version,
-                "pattern_matches": pattern_matches,
-            },
-        )
+        request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 response = await self._get_stub().Settle(
                     request, timeout=self.timeout * 4, metadata=self._metadata
                 )
             except grpc.RpcError as error:
-                if error.code() not in _OUTAGE_CODES:
-                    raise _caller_error(error) from error
-                if attempt + 1 < _SETTLE_ATTEMPTS:
-                    self.stats.add("settle_retries")
-                    await asyncio.sleep(0.05 * 2**attempt)
+                await asyncio.sleep(self._settle_backoff(error, attempt))
                 continue
-            return Settlement(
-                response.actual_cost_nano_usd,
-                response.session_spend_nano_usd,
-                response.already_settled,
-            )
-        self.stats.add("settle_failures")
-        _log.warning("spendgate settle of %s failed; it will count at its estimate", reservation_id)
+            return _settlement(response)
+        self._settle_lost(reservation_id)
         return None
 
     async def close(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from spendgate.v1 import decision_pb2 as pb
 
-from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode
+from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode, Usage
 from spendgate_client._config import enforcement_config_to_proto
 from spendgate_client._estimate import PreparedRequest
 from spendgate_client._policy import CallJournal, JournalSettings, PatternMatcher, prompt_text
@@ -39,7 +39,6 @@ __all__ = [
     "StreamUsage",
     "SyncStreamProxy",
     "Ticket",
-    "UsageReport",
     "acall_gated",
     "call_gated",
 ]
@@ -51,16 +50,6 @@ DEFAULT_DECIDE_TIMEOUT = 0.25
 # so a typo fails at construction rather than on the first call.
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-@dataclass(frozen=True, slots=True)
-class UsageReport:
-    """Billed tokens of one call; ``input_tokens`` excludes cache reads and writes."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_write_input_tokens: int = 0
 
 
 class Gate:
@@ -239,17 +228,14 @@ class Ticket:
             self._done = True
             return True
 
-    def settle(self, usage: UsageReport, model: str | None = None) -> None:
+    def settle(self, usage: Usage, model: str | None = None) -> None:
         """Queue the settle of ``usage`` billed on ``model`` (default: the effective model)."""
         if self._claim():
             self._gate.settler.submit(
                 self._gate.session_id,
                 self.decision.reservation_id,
                 model or self.model,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cache_read_input_tokens=usage.cache_read_input_tokens,
-                cache_write_input_tokens=usage.cache_write_input_tokens,
+                usage,
                 journal=self.journal,
             )
 
@@ -277,43 +263,25 @@ class Ticket:
 class StreamUsage:
     """Usage reported so far by a streamed call; settles what was reported when the stream ends.
 
-    The provider modules feed it the usage of each event (fields left None are
-    unchanged). Ending — exhausted, closed, abandoned or failed — settles once;
-    a stream that reported nothing leaves its reservation to expire.
+    The provider modules :meth:`record` the usage each event reports. Ending —
+    exhausted, closed, abandoned or failed — settles once; a stream that reported
+    nothing leaves its reservation to expire.
     """
 
-    __slots__ = ("_cache_read", "_cache_write", "_input", "_output", "_seen", "ticket")
+    __slots__ = ("current", "ticket")
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
-        self._seen = False
-        self._input = self._output = self._cache_read = self._cache_write = 0
+        self.current: Usage | None = None
 
-    def update(
-        self,
-        *,
-        input_tokens: int | None = None,
-        output_tokens: int | None = None,
-        cache_read_input_tokens: int | None = None,
-        cache_write_input_tokens: int | None = None,
-    ) -> None:
-        """Record usage from one event (cumulative values replace earlier ones)."""
-        self._seen = True
-        if input_tokens is not None:
-            self._input = input_tokens
-        if output_tokens is not None:
-            self._output = output_tokens
-        if cache_read_input_tokens is not None:
-            self._cache_read = cache_read_input_tokens
-        if cache_write_input_tokens is not None:
-            self._cache_write = cache_write_input_tokens
+    def record(self, usage: Usage) -> None:
+        """Record the usage reported so far (cumulative: it replaces what was recorded)."""
+        self.current = usage
 
     def end(self, why: str) -> None:
         """Settle what was reported, or leave the reservation when nothing was."""
-        if self._seen:
-            self.ticket.settle(
-                UsageReport(self._input, self._output, self._cache_read, self._cache_write),
-            )
+        if self.current is not None:
+            self.ticket.settle(self.current)
         else:
             self.ticket.abandon(f"stream {why} before reporting usage")
 
@@ -433,7 +401,7 @@ class Route:
     """
 
     prepare: Callable[[Mapping[str, Any]], tuple[PreparedRequest, Observer]]
-    usage_of: Callable[[Any], UsageReport | None]
+    usage_of: Callable[[Any], Usage | None]
 
 
 @dataclass(frozen=True, slots=True)

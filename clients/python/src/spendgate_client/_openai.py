@@ -27,41 +27,28 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
-import grpc
 import openai
 
-from spendgate_client._client import FailMode
+from spendgate_client._client import Usage
 from spendgate_client._estimate import PreparedRequest, prepare_openai_chat, prepare_openai_responses
-from spendgate_client._gate import (
-    DEFAULT_DECIDE_TIMEOUT,
-    AsyncStreamProxy,
-    Gate,
-    Observer,
-    Provider,
-    Route,
-    StreamUsage,
-    SyncStreamProxy,
-    UsageReport,
-    acall_gated,
-    call_gated,
-)
-from spendgate_client._settler import EXIT_FLUSH_SECONDS
+from spendgate_client._gate import AsyncStreamProxy, Observer, Provider, Route, StreamUsage, SyncStreamProxy
+from spendgate_client._wrapper import AsyncGatedClient, SyncGatedClient
 
 __all__ = ["AsyncJournaledOpenAI", "JournaledOpenAI"]
 
 _RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-def _split_cached(prompt_tokens: int, details: Any, output_tokens: int) -> UsageReport:
+def _split_cached(prompt_tokens: int, details: Any, output_tokens: int) -> Usage:
     cached = getattr(details, "cached_tokens", 0) or 0
-    return UsageReport(
+    return Usage(
         input_tokens=max(0, prompt_tokens - cached),
         output_tokens=output_tokens,
         cache_read_input_tokens=cached,
     )
 
 
-def _chat_usage(usage: Any) -> UsageReport | None:
+def _chat_usage(usage: Any) -> Usage | None:
     if usage is None:
         return None
     return _split_cached(
@@ -71,7 +58,7 @@ def _chat_usage(usage: Any) -> UsageReport | None:
     )
 
 
-def _responses_usage(usage: Any) -> UsageReport | None:
+def _responses_usage(usage: Any) -> Usage | None:
     if usage is None:
         return None
     return _split_cached(
@@ -81,14 +68,9 @@ def _responses_usage(usage: Any) -> UsageReport | None:
     )
 
 
-def _record(usage: StreamUsage, report: UsageReport | None) -> None:
+def _record(usage: StreamUsage, report: Usage | None) -> None:
     if report is not None:
-        usage.update(
-            input_tokens=report.input_tokens,
-            output_tokens=report.output_tokens,
-            cache_read_input_tokens=report.cache_read_input_tokens,
-            cache_write_input_tokens=report.cache_write_input_tokens,
-        )
+        usage.record(report)
 
 
 def _observe_chat(chunk: Any, usage: StreamUsage) -> bool:
@@ -149,7 +131,7 @@ _PROVIDER: Final = Provider(
 )
 
 
-class JournaledOpenAI(openai.OpenAI):
+class JournaledOpenAI(SyncGatedClient, openai.OpenAI):
     """``openai.OpenAI`` that asks spendgate before every chat completion or response and settles after.
 
     Example::
@@ -160,186 +142,24 @@ class JournaledOpenAI(openai.OpenAI):
 
     When the request sets no output cap (``max_completion_tokens``, ``max_tokens``
     or ``max_output_tokens``) the reservation assumes 16,384 output tokens per choice.
-
-    Args:
-        session_id: the agent session; budgets, tool counts and dedup are per session.
-        enforcement_config: client-side rules (``token_ceiling``, ``max_session_usd``,
-            ``dedup_ttl_seconds``, ``max_tool_calls``, ``model_downgrade``,
-            ``budget_mode``, ``shadow``); they can only tighten the server's.
-        spendgate_target: ``host:port`` of spendgate; default env ``SPENDGATE_TARGET``,
-            else ``127.0.0.1:50051``.
-        spendgate_api_key: spendgate API key; default env ``SPENDGATE_API_KEY``.
-        fail_mode: ``"open"`` lets calls through when spendgate is unreachable;
-            ``"closed"`` raises ``SpendgateUnavailable``.
-        decide_timeout: deadline of each Decide, in seconds.
-        spendgate_project: project whose server-side rules apply on top of the tenant's;
-            default env ``SPENDGATE_PROJECT``.
-        spendgate_credentials: TLS credentials for spendgate (``tls_credentials(...)``).
-        **kwargs: passed unchanged to ``openai.OpenAI`` (``api_key``, ``base_url``,
-            ``timeout``, ``max_retries``, …).
+    The spendgate arguments are those of :class:`~spendgate_client._wrapper.GatedClient`
+    (``session_id``, ``enforcement_config``, ``spendgate_target``,
+    ``spendgate_api_key``, ``fail_mode``, ``decide_timeout``, ``spendgate_project``,
+    ``spendgate_credentials``); every other argument goes to ``openai.OpenAI``.
 
     Raises:
         ValueError: an unknown ``enforcement_config`` key or a wrong value type
             (naming the key), a bad ``session_id``, ``fail_mode`` or ``decide_timeout``.
     """
 
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        enforcement_config: Mapping[str, Any] | None = None,
-        spendgate_target: str | None = None,
-        spendgate_api_key: str | None = None,
-        fail_mode: FailMode = "open",
-        decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
-        spendgate_project: str | None = None,
-        spendgate_credentials: grpc.ChannelCredentials | None = None,
-        _spendgate_gate: Gate | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # Checked before the HTTP client exists, so a bad config leaks nothing.
-        gate = _spendgate_gate or Gate(
-            session_id=session_id,
-            enforcement_config=enforcement_config,
-            spendgate_target=spendgate_target,
-            spendgate_api_key=spendgate_api_key,
-            fail_mode=fail_mode,
-            decide_timeout=decide_timeout,
-            asynchronous=False,
-            spendgate_project=spendgate_project,
-            spendgate_credentials=spendgate_credentials,
-        )
-        try:
-            super().__init__(**kwargs)
-        except BaseException:
-            if _spendgate_gate is None:
-                gate.close(0)
-            raise
-        self._spendgate_gate = gate
-        self._spendgate_owner = _spendgate_gate is None
-
-    @property
-    def spendgate_session_id(self) -> str:
-        """The session this client's calls are counted in."""
-        return self._spendgate_gate.session_id
-
-    def spendgate_flush(self, timeout: float | None = None) -> bool:
-        """Wait until every settle queued so far is sent; True if done within ``timeout`` seconds."""
-        return self._spendgate_gate.flush(timeout)
-
-    def post(self, path: str, *, body: Any = None, **kwargs: Any) -> Any:
-        """The SDK's ``post``, with chat completions and responses decided before and settled after."""
-        route = _PROVIDER.routes.get(path)
-        if route is None or not isinstance(body, Mapping):
-            return super().post(path, body=body, **kwargs)
-        return call_gated(
-            self._spendgate_gate,
-            _PROVIDER,
-            route,
-            body,
-            lambda gated: super(JournaledOpenAI, self).post(path, body=gated, **kwargs),
-            getattr(self, "api_key", None),
-        )
-
-    def copy(self, **kwargs: Any) -> JournaledOpenAI:
-        """The SDK's ``copy`` / ``with_options``; the copy shares this client's session and settler."""
-        extra = {
-            **kwargs.pop("_extra_kwargs", {}),
-            "session_id": self._spendgate_gate.session_id,
-            "_spendgate_gate": self._spendgate_gate,
-        }
-        return super().copy(**kwargs, _extra_kwargs=extra)
-
-    with_options = copy
-
-    def close(self) -> None:
-        """Close the HTTP client; the client that made the session also flushes its settles."""
-        try:
-            super().close()
-        finally:
-            if self._spendgate_owner:
-                self._spendgate_gate.close(EXIT_FLUSH_SECONDS)
+    _spendgate_provider = _PROVIDER
 
 
-class AsyncJournaledOpenAI(openai.AsyncOpenAI):
+class AsyncJournaledOpenAI(AsyncGatedClient, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` gated by spendgate; the arguments are those of JournaledOpenAI.
 
     Decide runs on the event loop; settles go to a background thread so that none
     is lost when the loop ends. ``await close()`` (or ``async with``) flushes them.
     """
 
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        enforcement_config: Mapping[str, Any] | None = None,
-        spendgate_target: str | None = None,
-        spendgate_api_key: str | None = None,
-        fail_mode: FailMode = "open",
-        decide_timeout: float = DEFAULT_DECIDE_TIMEOUT,
-        spendgate_project: str | None = None,
-        spendgate_credentials: grpc.ChannelCredentials | None = None,
-        _spendgate_gate: Gate | None = None,
-        **kwargs: Any,
-    ) -> None:
-        gate = _spendgate_gate or Gate(
-            session_id=session_id,
-            enforcement_config=enforcement_config,
-            spendgate_target=spendgate_target,
-            spendgate_api_key=spendgate_api_key,
-            fail_mode=fail_mode,
-            decide_timeout=decide_timeout,
-            asynchronous=True,
-            spendgate_project=spendgate_project,
-            spendgate_credentials=spendgate_credentials,
-        )
-        try:
-            super().__init__(**kwargs)
-        except BaseException:
-            if _spendgate_gate is None:
-                gate.close(0)
-            raise
-        self._spendgate_gate = gate
-        self._spendgate_owner = _spendgate_gate is None
-
-    @property
-    def spendgate_session_id(self) -> str:
-        """The session this client's calls are counted in."""
-        return self._spendgate_gate.session_id
-
-    def spendgate_flush(self, timeout: float | None = None) -> bool:
-        """Wait (blocking) until every settle queued so far is sent; True if done in time."""
-        return self._spendgate_gate.flush(timeout)
-
-    async def post(self, path: str, *, body: Any = None, **kwargs: Any) -> Any:
-        """The SDK's ``post``, with chat completions and responses decided before and settled after."""
-        route = _PROVIDER.routes.get(path)
-        if route is None or not isinstance(body, Mapping):
-            return await super().post(path, body=body, **kwargs)
-        return await acall_gated(
-            self._spendgate_gate,
-            _PROVIDER,
-            route,
-            body,
-            lambda gated: super(AsyncJournaledOpenAI, self).post(path, body=gated, **kwargs),
-            getattr(self, "api_key", None),
-        )
-
-    def copy(self, **kwargs: Any) -> AsyncJournaledOpenAI:
-        """The SDK's ``copy`` / ``with_options``; the copy shares this client's session and settler."""
-        extra = {
-            **kwargs.pop("_extra_kwargs", {}),
-            "session_id": self._spendgate_gate.session_id,
-            "_spendgate_gate": self._spendgate_gate,
-        }
-        return super().copy(**kwargs, _extra_kwargs=extra)
-
-    with_options = copy
-
-    async def close(self) -> None:
-        """Close the HTTP client; the client that made the session also flushes its settles."""
-        try:
-            await super().close()
-        finally:
-            if self._spendgate_owner:
-                await self._spendgate_gate.aclose(EXIT_FLUSH_SECONDS)
+    _spendgate_provider = _PROVIDER

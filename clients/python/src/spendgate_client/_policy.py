@@ -27,14 +27,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import policy_pb2_grpc
 
-from spendgate_client._client import DecisionClient
+from spendgate_client._client import DecisionClient, JournalContext
 
 try:
     import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
@@ -184,25 +184,24 @@ class PatternMatcher:
         self.journal_prompts = response.journal_prompts
         self.version = response.version
 
-    def settle_fields(self, text: str) -> dict[str, Any]:
-        """The Settle fields for a prompt: matches (by id and offset) and, when journaled, its text."""
+    def annotate(self, context: JournalContext, text: str) -> JournalContext:
+        """``context`` with the prompt's matches (by id and offset) and, when journaled, its text."""
         with self._lock:
             self.refresh()
             if self.version is None:
-                return {}
-            out: dict[str, Any] = {}
+                return context
             truncated = False
             if self.journal_prompts:
                 sent, truncated = _truncate_utf8(text, MAX_PROMPT_TEXT_BYTES)
-                out.update(prompt_text=sent, prompt_truncated=truncated)
+                context = replace(context, prompt_text=sent, prompt_truncated=truncated)
             if self._patterns and (truncated or not self.journal_prompts):
                 matches = []
                 for pattern_id, program in self._patterns:
                     found = program.search(text)
                     if found is not None:
                         matches.append((pattern_id, found.start()))
-                out.update(pattern_set_version=self.version, pattern_matches=matches)
-            return out
+                context = replace(context, pattern_set_version=self.version, pattern_matches=tuple(matches))
+            return context
 
 
 @dataclass
@@ -229,28 +228,28 @@ class JournalSettings:
 
 @dataclass
 class CallJournal:
-    """One call's journal context; its Settle fields are computed once, on the settle thread."""
+    """One call's journal context; computed once, on the settle thread."""
 
     settings: JournalSettings
     requested_model: str
     verdict: str
     key_fingerprint: str
     text: str | None
-    _fields: dict[str, Any] | None = None
+    _context: JournalContext | None = None
 
-    def settle_fields(self) -> dict[str, Any]:
-        """The keyword arguments this call adds to DecisionClient.settle."""
-        if self._fields is None:
+    def context(self) -> JournalContext:
+        """What this call's Settle tells the journal (the prompt matched on first use)."""
+        if self._context is None:
             s = self.settings
-            fields: dict[str, Any] = {
-                "requested_model": self.requested_model,
-                "verdict": self.verdict,
-                "project": s.project,
-                "key_fingerprint": self.key_fingerprint,
-                "key_label": s.key_label,
-                "environment": s.environment,
-            }
+            context = JournalContext(
+                requested_model=self.requested_model,
+                verdict=self.verdict,
+                project=s.project,
+                key_fingerprint=self.key_fingerprint,
+                key_label=s.key_label,
+                environment=s.environment,
+            )
             if self.text is not None and s.matcher is not None:
-                fields.update(s.matcher.settle_fields(self.text))
-            self._fields = fields
-        return self._fields
+                context = s.matcher.annotate(context, self.text)
+            self._context = context
+        return self._context

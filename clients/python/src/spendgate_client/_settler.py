@@ -22,9 +22,8 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
-from spendgate_client._client import DecisionClient
+from spendgate_client._client import DecisionClient, JournalContext, Usage
 from spendgate_client._errors import SpendgateError
 from spendgate_client._policy import CallJournal
 
@@ -51,10 +50,7 @@ class SettleJob:
     session_id: str = field(compare=False)
     reservation_id: str = field(compare=False)
     model: str = field(compare=False)
-    input_tokens: int = field(default=0, compare=False)
-    output_tokens: int = field(default=0, compare=False)
-    cache_read_input_tokens: int = field(default=0, compare=False)
-    cache_write_input_tokens: int = field(default=0, compare=False)
+    usage: Usage = field(default_factory=Usage, compare=False)
     provider_ok: bool = field(default=True, compare=False)
     journal: CallJournal | None = field(default=None, compare=False)
     first_tried: float = field(default=0.0, compare=False)
@@ -113,11 +109,8 @@ class Settler:
         session_id: str,
         reservation_id: str,
         model: str,
+        usage: Usage | None = None,
         *,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cache_read_input_tokens: int = 0,
-        cache_write_input_tokens: int = 0,
         provider_ok: bool = True,
         journal: CallJournal | None = None,
     ) -> None:
@@ -133,10 +126,7 @@ class Settler:
             session_id,
             reservation_id,
             model,
-            input_tokens,
-            output_tokens,
-            cache_read_input_tokens,
-            cache_write_input_tokens,
+            usage or Usage(),
             provider_ok,
             journal,
             now,
@@ -241,10 +231,10 @@ class Settler:
 
     def _send(self, job: SettleJob) -> bool | None:
         """True when settled, False when dropped for good, None to retry later."""
-        context: dict[str, Any] = {}
+        context: JournalContext | None = None
         if job.journal is not None:
             try:
-                context = job.journal.settle_fields()
+                context = job.journal.context()
             except Exception:
                 # The journal context is best effort: the settle itself must still go out.
                 _log.exception("spendgate: journal context of %s failed; settled without", job.reservation_id)
@@ -253,12 +243,9 @@ class Settler:
                 job.session_id,
                 job.reservation_id,
                 job.model,
-                input_tokens=job.input_tokens,
-                output_tokens=job.output_tokens,
-                cache_read_input_tokens=job.cache_read_input_tokens,
-                cache_write_input_tokens=job.cache_write_input_tokens,
+                job.usage,
                 provider_ok=job.provider_ok,
-                **context,
+                journal=context,
             )
         except SpendgateError as error:
             # Not an outage: the service refused it (unknown or expired reservation).
