@@ -38,8 +38,8 @@ from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.engine.pricing import PriceTable
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.logging import configure_logging
-from spendgate_server.metrics import Metrics, serve_metrics
+from spendgate_server.logging import configure_logging, redact_secrets
+from spendgate_server.metrics import Metrics, UnknownModels, serve_metrics
 from spendgate_server.policy.journal import Journal
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
@@ -140,14 +140,16 @@ def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | Non
     )
 
 
-def build_prices(settings: ServeSettings) -> PriceTable:
-    """The price table with the settings' overrides and unknown-model policy."""
+def build_prices(settings: ServeSettings, metrics: Metrics | None = None) -> PriceTable:
+    """The price table with the settings' overrides and unknown-model policy.
+
+    Unknown model names are counted and warned about once per name (metrics.UnknownModels).
+    """
+    counter = metrics.unknown_models if metrics is not None else None
     return PriceTable(
         settings.price_overrides,
         settings.unknown_model_price,
-        on_unknown=lambda model: _log.warning(
-            "unknown_model_price", model=model, policy=settings.unknown_model_price.value
-        ),
+        on_unknown=UnknownModels(settings.unknown_model_price.value, counter),
     )
 
 
@@ -220,10 +222,10 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         await store.ping()
     except StoreUnavailable as exc:
         await store.close()
-        raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
+        raise ConfigError(f"--redis-url {redact_secrets(settings.redis_url)} is unreachable: {exc}") from exc
     if settings.metrics_port and settings.workers == 1:
         serve_metrics(settings.metrics_port, settings.host, metrics.registry)
-    prices = build_prices(settings)
+    prices = build_prices(settings, metrics)
     configs = ConfigResolver(
         build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
     )

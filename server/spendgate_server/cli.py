@@ -21,6 +21,7 @@ from spendgate_server.admin.violations_cli import add_violations_arguments, run_
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.documents import parse_document
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.settings import add_serve_arguments, settings_from_args
 
 __all__ = ["main"]
@@ -185,10 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             code = _settle(args)
     except ConfigError as exc:
-        print(f"spendgate: {exc}", file=sys.stderr)
+        print(f"spendgate: {redact_secrets(str(exc))}", file=sys.stderr)
         code = 2
     except StoreUnavailable as exc:
-        print(f"spendgate: the store is unreachable: {exc}", file=sys.stderr)
+        print(f"spendgate: the store is unreachable: {redact_secrets(str(exc))}", file=sys.stderr)
         code = 1
     except grpc.RpcError as exc:
         print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -13,6 +13,7 @@ from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.logging import redact_secrets
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
 
@@ -273,7 +274,8 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
 def _webhook_url(url: str) -> str:
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(
-            f"--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, got {url!r}"
+            "--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, "
+            f"got {redact_secrets(url)!r}"
         )
     return url
 

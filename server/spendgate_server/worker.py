@@ -16,7 +16,7 @@ import structlog
 
 from spendgate_server.alerts import build_alerts
 from spendgate_server.errors import ConfigError, StoreUnavailable
-from spendgate_server.logging import configure_logging
+from spendgate_server.logging import configure_logging, redact_secrets
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.settings import ServeSettings
 
@@ -40,7 +40,7 @@ async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = No
         await alerts.logs.tenants("journal")
     except StoreUnavailable as exc:
         await alerts.close()
-        raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
+        raise ConfigError(f"--redis-url {redact_secrets(settings.redis_url)} is unreachable: {exc}") from exc
     alerts.start(evaluate=True, metrics=metrics)
     assert alerts.evaluator is not None
     _log.info("worker_ready", consumer=alerts.evaluator.consumer, webhook=bool(settings.webhook_url))

@@ -36,6 +36,7 @@ from redis.exceptions import (
 from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     ReserveOutcome,
@@ -84,7 +85,7 @@ async def redis_call(awaitable: Awaitable[_T]) -> _T:
     """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status)."""
     try:
         return await awaitable
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
@@ -128,7 +129,8 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
         return client
     except (ValueError, RedisClusterException) as exc:
         raise ConfigError(
-            f"--redis-url {url!r} is not valid: {exc}; expected redis://host:port/db, rediss://, "
+            f"--redis-url {redact_secrets(url)!r} is not valid: {redact_secrets(str(exc))}; "
+            "expected redis://host:port/db, rediss://, "
             "unix:///path or redis+cluster://host:port[,host:port...]"
         ) from exc
 
