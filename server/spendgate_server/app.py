@@ -32,6 +32,7 @@ from spendgate.v1 import (
 )
 
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, build_alerts
+from spendgate_server.engine.anomalies import AnomalyThresholds
 from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
@@ -166,7 +167,16 @@ def build_engine(
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
     deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
-    return DecisionEngine(store, prices, configs, timings=timings, journal=journal, deny_cache=deny)
+    anomalies = AnomalyThresholds(late_error_ms=settings.settle_error_flag_seconds * 1000)
+    return DecisionEngine(
+        store,
+        prices,
+        configs,
+        timings=timings,
+        journal=journal,
+        deny_cache=deny,
+        anomaly_thresholds=anomalies,
+    )
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:

@@ -43,6 +43,8 @@ class ServeSettings:
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
+    # A provider error settled this long after its decision is flagged (engine/anomalies.py).
+    settle_error_flag_seconds: int = 30
     drain_seconds: float = 5.0
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 9464
@@ -112,6 +114,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("reservation_ttl_seconds", str(d.reservation_ttl_seconds)),
     )
     a("--session-ttl-seconds", default=_env("session_ttl_seconds", str(d.session_ttl_seconds)))
+    a(
+        "--settle-error-flag-seconds",
+        default=_env("settle_error_flag_seconds", str(d.settle_error_flag_seconds)),
+        help="flag a provider error settled this long after its decision (a refused call fails fast)",
+    )
     a(
         "--drain-seconds",
         default=_env("drain_seconds", str(d.drain_seconds)),
@@ -332,6 +339,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         ),
         reservation_ttl_seconds=_int("reservation-ttl-seconds", args.reservation_ttl_seconds, 1, 86_400),
         session_ttl_seconds=_int("session-ttl-seconds", args.session_ttl_seconds, 60, 30 * 86_400),
+        settle_error_flag_seconds=_int(
+            "settle-error-flag-seconds", args.settle_error_flag_seconds, 0, 86_400
+        ),
         drain_seconds=drain,
         metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
         keys_file=args.keys_file,

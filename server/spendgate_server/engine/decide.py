@@ -9,15 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from spendgate_server.engine.anomalies import AnomalyThresholds, SettleAnomaly, settle_anomalies
 from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
-from spendgate_server.errors import NotFound
+from spendgate_server.errors import InvalidArgument, NotFound
 from spendgate_server.money import format_usd
 from spendgate_server.store import (
     BudgetCheck,
+    DecidedCall,
     DedupCheck,
     ReserveOutcome,
     ReserveRequest,
@@ -157,6 +159,8 @@ class Settlement:
     cost_nano_usd: int
     session_spend_nano_usd: int
     already_settled: bool
+    # How this settle differs from its decision (flagged on the alerts feed, counted in metrics).
+    anomalies: tuple[SettleAnomaly, ...] = ()
 
 
 class DecisionEngine:
@@ -172,8 +176,10 @@ class DecisionEngine:
         clock: Clock = system_clock_ms,
         journal: Journal | None = None,
         deny_cache: DenyCache | None = None,
+        anomaly_thresholds: AnomalyThresholds | None = None,
     ) -> None:
         self._store = store
+        self._anomaly_thresholds = anomaly_thresholds or AnomalyThresholds()
         self._deny = deny_cache
         self._journal = journal
         self._prices = prices
@@ -269,7 +275,7 @@ class DecisionEngine:
                 )
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
         outcome = await self._store.reserve(
-            self._reserve_request(call, config, decision_id, estimate, memo, now_ms)
+            self._reserve_request(call, config, decision_id, estimate, memo, now_ms, model=model)
         )
         shadow |= outcome.shadow_fired
         committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
@@ -324,7 +330,15 @@ class DecisionEngine:
         )
 
     def _reserve_request(
-        self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str, now_ms: int
+        self,
+        call: Call,
+        config: EnforcementConfig,
+        decision_id: str,
+        estimate: int,
+        memo: str,
+        now_ms: int,
+        *,
+        model: str,
     ) -> ReserveRequest:
         t = self._timings
         dedup = tools = budget = None
@@ -355,6 +369,7 @@ class DecisionEngine:
             budget=budget,
             request_id=call.request_id,
             memo=memo,
+            decided=DecidedCall(model, estimate, call.input_tokens, call.max_output_tokens),
         )
 
     def _blocked(
@@ -411,19 +426,50 @@ class DecisionEngine:
                 f"no reservation {settle.reservation_id!r} in session {settle.session_id!r} "
                 "(never made, or settled longer ago than the settle window)",
             )
+        already = outcome.status is SettleStatus.ALREADY_SETTLED
+        # A repeated settle is compared too (its report is the first one's when the client
+        # retries), so a server dying between settle and journal append loses no flag.
+        anomalies = self._anomalies(settle, outcome.decided, outcome.cost_nano_usd, now_ms)
         if self._journal is not None:
             # Also when already settled: the append is idempotent per decision id, so a settle
             # retried because a server died between its settle and its append is journaled then.
-            event = _journal_event(settle, outcome.cost_nano_usd, now_ms)
+            event = _journal_event(settle, outcome.cost_nano_usd, now_ms, anomalies)
             await self._journal.append(event, t.settled_ttl_ms)
         return Settlement(
             outcome.cost_nano_usd,
             outcome.spent_nano_usd + outcome.reserved_nano_usd,
-            outcome.status is SettleStatus.ALREADY_SETTLED,
+            already,
+            () if already else anomalies,
+        )
+
+    def _anomalies(
+        self, settle: SettleCall, decided: DecidedCall | None, cost: int, now_ms: int
+    ) -> tuple[SettleAnomaly, ...]:
+        """How ``settle`` differs from what Decide admitted (nothing when that was not recorded)."""
+        if decided is None:
+            return ()
+        same_model = settle.model.lower() == decided.model.lower()
+        if not same_model:
+            # Aliases and dated ids of one catalogue model are the same model.
+            try:
+                same_model = self._prices.lookup(settle.model).name == self._prices.lookup(decided.model).name
+            except InvalidArgument:
+                same_model = False  # an unpriced name (--unknown-model-price reject) is another model
+        return settle_anomalies(
+            decided,
+            model=settle.model,
+            same_model=same_model,
+            usage=settle.usage,
+            provider_ok=settle.provider_ok,
+            cost_nano_usd=cost,
+            settle_delay_ms=max(0, now_ms - decision_id_time_ms(settle.reservation_id)),
+            thresholds=self._anomaly_thresholds,
         )
 
 
-def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
+def _journal_event(
+    settle: SettleCall, cost: int, now_ms: int, anomalies: tuple[SettleAnomaly, ...] = ()
+) -> JournalEvent:
     u = settle.usage
     return JournalEvent(
         decision_id=settle.reservation_id,
@@ -438,6 +484,7 @@ def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
         cache_write_input_tokens=u.cache_write_input_tokens,
         cost_nano_usd=cost,
         context=settle.context,
+        anomalies=anomalies,
     )
 
 

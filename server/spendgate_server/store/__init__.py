@@ -2,6 +2,7 @@
 
 from spendgate_server.store.base import (
     BudgetCheck,
+    DecidedCall,
     DedupCheck,
     ReserveOutcome,
     ReserveRequest,
@@ -17,6 +18,7 @@ from spendgate_server.store.base import (
 
 __all__ = [
     "BudgetCheck",
+    "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",
     "ReserveRequest",

@@ -15,6 +15,7 @@ from spendgate_server.rule_codes import Rule
 
 __all__ = [
     "BudgetCheck",
+    "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",
     "ReserveRequest",
@@ -64,6 +65,33 @@ class BudgetCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class DecidedCall:
+    """What Decide admitted, kept beside its reservation so a Settle can be compared with it.
+
+    Kept from the reservation until the record of its settle (or of its expiry) is
+    forgotten, so every settle of it, repeated ones included, gets it back.
+    """
+
+    # The effective model (after any downgrade) the call was priced on.
+    model: str
+    estimate_nano_usd: int
+    input_tokens: int
+    max_output_tokens: int
+
+    def encode(self) -> str:
+        """The stored form: four space-separated fields (a model name holds no space)."""
+        return f"{self.model} {self.estimate_nano_usd} {self.input_tokens} {self.max_output_tokens}"
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> DecidedCall | None:
+        """Parse what :meth:`encode` wrote; None for an empty or unreadable record."""
+        parts = (text.decode() if isinstance(text, bytes) else text).split(" ")
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts[1:]):
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveRequest:
     """Everything the atomic step needs: checks to run and, if they pass, what to record."""
 
@@ -82,6 +110,8 @@ class ReserveRequest:
     # Idempotency: a second request with this id replays ``memo`` and changes nothing.
     request_id: str = ""
     memo: str = ""
+    # Kept with the reservation and handed back by settle (SettleOutcome.decided).
+    decided: DecidedCall | None = None
 
 
 class ReserveStatus(enum.IntEnum):
@@ -134,6 +164,8 @@ class SettleOutcome:
     cost_nano_usd: int
     spent_nano_usd: int
     reserved_nano_usd: int
+    # What Decide admitted (ReserveRequest.decided); None when it was not recorded.
+    decided: DecidedCall | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     SHADOW_BITS,
+    DecidedCall,
     ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
@@ -39,6 +40,7 @@ class _Session:
     expired: dict[str, int] = field(default_factory=dict)  # id -> estimate counted at expiry
     settled: dict[str, int] = field(default_factory=dict)  # id -> cost counted
     memos: dict[str, str] = field(default_factory=dict)  # request id -> memo
+    decided: dict[str, DecidedCall] = field(default_factory=dict)  # id -> what Decide admitted
     dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
     # (due ms, kind, key): a lazy timer wheel like the Redis expiry zset.
     due: list[tuple[int, str, str]] = field(default_factory=list)
@@ -63,9 +65,12 @@ class _Session:
                 if self.dedup_until.get(key) == due_ms:
                     del self.dedup_until[key]
             elif kind == "x":
-                self.expired.pop(key, None)
+                # A settle after the expiry took the id over (its "d" record forgets it).
+                if self.expired.pop(key, None) is not None:
+                    self.decided.pop(key, None)
             elif kind == "d":
                 self.settled.pop(key, None)
+                self.decided.pop(key, None)
             else:
                 self.memos.pop(key, None)
 
@@ -127,6 +132,8 @@ class MemoryStore(Store):
                 mask |= SHADOW_BITS[Rule.SESSION_BUDGET]
 
         rid = request.reservation_id
+        if request.decided is not None:
+            s.decided[rid] = request.decided
         s.open[rid] = request.estimate_nano_usd
         s.reserved += request.estimate_nano_usd
         s.schedule(now + request.reservation_ttl_ms, "r", rid)
@@ -144,8 +151,9 @@ class MemoryStore(Store):
         now = request.now_ms
         s = self._session(request.session, now, request.session_ttl_ms)
         rid, cost = request.reservation_id, request.cost_nano_usd
+        decided = s.decided.get(rid)
         if rid in s.settled:
-            return SettleOutcome(SettleStatus.ALREADY_SETTLED, s.settled[rid], s.spent, s.reserved)
+            return SettleOutcome(SettleStatus.ALREADY_SETTLED, s.settled[rid], s.spent, s.reserved, decided)
         if rid in s.open:
             s.reserved -= s.open.pop(rid)
             s.spent += cost
@@ -157,7 +165,7 @@ class MemoryStore(Store):
         s.settled[rid] = cost
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms
-        return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved)
+        return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved, decided)
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         s = self._session(session, now_ms, session_ttl_ms)

@@ -39,6 +39,7 @@ from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import redact_secrets
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
+    DecidedCall,
     ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
@@ -249,6 +250,7 @@ class RedisStore(Store):
                 budget.cap_nano_usd if budget else -1,
                 _flag(budget is not None and budget.strict),
                 _flag(budget is not None and budget.shadow),
+                request.decided.encode() if request.decided is not None else "",
             ],
         )
         status, spent, reserved, tool_calls, rule, mask, memo = reply
@@ -263,7 +265,7 @@ class RedisStore(Store):
         )
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
-        status, cost, spent, reserved = await self._run(
+        status, cost, spent, reserved, decided = await self._run(
             self._settle,
             request.session,
             [
@@ -274,7 +276,7 @@ class RedisStore(Store):
                 request.session_ttl_ms,
             ],
         )
-        return SettleOutcome(SettleStatus(status), cost, spent, reserved)
+        return SettleOutcome(SettleStatus(status), cost, spent, reserved, DecidedCall.decode(decided))
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         spent, reserved, tools, open_count = await self._run(self._state, session, [now_ms, session_ttl_ms])

@@ -6,6 +6,8 @@
 --                                           x:<id> estimate of a reservation that expired unsettled
 --                                           d:<id> cost counted when <id> was settled
 --                                           q:<request_id> memo of an admitted decision
+--                                           m:<id> what Decide admitted (model, estimate, tokens),
+--                                                  kept until the id's x: or d: record is forgotten
 --   KEYS[2] sg:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
 --                                           r:<id> reservation expiry, f:<fingerprint> dedup expiry,
 --                                           x:/d:/q: records to forget
@@ -47,6 +49,9 @@ local function expire_due(hkey, zkey, now, forget_ms)
       end
     elseif kind ~= 'f' then
       redis.call('HDEL', hkey, member)
+      if kind == 'x' or kind == 'd' then
+        redis.call('HDEL', hkey, 'm:' .. string.sub(member, 3))
+      end
     end
   end
 end

@@ -7,6 +7,7 @@
 -- ARGV[8]  fingerprint ('' = dedup off)   ARGV[9]  dedup ttl ms   ARGV[10] dedup shadow (0|1)
 -- ARGV[11] tool calls in this request     ARGV[12] tool cap (-1 = off) ARGV[13] tool shadow (0|1)
 -- ARGV[14] budget cap nano-USD (-1 = off) ARGV[15] strict (0|1)      ARGV[16] budget shadow (0|1)
+-- ARGV[17] what Decide admitted, kept as m:<id> for Settle ('' = none; store/base.py DecidedCall)
 -- Reply: {status, spent, reserved, tools, blocked_rule, shadow_mask, memo}
 --   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed)
 --   blocked_rule: 2 session budget, 3 duplicate request, 4 tool-call limit (spendgate.v1.Rule)
@@ -19,6 +20,7 @@ local request_id, memo = ARGV[6], ARGV[7]
 local fingerprint, dedup_ttl, dedup_shadow = ARGV[8], num(ARGV[9]), ARGV[10] == '1'
 local tool_count, tool_cap, tool_shadow = num(ARGV[11]), num(ARGV[12]), ARGV[13] == '1'
 local budget_cap, strict, budget_shadow = num(ARGV[14]), ARGV[15] == '1', ARGV[16] == '1'
+local decided = ARGV[17] or ''
 
 expire_due(hkey, zkey, now, session_ttl)
 local spent, reserved, tools = counters(hkey)
@@ -66,6 +68,9 @@ end
 
 -- Admitted: record everything at once.
 redis.call('HSET', hkey, 'r:' .. id, estimate)
+if decided ~= '' then
+  redis.call('HSET', hkey, 'm:' .. id, decided)
+end
 redis.call('ZADD', zkey, now + reservation_ttl, 'r:' .. id)
 reserved = incr(hkey, 'reserved', estimate)
 tools = incr(hkey, 'tools', tool_count)
