@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import os
@@ -10,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spendgate_server.engine.anomalies import AnomalyThresholds, SettleAnomaly, settle_anomalies
+from spendgate_server.engine.cancellations import ReserveCanceller
 from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
-from spendgate_server.errors import InvalidArgument, NotFound
+from spendgate_server.errors import InvalidArgument, NotFound, StoreUnavailable
 from spendgate_server.money import format_usd
 from spendgate_server.store import (
     BudgetCheck,
@@ -30,6 +32,7 @@ from spendgate_server.store import (
     Store,
     ToolCheck,
 )
+from spendgate_server.store.breaker import BreakerOpen
 
 __all__ = [
     "Call",
@@ -179,6 +182,7 @@ class DecisionEngine:
         anomaly_thresholds: AnomalyThresholds | None = None,
     ) -> None:
         self._store = store
+        self._canceller = ReserveCanceller(store, clock)
         self._anomaly_thresholds = anomaly_thresholds or AnomalyThresholds()
         self._deny = deny_cache
         self._journal = journal
@@ -191,6 +195,11 @@ class DecisionEngine:
     def store(self) -> Store:
         """The store this engine decides against."""
         return self._store
+
+    @property
+    def canceller(self) -> ReserveCanceller:
+        """Cancels the reserves of Decides answered UNAVAILABLE (cancellations.py)."""
+        return self._canceller
 
     @property
     def configs(self) -> ConfigResolver:
@@ -274,7 +283,7 @@ class DecisionEngine:
                     frozenset(shadow),
                 )
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
-        outcome = await self._store.reserve(
+        outcome = await self._reserve(
             self._reserve_request(call, config, decision_id, estimate, memo, now_ms, model=model)
         )
         shadow |= outcome.shadow_fired
@@ -328,6 +337,32 @@ class DecisionEngine:
             frozenset(shadow),
             config.max_session_nano_usd,
         )
+
+    async def _reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """The atomic step, such that a Decide answered with a failure leaves no state.
+
+        Raises:
+            StoreUnavailable: the store did not answer. If the reserve was sent, the store
+                may still apply it: its cancel is sent until the store answers (cancellations.py).
+        """
+        try:
+            outcome = await self._store.reserve(request)
+        except BreakerOpen:
+            raise  # never sent: nothing to undo
+        except StoreUnavailable as exc:
+            self._canceller.submit(request)
+            raise StoreUnavailable(
+                f"{exc}; nothing is reserved (if the store applies this Decide late, it is cancelled)"
+            ) from exc
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline passed) while the reserve was in flight.
+            self._canceller.submit(request)
+            raise
+        if outcome.status is ReserveStatus.CANCELLED:
+            raise StoreUnavailable(
+                "this Decide was cancelled before the store applied it; nothing is reserved"
+            )
+        return outcome
 
     def _reserve_request(
         self,

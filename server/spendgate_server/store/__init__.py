@@ -2,6 +2,8 @@
 
 from spendgate_server.store.base import (
     BudgetCheck,
+    CancelRequest,
+    CancelStatus,
     DecidedCall,
     DedupCheck,
     ReserveOutcome,
@@ -18,6 +20,8 @@ from spendgate_server.store.base import (
 
 __all__ = [
     "BudgetCheck",
+    "CancelRequest",
+    "CancelStatus",
     "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",

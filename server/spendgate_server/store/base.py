@@ -15,6 +15,8 @@ from spendgate_server.rule_codes import Rule
 
 __all__ = [
     "BudgetCheck",
+    "CancelRequest",
+    "CancelStatus",
     "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",
@@ -120,6 +122,8 @@ class ReserveStatus(enum.IntEnum):
     ALLOWED = 0
     BLOCKED = 1
     REPLAYED = 2
+    # A cancel (CancelRequest) for this reservation id arrived first: nothing changed.
+    CANCELLED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,58 @@ class SettleOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Undo a reserve whose answer its caller never heard, or make sure it never applies.
+
+    A Decide whose reserve timed out was answered UNAVAILABLE, yet a hung store may run
+    the script later (it was already sent). The cancel removes what that reserve
+    recorded (reservation, tool calls, its dedup mark, its request-id memo), or, when
+    the reserve has not run, leaves a tombstone that makes it change nothing when it
+    does. Built from the ReserveRequest that timed out.
+    """
+
+    session: SessionKey
+    now_ms: int
+    reservation_id: str
+    request_id: str
+    tool_call_count: int
+    # The dedup mark the reserve set ('' when dedup was off) and the ms it falls due.
+    fingerprint: str
+    dedup_until_ms: int
+    # How long the tombstone refuses a reserve of this id that arrives after the cancel.
+    tombstone_ttl_ms: int
+    session_ttl_ms: int
+
+    @classmethod
+    def undoing(cls, reserve: ReserveRequest, now_ms: int) -> CancelRequest:
+        """The cancel of ``reserve``."""
+        dedup = reserve.dedup
+        return cls(
+            reserve.session,
+            now_ms,
+            reserve.reservation_id,
+            reserve.request_id,
+            reserve.tool_call_count,
+            dedup.fingerprint if dedup is not None else "",
+            reserve.now_ms + dedup.ttl_ms if dedup is not None else 0,
+            reserve.reservation_ttl_ms,
+            reserve.session_ttl_ms,
+        )
+
+
+class CancelStatus(enum.IntEnum):
+    """Outcome of a cancel (values are the Lua script's status codes)."""
+
+    # The reserve had not run: a tombstone now makes it change nothing.
+    TOMBSTONED = 0
+    # The reserve had run: everything it recorded is undone.
+    CANCELLED = 1
+    # A client learned of the reservation (a retried request id replayed it, or it was
+    # settled), so it stays: that client will settle it.
+    KEPT = 2
+
+
+@dataclass(frozen=True, slots=True)
 class SessionState:
     """A session's counters, with due reservations already counted at their estimate."""
 
@@ -205,6 +261,14 @@ class Store(ABC):
         A reservation that already expired (counted at its estimate) is corrected to
         the actual cost.
         """
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        """Undo a reserve whose answer was never heard, or make sure it changes nothing when it runs.
+
+        Raises:
+            StoreUnavailable: the store did not answer; the caller tries again later.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot cancel reservations")
 
     @abstractmethod
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     SHADOW_BITS,
+    CancelRequest,
+    CancelStatus,
     DecidedCall,
     ReserveOutcome,
     ReserveRequest,
@@ -41,6 +43,8 @@ class _Session:
     settled: dict[str, int] = field(default_factory=dict)  # id -> cost counted
     memos: dict[str, str] = field(default_factory=dict)  # request id -> memo
     decided: dict[str, DecidedCall] = field(default_factory=dict)  # id -> what Decide admitted
+    tombstones: set[str] = field(default_factory=set)  # ids cancelled before their reserve ran
+    replayed: set[str] = field(default_factory=set)  # request ids whose memo reached a client
     dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
     # (due ms, kind, key): a lazy timer wheel like the Redis expiry zset.
     due: list[tuple[int, str, str]] = field(default_factory=list)
@@ -71,8 +75,11 @@ class _Session:
             elif kind == "d":
                 self.settled.pop(key, None)
                 self.decided.pop(key, None)
+            elif kind == "k":
+                self.tombstones.discard(key)
             else:
                 self.memos.pop(key, None)
+                self.replayed.discard(key)
 
 
 class MemoryStore(Store):
@@ -107,7 +114,10 @@ class MemoryStore(Store):
                 s.memos.get(request.request_id, "") if status is ReserveStatus.REPLAYED else "",
             )
 
+        if request.reservation_id in s.tombstones:
+            return outcome(ReserveStatus.CANCELLED)
         if request.request_id and request.request_id in s.memos:
+            s.replayed.add(request.request_id)
             return outcome(ReserveStatus.REPLAYED)
 
         mask = 0
@@ -166,6 +176,30 @@ class MemoryStore(Store):
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms
         return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved, decided)
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        now = request.now_ms
+        s = self._session(request.session, now, request.session_ttl_ms)
+        rid = request.reservation_id
+        if rid in s.settled or (request.request_id and request.request_id in s.replayed):
+            return CancelStatus.KEPT
+        if rid not in s.open and rid not in s.expired:
+            s.tombstones.add(rid)
+            s.schedule(now + request.tombstone_ttl_ms, "k", rid)
+            s.idle_until_ms = max(s.idle_until_ms, now + request.session_ttl_ms)
+            return CancelStatus.TOMBSTONED
+        if rid in s.open:
+            s.reserved -= s.open.pop(rid)
+        else:
+            s.spent -= s.expired.pop(rid)
+        s.decided.pop(rid, None)
+        s.tools -= request.tool_call_count
+        if request.fingerprint and s.dedup_until.get(request.fingerprint) == request.dedup_until_ms:
+            del s.dedup_until[request.fingerprint]
+        if request.request_id:
+            s.memos.pop(request.request_id, None)
+        s.idle_until_ms = now + request.session_ttl_ms
+        return CancelStatus.CANCELLED
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         s = self._session(session, now_ms, session_ttl_ms)

@@ -39,6 +39,8 @@ from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import redact_secrets
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
+    CancelRequest,
+    CancelStatus,
     DecidedCall,
     ReserveOutcome,
     ReserveRequest,
@@ -173,12 +175,13 @@ class RedisStore(Store):
         self._prefix = key_prefix
         # When given, Decide/Settle scripts go over this pipelined connection (pipeline.py).
         self._hot_path = hot_path
-        self._sources = {name: load_script(name) for name in ("decide", "settle", "state")}
+        self._sources = {name: load_script(name) for name in ("decide", "settle", "state", "cancel")}
         # Script objects run EVALSHA and, on NOSCRIPT (a restarted or failed-over
         # Redis has an empty script cache), load the script and run it again.
         self._decide = client.register_script(self._sources["decide"])
         self._settle = client.register_script(self._sources["settle"])
         self._state = client.register_script(self._sources["state"])
+        self._cancel = client.register_script(self._sources["cancel"])
 
     @classmethod
     def from_url(
@@ -277,6 +280,23 @@ class RedisStore(Store):
             ],
         )
         return SettleOutcome(SettleStatus(status), cost, spent, reserved, DecidedCall.decode(decided))
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        (status,) = await self._run(
+            self._cancel,
+            request.session,
+            [
+                request.now_ms,
+                request.reservation_id,
+                request.request_id,
+                request.tool_call_count,
+                request.fingerprint,
+                request.dedup_until_ms,
+                request.tombstone_ttl_ms,
+                request.session_ttl_ms,
+            ],
+        )
+        return CancelStatus(status)
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         spent, reserved, tools, open_count = await self._run(self._state, session, [now_ms, session_ttl_ms])

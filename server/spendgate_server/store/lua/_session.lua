@@ -8,9 +8,11 @@
 --                                           q:<request_id> memo of an admitted decision
 --                                           m:<id> what Decide admitted (model, estimate, tokens),
 --                                                  kept until the id's x: or d: record is forgotten
+--                                           k:<id> tombstone of a cancelled reserve (cancel.lua)
+--                                           p:<request_id> the memo was replayed to a client
 --   KEYS[2] sg:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
 --                                           r:<id> reservation expiry, f:<fingerprint> dedup expiry,
---                                           x:/d:/q: records to forget
+--                                           x:/d:/q:/k: records to forget
 -- Times come from the caller (ARGV), never from the Redis clock, so tests need no sleeping.
 
 local MAX_DUE_PER_CALL = 256
@@ -51,6 +53,8 @@ local function expire_due(hkey, zkey, now, forget_ms)
       redis.call('HDEL', hkey, member)
       if kind == 'x' or kind == 'd' then
         redis.call('HDEL', hkey, 'm:' .. string.sub(member, 3))
+      elseif kind == 'q' then
+        redis.call('HDEL', hkey, 'p:' .. string.sub(member, 3))
       end
     end
   end

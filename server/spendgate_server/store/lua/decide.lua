@@ -9,7 +9,8 @@
 -- ARGV[14] budget cap nano-USD (-1 = off) ARGV[15] strict (0|1)      ARGV[16] budget shadow (0|1)
 -- ARGV[17] what Decide admitted, kept as m:<id> for Settle ('' = none; store/base.py DecidedCall)
 -- Reply: {status, spent, reserved, tools, blocked_rule, shadow_mask, memo}
---   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed)
+--   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed
+--   but the p: mark that a client now knows the reservation), 3 cancelled first (cancel.lua)
 --   blocked_rule: 2 session budget, 3 duplicate request, 4 tool-call limit (spendgate.v1.Rule)
 --   shadow_mask: 1 dedup, 2 tools, 4 budget fired in shadow mode
 local hkey, zkey = KEYS[1], KEYS[2]
@@ -25,9 +26,14 @@ local decided = ARGV[17] or ''
 expire_due(hkey, zkey, now, session_ttl)
 local spent, reserved, tools = counters(hkey)
 
+if redis.call('HEXISTS', hkey, 'k:' .. id) == 1 then
+  return {3, spent, reserved, tools, 0, 0, ''}
+end
+
 if request_id ~= '' then
   local replay = redis.call('HGET', hkey, 'q:' .. request_id)
   if replay then
+    redis.call('HSET', hkey, 'p:' .. request_id, 1)
     return {2, spent, reserved, tools, 0, 0, replay}
   end
 end
