@@ -71,7 +71,7 @@ def _time_sync(n: int, make: Callable[[int], Any]) -> float:
 async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     """µs per call of each piece."""
     from spendgate_server.engine.decide import DecisionEngine
-    from spendgate_server.engine.pricing import PriceTable
+    from spendgate_server.engine.pricing import PriceTable, Usage
     from spendgate_server.engine.remote_config import ConfigResolver
     from spendgate_server.metrics import Metrics
     from spendgate_server.rpc.validation import call_from_proto
@@ -87,6 +87,13 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     calls = [call_from_proto(r, "default") for r in requests]
 
     out["validate call_from_proto"] = _time_sync(n, lambda i: call_from_proto(requests[i % n], "default"))
+    out["pricing: lookup + estimate (Decide)"] = _time_sync(
+        n, lambda i: prices.lookup("gpt-4o").estimate(2000 + i % 7, 1000)
+    )
+    settle_counts = {"input_tokens": 1800, "cache_read_tokens": 600, "output_tokens": 400}
+    out["pricing: Usage + cost of a settle"] = _time_sync(
+        n, lambda i: prices.cost("gpt-4o", Usage(counts=settle_counts))
+    )
 
     def engine(store: Any) -> DecisionEngine:
         return DecisionEngine(store, prices, ConfigResolver.static(config))

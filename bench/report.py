@@ -89,6 +89,21 @@ def _wrapper_line(document: dict[str, Any]) -> str:
     return f"client wrapper overhead: {w.get('status', 'missing')} {detail}".rstrip()
 
 
+def _noisy_line(document: dict[str, Any]) -> str:
+    n = document.get("noisy_neighbour") or {}
+    if n.get("status") != "ok":
+        detail = n.get("note") or n.get("error") or ""
+        return f"noisy neighbour: {n.get('status', 'missing')} {detail}".rstrip()
+    f = n["figures"]
+    alone, noisy = f["quiet_decide_alone_ms"], f["quiet_decide_with_noise_ms"]
+    verdict = "within" if f["within_target"] else "OUTSIDE"
+    return (
+        f"noisy neighbour (quiet tenant's Decide, ms): alone p50 {_num(alone['p50'])} p99 "
+        f"{_num(alone['p99'])}; with noise p50 {_num(noisy['p50'])} p99 {_num(noisy['p99'])}; "
+        f"p99 x{_num(f['p99_ratio'], 2)} ({verdict} the x{f['target_p99_ratio']} target)"
+    )
+
+
 def table(document: dict[str, Any]) -> str:
     """The figures for the terminal: each beside its ratio to the floor."""
     out = [_preamble(document), ""]
@@ -99,6 +114,7 @@ def table(document: dict[str, Any]) -> str:
         header[0] = rpc.capitalize()
         out += [*_format(header, rows), ""]
     out.append(_wrapper_line(document))
+    out.append(_noisy_line(document))
     return "\n".join(out)
 
 
@@ -115,6 +131,8 @@ def markdown(document: dict[str, Any]) -> str:
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out.append("")
     out.append(_wrapper_line(document))
+    out.append("")
+    out.append(_noisy_line(document))
     return "\n".join(out)
 
 

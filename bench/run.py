@@ -12,8 +12,10 @@ load generator in its own process (bench/loadgen.py):
    latency from the scheduled time);
 
 for Decide, then Settle, then the client wrapper's own overhead
-(bench/wrapper_overhead.py when present). Writes bench/results/latest.json and
-bench/results/latency_vs_load.png and prints the table.
+(bench/wrapper_overhead.py when present), then the noisy-neighbour check
+(bench/noisy.py: one tenant's heavy patterns and watch streams while another
+decides). Writes bench/results/latest.json and bench/results/latency_vs_load.png and
+prints the table.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         help="directory for latest.json and latency_vs_load.png (env SG_BENCH_OUT)",
     )
     a("--no-plot", action="store_true", help="skip the PNG")
+    a("--no-noisy", action="store_true", help="skip the noisy-neighbour check (bench/noisy.py)")
     return p
 
 
@@ -498,6 +501,18 @@ def _wrapper_overhead() -> dict[str, Any]:
     return {"status": "ok", "figures": figures}
 
 
+def _noisy_neighbour(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    if args.no_noisy:
+        return {"status": "skipped", "note": "--no-noisy"}
+    from bench import noisy
+
+    sizes = {"rounds": 1, "count": 100, "noise_streams": 20} if args.quick else {}
+    try:
+        return {"status": "ok", "figures": noisy.measure(log=log, **sizes)}
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float | None) -> dict[str, Any]:
     args = bench.args
     results: dict[str, Any] = {t.key: {} for t in targets}
@@ -586,6 +601,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         api_keys = bench.api_keys
     log("wrapper overhead")
     wrapper = _wrapper_overhead()
+    log("noisy neighbour")
+    noisy_neighbour = _noisy_neighbour(args, log)
     document: dict[str, Any] = {
         "schema": 1,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -601,6 +618,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "settle": settle,
         "settle_ratios": _ratios(settle, targets) if settle else None,
         "wrapper_overhead": wrapper,
+        "noisy_neighbour": noisy_neighbour,
         "wall_seconds": time.monotonic() - started,
         # Other processes on the machine skew every figure; ratios less so (same run).
         "loadavg_before": load_before,

@@ -106,7 +106,7 @@ def _overhead(provider: Provider, path: str, body: dict[str, Any]) -> tuple[Call
     route = provider.routes[path]
 
     def once() -> PreparedRequest:
-        request, _observe = _send_body(provider, route, body)
+        request, _observe = _send_body(provider, route, body, None, False)
         DecisionClient._decide_request(
             "bench-session",
             request.model,

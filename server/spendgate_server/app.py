@@ -37,11 +37,13 @@ from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.engine.pricing import PriceTable
+from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.logging import configure_logging, redact_secrets
-from spendgate_server.metrics import Metrics, UnknownModels, serve_metrics
+from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
+from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
@@ -60,6 +62,8 @@ from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_insights import RedisInsightsStore
+from spendgate_server.store.redis_session_registry import RedisSessionRegistry
+from spendgate_server.store.session_registry import MemorySessionRegistry, SessionRegistry
 
 __all__ = ["build_engine", "build_store", "run", "serve"]
 
@@ -144,14 +148,23 @@ def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | Non
 def build_prices(settings: ServeSettings, metrics: Metrics | None = None) -> PriceTable:
     """The price table with the settings' overrides and unknown-model policy.
 
-    Unknown model names are counted and warned about once per name (metrics.UnknownModels).
+    Whatever has no known price is counted per call in ``metrics`` and logged once per name.
     """
-    counter = metrics.unknown_models if metrics is not None else None
-    return PriceTable(
-        settings.price_overrides,
-        settings.unknown_model_price,
-        on_unknown=UnknownModels(settings.unknown_model_price.value, counter),
-    )
+
+    def unpriced(kind: str, model: str, name: str, first: bool) -> None:
+        if metrics is not None:
+            metrics.unpriced.labels(kind).inc()
+        if first:
+            _log.warning(
+                "unknown_price",
+                kind=kind,
+                model=model,
+                name=name,
+                policy=settings.unknown_model_price.value,
+                charged="the never-undercount maximum; add it to prices: in --config",
+            )
+
+    return PriceTable(settings.price_overrides, settings.unknown_model_price, unpriced)
 
 
 def build_engine(
@@ -167,6 +180,7 @@ def build_engine(
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
     deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
+    quota = build_session_quota(settings)
     anomalies = AnomalyThresholds(late_error_ms=settings.settle_error_flag_seconds * 1000)
     return DecisionEngine(
         store,
@@ -175,8 +189,23 @@ def build_engine(
         timings=timings,
         journal=journal,
         deny_cache=deny,
+        quota=quota,
         anomaly_thresholds=anomalies,
     )
+
+
+def build_session_quota(settings: ServeSettings) -> SessionQuota | None:
+    """The --max-sessions-per-tenant bound, counted where the sessions live (None: no limit)."""
+    if not settings.max_sessions_per_tenant:
+        return None
+    registry: SessionRegistry = (
+        RedisSessionRegistry.from_url(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
+        )
+        if settings.store == "redis"
+        else MemorySessionRegistry()
+    )
+    return SessionQuota(registry, settings.max_sessions_per_tenant, settings.session_ttl_seconds * 1000)
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
@@ -279,7 +308,12 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
-        ViolationServicer(alerts.feed, WATCH_RECHECK_SECONDS), server
+        ViolationServicer(
+            alerts.feed,
+            WATCH_RECHECK_SECONDS,
+            WatchLimits(settings.max_watch_streams_per_tenant, settings.max_watch_streams),
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,12 +17,13 @@ from spendgate_server.admin.channel import add_connection_arguments, call_metada
 from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
 from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
+from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.documents import parse_document
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
 from spendgate_server.logging import redact_secrets
-from spendgate_server.settings import add_serve_arguments, settings_from_args
+from spendgate_server.settings import add_serve_arguments, load_config_file, settings_from_args
 
 __all__ = ["main"]
 
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="evaluate journaled calls against the policies (takes the serve flags; redis store)"
     )
     add_serve_arguments(worker)
+
+    price = commands.add_parser(
+        "price", help="show how a model name resolves, its rates and what a usage costs (runs locally)"
+    )
+    add_price_arguments(price)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
     add_connection_arguments(settle)
@@ -183,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 0
         elif args.command == "console":
             code = run_console_command(args)
+        elif args.command == "price":
+            code = run_price_command(args, lambda path: load_config_file(path)[1])
         else:
             code = _settle(args)
     except ConfigError as exc:

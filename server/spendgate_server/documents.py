@@ -39,22 +39,22 @@ MAX_DOCUMENT_DEPTH = 32
 MAX_DOCUMENT_VALUES = 100_000
 
 
-def read_document(path: str, source: str = "") -> Any:
+def read_document(path: str, flag: str = "") -> Any:
     """Read and parse the file at ``path``: JSON when it ends in ``.json``, else YAML.
 
     Args:
         path: the file.
-        source: how errors name it (default: the path; e.g. ``--config rules.yaml``).
+        flag: the option that named it (``--config``), for errors; empty for a positional.
 
     Raises:
         ConfigError: the file cannot be read, is not UTF-8, or parse_document refuses it.
     """
-    source = source or path
+    source = f"{flag} {path}" if flag else path
     try:
         with Path(path).open("rb") as handle:
             data = handle.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(f"{flag + ': ' if flag else ''}cannot read {path}: {exc.strerror}") from exc
     if len(data) > MAX_DOCUMENT_BYTES:
         raise ConfigError(f"{source}: larger than {MAX_DOCUMENT_BYTES} bytes")
     try:

@@ -13,6 +13,7 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "ResourceExhausted",
     "SpendgateError",
     "StoreUnavailable",
 ]
@@ -43,6 +44,19 @@ class NotFound(SpendgateError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        super().__init__(message)
+
+
+class ResourceExhausted(SpendgateError):
+    """A per-tenant or per-process quota is used up; nothing was changed.
+
+    Args:
+        quota: the quota's name (its flag without dashes, e.g. ``max_watch_streams_per_tenant``).
+        message: what is used up, the limit and its flag, and what the caller can do.
+    """
+
+    def __init__(self, quota: str, message: str) -> None:
+        self.quota = quota
         super().__init__(message)
 
 

@@ -7,19 +7,15 @@ multiprocess mode aggregates every worker in the supervisor's endpoint.
 
 from __future__ import annotations
 
-import threading
 import time
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from spendgate_server.engine.decide import Decision, Settlement, decision_id_time_ms
 from spendgate_server.errors import ConfigError
 from spendgate_server.rule_codes import Rule
 
-__all__ = ["Metrics", "UnknownModels", "serve_metrics"]
-
-_log = structlog.get_logger("spendgate.pricing")
+__all__ = ["Metrics", "serve_metrics"]
 
 # Decide takes ~0.5 ms end to end; buckets resolve 50 µs to 1 s.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0)
@@ -79,13 +75,14 @@ class Metrics:
             multiprocess_mode="max",
             registry=r,
         )
-        self.unknown_models = Counter(
-            "spendgate_unknown_model_lookups",
-            "Model names the price table resolved to the unknown-model policy (each name once while "
-            "the price cache has room, then on every call).",
+        self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
+        self.unpriced = Counter(
+            "spendgate_unpriced",
+            "Decides and Settles charged the never-undercount maximum: a model, service tier or "
+            "usage unit had no known price.",
+            ["kind"],
             registry=r,
         )
-        self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
         self.settle_anomalies = Counter(
             "spendgate_settle_anomalies",
@@ -161,54 +158,6 @@ class Metrics:
         self.rpc_errors.labels(method, code).inc()
         if method == "Settle" and code == "NOT_FOUND":
             self.settles.labels("unknown").inc()
-
-
-class UnknownModels:
-    """The price table's unknown-model hook: counts every lookup, warns once per model name.
-
-    Any caller may send any model name, so warning on every lookup would let one client
-    flood the logs (once the price cache is full, every call of an uncached name is
-    resolved again). The names already warned about are kept up to ``max_names``; past
-    that one more line says further names are counted but not logged.
-
-    Args:
-        policy: the --unknown-model-price policy, for the log line.
-        counter: incremented on every lookup (spendgate_unknown_model_lookups_total).
-        max_names: how many distinct names are remembered (bounded memory).
-    """
-
-    def __init__(self, policy: str, counter: Counter | None = None, max_names: int = 10_000) -> None:
-        self._policy = policy
-        self._counter = counter
-        self._max_names = max_names
-        self._warned: set[str] = set()
-        self._lock = threading.Lock()
-        self.saturated = False
-
-    def __call__(self, model: str) -> None:
-        """Record one lookup of ``model``, which no price names."""
-        if self._counter is not None:
-            self._counter.inc()
-        with self._lock:
-            if model in self._warned:
-                return
-            if len(self._warned) >= self._max_names:
-                if self.saturated:
-                    return
-                self.saturated = True
-                log_name = False
-            else:
-                self._warned.add(model)
-                log_name = True
-        if log_name:
-            _log.warning("unknown_model_price", model=model, policy=self._policy)
-        else:
-            _log.warning(
-                "unknown_model_names_not_logged",
-                detail=f"{self._max_names} unknown model names were logged; further ones are only "
-                "counted in spendgate_unknown_model_lookups_total",
-                policy=self._policy,
-            )
 
 
 def serve_metrics(port: int, host: str, registry: CollectorRegistry | None) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
-from spendgate_server.engine.pricing import ModelPricing, UnknownModelPolicy, parse_price_overrides
+from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.logging import redact_secrets
 
@@ -39,7 +39,7 @@ class ServeSettings:
     redis_pipelining: str = "on"
     workers: int = 1
     default_config: EnforcementConfig = field(default_factory=EnforcementConfig)
-    price_overrides: Mapping[str, ModelPricing] = field(default_factory=dict)
+    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
@@ -75,6 +75,11 @@ class ServeSettings:
     webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
     webhook_timeout_millis: int = 5000
+    # Limits per tenant and per process (RESOURCE_EXHAUSTED past them, naming the flag).
+    max_watch_streams_per_tenant: int = 64
+    max_watch_streams: int = 1024
+    # Distinct live sessions per tenant (0: no limit).
+    max_sessions_per_tenant: int = 100_000
 
 
 def _env(name: str, default: str) -> str:
@@ -221,6 +226,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="file holding the webhook HMAC secret (or env SPENDGATE_WEBHOOK_SECRET)",
     )
     a("--webhook-timeout-millis", default=_env("webhook_timeout_millis", str(d.webhook_timeout_millis)))
+    a(
+        "--max-watch-streams-per-tenant",
+        default=_env("max_watch_streams_per_tenant", str(d.max_watch_streams_per_tenant)),
+        help="open WatchViolations streams one tenant may hold on this server",
+    )
+    a(
+        "--max-watch-streams",
+        default=_env("max_watch_streams", str(d.max_watch_streams)),
+        help="open WatchViolations streams of all tenants on this server (per worker process)",
+    )
+    a(
+        "--max-sessions-per-tenant",
+        default=_env("max_sessions_per_tenant", str(d.max_sessions_per_tenant)),
+        help="distinct live sessions (used within --session-ttl-seconds) one tenant may hold; 0: no limit",
+    )
 
 
 def _int(flag: str, value: str, low: int, high: int) -> int:
@@ -258,13 +278,13 @@ def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
-def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPricing]]:
+def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverride]]:
     """Read ``{enforcement: {...}, prices: {...}}`` from YAML or JSON.
 
     Raises:
         ConfigError: naming the file and the bad key.
     """
-    raw: Any = read_document(path, f"--config {path}") or {}
+    raw: Any = read_document(path, "--config") or {}
     if not isinstance(raw, dict) or not set(raw) <= {"enforcement", "prices"}:
         raise ConfigError(f"--config: {path} must be a mapping with keys 'enforcement' and/or 'prices'")
     try:
@@ -274,7 +294,10 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, ModelPrici
     prices_raw = raw.get("prices") or {}
     if not isinstance(prices_raw, dict):
         raise ConfigError(f"--config: {path}: prices must be a mapping of model names")
-    prices = parse_price_overrides(prices_raw)
+    try:
+        prices = parse_price_overrides(prices_raw)
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from exc
     return config, prices
 
 
@@ -371,4 +394,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         webhook_url=_webhook_url(args.webhook_url),
         webhook_secret=_webhook_secret(args.webhook_url, args.webhook_secret_file),
         webhook_timeout_millis=_int("webhook-timeout-millis", args.webhook_timeout_millis, 100, 120_000),
+        max_watch_streams_per_tenant=_int(
+            "max-watch-streams-per-tenant", args.max_watch_streams_per_tenant, 1, 1_000_000
+        ),
+        max_watch_streams=_int("max-watch-streams", args.max_watch_streams, 1, 1_000_000),
+        max_sessions_per_tenant=_int("max-sessions-per-tenant", args.max_sessions_per_tenant, 0, 100_000_000),
     )

@@ -322,8 +322,8 @@ async def test_beta_and_raw_response_calls_are_gated_too(
         client.messages.with_raw_response.create(model="claude-test-big", max_tokens=10, messages=HELLO)
     )
     assert (await resolve(raw.parse())).usage.output_tokens == fake.usage.output_tokens
-    # The beta call is settled; the raw one's usage is not read, so its reservation stays at its estimate.
-    assert spent(server, client) > cost(BIG, fake.usage)
+    # Both are settled at their usage: the raw one from the body it carried.
+    assert spent(server, client) == 2 * cost(BIG, fake.usage)
 
 
 @pytest.mark.parametrize("fail_mode", ["open", "closed"])

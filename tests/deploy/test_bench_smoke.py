@@ -51,5 +51,10 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert document["decide_ratios"]["redis-w1"]["sequential"]["p50"] > 0
     assert all(math.isfinite(n) for n in _numbers(document))
     assert document["wrapper_overhead"]["status"] in ("ok", "missing", "error")
+    noisy = document["noisy_neighbour"]
+    assert noisy["status"] == "ok", noisy
+    assert noisy["figures"]["calls"] == {"alone": 100, "noisy": 100}
+    assert noisy["figures"]["noise"]["runs"][0]["streams_open"] == 20
+    assert "noisy neighbour (quiet tenant's Decide, ms)" in done.stdout
     if plot:
         assert (tmp_path / "latency_vs_load.png").read_bytes().startswith(b"\x89PNG")

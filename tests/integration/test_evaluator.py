@@ -22,7 +22,7 @@ from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.checks import CENT_NANO_USD, evaluate
-from spendgate_server.policy.evaluator import Evaluator, EvaluatorTimings
+from spendgate_server.policy.evaluator import Evaluator, EvaluatorTimings, InlineEvaluation
 from spendgate_server.policy.journal import (
     EVALUATOR_GROUP,
     JOURNAL_LOG,
@@ -76,6 +76,7 @@ class Pipeline:
             consumer=consumer,
             timings=EvaluatorTimings(**{"claim_idle_ms": 0, **timings}),
             clock=self.clock,
+            evaluation=InlineEvaluation(),
         )
 
     async def call(
@@ -324,7 +325,9 @@ async def test_journal_and_feed_work_on_a_redis_cluster() -> None:
         evaluator = Evaluator(
             logs, feed, policies, consumer="alive", timings=EvaluatorTimings(claim_idle_ms=0)
         )
+        # The default evaluation process, as in `spendgate worker`.
         assert await drain(evaluator) == 18
+        await evaluator.close()
         for tenant in tenants:
             assert len(await feed.after(tenant, "0-0", 100)) == 3
             assert await logs.pending(JOURNAL_LOG, tenant, EVALUATOR_GROUP) == 0

@@ -137,7 +137,7 @@ async def test_engine_flags_and_journals_but_counts_as_reported(
     settled = await e.settle(
         SettleCall("t", "s1", decision.reservation_id, "small", Usage(10_000, 100), True)
     )
-    assert settled.cost_nano_usd == PriceTable(PRICES).lookup("small").actual(Usage(10_000, 100))
+    assert settled.cost_nano_usd == PriceTable(PRICES).cost("small", Usage(10_000, 100))
     assert [a.kind for a in settled.anomalies] == [AnomalyKind.MODEL_MISMATCH]
     [event] = journal.events
     assert event.anomalies == settled.anomalies

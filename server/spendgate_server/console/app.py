@@ -21,6 +21,7 @@ from spendgate_server.console.backend import Backend, GrpcBackend
 from spendgate_server.console.pages import NAV, ROUTES
 from spendgate_server.console.sessions import SessionStore
 from spendgate_server.console.settings import ConsoleSettings
+from spendgate_server.console.throttle import SignInThrottle
 from spendgate_server.console.web import MAX_FORM_BYTES, Console, SecurityHeaders
 from spendgate_server.logging import configure_logging
 from spendgate_server.rpc.auth import is_loopback
@@ -66,7 +67,7 @@ def create_app(
         projects: Projects listed on the Rules page and offered in the filters.
         idle_seconds: A session ends after this long without a request.
         max_age_seconds: A session ends this long after sign-in.
-        clock: Seconds, for session expiry (tests pass a fake one).
+        clock: Seconds, for session expiry and the sign-in throttle (tests pass a fake one).
     """
     console = Console(
         backend_factory=backend_factory,
@@ -76,6 +77,7 @@ def create_app(
         target=target,
         projects=projects,
         nav=NAV,
+        throttle=SignInThrottle(clock=clock),
     )
 
     @asynccontextmanager

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spendgate_server.console.backend import Backend, BackendError, BackendUnavailable, NotAuthorized
 from spendgate_server.console.sessions import ConsoleSession, SessionStore
+from spendgate_server.console.throttle import SignInThrottle
 from spendgate_server.money import format_usd
 
 __all__ = [
@@ -88,6 +89,8 @@ class Console:
     target: str
     projects: tuple[str, ...] = ()
     nav: tuple[NavItem, ...] = ()
+    # Failed sign-ins per client address (console/throttle.py).
+    throttle: SignInThrottle = field(default_factory=SignInThrottle)
     templates: jinja2.Environment = field(init=False)
     _backend: Backend | None = None
 

@@ -16,6 +16,7 @@ from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
+from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import InvalidArgument, NotFound, StoreUnavailable
 from spendgate_server.money import format_usd
@@ -179,9 +180,11 @@ class DecisionEngine:
         clock: Clock = system_clock_ms,
         journal: Journal | None = None,
         deny_cache: DenyCache | None = None,
+        quota: SessionQuota | None = None,
         anomaly_thresholds: AnomalyThresholds | None = None,
     ) -> None:
         self._store = store
+        self._quota = quota
         self._canceller = ReserveCanceller(store, clock)
         self._anomaly_thresholds = anomaly_thresholds or AnomalyThresholds()
         self._deny = deny_cache
@@ -283,6 +286,9 @@ class DecisionEngine:
                     frozenset(shadow),
                 )
         memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
+        if self._quota is not None:
+            # Before anything is written: a session past the tenant's quota leaves no state.
+            await self._quota.admit(call.tenant, call.session_id, now_ms)
         outcome = await self._reserve(
             self._reserve_request(call, config, decision_id, estimate, memo, now_ms, model=model)
         )
@@ -439,8 +445,9 @@ class DecisionEngine:
 
         Raises:
             NotFound: the reservation id is unknown to this session, or long expired.
+            InvalidArgument: the usage counts contradict each other (nothing is settled).
         """
-        cost = self._prices.lookup(settle.model).actual(settle.usage) if settle.provider_ok else 0
+        cost = self._prices.cost(settle.model, settle.usage) if settle.provider_ok else 0
         if self._deny is not None:
             self._deny.forget(settle.tenant, settle.session_id)
         t = self._timings

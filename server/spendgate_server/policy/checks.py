@@ -26,10 +26,10 @@ from typing import Any
 
 from spendgate_server.money import format_usd
 from spendgate_server.policy.journal import JournalEvent
-from spendgate_server.policy.policies import CompiledPolicies
+from spendgate_server.policy.policies import MAX_SCANNED_BYTES_PER_ENTRY, CompiledPolicies
 from spendgate_server.policy.violations import PatternHit, PolicyType, Violation, violation_id
 
-__all__ = ["CENT_NANO_USD", "evaluate", "find_matches", "redacted_excerpt"]
+__all__ = ["CENT_NANO_USD", "evaluate", "find_matches", "redacted_excerpt", "scanned_text"]
 
 CENT_NANO_USD = 10_000_000
 EXCERPT_CONTEXT_CHARS = 24
@@ -40,8 +40,23 @@ _WORD_BREAK = re.compile(r"\s")
 _SPACES = re.compile(r"\s+")
 
 
+def scanned_text(text: str, limit_bytes: int = MAX_SCANNED_BYTES_PER_ENTRY) -> str:
+    """The part of ``text`` the evaluator scans: its first ``limit_bytes`` of UTF-8, whole characters.
+
+    Validation already bounds journaled prompts to this size; the cut also bounds entries
+    written by anything else (an older server, a hand-edited stream).
+    """
+    if len(text) * 4 <= limit_bytes:
+        return text
+    return text.encode()[:limit_bytes].decode(errors="ignore")
+
+
 def find_matches(text: str, policies: CompiledPolicies) -> list[tuple[str, int, int]]:
-    """(pattern id, start, end) of each banned pattern's first match in ``text``, in characters."""
+    """(pattern id, start, end) of each banned pattern's first match in ``text``, in characters.
+
+    Only the first MAX_SCANNED_BYTES_PER_ENTRY bytes of ``text`` are scanned.
+    """
+    text = scanned_text(text)
     hits = []
     for banned, program in policies.patterns:
         match = program.search(text)

@@ -9,16 +9,33 @@ nothing that the first already stored.
 
 Run it as ``spendgate worker`` (any number, against Redis) or inside ``spendgate
 serve`` (the embedded memory store has no other reader).
+
+Matching never runs on the event loop that reads the journal: inside ``spendgate
+serve`` that loop also answers Decide, and one tenant's patterns over 32 KiB prompts
+must not make another tenant miss its deadline. The loop only moves entries; the
+policies are applied by :class:`ProcessEvaluation`, one child process at a lower
+scheduling priority. (google-re2 does release the GIL while it scans, measured, but
+the redaction and JSON work around it does not, and a thread cannot be given a lower
+priority portably; a process also bounds the memory of compiled patterns apart from
+the server's.) The work per entry is bounded where policies are written
+(policies.py: patterns, RE2 program size, bytes scanned).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import multiprocessing
 import os
+import signal
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -26,11 +43,22 @@ from spendgate_server.errors import SpendgateError
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.checks import evaluate
 from spendgate_server.policy.journal import EVALUATOR_GROUP, JOURNAL_LOG, JournalEvent
+from spendgate_server.policy.policies import CompiledPolicies, Policies, compile_policies
 from spendgate_server.policy.remote_policies import PolicyResolver
 from spendgate_server.policy.violations import Violation, ViolationFeed
 from spendgate_server.store.logs import LogEntry, LogStore
 
-__all__ = ["Evaluator", "EvaluatorTimings", "default_consumer_name"]
+__all__ = [
+    "EVALUATION_NICENESS",
+    "BatchResult",
+    "Evaluation",
+    "Evaluator",
+    "EvaluatorTimings",
+    "InlineEvaluation",
+    "ProcessEvaluation",
+    "default_consumer_name",
+    "evaluate_batch",
+]
 
 _log = structlog.get_logger("spendgate.evaluator")
 Clock = Callable[[], int]
@@ -43,6 +71,133 @@ def default_consumer_name() -> str:
 
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+# The evaluation process runs this much nicer than the server: on a busy machine the
+# scheduler gives Decide the CPU first and the evaluator what is left (it only lags).
+EVALUATION_NICENESS = 10
+# Compiled policy sets the evaluation process keeps (tenant policies at a version).
+_COMPILED_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The violations a batch of journal entries produced, and the entries that failed.
+
+    ``failures`` holds (index into the batch, error text): a poison entry is reported
+    and acknowledged, because retrying it forever would stall the tenant.
+    """
+
+    violations: list[Violation] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+def evaluate_batch(policies: CompiledPolicies, payloads: Sequence[str]) -> BatchResult:
+    """Apply ``policies`` to each journal entry payload (JournalEvent JSON): CPU work, no I/O."""
+    result = BatchResult()
+    for index, payload in enumerate(payloads):
+        try:
+            result.violations.extend(evaluate(JournalEvent.from_json(payload), policies))
+        except Exception as exc:
+            result.failures.append((index, f"{type(exc).__name__}: {exc}"))
+    return result
+
+
+class Evaluation(Protocol):
+    """Where :func:`evaluate_batch` runs."""
+
+    async def evaluate(self, policies: CompiledPolicies, payloads: Sequence[str]) -> BatchResult:
+        """The result of :func:`evaluate_batch` over ``payloads``."""
+
+    async def close(self) -> None:
+        """Release what it holds (a process)."""
+
+
+class InlineEvaluation:
+    """Evaluates on the calling event loop: for tests and tools, never beside a decision path."""
+
+    async def evaluate(self, policies: CompiledPolicies, payloads: Sequence[str]) -> BatchResult:
+        """The result of :func:`evaluate_batch`, computed here."""
+        return evaluate_batch(policies, payloads)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _start_evaluation_process(niceness: int) -> None:
+    # The parent decides when to stop; a terminal's Ctrl-C goes to the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A platform that refuses nice() still evaluates, at the server's priority.
+    with contextlib.suppress(OSError):
+        os.nice(niceness)
+
+
+@functools.lru_cache(maxsize=_COMPILED_CACHE_SIZE)
+def _compiled(policies: Policies, version: int) -> CompiledPolicies:
+    return compile_policies(policies, version)
+
+
+def _evaluate_in_child(policies: Policies, version: int, payloads: list[str]) -> BatchResult:
+    return evaluate_batch(_compiled(policies, version), payloads)
+
+
+class ProcessEvaluation:
+    """Evaluates in one child process (spawned on first use, replaced if it dies).
+
+    The child runs ``niceness`` steps nicer than this process and compiles each
+    tenant's patterns once per policy version. Only the policies (uncompiled) and the
+    entries' payloads cross the pipe; the pickling and the wait happen off the loop.
+
+    Args:
+        niceness: added to the child's scheduling niceness (Unix).
+        evaluate: the function the child runs (``_evaluate_in_child``); replaceable so a
+            test can prove the loop stays free while the child works.
+    """
+
+    def __init__(
+        self,
+        niceness: int = EVALUATION_NICENESS,
+        evaluate: Callable[[Policies, int, list[str]], BatchResult] = _evaluate_in_child,
+    ) -> None:
+        self._niceness = niceness
+        self._evaluate = evaluate
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1,
+                # spawn, not fork: the server's gRPC threads must not be forked.
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_evaluation_process,
+                initargs=(self._niceness,),
+            )
+        return self._pool
+
+    async def evaluate(self, policies: CompiledPolicies, payloads: Sequence[str]) -> BatchResult:
+        """The result of :func:`evaluate_batch`, computed in the child process.
+
+        Raises:
+            BrokenProcessPool: the child died (it is replaced on the next call; the
+                batch stays pending and is evaluated again).
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._executor()
+        try:
+            return await loop.run_in_executor(
+                pool, self._evaluate, policies.policies, policies.version, list(payloads)
+            )
+        except BrokenProcessPool:
+            _log.error("evaluation_process_died", action="replaced on the next batch")
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    async def close(self) -> None:
+        """Stop the child (after the batch it is on, if any)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +225,8 @@ class Evaluator:
         timings: batch size, claim idle bound, poll and metrics intervals.
         metrics: sets spendgate_journal_lag_seconds and spendgate_evaluator_pending.
         clock: Unix milliseconds.
+        evaluation: where the policies are applied (default: a child process, see
+            :class:`ProcessEvaluation`); closed when :meth:`run` returns.
     """
 
     def __init__(
@@ -82,8 +239,10 @@ class Evaluator:
         timings: EvaluatorTimings | None = None,
         metrics: Metrics | None = None,
         clock: Clock = _system_ms,
+        evaluation: Evaluation | None = None,
     ) -> None:
         self._logs = logs
+        self._evaluation: Evaluation = evaluation if evaluation is not None else ProcessEvaluation()
         self._feed = feed
         self._policies = policies
         self.consumer = consumer or default_consumer_name()
@@ -119,13 +278,13 @@ class Evaluator:
         if not entries:
             return 0
         policies = await self._policies.get(tenant)
-        violations: list[Violation] = []
-        for entry in entries:
-            try:
-                violations += evaluate(JournalEvent.from_json(entry.payload), policies)
-            except Exception:
-                # A poison entry is logged and acknowledged: retrying it forever would stall the tenant.
-                _log.exception("journal_entry_not_evaluated", tenant=tenant, entry_id=entry.entry_id)
+        result = await self._evaluation.evaluate(policies, [e.payload for e in entries])
+        violations = result.violations
+        for index, error in result.failures:
+            # A poison entry is logged and acknowledged: retrying it forever would stall the tenant.
+            _log.error(
+                "journal_entry_not_evaluated", tenant=tenant, entry_id=entries[index].entry_id, error=error
+            )
         # Stored first, acknowledged after: a crash in between re-evaluates, and the ids dedupe.
         added = await self._feed.add(tenant, violations, self._clock())
         await self._logs.ack(JOURNAL_LOG, tenant, EVALUATOR_GROUP, [e.entry_id for e in entries])
@@ -154,8 +313,18 @@ class Evaluator:
         """Finish the round in progress, then return from :meth:`run`."""
         self._stopping = True
 
+    async def close(self) -> None:
+        """Release the evaluation process (:meth:`run` does this when it returns)."""
+        await self._evaluation.close()
+
     async def run(self) -> None:
         """Evaluate until :meth:`stop` (or cancellation); store outages are logged and retried."""
+        try:
+            await self._run()
+        finally:
+            await self.close()
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_metrics = 0.0
         failures = 0

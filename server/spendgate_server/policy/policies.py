@@ -4,6 +4,16 @@ Policies flag calls after the fact and never block one. Banned patterns are RE2
 expressions (google-re2): matching is linear in the input whatever the pattern,
 so no pattern an admin writes can hang the evaluator; a pattern RE2 refuses is
 refused when the policies are set, with RE2's reason.
+
+Linear is not cheap: RE2's time per scanned byte grows with the program it compiles
+a pattern to (``.{1000}`` five times over is a 40,005-instruction program that took
+5.5 s to scan one 32 KiB prompt). So a tenant's pattern cost is bounded when the
+policies are written: at most ``MAX_PATTERNS`` patterns, each compiling to at most
+``MAX_PATTERN_PROGRAM_SIZE`` instructions, together at most
+``MAX_TOTAL_PROGRAM_SIZE``; the evaluator scans at most
+``MAX_SCANNED_BYTES_PER_ENTRY`` of each prompt. At these bounds the worst sets
+measured took about 21 ms per 32 KiB entry (``python -m bench.noisy`` shows the
+effect on other tenants).
 """
 
 from __future__ import annotations
@@ -19,7 +29,11 @@ import re2  # type: ignore[import-untyped]  # google-re2 ships no type informati
 from spendgate_server.errors import FieldViolation, InvalidArgument
 
 __all__ = [
+    "MAX_PATTERNS",
     "MAX_PATTERN_CHARS",
+    "MAX_PATTERN_PROGRAM_SIZE",
+    "MAX_SCANNED_BYTES_PER_ENTRY",
+    "MAX_TOTAL_PROGRAM_SIZE",
     "NO_POLICIES",
     "BannedPattern",
     "CompiledPolicies",
@@ -30,6 +44,7 @@ __all__ = [
     "compile_policies",
     "key_fingerprint",
     "model_matches",
+    "pattern_program_size",
     "policies_from_dict",
     "policies_to_dict",
 ]
@@ -37,11 +52,19 @@ __all__ = [
 MAX_APPROVED_MODELS = 200
 MAX_PATTERNS = 100
 MAX_PATTERN_CHARS = 1024
+# RE2 instructions (RE2::ProgramSize) of one pattern, and of a tenant's whole set. Scan
+# time per byte grows with program size; typical secret and phrase patterns use 40-600.
+MAX_PATTERN_PROGRAM_SIZE = 2_000
+MAX_TOTAL_PROGRAM_SIZE = 20_000
+# Bytes of one journaled prompt the evaluator scans: the journal's own bound on prompt text.
+MAX_SCANNED_BYTES_PER_ENTRY = 32 * 1024
 MAX_KEY_RULES = 200
 MAX_ENVIRONMENTS = 16
 MAX_THRESHOLD_CENTS = 10**10
-# Each compiled pattern may use this much memory (RE2 refuses bigger programs at compile time).
-PATTERN_MAX_MEM_BYTES = 8 << 20
+# Each compiled pattern may use this much memory (program and DFA caches). Programs within
+# MAX_PATTERN_PROGRAM_SIZE scanned as fast with 1 MiB as with 8 MiB, and the evaluator holds
+# every tenant's set, so the smaller budget bounds its memory.
+PATTERN_MAX_MEM_BYTES = 1 << 20
 
 _MODEL = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}\*?")
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -53,7 +76,10 @@ BOUNDS = {
     "approved_models": f"at most {MAX_APPROVED_MODELS} model names (1-128 characters of "
     "[A-Za-z0-9._:@/+=-], optionally ending in '*' to match a prefix)",
     "pattern_id": "1-64 characters of [A-Za-z0-9._-], unique in the set",
-    "pattern": f"1-{MAX_PATTERN_CHARS} characters of RE2 syntax",
+    "pattern": f"1-{MAX_PATTERN_CHARS} characters of RE2 syntax, compiling to at most "
+    f"{MAX_PATTERN_PROGRAM_SIZE} RE2 instructions",
+    "banned_patterns": f"at most {MAX_PATTERNS} patterns, together at most {MAX_TOTAL_PROGRAM_SIZE} "
+    "RE2 instructions",
     "key_fingerprint": "32 lowercase hex characters (spendgate_client.key_fingerprint)",
     "key_label": "1-64 characters of [A-Za-z0-9._:@/-]",
     "environment": "1-32 characters of [A-Za-z0-9._-]",
@@ -118,6 +144,11 @@ def compile_pattern(pattern: str) -> Any:
     return compiled
 
 
+def pattern_program_size(compiled: Any) -> int:
+    """The size of ``compiled``'s RE2 program in instructions (RE2::ProgramSize): its scan cost."""
+    return int(compiled.programsize)
+
+
 def key_fingerprint(api_key: str) -> str:
     """The fingerprint of a provider API key: what clients report, never the key itself.
 
@@ -144,8 +175,16 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
         if not _MODEL.fullmatch(model):
             bad.append(FieldViolation(f"{p}approved_models[{i}]", f"must be {BOUNDS['approved_models']}"))
     if len(policies.banned_patterns) > MAX_PATTERNS:
-        bad.append(FieldViolation(p + "banned_patterns", f"at most {MAX_PATTERNS} patterns"))
+        bad.append(
+            FieldViolation(
+                p + "banned_patterns",
+                f"has {len(policies.banned_patterns)} patterns; must hold {BOUNDS['banned_patterns']}",
+            )
+        )
     seen: set[str] = set()
+    total_program_size = 0
+    # Set-level problems come first, so a long list of per-pattern ones never hides them.
+    set_level = len(bad)
     for i, banned in enumerate(policies.banned_patterns[:MAX_PATTERNS]):
         where = f"{p}banned_patterns[{i}]"
         if not _ID.fullmatch(banned.id) or banned.id in seen:
@@ -155,9 +194,28 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
             bad.append(FieldViolation(where + ".pattern", f"must be {BOUNDS['pattern']}"))
             continue
         try:
-            compile_pattern(banned.pattern)
+            size = pattern_program_size(compile_pattern(banned.pattern))
         except ValueError as exc:
             bad.append(FieldViolation(where + ".pattern", f"RE2 refuses {banned.pattern!r}: {exc}"))
+            continue
+        total_program_size += size
+        if size > MAX_PATTERN_PROGRAM_SIZE:
+            bad.append(
+                FieldViolation(
+                    where + ".pattern",
+                    f"compiles to {size} RE2 instructions, more than {MAX_PATTERN_PROGRAM_SIZE} "
+                    "(use smaller repetition counts)",
+                )
+            )
+    if total_program_size > MAX_TOTAL_PROGRAM_SIZE:
+        bad.insert(
+            set_level,
+            FieldViolation(
+                p + "banned_patterns",
+                f"the patterns compile to {total_program_size} RE2 instructions together, more than "
+                f"{MAX_TOTAL_PROGRAM_SIZE}; remove or simplify some",
+            ),
+        )
     if len(policies.key_environment_check) > MAX_KEY_RULES:
         bad.append(FieldViolation(p + "key_environment_check", f"at most {MAX_KEY_RULES} keys"))
     for i, rule in enumerate(policies.key_environment_check[:MAX_KEY_RULES]):

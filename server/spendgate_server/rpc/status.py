@@ -14,6 +14,7 @@ from spendgate_server.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     SpendgateError,
     StoreUnavailable,
 )
@@ -22,13 +23,14 @@ from spendgate_server.store.configs import ConfigConflict
 __all__ = ["DOMAIN", "DecodeErrorInterceptor", "abort", "rpc_status"]
 
 DOMAIN = "spendgate.dev"
-# Error details are bounded whatever the input: a request with thousands of bad entries gets
-# the first few named and a count of the rest, never a trailer a client cannot read (gRPC's
-# default limit on received metadata is 8 KiB).
-MAX_FIELD_VIOLATIONS = 10
-MAX_FIELD_CHARS = 96
-MAX_DESCRIPTION_CHARS = 160
-MAX_MESSAGE_CHARS = 512
+# The message travels in a trailer, and again inside the Status with the BadRequest in
+# another (base64: 4/3 of its size). grpc clients refuse received metadata past a soft
+# limit of 8 KiB at random (more often the larger it is) and always past 16 KiB, so an
+# error stays near 5 KiB at most: the violations' text, and so the message, fit
+# MAX_ERROR_TEXT_BYTES, and no single field or description can take it all.
+MAX_ERROR_TEXT_BYTES = 1024
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 384
 
 
 def _clip(text: str, limit: int) -> str:
@@ -41,39 +43,53 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
+def _bounded(exc: InvalidArgument) -> InvalidArgument:
+    """``exc`` with as many (clipped) violations as fit MAX_ERROR_TEXT_BYTES; a last one counts the rest."""
+    kept: list[FieldViolation] = []
+    size = 0
+    for violation in exc.violations:
+        field = _clip(violation.field, MAX_FIELD_CHARS)
+        description = _clip(violation.description, MAX_DESCRIPTION_CHARS)
+        size += len(field.encode()) + len(description.encode()) + 4
+        if size > MAX_ERROR_TEXT_BYTES and kept:
+            rest = len(exc.violations) - len(kept)
+            kept.append(FieldViolation(field, f"... and {rest} more problems (fix these first)"))
+            return InvalidArgument(kept)
+        kept.append(FieldViolation(field, description))
+    return InvalidArgument(kept)
+
+
 def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (ErrorInfo, plus BadRequest for bad input) of ``exc``.
 
     Errors we did not raise on purpose become INTERNAL without their text, which may hold secrets.
-    The details are bounded (MAX_FIELD_VIOLATIONS violations, clipped texts, a message of at
-    most MAX_MESSAGE_CHARS), so an error stays a few KiB whatever the request held.
+    The text is bounded (see MAX_ERROR_TEXT_BYTES), so an error stays a few KiB whatever the
+    request held.
     """
     details = []
-    message = str(exc) if isinstance(exc, SpendgateError) else "internal error; see server logs"
     if isinstance(exc, InvalidArgument):
         code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
-        shown = [
-            (_clip(v.field, MAX_FIELD_CHARS), _clip(v.description, MAX_DESCRIPTION_CHARS))
-            for v in exc.violations[:MAX_FIELD_VIOLATIONS]
-        ]
+        exc = _bounded(exc)
         violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-            for field, description in shown
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations
         ]
         details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
-        hidden = len(exc.violations) - len(shown)
-        more = f"; and {hidden} more invalid field{'s' if hidden > 1 else ''}" if hidden else ""
-        named = "; ".join(f"{field}: {description}" for field, description in shown)
-        message = _clip(named, MAX_MESSAGE_CHARS - len(more)) + more
     elif isinstance(exc, ConfigConflict):
         code, reason = grpc.StatusCode.FAILED_PRECONDITION, "ETAG_MISMATCH"
     elif isinstance(exc, NotFound):
         code, reason = grpc.StatusCode.NOT_FOUND, "NOT_FOUND"
+    elif isinstance(exc, ResourceExhausted):
+        code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"
+        quota = error_details_pb2.QuotaFailure.Violation(subject=exc.quota, description=str(exc))
+        details.append(_packed(error_details_pb2.QuotaFailure(violations=[quota])))
     elif isinstance(exc, StoreUnavailable):
         code, reason = grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"
     else:
         code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
-    message = _clip(message, MAX_MESSAGE_CHARS)
+    message = str(exc) if isinstance(exc, SpendgateError) else "internal error; see server logs"
+    if not isinstance(exc, InvalidArgument):  # that one is bounded above, its count kept at the end
+        message = _clip(message, MAX_ERROR_TEXT_BYTES)
     details.insert(0, _packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
     return code, status_pb2.Status(code=code.value[0], message=message, details=details)
 

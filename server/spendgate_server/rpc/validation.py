@@ -7,6 +7,7 @@ reaches the engine, so nothing changes.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from google.protobuf import timestamp_pb2
 from spendgate.v1 import decision_pb2 as pb
@@ -23,6 +24,7 @@ from spendgate_server.engine.config import (
     Rule,
 )
 from spendgate_server.engine.decide import Call, SettleCall
+from spendgate_server.engine.price_units import ANCESTORS, REGISTRY, USAGE_KEYS
 from spendgate_server.engine.pricing import Usage
 from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.policy.journal import CallContext
@@ -69,6 +71,9 @@ MAX_TOOL_CALLS_PER_REQUEST = 10_000
 # Journaled prompt text: the whole SettleRequest must stay under the server's 64 KiB message limit.
 MAX_PROMPT_TEXT_BYTES = 32 * 1024
 MAX_PATTERN_MATCHES = 100
+# Usage counts that are neither input nor output tokens (seconds, characters, web searches, ...).
+MAX_USAGE_COUNT = 1_000_000_000
+_SERVICE_TIER = re.compile(r"[A-Za-z0-9._-]{0,32}")
 MAX_PATTERN_OFFSET = 1 << 40
 
 BOUNDS = {
@@ -86,7 +91,19 @@ BOUNDS = {
     "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
     "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
     "timestamp": f"seconds 0-{MAX_TIMESTAMP_SECONDS} (up to 9999-12-31) and nanos 0-999999999",
+    "usage.counts": (
+        f"genai-prices usage keys to counts: input tokens 0-{MAX_INPUT_TOKENS}, output tokens "
+        f"0-{MAX_OUTPUT_TOKENS}, anything else 0-{MAX_USAGE_COUNT}; no part above its total"
+    ),
+    "usage.service_tier": "0-32 characters of [A-Za-z0-9._-]",
 }
+
+
+def _count_bound(key: str) -> int:
+    dimensions = REGISTRY.units[key].dimensions
+    if dimensions.get("family") != "tokens":
+        return MAX_USAGE_COUNT
+    return MAX_OUTPUT_TOKENS if dimensions.get("direction") == "output" else MAX_INPUT_TOKENS
 
 
 class _Checker:
@@ -218,6 +235,9 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
     for field in ("input_tokens", "cache_read_input_tokens", "cache_write_input_tokens"):
         c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
     c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
+    _usage_counts(c, u.counts)
+    if not _SERVICE_TIER.fullmatch(u.service_tier):
+        c.bad("usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
     if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
         c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
     context = _call_context(request, c)
@@ -227,10 +247,37 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         session_id=request.session_id,
         reservation_id=request.reservation_id,
         model=request.model,
-        usage=Usage(u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_write_input_tokens),
+        usage=Usage(
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens,
+            u.cache_write_input_tokens,
+            counts=dict(u.counts),
+            service_tier=u.service_tier,
+        ),
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
         context=context,
     )
+
+
+def _usage_counts(c: _Checker, counts: Mapping[str, int]) -> None:
+    """Check Usage.counts: known keys, bounded counts, and no part above a total it belongs to."""
+    if len(counts) > len(USAGE_KEYS):
+        c.bad("usage.counts", f"at most {len(USAGE_KEYS)} keys, one per genai-prices usage key")
+        return
+    for key, value in counts.items():
+        field = f"usage.counts[{key[:64]}]"
+        if key not in USAGE_KEYS:
+            c.bad(
+                field,
+                "not a genai-prices usage key (input_tokens, output_tokens, cache_read_tokens, "
+                "cache_write_tokens, cache_write_1h_tokens, input_audio_tokens, web_searches, ...)",
+            )
+            continue
+        c.integer(field, value, 0, _count_bound(key))
+        for total in sorted(ANCESTORS[key].intersection(counts)):
+            if counts[total] < value:
+                c.bad(field, f"{value} is more than {total} ({counts[total]}), which includes it")
 
 
 _VERDICT_NAMES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -11,7 +12,14 @@ from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
 from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
-from spendgate_server.policy.violations import PolicyType, ViolationFeed, ViolationFilter
+from spendgate_server.policy.violations import (
+    PolicyType,
+    Violation,
+    ViolationFeed,
+    ViolationFilter,
+    ViolationHub,
+    WatchLimits,
+)
 from spendgate_server.rpc.alerts_wire import violation_to_proto
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
@@ -24,7 +32,8 @@ _log = structlog.get_logger("spendgate.violations")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # A page reads at most this many entries, so a filter matching nothing stays cheap.
 SCAN_LIMIT = 5000
-WATCH_BATCH = 100
+# Recent violations kept converted for watchers (a message is never changed once built).
+RESPONSE_CACHE_SIZE = 4096
 
 
 def _filter(policy_type: int, session_id: str, project: str) -> ViolationFilter:
@@ -39,11 +48,16 @@ class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
     Args:
         feed: the alerts feed.
         recheck_seconds: a watcher re-reads the feed at least this often.
+        watch_limits: open WatchViolations streams per tenant and per process; every
+            stream of a tenant shares one reader of the feed (policy/violations.py).
     """
 
-    def __init__(self, feed: ViolationFeed, recheck_seconds: float = 5.0) -> None:
+    def __init__(
+        self, feed: ViolationFeed, recheck_seconds: float = 5.0, watch_limits: WatchLimits | None = None
+    ) -> None:
         self._feed = feed
-        self._recheck = recheck_seconds
+        self.hub = ViolationHub(feed, watch_limits, recheck_seconds)
+        self._responses: OrderedDict[tuple[str, str], vpb.WatchViolationsResponse] = OrderedDict()
 
     async def ListViolations(
         self, request: vpb.ListViolationsRequest, context: Context
@@ -79,24 +93,32 @@ class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
         try:
             where = _filter(request.policy_type, request.session_id, request.project)
             cursor = cursor_from_proto(request.cursor)
-            if not cursor:
-                cursor = await self._feed.last_cursor(tenant)
-            elif cursor == "0":
+            if cursor == "0":
                 cursor = "0-0"
+            # Empty: from the newest violation on. Past a limit: RESOURCE_EXHAUSTED.
+            watch = self.hub.open(tenant, cursor)
         except Exception as exc:
             await self._fail(context, exc)
-        while True:
-            try:
-                batch = await self._feed.after(tenant, cursor, WATCH_BATCH)
-                if not batch:
-                    await self._feed.wait(tenant, cursor, self._recheck)
-                    continue
-            except Exception as exc:
-                await self._fail(context, exc)
-            for violation in batch:
-                cursor = violation.cursor
-                if where.matches(violation):
-                    yield vpb.WatchViolationsResponse(violation=violation_to_proto(violation))
+        with watch:
+            while True:
+                try:
+                    batch = await watch.next_batch()
+                except Exception as exc:
+                    await self._fail(context, exc)
+                for violation in batch:
+                    if where.matches(violation):
+                        yield self._response(tenant, violation)
+
+    def _response(self, tenant: str, violation: Violation) -> vpb.WatchViolationsResponse:
+        # Every watcher of a tenant sends the same violations: convert each once.
+        key = (tenant, violation.cursor)
+        response = self._responses.get(key)
+        if response is None:
+            response = vpb.WatchViolationsResponse(violation=violation_to_proto(violation))
+            self._responses[key] = response
+            if len(self._responses) > RESPONSE_CACHE_SIZE:
+                self._responses.popitem(last=False)
+        return response
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         code, status = rpc_status(exc)

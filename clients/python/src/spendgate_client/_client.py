@@ -89,6 +89,12 @@ class Decision:
 
     ``fail_open`` is True when the service was unreachable and ``fail_mode="open"``
     allowed the call without a decision (nothing was reserved).
+
+    ``session_spend_nano_usd`` splits into ``settled_spend_nano_usd`` (what settled
+    calls cost) and ``reserved_nano_usd`` (what open reservations hold: calls in
+    flight, or never settled). ``unblocks_on_settle`` is True when a budget block is
+    due to those reservations, so waiting for them to settle can lift it; False when
+    settled spend alone reached the cap (only a new session id helps).
     """
 
     verdict: str
@@ -104,6 +110,9 @@ class Decision:
     would_block: bool
     shadow_rules: tuple[str, ...]
     fail_open: bool = False
+    settled_spend_nano_usd: int = 0
+    reserved_nano_usd: int = 0
+    unblocks_on_settle: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -115,7 +124,14 @@ class Decision:
         if self.allowed:
             return
         code = next((c for c, k in _RULE_KEYS.items() if k == self.rule), 0)
-        raise _BLOCK_ERRORS.get(code, EnforcementError)(self.reason, self.decision_id, self.rule)
+        raise _BLOCK_ERRORS.get(code, EnforcementError)(
+            self.reason,
+            self.decision_id,
+            self.rule,
+            spent_nano_usd=self.settled_spend_nano_usd,
+            reserved_nano_usd=self.reserved_nano_usd,
+            unblocks_on_settle=self.unblocks_on_settle,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +152,21 @@ class Usage:
         output_tokens: output tokens (reasoning included).
         cache_read_input_tokens: input tokens read from the prompt cache.
         cache_write_input_tokens: input tokens written to the prompt cache.
+        counts: every billed dimension, keyed by genai-prices usage key
+            (``input_tokens`` there counts *all* input tokens, cached ones included;
+            ``cache_write_1h_tokens``, ``output_audio_tokens``, ``audio_seconds``,
+            ``input_characters``, ``web_searches``, …). When set, a server that reads
+            it prices these and ignores the four token fields, which stay for older servers.
+        service_tier: the tier that actually ran (``"priority"``, ``"flex"``, ``"batch"``);
+            empty for the standard one.
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_write_input_tokens: int = 0
+    counts: Mapping[str, int] = field(default_factory=dict)
+    service_tier: str = ""
 
     def to_proto(self) -> pb.Usage:
         """The wire message."""
@@ -150,6 +175,8 @@ class Usage:
             output_tokens=self.output_tokens,
             cache_read_input_tokens=self.cache_read_input_tokens,
             cache_write_input_tokens=self.cache_write_input_tokens,
+            counts=self.counts,
+            service_tier=self.service_tier,
         )
 
 
@@ -282,6 +309,9 @@ def _decision(response: pb.DecideResponse) -> Decision:
         config_version=response.config_version,
         would_block=response.would_block,
         shadow_rules=tuple(_RULE_KEYS.get(r, str(r)) for r in response.shadow_rules),
+        settled_spend_nano_usd=response.settled_spend_nano_usd,
+        reserved_nano_usd=response.reserved_nano_usd,
+        unblocks_on_settle=response.unblocks_on_settle,
     )
 
 
@@ -382,6 +412,7 @@ class _Base:
         request_id: str,
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> pb.DecideRequest:
         request = pb.DecideRequest(
             session_id=session_id,
@@ -397,6 +428,8 @@ class _Base:
             if not isinstance(enforcement_config, pb.EnforcementConfig):
                 enforcement_config = enforcement_config_to_proto(enforcement_config)
             request.enforcement_config.CopyFrom(enforcement_config)
+        if max_usage is not None:
+            request.max_usage.CopyFrom(max_usage.to_proto())
         return request
 
     def _on_outage(self, error: grpc.RpcError, model: str) -> Decision:
@@ -470,10 +503,14 @@ class DecisionClient(_Base):
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> Decision:
         """Ask whether a provider call may go ahead. A block is returned, not raised.
 
         ``project`` names the project whose server-side rules apply on top of the tenant's.
+        ``max_usage`` is the call's worst case in the units its endpoint bills (counts by
+        genai-prices usage key) and the tier it runs at; when given, a server that reads it
+        reserves that instead of ``input_tokens`` x ``max_output_tokens``.
 
         Raises:
             SpendgateUnavailable: the service is unreachable or late and fail_mode is closed.
@@ -489,6 +526,7 @@ class DecisionClient(_Base):
             request_id,
             enforcement_config,
             project,
+            max_usage,
         )
         self.stats.add("decisions")
         try:
@@ -592,6 +630,7 @@ class AsyncDecisionClient(_Base):
         request_id: str = "",
         enforcement_config: Mapping[str, Any] | pb.EnforcementConfig | None = None,
         project: str = "",
+        max_usage: Usage | None = None,
     ) -> Decision:
         """See DecisionClient.decide."""
         request = self._decide_request(
@@ -604,6 +643,7 @@ class AsyncDecisionClient(_Base):
             request_id,
             enforcement_config,
             project,
+            max_usage,
         )
         self.stats.add("decisions")
         try:

@@ -25,16 +25,34 @@ class EnforcementError(SpendgateError):
         rule: the config key of the rule that fired (``"token_ceiling"`` …).
         reason: why, in words a developer can act on.
         decision_id: the server's id of the decision, for logs and support.
+        spent_nano_usd: what the session's settled calls cost, in nano-USD.
+        reserved_nano_usd: what its open reservations (calls in flight, or never
+            settled) hold, in nano-USD.
+        unblocks_on_settle: True when the block is due to open reservations, so
+            waiting for them to settle can lift it; False when settled spend alone
+            reached the cap and only a new session id helps.
     """
 
     rule = "unknown"
 
-    def __init__(self, reason: str, decision_id: str, rule: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        decision_id: str,
+        rule: str | None = None,
+        *,
+        spent_nano_usd: int = 0,
+        reserved_nano_usd: int = 0,
+        unblocks_on_settle: bool = False,
+    ) -> None:
         super().__init__(f"{rule or self.rule}: {reason} (decision {decision_id})")
         if rule is not None:
             self.rule = rule
         self.reason = reason
         self.decision_id = decision_id
+        self.spent_nano_usd = spent_nano_usd
+        self.reserved_nano_usd = reserved_nano_usd
+        self.unblocks_on_settle = unblocks_on_settle
 
 
 class TokenCeilingExceeded(EnforcementError):

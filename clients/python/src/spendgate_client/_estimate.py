@@ -42,6 +42,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from spendgate_client._client import Usage
+
 __all__ = [
     "ANTHROPIC_IMAGE_TOKENS",
     "BYTES_PER_TOKEN",
@@ -94,6 +96,9 @@ class PreparedRequest:
         max_output_tokens: the output cap the reservation assumes.
         fingerprint: SHA-256 of the canonical request, 32 bytes.
         tool_call_count: tool results in the newest turn.
+        max_usage: the worst case in the units the endpoint bills (counts by genai-prices
+            usage key) and its tier, for endpoints not billed as input and output tokens
+            of a chat model; None where ``input_tokens`` x ``max_output_tokens`` says it all.
     """
 
     body: dict[str, Any]
@@ -102,6 +107,7 @@ class PreparedRequest:
     max_output_tokens: int
     fingerprint: bytes
     tool_call_count: int
+    max_usage: Usage | None = None
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,7 +16,9 @@ import os
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +30,27 @@ from spendgate_client._config import enforcement_config_to_proto
 from spendgate_client._estimate import PreparedRequest
 from spendgate_client._policy import CallJournal, JournalSettings, PatternMatcher, prompt_text
 from spendgate_client._settler import Settler
+from spendgate_client._usage import Reading
 
 __all__ = [
     "DEFAULT_DECIDE_TIMEOUT",
+    "PREFETCHED",
     "AsyncStreamProxy",
+    "Call",
     "Gate",
     "Observer",
     "Provider",
     "Route",
-    "StreamUsage",
+    "StreamState",
     "SyncStreamProxy",
     "Ticket",
     "acall_gated",
+    "afollow_up",
+    "answered",
     "call_gated",
+    "follow_up",
+    "json_body",
+    "raw_response_requested",
 ]
 
 _log = logging.getLogger("spendgate_client")
@@ -50,6 +60,9 @@ DEFAULT_DECIDE_TIMEOUT = 0.25
 # so a typo fails at construction rather than on the first call.
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Calls waiting on a later request to settle (background responses, batches) per gate; the
+# oldest beyond this are left to expire at their estimate.
+MAX_PENDING_CALLS = 10_000
 
 
 class Gate:
@@ -119,9 +132,48 @@ class Gate:
         self.settler = Settler(self.client)
         # Environment, project and key label come from SPENDGATE_ENVIRONMENT, _PROJECT, _KEY_LABEL.
         self.journal = JournalSettings(project=project, matcher=PatternMatcher(self.client))
+        # Calls settled by a later request, by the provider's id (response, batch, file).
+        self._pending: OrderedDict[str, Call] = OrderedDict()
+        self._pending_lock = threading.Lock()
+        self._warned_paths: set[str] = set()
 
-    def decide(self, request: PreparedRequest, api_key: str | None = None) -> Ticket:
+    def wait_for(self, key: str, call: Call) -> None:
+        """Keep ``call`` until a later request about ``key`` settles it."""
+        with self._pending_lock:
+            self._pending[key] = call
+            while len(self._pending) > MAX_PENDING_CALLS:
+                _, oldest = self._pending.popitem(last=False)
+                oldest.ticket.abandon("too many calls waiting on a later request")
+
+    def waiting(self, key: str) -> Call | None:
+        """The call waiting on ``key``, if it is still unsettled."""
+        with self._pending_lock:
+            call = self._pending.get(key)
+            if call is not None and call.ticket.done:
+                del self._pending[key]
+                return None
+            return call
+
+    def done_waiting(self, key: str) -> None:
+        """Forget the call waiting on ``key``."""
+        with self._pending_lock:
+            self._pending.pop(key, None)
+
+    def warn_once(self, path: str, message: str, *args: Any) -> None:
+        """Log ``message`` the first time this gate sees ``path``."""
+        with self._pending_lock:
+            if path in self._warned_paths or len(self._warned_paths) > 1_000:
+                return
+            self._warned_paths.add(path)
+        _log.warning(message, *args)
+
+    def decide(
+        self, request: PreparedRequest, api_key: str | None = None, *, downgrade: bool = True
+    ) -> Ticket:
         """Ask Decide (blocking) and admit the call; ``api_key`` (the provider's) is only fingerprinted.
+
+        ``downgrade=False``: the call runs on its own model even if the decision names a
+        fallback (an embedding or audio call cannot run on a chat model).
 
         Raises:
             EnforcementError: the call is blocked (the subclass names the rule).
@@ -136,10 +188,13 @@ class Gate:
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
             project=self.project,
+            max_usage=request.max_usage,
         )
-        return self._admit(decision, request, api_key)
+        return self._admit(decision, request, api_key, downgrade)
 
-    async def adecide(self, request: PreparedRequest, api_key: str | None = None) -> Ticket:
+    async def adecide(
+        self, request: PreparedRequest, api_key: str | None = None, *, downgrade: bool = True
+    ) -> Ticket:
         """Ask Decide on the event loop and admit the call; raises like :meth:`decide`."""
         assert self.async_client is not None, "made without asynchronous=True"
         decision = await self.async_client.decide(
@@ -151,10 +206,13 @@ class Gate:
             tool_call_count=request.tool_call_count,
             enforcement_config=self.config,
             project=self.project,
+            max_usage=request.max_usage,
         )
-        return self._admit(decision, request, api_key)
+        return self._admit(decision, request, api_key, downgrade)
 
-    def _admit(self, decision: Decision, request: PreparedRequest, api_key: str | None) -> Ticket:
+    def _admit(
+        self, decision: Decision, request: PreparedRequest, api_key: str | None, downgrade: bool = True
+    ) -> Ticket:
         decision.raise_for_block()
         if decision.shadow_rules and not decision.would_block:
             _log.info(
@@ -171,11 +229,18 @@ class Gate:
                 ", ".join(decision.shadow_rules),
                 decision.decision_id,
             )
-        if decision.verdict == "allow_downgraded":
+        model = decision.effective_model or request.model
+        if decision.verdict == "allow_downgraded" and not downgrade:
+            _log.info(
+                "spendgate: %s stays on %s (model_downgrade applies to chat models only)",
+                request.model,
+                request.model,
+            )
+            model = request.model
+        elif decision.verdict == "allow_downgraded":
             _log.info(
                 "spendgate downgraded %s to %s: %s", request.model, decision.effective_model, decision.reason
             )
-        model = decision.effective_model or request.model
         if not decision.reservation_id:
             return Ticket(self, decision, model)
         matcher = self.journal.matcher
@@ -228,8 +293,22 @@ class Ticket:
             self._done = True
             return True
 
-    def settle(self, usage: Usage, model: str | None = None) -> None:
-        """Queue the settle of ``usage`` billed on ``model`` (default: the effective model)."""
+    @property
+    def gate(self) -> Gate:
+        """The gate that admitted the call."""
+        return self._gate
+
+    @property
+    def done(self) -> bool:
+        """Settled, released or abandoned already (or nothing was reserved)."""
+        return self._done
+
+    def settle(self, usage: Usage | Reading, model: str | None = None) -> None:
+        """Queue the settle of ``usage`` billed on ``model`` (default: the effective model).
+
+        A :class:`Reading` is read on the settle thread; when it finds no usage the
+        reservation is left to expire at its estimate.
+        """
         if self._claim():
             self._gate.settler.submit(
                 self._gate.session_id,
@@ -260,34 +339,43 @@ class Ticket:
             )
 
 
-class StreamUsage:
-    """Usage reported so far by a streamed call; settles what was reported when the stream ends.
+class StreamState:
+    """What a streamed call reported so far, gathered as a response body for the route's reader.
 
-    The provider modules :meth:`record` the usage each event reports. Ending —
-    exhausted, closed, abandoned or failed — settles once; a stream that reported
-    nothing leaves its reservation to expire.
+    The provider modules' observers fill ``body`` (``model``, ``usage``, …) from the
+    events as they pass; ``complete`` turns True at the event that ends the answer
+    (Anthropic's ``message_delta``, OpenAI's usage chunk or ``response.completed``).
+    Ending — exhausted, closed, abandoned or failed — settles once through the route.
     """
 
-    __slots__ = ("current", "ticket")
+    __slots__ = ("body", "call", "complete", "deltas", "streamed_bytes")
 
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-        self.current: Usage | None = None
-
-    def record(self, usage: Usage) -> None:
-        """Record the usage reported so far (cumulative: it replaces what was recorded)."""
-        self.current = usage
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.body: dict[str, Any] = {}
+        self.complete = False
+        # Content deltas seen, and their text's UTF-8 bytes: what a stream closed early did generate.
+        self.deltas = 0
+        self.streamed_bytes = 0
 
     def end(self, why: str) -> None:
-        """Settle what was reported, or leave the reservation when nothing was."""
-        if self.current is not None:
-            self.ticket.settle(self.current)
-        else:
-            self.ticket.abandon(f"stream {why} before reporting usage")
+        """Settle what was reported; how a stream that ended early counts is the route's choice."""
+        call = self.call
+        if not self.complete and call.route.partial == "wait":
+            return  # e.g. batch results read halfway: a later full read settles them
+        if not self.body and not self.deltas:
+            call.ticket.abandon(f"stream {why} before reporting usage")
+            return
+        if not self.complete and call.route.partial == "keep":
+            call.ticket.abandon(f"stream {why} before its final usage")
+            return
+        stream = {"complete": self.complete, "deltas": self.deltas, "streamed_bytes": self.streamed_bytes}
+        call.settle_body({**self.body, "_stream": stream})
 
 
-# Sees one streamed item: records its usage and says whether the caller gets it.
-Observer = Callable[[Any, StreamUsage], bool]
+# Sees one streamed item (an SDK event object, or the same event as a parsed dict):
+# records what it reports and says whether the caller gets it.
+Observer = Callable[[Any, StreamState], bool]
 
 
 def _share_attributes(proxy: object, inner: object) -> None:
@@ -306,16 +394,16 @@ class SyncStreamProxy:
 
     response: Any
 
-    def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
+    def __init__(self, inner: Any, state: StreamState, observe: Observer) -> None:
         # Stream.__init__ is deliberately not called: there is no second HTTP response. The
         # inner stream's attributes (response, options, client) are shared, its iterator not.
         _share_attributes(self, inner)
         self._sg_inner = inner
-        self._sg_usage = usage
+        self._sg_state = state
         self._sg_observe = observe
         self.response = inner.response
         # Holds no reference to the proxy, so an abandoned stream is still collected.
-        self._sg_end = weakref.finalize(self, usage.end, "ended")
+        self._sg_end = weakref.finalize(self, state.end, "ended")
 
     def __next__(self) -> Any:
         while True:
@@ -325,7 +413,7 @@ class SyncStreamProxy:
                 # StopIteration (done) or a provider error mid-stream: settle what was reported.
                 self._sg_end()
                 raise
-            if self._sg_observe(item, self._sg_usage):
+            if self._sg_observe(item, self._sg_state):
                 return item
 
     def __iter__(self) -> Iterator[Any]:
@@ -353,13 +441,13 @@ class AsyncStreamProxy:
 
     response: Any
 
-    def __init__(self, inner: Any, usage: StreamUsage, observe: Observer) -> None:
+    def __init__(self, inner: Any, state: StreamState, observe: Observer) -> None:
         _share_attributes(self, inner)
         self._sg_inner = inner
-        self._sg_usage = usage
+        self._sg_state = state
         self._sg_observe = observe
         self.response = inner.response
-        self._sg_end = weakref.finalize(self, usage.end, "ended")
+        self._sg_end = weakref.finalize(self, state.end, "ended")
 
     async def __anext__(self) -> Any:
         while True:
@@ -368,7 +456,7 @@ class AsyncStreamProxy:
             except BaseException:
                 self._sg_end()
                 raise
-            if self._sg_observe(item, self._sg_usage):
+            if self._sg_observe(item, self._sg_state):
                 return item
 
     async def __aiter__(self) -> AsyncIterator[Any]:
@@ -391,58 +479,217 @@ class AsyncStreamProxy:
         return getattr(self._sg_inner, name)
 
 
+# Reads a response body (a parsed JSON dict, or the body a stream's events add up to)
+# into what was billed; runs on the settle thread. None: the body reports no usage.
+Reader = Callable[[Mapping[str, Any], PreparedRequest], Usage | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """How one provider endpoint is gated.
+    """One row of a provider's declared table: how one endpoint is gated.
 
     Attributes:
-        prepare: body → (request facts, observer for its stream items).
-        usage_of: non-streamed result → usage, or None when it carries none.
+        surface: the SDK methods that reach this endpoint (for logs and the docs).
+        prepare: (body, files, raw) → the request's facts (estimate, fingerprint,
+            counts of its worst case) and the observer of its stream items. ``files``
+            are the SDK's multipart files; ``raw`` says the caller reads the HTTP
+            response itself (``with_raw_response`` / ``with_streaming_response``), so
+            the body must be sent as given.
+        read: response body → usage (on the settle thread).
+        downgrade: whether ``model_downgrade`` may run the call on the fallback model
+            (only where any model of the family serves the same request).
+        body_read: the reader needs the response body (False: it counts from the
+            request alone, e.g. characters of a speech request, so the audio is not kept).
+        on_answer: called with the body of a non-streamed answer before it is read
+            (:func:`json_body` parses it); returns True when it took charge of the ticket (a background
+            response that will be settled when it completes).
+        partial: how a stream that ended before its final usage counts: ``"count"``
+            what was streamed (the reader sees ``_stream`` in the body), ``"keep"`` the
+            reservation (it expires at its estimate), or ``"wait"`` for a later read.
     """
 
-    prepare: Callable[[Mapping[str, Any]], tuple[PreparedRequest, Observer]]
-    usage_of: Callable[[Any], Usage | None]
+    surface: str
+    prepare: Callable[[Mapping[str, Any], Any, bool], tuple[PreparedRequest, Observer | None]]
+    read: Reader
+    downgrade: bool = True
+    body_read: bool = True
+    on_answer: Callable[[Call, bytes], bool] | None = None
+    partial: str = "keep"
+
+
+# A follow-up: a later request about an earlier call (a background response retrieved,
+# a batch's results fetched). Given the gate and the path's match, the call it settles.
+FollowUp = Callable[["Gate", "re.Match[str]"], "Call | None"]
 
 
 @dataclass(frozen=True, slots=True)
 class Provider:
-    """What the gated call needs to know about one SDK.
+    """What the gated calls need to know about one SDK: its declared table of endpoints.
 
     Attributes:
-        routes: POST path → route; other paths pass through untouched.
+        name: "anthropic" or "openai", for logs.
+        routes: POST path → route, for every billable endpoint.
+        free: POST paths (regexes, full match) known not to bill (``count_tokens``,
+            moderations, file uploads, cancels…): they pass through without a warning.
+        follow_ups: (method, path regex, handler): requests that complete an earlier
+            call (a background response retrieved or polled, batch results fetched).
         sentinels: the SDK's "argument not given" types, dropped from bodies.
         unknown_outcome: errors after which the provider may have billed the call
             (connection failures and timeouts): the reservation is left to expire.
         stream_type / async_stream_type: the SDK's stream classes.
         stream_proxy / async_stream_proxy: their watching subclasses.
+        generic: the route of a POST path the table does not know whose body names a
+            ``model``: guarded with a conservative estimate (a warning is logged once).
+        prefetch: (path, body) → id of a file whose content the request's estimate
+            needs (an OpenAI batch's input file), read through the SDK before Decide.
     """
 
+    name: str
     routes: Mapping[str, Route]
+    free: tuple[re.Pattern[str], ...]
+    follow_ups: tuple[tuple[str, re.Pattern[str], FollowUp], ...]
     sentinels: tuple[type, ...]
     unknown_outcome: tuple[type[BaseException], ...]
     stream_type: type
     async_stream_type: type
-    stream_proxy: Callable[[Any, StreamUsage, Observer], Any]
-    async_stream_proxy: Callable[[Any, StreamUsage, Observer], Any]
+    stream_proxy: Callable[[Any, StreamState, Observer], Any]
+    async_stream_proxy: Callable[[Any, StreamState, Observer], Any]
+    generic: Route | None = None
+    prefetch: Callable[[str, Mapping[str, Any]], str | None] | None = None
+
+    def is_free(self, path: str) -> bool:
+        """Whether ``path`` is a known endpoint that bills nothing."""
+        return any(p.fullmatch(path) for p in self.free)
+
+    def follow_up(self, gate: Gate, method: str, path: str) -> Call | None:
+        """The earlier call a request to ``path`` completes, if it is one this gate is waiting on."""
+        for want, pattern, handler in self.follow_ups:
+            found = pattern.fullmatch(path) if want == method else None
+            if found is not None:
+                return handler(gate, found)
+        return None
 
 
-def _send_body(provider: Provider, route: Route, body: Mapping[str, Any]) -> tuple[PreparedRequest, Observer]:
+_RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
+# The body key under which a route's prepare finds the content its Provider.prefetch named.
+PREFETCHED = "_spendgate_prefetched"
+
+
+def raw_response_requested(options: Any) -> bool:
+    """Whether the SDK call asked for the HTTP response itself (``with_raw_response`` …)."""
+    headers = options.get("headers") if isinstance(options, Mapping) else None
+    return isinstance(headers, Mapping) and any(str(k).lower() == "x-stainless-raw-response" for k in headers)
+
+
+class Call:
+    """One gated request in flight: its ticket, route and request, and what its answer was.
+
+    A call that got a 2xx answer is billed whatever happens next (the SDK may still
+    raise while post-processing it, e.g. ``LengthFinishReasonError``): its usage is
+    read from the HTTP body as soon as the body has arrived, before the SDK parses it.
+    """
+
+    __slots__ = ("answered", "observe", "provider", "request", "route", "stream_mode", "ticket")
+
+    def __init__(
+        self,
+        ticket: Ticket,
+        route: Route,
+        request: PreparedRequest,
+        observe: Observer | None,
+        provider: Provider,
+    ) -> None:
+        self.ticket = ticket
+        self.route = route
+        self.request = request
+        self.observe = observe
+        self.provider = provider
+        self.answered = False
+        # "proxy": the SDK's own Stream object will be watched; "tee": the HTTP body is watched.
+        self.stream_mode = ""
+
+    def settle_body(self, body: Mapping[str, Any] | bytes) -> None:
+        """Queue the settle of what ``body`` (a response body, parsed or not) reports."""
+        route, request = self.route, self.request
+        self.ticket.settle(Reading(lambda parsed: route.read(parsed, request), body))
+
+    def answer(self, response: Any, stream: bool, stream_cls: Any) -> None:
+        """The provider answered 2xx with ``response`` (the SDK's HTTP response, before parsing)."""
+        if self.answered:
+            return
+        self.answered = True
+        if not self.route.body_read:
+            self.settle_body({})
+            return
+        if not stream:
+            try:
+                content: bytes = response.content
+            except Exception:  # the body was not read after all: watch it as a stream
+                content = b""
+            else:
+                if self.route.on_answer is not None and self.route.on_answer(self, content):
+                    return
+                self.settle_body(content)
+                return
+        raw = bool(response.request.headers.get(_RAW_RESPONSE_HEADER))
+        if stream_cls is not None and not raw and self.observe is not None:
+            self.stream_mode = "proxy"  # the SDK's Stream object comes back: watch its events
+            return
+        self.stream_mode = "tee"
+        watch_http_body(response, self)
+
+
+# The gated call running in this thread or task; the SDK's response hook finds it here.
+_current: ContextVar[Call | None] = ContextVar("spendgate_call", default=None)
+
+
+def json_body(content: bytes) -> Mapping[str, Any]:
+    """A JSON object body, parsed; empty when it is not one."""
+    import json
+
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return {}
+    return body if isinstance(body, Mapping) else {}
+
+
+def answered(response: Any, stream: bool, stream_cls: Any) -> None:
+    """The SDK got a 2xx ``response``: settle (or start watching) the gated call in progress."""
+    call = _current.get()
+    if call is not None:
+        try:
+            call.answer(response, stream, stream_cls)
+        except Exception:  # reading usage must never break the caller's call
+            _log.exception("spendgate: reading the answer of %s failed", call.route.surface)
+
+
+def _send_body(
+    provider: Provider, route: Route, body: Mapping[str, Any], files: Any, raw: bool
+) -> tuple[PreparedRequest, Observer | None]:
     given = {k: v for k, v in body.items() if not isinstance(v, provider.sentinels)}
-    return route.prepare(given)
+    return route.prepare(given, files, raw)
 
 
-def _finish(provider: Provider, route: Route, ticket: Ticket, result: Any, observe: Observer) -> Any:
-    if isinstance(result, provider.stream_type):
-        return provider.stream_proxy(result, StreamUsage(ticket), observe)
-    if isinstance(result, provider.async_stream_type):
-        return provider.async_stream_proxy(result, StreamUsage(ticket), observe)
-    usage = route.usage_of(result)
-    if usage is None:
-        # A raw (with_raw_response) or background response: its usage is not read here.
-        ticket.abandon("the response carried no usage")
-    else:
-        ticket.settle(usage)
+def _finish(call: Call, result: Any) -> Any:
+    provider = call.provider
+    if call.stream_mode == "proxy" and call.observe is not None:
+        if isinstance(result, provider.stream_type):
+            return provider.stream_proxy(result, StreamState(call), call.observe)
+        if isinstance(result, provider.async_stream_type):
+            return provider.async_stream_proxy(result, StreamState(call), call.observe)
+    if not call.answered:
+        call.ticket.abandon("the SDK returned without an answer spendgate could read")
     return result
+
+
+def _failed(call: Call, error: BaseException) -> None:
+    if call.answered:
+        return  # a 2xx arrived: its usage is already on its way, whatever the SDK raised after it
+    if isinstance(error, call.provider.unknown_outcome):
+        call.ticket.abandon("the provider connection failed; the call may have been billed")
+    else:
+        call.ticket.release()
 
 
 def call_gated(
@@ -452,22 +699,25 @@ def call_gated(
     body: Mapping[str, Any],
     send: Callable[[dict[str, Any]], Any],
     api_key: str | None = None,
+    files: Any = None,
+    raw: bool = False,
 ) -> Any:
-    """Decide, send the body (on the effective model) with ``send``, settle or watch the stream.
+    """Decide, send the body (on the effective model) with ``send``, settle or watch the answer.
 
     ``api_key`` is the provider key the call is made with: only its fingerprint is reported.
     """
-    request, observe = _send_body(provider, route, body)
-    ticket = gate.decide(request, api_key)
+    request, observe = _send_body(provider, route, body, files, raw)
+    ticket = gate.decide(request, api_key, downgrade=route.downgrade)
+    call = Call(ticket, route, request, observe, provider)
+    token = _current.set(call)
     try:
-        result = send(_on_model(request.body, ticket.model))
-    except provider.unknown_outcome:
-        ticket.abandon("the provider connection failed; the call may have been billed")
+        result = send(_on_model(request.body, ticket.model) if route.downgrade else request.body)
+    except BaseException as error:
+        _failed(call, error)
         raise
-    except Exception:
-        ticket.release()
-        raise
-    return _finish(provider, route, ticket, result, observe)
+    finally:
+        _current.reset(token)
+    return _finish(call, result)
 
 
 async def acall_gated(
@@ -477,22 +727,217 @@ async def acall_gated(
     body: Mapping[str, Any],
     send: Callable[[dict[str, Any]], Awaitable[Any]],
     api_key: str | None = None,
+    files: Any = None,
+    raw: bool = False,
 ) -> Any:
     """The asyncio twin of :func:`call_gated`."""
-    request, observe = _send_body(provider, route, body)
-    ticket = await gate.adecide(request, api_key)
+    request, observe = _send_body(provider, route, body, files, raw)
+    ticket = await gate.adecide(request, api_key, downgrade=route.downgrade)
+    call = Call(ticket, route, request, observe, provider)
+    token = _current.set(call)
     try:
-        result = await send(_on_model(request.body, ticket.model))
-    except provider.unknown_outcome:
-        ticket.abandon("the provider connection failed; the call may have been billed")
+        result = await send(_on_model(request.body, ticket.model) if route.downgrade else request.body)
+    except BaseException as error:
+        _failed(call, error)
         raise
-    except Exception:
-        ticket.release()
-        raise
-    return _finish(provider, route, ticket, result, observe)
+    finally:
+        _current.reset(token)
+    return _finish(call, result)
+
+
+def follow_up(call: Call, send: Callable[[], Any]) -> Any:
+    """Send a request that completes ``call`` (retrieve, poll, fetch results); settle from its answer."""
+    token = _current.set(call)
+    try:
+        result = send()
+    finally:
+        _current.reset(token)
+    return _finish_follow_up(call, result)
+
+
+async def afollow_up(call: Call, send: Callable[[], Awaitable[Any]]) -> Any:
+    """The asyncio twin of :func:`follow_up`."""
+    token = _current.set(call)
+    try:
+        result = await send()
+    finally:
+        _current.reset(token)
+    return _finish_follow_up(call, result)
+
+
+def _finish_follow_up(call: Call, result: Any) -> Any:
+    provider = call.provider
+    if call.stream_mode == "proxy" and call.observe is not None:
+        if isinstance(result, provider.stream_type):
+            return provider.stream_proxy(result, StreamState(call), call.observe)
+        if isinstance(result, provider.async_stream_type):
+            return provider.async_stream_proxy(result, StreamState(call), call.observe)
+    return result
 
 
 def _on_model(body: dict[str, Any], model: str) -> dict[str, Any]:
     if body.get("model") == model or model == "unknown":
         return body
     return {**body, "model": model}
+
+
+class _BodyWatcher:
+    """Watches an HTTP body as the caller reads it: SSE events or JSON lines to the observer,
+    or a whole JSON body to the route's reader when it has all arrived."""
+
+    def __init__(self, response: Any, call: Call) -> None:
+        content_type = str(response.headers.get("content-type", ""))
+        self.kind = (
+            "sse"
+            if "event-stream" in content_type
+            else "lines"
+            if ("jsonl" in content_type or "binary" in content_type or "octet" in content_type)
+            else "json"
+        )
+        self.state = StreamState(call)
+        self.call = call
+        self._buffer = bytearray()
+        self._body = bytearray()
+        self._data: list[bytes] = []
+        self._ended = False
+        self._decoder = _content_decoder(response)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is None:
+            return
+        try:
+            data = self._decoder(chunk)
+            if self.kind == "json":
+                self._body += data
+                return
+            self._buffer += data
+            while True:
+                cut = self._buffer.find(b"\n")
+                if cut < 0:
+                    return
+                line = bytes(self._buffer[:cut]).rstrip(b"\r")
+                del self._buffer[: cut + 1]
+                self._line(line)
+        except Exception:
+            _log.exception("spendgate: reading a streamed answer failed; its reservation is kept")
+            self._decoder = None
+
+    def _line(self, line: bytes) -> None:
+        if self.kind == "lines":
+            if line.strip():
+                self._item(line)
+        elif line.startswith(b"data:"):
+            self._data.append(line[5:].lstrip())
+        elif not line and self._data:
+            data = b"\n".join(self._data)
+            self._data.clear()
+            if data != b"[DONE]":
+                self._item(data)
+
+    def _item(self, data: bytes) -> None:
+        observe = self.call.observe
+        if observe is None:
+            return
+        import json
+
+        item = json.loads(data)
+        if isinstance(item, Mapping):
+            observe(item, self.state)
+
+    def end(self, why: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._decoder is None:
+            self.call.ticket.abandon("its streamed answer could not be read")
+        elif self.kind == "json":
+            if why == "ended":
+                self.call.settle_body(bytes(self._body))
+            else:
+                self.call.ticket.abandon(f"the answer was {why} before it was read")
+        else:
+            if self._buffer:
+                self._line(bytes(self._buffer))
+                self._buffer.clear()
+            self._line(b"")
+            self.state.end(why)
+
+
+def _content_decoder(response: Any) -> Callable[[bytes], bytes] | None:
+    """bytes as sent → bytes as meant (the body's Content-Encoding undone); None when unknown."""
+    encodings = [
+        e.strip().lower() for e in str(response.headers.get("content-encoding", "")).split(",") if e.strip()
+    ]
+    if not encodings or encodings == ["identity"]:
+        return lambda chunk: chunk
+    decoder_of = getattr(response, "_get_content_decoder", None)
+    if decoder_of is None:
+        return None
+    try:
+        # A fresh decoder of the same kind: the response's own one belongs to its reader.
+        decoder = type(decoder_of())()
+    except Exception:
+        return None
+    return lambda chunk: b"".join(decoder.decode(chunk))
+
+
+_tee_classes: dict[type, type] = {}
+
+
+def watch_http_body(response: Any, call: Call) -> None:
+    """Put a watcher between the response's byte stream and whoever reads it."""
+    inner = response.stream
+    names = {klass.__name__ for klass in type(inner).__mro__}
+    asynchronous = "AsyncByteStream" in names or hasattr(inner, "__aiter__")
+    base = next(
+        (
+            k
+            for k in type(inner).__mro__
+            if k.__name__ == ("AsyncByteStream" if asynchronous else "SyncByteStream")
+        ),
+        object,
+    )
+    klass = _tee_classes.get(base)
+    if klass is None:
+        mixin = _AsyncTee if asynchronous else _SyncTee
+        klass = _tee_classes[base] = type(f"Spendgate{mixin.__name__}", (mixin, base), {})
+    watcher = _BodyWatcher(response, call)
+    tee = klass(inner, watcher)
+    weakref.finalize(tee, watcher.end, "abandoned")
+    response.stream = tee
+
+
+class _SyncTee:
+    def __init__(self, inner: Any, watcher: _BodyWatcher) -> None:
+        self._inner = inner
+        self._watcher = watcher
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._watcher.feed(chunk)
+            yield chunk
+        self._watcher.end("ended")
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._watcher.end("closed")
+
+
+class _AsyncTee:
+    def __init__(self, inner: Any, watcher: _BodyWatcher) -> None:
+        self._inner = inner
+        self._watcher = watcher
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._watcher.feed(chunk)
+            yield chunk
+        self._watcher.end("ended")
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._watcher.end("closed")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from spendgate_client._client import DecisionClient, JournalContext, Usage
 from spendgate_client._errors import SpendgateError
 from spendgate_client._policy import CallJournal
+from spendgate_client._usage import Reading
 
 __all__ = ["EXIT_FLUSH_SECONDS", "MAX_RETRY_SECONDS", "SettleJob", "Settler"]
 
@@ -50,7 +51,7 @@ class SettleJob:
     session_id: str = field(compare=False)
     reservation_id: str = field(compare=False)
     model: str = field(compare=False)
-    usage: Usage = field(default_factory=Usage, compare=False)
+    usage: Usage | Reading = field(default_factory=Usage, compare=False)
     provider_ok: bool = field(default=True, compare=False)
     journal: CallJournal | None = field(default=None, compare=False)
     first_tried: float = field(default=0.0, compare=False)
@@ -109,13 +110,14 @@ class Settler:
         session_id: str,
         reservation_id: str,
         model: str,
-        usage: Usage | None = None,
+        usage: Usage | Reading | None = None,
         *,
         provider_ok: bool = True,
         journal: CallJournal | None = None,
     ) -> None:
         """Queue a Settle; returns at once. After ``close()`` it is sent inline instead.
 
+        ``usage`` may be a :class:`Reading`, read here on the settle thread (once).
         ``journal`` adds the call's journal context (and matches its prompt against the
         banned patterns) when the job is sent, on the settle thread.
         """
@@ -231,6 +233,19 @@ class Settler:
 
     def _send(self, job: SettleJob) -> bool | None:
         """True when settled, False when dropped for good, None to retry later."""
+        if isinstance(job.usage, Reading):
+            try:
+                usage = job.usage.resolve()
+            except Exception:
+                usage = None
+                _log.exception("spendgate: reading the usage of %s failed", job.reservation_id)
+            if usage is None:
+                # Nothing billed could be read: the reservation expires at its estimate (errs high).
+                _log.info(
+                    "spendgate: no usage in the answer of %s; it counts at its estimate", job.reservation_id
+                )
+                return True
+            job.usage = usage
         context: JournalContext | None = None
         if job.journal is not None:
             try:

@@ -1,25 +1,57 @@
-"""The one mixin behind the four SDK wrappers: put before an SDK client class, it gates its ``post``.
+"""The one mixin behind the four SDK wrappers: put before an SDK client class, it gates its requests.
 
 ``JournaledAnthropic`` is ``SyncGatedClient`` + ``anthropic.Anthropic`` + the
 Anthropic :class:`~spendgate_client._gate.Provider` table; the other three are
-built the same way. Everything a wrapper does beyond the SDK (the constructor
-arguments, ``spendgate_session_id``, ``spendgate_flush``, ``copy`` /
-``with_options`` sharing the session, flushing settles on ``close``) lives here,
-once; the sync and async halves differ only in awaiting the SDK.
+built the same way. Everything a wrapper does beyond the SDK lives here, once:
+the constructor arguments, ``spendgate_session_id``, ``spendgate_flush``,
+``copy`` / ``with_options`` sharing the session, flushing settles on ``close``,
+and the three SDK methods it hooks:
+
+* ``post``: a path of the provider's table is decided before and settled after;
+  a path known to bill nothing passes through; an unknown path is guarded with a
+  conservative estimate when its body names a model, else passed through, and
+  either way a warning is logged the first time it is seen.
+* ``get`` (and ``post`` to a cancel path): a request that completes an earlier
+  call (a background response retrieved, a batch's results fetched) settles it.
+* ``_process_response``: the moment a 2xx answer arrives, before the SDK parses
+  it, its usage is read from the HTTP body (or the body is watched as it streams).
+  So raw and streaming responses settle like plain ones, and a call the SDK
+  fails after a 2xx (``LengthFinishReasonError``) still counts what it billed.
+
+The sync and async halves differ only in awaiting the SDK.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self, cast
+from urllib.parse import urlsplit
 
 import grpc
 
 from spendgate_client._client import FailMode
-from spendgate_client._gate import DEFAULT_DECIDE_TIMEOUT, Gate, Provider, Route, acall_gated, call_gated
+from spendgate_client._gate import (
+    DEFAULT_DECIDE_TIMEOUT,
+    PREFETCHED,
+    Call,
+    Gate,
+    Provider,
+    Route,
+    acall_gated,
+    afollow_up,
+    answered,
+    call_gated,
+    follow_up,
+    raw_response_requested,
+)
 from spendgate_client._settler import EXIT_FLUSH_SECONDS
 
 __all__ = ["AsyncGatedClient", "GatedClient", "SyncGatedClient"]
+
+
+def _bare(path: str) -> str:
+    """The path without its query string or scheme and host (results URLs are absolute)."""
+    return urlsplit(path).path if "://" in path else path.split("?", 1)[0]
 
 
 class GatedClient:
@@ -47,7 +79,7 @@ class GatedClient:
             (naming the key), a bad ``session_id``, ``fail_mode`` or ``decide_timeout``.
     """
 
-    # Set by each wrapper: the SDK's routes and stream classes.
+    # Set by each wrapper: the SDK's declared table of endpoints and its stream classes.
     _spendgate_provider: ClassVar[Provider]
     # Set by the sync and async halves: whether Decide runs on an event loop.
     _spendgate_asynchronous: ClassVar[bool]
@@ -109,11 +141,38 @@ class GatedClient:
 
     with_options = copy
 
+    def _spendgate_follow_up(self, method: str, path: str) -> Call | None:
+        return self._spendgate_provider.follow_up(self._spendgate_gate, method, _bare(path))
+
     def _spendgate_route(self, path: str, body: Any) -> Route | None:
-        """The route gating ``path``, or None to pass the call through untouched."""
-        if not isinstance(body, Mapping):
+        """The route gating a POST to ``path``, or None to pass it through untouched."""
+        provider = self._spendgate_provider
+        bare = _bare(path)
+        route = provider.routes.get(bare)
+        if route is not None:
+            return route if isinstance(body, Mapping) else None
+        if provider.is_free(bare):
             return None
-        return self._spendgate_provider.routes.get(path)
+        gate = self._spendgate_gate
+        if isinstance(body, Mapping) and isinstance(body.get("model"), str) and provider.generic is not None:
+            gate.warn_once(
+                bare,
+                "spendgate: %s POST %s is not in spendgate's table; guarded with a conservative estimate",
+                provider.name,
+                bare,
+            )
+            return provider.generic
+        gate.warn_once(
+            bare,
+            "spendgate: %s POST %s is not in spendgate's table and names no model; not guarded",
+            provider.name,
+            bare,
+        )
+        return None
+
+    def _spendgate_prefetch(self, path: str, body: Any) -> str | None:
+        prefetch = self._spendgate_provider.prefetch
+        return prefetch(_bare(path), body) if prefetch is not None and isinstance(body, Mapping) else None
 
 
 class SyncGatedClient(GatedClient):
@@ -122,11 +181,17 @@ class SyncGatedClient(GatedClient):
     _spendgate_asynchronous = False
 
     def post(self, path: str, *, body: Any = None, **kwargs: Any) -> Any:
-        """The SDK's ``post``, decided before and settled after when ``path`` is gated."""
+        """The SDK's ``post``, decided before and settled after when ``path`` is billable."""
         sdk_post = cast(Any, super()).post
+        waiting = self._spendgate_follow_up("post", path)
+        if waiting is not None:
+            return follow_up(waiting, lambda: sdk_post(path, body=body, **kwargs))
         route = self._spendgate_route(path, body)
         if route is None:
             return sdk_post(path, body=body, **kwargs)
+        file_id = self._spendgate_prefetch(path, body)
+        if file_id is not None:
+            body = {**body, PREFETCHED: cast(Any, self).files.content(file_id).content}
         return call_gated(
             self._spendgate_gate,
             self._spendgate_provider,
@@ -134,7 +199,21 @@ class SyncGatedClient(GatedClient):
             body,
             lambda gated: sdk_post(path, body=gated, **kwargs),
             getattr(self, "api_key", None),
+            kwargs.get("files"),
+            raw_response_requested(kwargs.get("options")),
         )
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        """The SDK's ``get``; a request that completes an earlier call settles it."""
+        sdk_get = cast(Any, super()).get
+        waiting = self._spendgate_follow_up("get", path)
+        if waiting is None:
+            return sdk_get(path, **kwargs)
+        return follow_up(waiting, lambda: sdk_get(path, **kwargs))
+
+    def _process_response(self, **kwargs: Any) -> Any:
+        answered(kwargs["response"], kwargs.get("stream", False), kwargs.get("stream_cls"))
+        return cast(Any, super())._process_response(**kwargs)
 
     def close(self) -> None:
         """Close the HTTP client; the client that made the session also flushes its settles."""
@@ -155,11 +234,17 @@ class AsyncGatedClient(GatedClient):
     _spendgate_asynchronous = True
 
     async def post(self, path: str, *, body: Any = None, **kwargs: Any) -> Any:
-        """The SDK's ``post``, decided before and settled after when ``path`` is gated."""
+        """The SDK's ``post``, decided before and settled after when ``path`` is billable."""
         sdk_post = cast(Any, super()).post
+        waiting = self._spendgate_follow_up("post", path)
+        if waiting is not None:
+            return await afollow_up(waiting, lambda: sdk_post(path, body=body, **kwargs))
         route = self._spendgate_route(path, body)
         if route is None:
             return await sdk_post(path, body=body, **kwargs)
+        file_id = self._spendgate_prefetch(path, body)
+        if file_id is not None:
+            body = {**body, PREFETCHED: (await cast(Any, self).files.content(file_id)).content}
         return await acall_gated(
             self._spendgate_gate,
             self._spendgate_provider,
@@ -167,7 +252,21 @@ class AsyncGatedClient(GatedClient):
             body,
             lambda gated: sdk_post(path, body=gated, **kwargs),
             getattr(self, "api_key", None),
+            kwargs.get("files"),
+            raw_response_requested(kwargs.get("options")),
         )
+
+    async def get(self, path: str, **kwargs: Any) -> Any:
+        """The SDK's ``get``; a request that completes an earlier call settles it."""
+        sdk_get = cast(Any, super()).get
+        waiting = self._spendgate_follow_up("get", path)
+        if waiting is None:
+            return await sdk_get(path, **kwargs)
+        return await afollow_up(waiting, lambda: sdk_get(path, **kwargs))
+
+    async def _process_response(self, **kwargs: Any) -> Any:
+        answered(kwargs["response"], kwargs.get("stream", False), kwargs.get("stream_cls"))
+        return await cast(Any, super())._process_response(**kwargs)
 
     async def close(self) -> None:
         """Close the HTTP client; the client that made the session also flushes its settles."""

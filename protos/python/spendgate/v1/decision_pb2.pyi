@@ -249,6 +249,7 @@ class DecideRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ENFORCEMENT_CONFIG_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
+    MAX_USAGE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The agent session the call belongs to: 1-128 characters of
     [A-Za-z0-9._:@/-]. Budgets, tool counts and dedup are per session.
@@ -275,6 +276,15 @@ class DecideRequest(_message.Message):
     def enforcement_config(self) -> Global___EnforcementConfig:
         """Client-side limits; tighten-only."""
 
+    @_builtins.property
+    def max_usage(self) -> Global___Usage:
+        """The call's worst-case usage in the units its endpoint bills (counts keyed by
+        genai-prices usage key, as in Usage.counts: "input_tokens", "audio_seconds",
+        "input_characters", ...) and the tier it will run at ("batch" for batch jobs).
+        When its counts are set the reservation prices them instead of input_tokens and
+        max_output_tokens (which still feed token_ceiling); an older server ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -287,10 +297,11 @@ class DecideRequest(_message.Message):
         request_id: _builtins.str = ...,
         enforcement_config: Global___EnforcementConfig | None = ...,
         project: _builtins.str = ...,
+        max_usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "max_usage", b"max_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "max_usage", b"max_usage", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,7 +430,9 @@ class Usage(_message.Message):
     cache_write_input_tokens: _builtins.int
     service_tier: _builtins.str
     """The service tier that actually ran, as the provider reported it ("priority",
-    "flex", "batch", ...); empty for the standard tier.
+    "flex", "batch", ...; case-insensitive, 0-32 characters of [A-Za-z0-9._-]);
+    empty, "standard" or "default" for the standard tier. A tier with no known price
+    for the model is charged the never-undercount maximum.
     """
     @_builtins.property
     def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
@@ -427,6 +440,14 @@ class Usage(_message.Message):
         ("input_tokens", "cache_write_1h_tokens", "output_audio_tokens", "web_searches",
         ...), each count in that key's unit and with that key's meaning. When set, it is
         the whole usage and fields 1-4 are ignored; an older client sends only 1-4.
+
+        Keys nest as in genai-prices: a count includes the counts of the keys below it.
+        "input_tokens" counts every input token, cached or not, of every modality (unlike
+        field 1); "cache_write_tokens" includes "cache_write_5m_tokens" and
+        "cache_write_1h_tokens"; "cache_audio_read_tokens" is part of both
+        "cache_read_tokens" and "input_audio_tokens". A part above its total, or a part
+        without a total the model prices, is INVALID_ARGUMENT on usage.counts[KEY] or
+        usage.counts. Counts: input tokens 0-10M, output tokens 0-1M, anything else 0-1e9.
         """
 
     def __init__(

@@ -3,7 +3,9 @@
 The key is checked by the service (an admin-only call that changes nothing), then kept in
 the server-side session map; the browser gets only a random session id. The sign-in form
 has no session yet, so its CSRF token is a double-submit cookie, plus the same origin
-check as every other form.
+check as every other form. Failed sign-ins slow their client address down
+(console/throttle.py): past a few, the form answers 429 with Retry-After before asking
+the service anything.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ NOTICES = {
     "ended": "Your session ended: the service no longer accepts that key, or it was idle too long.",
     "signed_out": "You are signed out.",
 }
+
+
+def _client_address(request: Request) -> str:
+    # The socket's peer: forwarded headers are never trusted (uvicorn runs with proxy_headers off).
+    return request.client.host if request.client else ""
 
 
 def _signin_page(
@@ -73,8 +80,17 @@ async def signin(request: Request) -> Response:
         _log.warning("console_form_refused", reason=str(exc), path=request.url.path)
         return render(request, "refused.html", {"reason": str(exc)}, status_code=403)
     next_path = safe_next((form.get("next") or [""])[0])
+    address = _client_address(request)
+    wait = console.throttle.retry_after_seconds(address)
+    if wait:
+        _log.info("console_signin_throttled", retry_after_seconds=wait)
+        error = f"Too many failed sign-ins from your address; try again in {wait} s."
+        response = _signin_page(request, error=error, next_path=next_path, status_code=429)
+        response.headers["retry-after"] = str(wait)
+        return response
     api_key = (form.get("api_key") or [""])[0].strip()
     if not _KEY_SHAPE.fullmatch(api_key):
+        console.throttle.failed(address)
         return _signin_page(
             request, error="Enter an admin API key (sgk_…).", next_path=next_path, status_code=422
         )
@@ -83,6 +99,7 @@ async def signin(request: Request) -> Response:
     try:
         await console.backend.verify_admin(api_key)
     except NotAuthorized as exc:
+        console.throttle.failed(address)
         _log.info("console_signin_refused", key_id=key_id or None)
         return _signin_page(request, error=str(exc), next_path=next_path, status_code=401)
     except BackendUnavailable as exc:
@@ -91,6 +108,7 @@ async def signin(request: Request) -> Response:
     except BackendError as exc:
         return _signin_page(request, error=str(exc), next_path=next_path, status_code=502)
     # A malformed key accepted by the service means it runs in open development mode (no keys).
+    console.throttle.succeeded(address)
     label = f"key {key_id}" if key_id else "open development mode"
     session = console.sessions.create(api_key, label)
     _log.info("console_signed_in", key_id=key_id or None)
