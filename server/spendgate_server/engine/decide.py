@@ -379,7 +379,7 @@ class DecisionEngine:
         memo: str,
         now_ms: int,
         *,
-        model: str,
+        model: str = "",
     ) -> ReserveRequest:
         t = self._timings
         dedup = tools = budget = None
@@ -410,7 +410,7 @@ class DecisionEngine:
             budget=budget,
             request_id=call.request_id,
             memo=memo,
-            decided=DecidedCall(model, estimate, call.input_tokens, call.max_output_tokens),
+            decided=DecidedCall(model or call.model, estimate, call.input_tokens, call.max_output_tokens),
         )
 
     def _blocked(
