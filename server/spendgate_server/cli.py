@@ -16,6 +16,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
 from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.admin.migrate_cli import add_migrate_arguments, run_migrate_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
 from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     add_keys_arguments(keys)
+
+    migrate = commands.add_parser("migrate-keys", help="move Redis records to the current key schema")
+    add_migrate_arguments(migrate)
 
     config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
     add_config_arguments(config)
@@ -178,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = run_config_command(args)
         elif args.command == "keys":
             code = run_keys_command(args)
+        elif args.command == "migrate-keys":
+            code = run_migrate_command(args)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":

@@ -76,7 +76,7 @@ async def test_settle_returns_what_decide_admitted(store: Store) -> None:
         keys = session_keys(session, "sg")
         client: Any = store.client
         fields = {f.decode() for f in await client.hkeys(keys[0])}
-        assert not {f for f in fields if f.startswith("m:")}, fields
+        assert not {f for f in fields if f.startswith(("a:", "m:"))}, fields
 
 
 def test_decided_record_encoding_round_trips() -> None:
@@ -256,7 +256,7 @@ def test_settling_out_of_a_budget_is_counted_as_reported_and_flagged(
 def test_the_decided_call_lives_beside_the_reservation_in_redis(
     spendgate: Callable[..., SpendgateServer], redis_url: str
 ) -> None:
-    """The m:<id> record is written by the Decide script and read by the Settle script on any server."""
+    """The a:<id> record is written by the Decide script and read by the Settle script on any server."""
     first = spendgate("--store", "redis", "--redis-url", redis_url)
     second = spendgate("--store", "redis", "--redis-url", redis_url)
     with grpc.insecure_channel(first.target) as channel:
@@ -271,7 +271,7 @@ def test_the_decided_call_lives_beside_the_reservation_in_redis(
         )
     client = redis.Redis.from_url(redis_url)
     key = session_keys(SessionKey("default", "fleet"), "sg")[0]
-    stored = client.hget(key, f"m:{decision.reservation_id}")
+    stored = client.hget(key, f"a:{decision.reservation_id}")
     client.close()
     assert DecidedCall.decode(stored or b"") == DecidedCall(OPUS, ESTIMATE, DECIDED_INPUT, DECIDED_OUTPUT)
     with grpc.insecure_channel(second.target) as channel:

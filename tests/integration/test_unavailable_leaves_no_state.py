@@ -44,6 +44,7 @@ from spendgate_server.store import (
 )
 from spendgate_server.store.breaker import BreakerOpen
 from spendgate_server.store.memory import MemoryStore
+from spendgate_server.store.redis import session_keys
 
 from tests.conftest import FakeClock
 from tests.processes import RedisServer, SpendgateServer, read_ledger
@@ -267,8 +268,8 @@ def test_decides_answered_unavailable_while_redis_is_stopped_leave_no_state(
             found: dict[str, object] = {}
             for session in sessions:
                 ledger = read_ledger(client, session)
-                key = f"sg:{{default:{session}}}"
-                fields = sorted(k for k in client.hkeys(key) if k[:2] in ("r:", "q:", "m:"))
+                key = session_keys(SessionKey("default", session), "sg")[0]
+                fields = sorted(k for k in client.hkeys(key) if k[:2] in ("r:", "q:", "m:", "a:"))
                 tools = int(client.hget(key, "tools") or 0)
                 if ledger.spent or ledger.reserved or ledger.open or ledger.expired or fields or tools:
                     found[session] = (ledger, fields, tools)

@@ -150,6 +150,10 @@ class SettleRequest:
     # How long a settled id is remembered, so a repeated Settle is recognised.
     settled_ttl_ms: int
     session_ttl_ms: int
+    # The provider refused the call: also remove the dedup mark its admission set (if
+    # it is still that admission's), in the same atomic step, so an identical retry
+    # is not blocked as a duplicate of a call that never ran.
+    release_dedup: bool = False
 
 
 class SettleStatus(enum.IntEnum):
@@ -188,25 +192,19 @@ class CancelRequest:
     reservation_id: str
     request_id: str
     tool_call_count: int
-    # The dedup mark the reserve set ('' when dedup was off) and the ms it falls due.
-    fingerprint: str
-    dedup_until_ms: int
     # How long the tombstone refuses a reserve of this id that arrives after the cancel.
     tombstone_ttl_ms: int
     session_ttl_ms: int
 
     @classmethod
     def undoing(cls, reserve: ReserveRequest, now_ms: int) -> CancelRequest:
-        """The cancel of ``reserve``."""
-        dedup = reserve.dedup
+        """The cancel of ``reserve`` (its dedup mark is found by the record the admission left)."""
         return cls(
             reserve.session,
             now_ms,
             reserve.reservation_id,
             reserve.request_id,
             reserve.tool_call_count,
-            dedup.fingerprint if dedup is not None else "",
-            reserve.now_ms + dedup.ttl_ms if dedup is not None else 0,
             reserve.reservation_ttl_ms,
             reserve.session_ttl_ms,
         )
@@ -259,7 +257,8 @@ class Store(ABC):
         """Replace a reservation by its actual cost; a repeated settle changes nothing.
 
         A reservation that already expired (counted at its estimate) is corrected to
-        the actual cost.
+        the actual cost. With ``release_dedup`` the dedup mark the reservation's
+        admission set is removed too, unless a later admission has renewed it.
         """
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from spendgate_server.errors import ConfigError
+from spendgate_server.store.keyspace import API_KEYS
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = [
@@ -131,7 +132,7 @@ class KeyStore(ABC):
 class RedisKeyStore(KeyStore):
     """Key records in one Redis hash shared by the fleet."""
 
-    KEY = "sg:api-keys"
+    KEY = API_KEYS
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client

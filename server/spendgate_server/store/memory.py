@@ -42,10 +42,12 @@ class _Session:
     expired: dict[str, int] = field(default_factory=dict)  # id -> estimate counted at expiry
     settled: dict[str, int] = field(default_factory=dict)  # id -> cost counted
     memos: dict[str, str] = field(default_factory=dict)  # request id -> memo
+    dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
+    # reservation id -> (fingerprint, due ms) of the dedup mark its admission set
+    marks: dict[str, tuple[str, int]] = field(default_factory=dict)
     decided: dict[str, DecidedCall] = field(default_factory=dict)  # id -> what Decide admitted
     tombstones: set[str] = field(default_factory=set)  # ids cancelled before their reserve ran
     replayed: set[str] = field(default_factory=set)  # request ids whose memo reached a client
-    dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
     # (due ms, kind, key): a lazy timer wheel like the Redis expiry zset.
     due: list[tuple[int, str, str]] = field(default_factory=list)
     idle_until_ms: int = 0
@@ -71,6 +73,7 @@ class _Session:
             elif kind == "x":
                 # A settle after the expiry took the id over (its "d" record forgets it).
                 if self.expired.pop(key, None) is not None:
+                    self.marks.pop(key, None)
                     self.decided.pop(key, None)
             elif kind == "d":
                 self.settled.pop(key, None)
@@ -151,6 +154,7 @@ class MemoryStore(Store):
         if dedup is not None:
             s.dedup_until[dedup.fingerprint] = now + dedup.ttl_ms
             s.schedule(now + dedup.ttl_ms, "f", dedup.fingerprint)
+            s.marks[rid] = (dedup.fingerprint, now + dedup.ttl_ms)
         if request.request_id:
             s.memos[request.request_id] = request.memo
             s.schedule(now + request.reservation_ttl_ms, "q", request.request_id)
@@ -172,6 +176,10 @@ class MemoryStore(Store):
             s.spent += cost - s.expired.pop(rid)
         else:
             return SettleOutcome(SettleStatus.UNKNOWN, 0, s.spent, s.reserved)
+        mark = s.marks.pop(rid, None)
+        # Only the mark this admission set: a later admission of the same request renewed it.
+        if request.release_dedup and mark is not None and s.dedup_until.get(mark[0]) == mark[1]:
+            del s.dedup_until[mark[0]]
         s.settled[rid] = cost
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms
@@ -192,10 +200,12 @@ class MemoryStore(Store):
             s.reserved -= s.open.pop(rid)
         else:
             s.spent -= s.expired.pop(rid)
-        s.decided.pop(rid, None)
         s.tools -= request.tool_call_count
-        if request.fingerprint and s.dedup_until.get(request.fingerprint) == request.dedup_until_ms:
-            del s.dedup_until[request.fingerprint]
+        mark = s.marks.pop(rid, None)
+        # Only the mark this admission set: a later admission of the same request renewed it.
+        if mark is not None and s.dedup_until.get(mark[0]) == mark[1]:
+            del s.dedup_until[mark[0]]
+        s.decided.pop(rid, None)
         if request.request_id:
             s.memos.pop(request.request_id, None)
         s.idle_until_ms = now + request.session_ttl_ms
