@@ -9,9 +9,9 @@ __all__ = ["NANO_PER_USD", "format_usd", "usd_to_nano"]
 NANO_PER_USD = 1_000_000_000
 
 
-# Any amount at or above this many dollars is refused before arithmetic: no limit or price is
-# near it, and an exponent like 1e999999 would otherwise overflow the decimal context.
-_MAX_ABS_USD = Decimal(10) ** 15
+# An amount of 10**15 dollars or more is refused before any arithmetic: no limit or price is
+# near it, and an exponent like 1e999999 would overflow the decimal context (even abs() does).
+_MAX_USD_DIGITS = 15
 
 
 def usd_to_nano(usd: Decimal) -> int:
@@ -23,7 +23,8 @@ def usd_to_nano(usd: Decimal) -> int:
     """
     if not usd.is_finite():
         raise ValueError(f"not a finite amount: {usd}")
-    if abs(usd) >= _MAX_ABS_USD:
+    # adjusted() is the exponent of the leading digit: no arithmetic, so nothing can overflow.
+    if usd and usd.adjusted() >= _MAX_USD_DIGITS:
         raise ValueError(f"amount out of range: {usd}")
     return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 

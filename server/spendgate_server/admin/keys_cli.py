@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
 from datetime import UTC, datetime
 
 from spendgate_server.errors import ConfigError
 from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, new_key
 
-__all__ = ["add_keys_arguments", "run_keys_command"]
+__all__ = ["FIRST_KEY_WARNING", "add_keys_arguments", "run_keys_command"]
+
+FIRST_KEY_WARNING = (
+    "spendgate: warning: this is the first key in this key store: servers using it leave open "
+    "development mode within --key-reload-seconds (5), and from then on every call needs a key"
+)
 
 
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,12 +59,15 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             full, record = new_key(args.tenant, Scope(args.scope), args.name, now_ms)
+            first = not await store.all()
             await store.add(record)
             print(full)
             print(
                 f"# key {record.key_id}: tenant {record.tenant}, scope {record.scope.value}, "
                 "shown once: store it now (send it as 'authorization: Bearer <key>')"
             )
+            if first:
+                print(FIRST_KEY_WARNING, file=sys.stderr)
         elif args.action == "list":
             keys = sorted((await store.all()).values(), key=lambda k: k.created_ms)
             for key in keys:

@@ -13,7 +13,7 @@ import os
 
 from spendgate_server.errors import ConfigError
 from spendgate_server.store.migrate import Moved, migrate_keyspace
-from spendgate_server.store.redis import connect
+from spendgate_server.store.redis import connect, redis_call
 
 __all__ = ["add_migrate_arguments", "run_migrate_command"]
 
@@ -34,7 +34,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--redis-url (or SPENDGATE_REDIS_URL) is required")
     client = connect(args.redis_url, timeout_seconds=5, max_connections=4)
     try:
-        report = await migrate_keyspace(client, dry_run=args.dry_run)
+        # One wrapper around the whole run: any Redis failure is the one-line "store unreachable".
+        report = await redis_call(migrate_keyspace(client, dry_run=args.dry_run))
     finally:
         await client.aclose()
     verb = "would move" if args.dry_run else "moved"

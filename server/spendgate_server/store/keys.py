@@ -8,6 +8,7 @@ JSON file (the embedded single-process setup); servers reload them periodically.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -30,11 +31,15 @@ __all__ = [
     "RedisKeyStore",
     "Scope",
     "hash_secret",
+    "key_problem",
     "new_key",
     "parse_key",
 ]
 
 _KEY = re.compile(r"sgk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})")
+_KEY_ID = re.compile(r"[0-9a-f]{8}")
+_SECRET = re.compile(r"[A-Za-z0-9_-]+")
+_SECRET_CHARS = 43  # secrets.token_urlsafe(32): 256 bits in unpadded base64url
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
@@ -82,6 +87,37 @@ def parse_key(presented: str) -> tuple[str, str] | None:
     """``(key_id, secret)`` of a well-formed key, else None (no store is consulted)."""
     match = _KEY.fullmatch(presented)
     return (match.group(1), match.group(2)) if match else None
+
+
+def key_problem(presented: str) -> str | None:
+    """What is wrong with a presented key, in words; None for a well-formed key.
+
+    The answer describes the key's shape only and never repeats any part of it, so it
+    may be shown to whoever sent the key and written to logs.
+    """
+    if not presented:
+        return "it is empty"
+    if presented[:7].lower() == "bearer ":
+        return "it starts with 'Bearer ': 'Bearer ' goes once before the key, which itself starts with 'sgk_'"
+    if presented.startswith("sk-"):
+        return "it looks like a provider's API key (sk-…); spendgate keys start with 'sgk_'"
+    if any(c.isspace() or c in "'\"" for c in presented):
+        return "it contains spaces or quotes: copy the key alone"
+    if not presented.startswith("sgk_"):
+        return "spendgate keys start with 'sgk_' (make one with 'spendgate keys create')"
+    key_id, _, secret = presented[4:].partition("_")
+    if not _KEY_ID.fullmatch(key_id):
+        return "'sgk_' must be followed by the key id (8 lowercase hex digits) and '_'"
+    if not secret:
+        return "the secret after the key id is missing"
+    if not _SECRET.fullmatch(secret):
+        return "the secret after the key id may hold only letters, digits, '_' and '-'"
+    if len(secret) != _SECRET_CHARS:
+        return (
+            f"the secret after the key id has {len(secret)} characters instead of {_SECRET_CHARS}: "
+            "was the key cut short or joined to something?"
+        )
+    return None
 
 
 def new_key(tenant: str, scope: Scope, name: str, now_ms: int) -> tuple[str, ApiKey]:
@@ -165,14 +201,14 @@ class FileKeyStore(KeyStore):
 
     async def all(self) -> dict[str, ApiKey]:
         try:
-            text = self._path.read_text()
+            text = self._path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise ConfigError(f"--keys-file {self._path}: {exc.strerror}") from exc
         try:
-            return {k: ApiKey.from_json(json.dumps(v)) for k, v in json.loads(text or "{}").items()}
-        except (ValueError, KeyError, TypeError) as exc:
+            return {k: ApiKey.from_json(json.dumps(v)) for k, v in json.loads(text or b"{}").items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--keys-file {self._path} is not a spendgate keys file: {exc}") from exc
 
     async def add(self, key: ApiKey) -> None:
@@ -181,9 +217,17 @@ class FileKeyStore(KeyStore):
     async def _put(self, key: ApiKey) -> None:
         records = {k: json.loads(v.to_json()) for k, v in (await self.all()).items()}
         records[key.key_id] = json.loads(key.to_json())
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".keys-")
-        with os.fdopen(fd, "w") as sink:
-            json.dump(records, sink, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self._path)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".keys-")
+        except OSError as exc:
+            raise ConfigError(f"--keys-file {self._path}: cannot write: {exc.strerror}") from exc
+        try:
+            with os.fdopen(fd, "w") as sink:
+                json.dump(records, sink, indent=2, sort_keys=True)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # never leave a half-written file behind
+                os.unlink(tmp)
+            raise ConfigError(f"--keys-file {self._path}: cannot write: {exc.strerror}") from exc
