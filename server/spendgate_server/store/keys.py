@@ -30,7 +30,9 @@ __all__ = [
     "KeyStore",
     "RedisKeyStore",
     "Scope",
+    "generate_key",
     "hash_secret",
+    "install_key",
     "key_problem",
     "new_key",
     "parse_key",
@@ -89,6 +91,17 @@ def parse_key(presented: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+def generate_key() -> str:
+    """A fresh well-formed key ``sgk_<8 hex>_<43 URL-safe characters>`` (CSPRNG); nothing is stored."""
+    return f"sgk_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
+
+
+def _check_names(tenant: str, name: str, tenant_label: str = "--tenant", name_label: str = "--name") -> None:
+    for label, value in ((tenant_label, tenant), (name_label, name)):
+        if not _NAME.fullmatch(value):
+            raise ConfigError(f"{label} must be 1-64 characters of [A-Za-z0-9._@-], got {value!r}")
+
+
 def key_problem(presented: str) -> str | None:
     """What is wrong with a presented key, in words; None for a well-formed key.
 
@@ -126,11 +139,10 @@ def new_key(tenant: str, scope: Scope, name: str, now_ms: int) -> tuple[str, Api
     Raises:
         ConfigError: the tenant or name is not 1-64 characters of [A-Za-z0-9._@-].
     """
-    for label, value in (("--tenant", tenant), ("--name", name)):
-        if not _NAME.fullmatch(value):
-            raise ConfigError(f"{label} must be 1-64 characters of [A-Za-z0-9._@-], got {value!r}")
-    key_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
-    return f"sgk_{key_id}_{secret}", ApiKey(key_id, tenant, scope, name, hash_secret(secret), now_ms)
+    _check_names(tenant, name)
+    full = generate_key()
+    key_id, secret = parse_key(full) or ("", "")
+    return full, ApiKey(key_id, tenant, scope, name, hash_secret(secret), now_ms)
 
 
 class KeyStore(ABC):
@@ -143,6 +155,13 @@ class KeyStore(ABC):
     @abstractmethod
     async def add(self, key: ApiKey) -> None:
         """Store a new key record."""
+
+    async def add_if_absent(self, key: ApiKey) -> bool:
+        """Store ``key`` unless a record with its id exists; whether it was stored."""
+        if key.key_id in await self.all():
+            return False
+        await self.add(key)
+        return True
 
     async def revoke(self, key_id: str, now_ms: int) -> ApiKey:
         """Mark a key revoked; servers stop accepting it at their next reload.
@@ -185,6 +204,10 @@ class RedisKeyStore(KeyStore):
 
     async def add(self, key: ApiKey) -> None:
         await self._put(key)
+
+    async def add_if_absent(self, key: ApiKey) -> bool:
+        # HSETNX: replicas starting together cannot overwrite each other (or a revocation).
+        return bool(await redis_call(self._client.hsetnx(self.KEY, key.key_id, key.to_json())))
 
     async def _put(self, key: ApiKey) -> None:
         await redis_call(self._client.hset(self.KEY, key.key_id, key.to_json()))
@@ -231,3 +254,33 @@ class FileKeyStore(KeyStore):
             with contextlib.suppress(OSError):  # never leave a half-written file behind
                 os.unlink(tmp)
             raise ConfigError(f"--keys-file {self._path}: cannot write: {exc.strerror}") from exc
+
+
+async def install_key(
+    store: KeyStore, presented: str, tenant: str, scope: Scope, name: str, now_ms: int
+) -> tuple[ApiKey, bool]:
+    """Store a key the operator made (e.g. mounted from a Kubernetes Secret) unless its id is known.
+
+    Idempotent, so every replica can run it at start-up: the first writes the record,
+    the others find it. A revoked record stays revoked (a restart never revives a key).
+
+    Returns:
+        The stored record and whether this call added it.
+
+    Raises:
+        ConfigError: ``presented`` is not a well-formed key, the tenant or name is not
+            1-64 characters of [A-Za-z0-9._@-], or the id is stored with another secret.
+    """
+    parsed = parse_key(presented)
+    if parsed is None:
+        raise ConfigError(
+            "the admin key is not of the form sgk_<8 hex digits>_<43 characters of [A-Za-z0-9_-]>"
+        )
+    _check_names(tenant, name, tenant_label="--admin-key-tenant")
+    key_id, secret = parsed
+    record = ApiKey(key_id, tenant, scope, name, hash_secret(secret), now_ms)
+    added = await store.add_if_absent(record)
+    stored = record if added else (await store.all())[key_id]
+    if stored.secret_sha256 != record.secret_sha256:
+        raise ConfigError(f"key id {key_id} is already stored with another secret: generate a new key")
+    return stored, added

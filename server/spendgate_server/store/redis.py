@@ -12,6 +12,7 @@ mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -100,10 +101,18 @@ _R = TypeVar("_R")
 
 
 async def redis_call(awaitable: Awaitable[_T]) -> _T:
-    """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status)."""
+    """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status).
+
+    A cancelled call stays a cancellation: redis-py reports a read cut short by
+    cancellation as a timeout, and a background loop that retries on StoreUnavailable
+    would then never end (a server failing a start-up check hung instead of exiting).
+    """
     try:
         return await awaitable
     except (RedisError, RedisClusterException) as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from exc
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
