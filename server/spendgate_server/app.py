@@ -34,6 +34,7 @@ from spendgate.v1 import (
 )
 
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, Alerts, build_alerts
+from spendgate_server.engine.anomalies import AnomalyThresholds
 from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
@@ -147,8 +148,16 @@ def build_engine(
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
     deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
+    anomalies = AnomalyThresholds(late_error_ms=settings.settle_error_flag_seconds * 1000)
     return DecisionEngine(
-        store, prices, configs, timings=timings, journal=journal, deny_cache=deny, quota=quota
+        store,
+        prices,
+        configs,
+        timings=timings,
+        journal=journal,
+        deny_cache=deny,
+        quota=quota,
+        anomaly_thresholds=anomalies,
     )
 
 
@@ -326,7 +335,9 @@ async def _serve(
         allow_open_mode=is_loopback(settings.host) or settings.insecure,
         reload_seconds=settings.key_reload_seconds,
         failures=metrics.auth_failures,
+        keys_missing=metrics.auth_keys_missing,
     )
+    # The first load decides, once, whether this server runs open (rpc/auth.py).
     await authenticator.load()
     check_exposure(settings.host, authenticator.has_keys, settings.insecure)
     if authenticator.open_mode:

@@ -33,6 +33,7 @@ from spendgate_server.admin.price_cli import add_price_arguments, run_price_comm
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.settings import (
     add_serve_arguments,
     add_worker_arguments,
@@ -108,7 +109,8 @@ def _one_line(text: str) -> str:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"spendgate: {_one_line(message)}", file=sys.stderr)
+    # Every failure is printed here: a URL's credentials never reach the terminal.
+    print(f"spendgate: {_one_line(redact_secrets(message))}", file=sys.stderr)
     return code
 
 

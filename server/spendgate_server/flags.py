@@ -141,6 +141,14 @@ FLAGS: tuple[Flag, ...] = (
         "an unsettled reservation expires after this long and counts at its estimate",
     ),
     _int("session-ttl-seconds", _SERVE, 86_400, 60, 30 * 86_400, "a session idle this long is forgotten"),
+    _int(
+        "settle-error-flag-seconds",
+        _SERVE,
+        30,
+        0,
+        86_400,
+        "flag a provider error settled this long after its decision (a refused call fails fast)",
+    ),
     _float(
         "drain-seconds",
         _SERVE,

@@ -73,6 +73,12 @@ class Metrics:
         self.auth_failures = Counter(
             "spendgate_auth_failures", "Calls refused by authentication, by reason.", ["reason"], registry=r
         )
+        self.auth_keys_missing = Gauge(
+            "spendgate_auth_keys_missing",
+            "1 while a server that started with API keys finds none (every call refused).",
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
         self.unpriced = Counter(
             "spendgate_unpriced",
@@ -82,6 +88,12 @@ class Metrics:
             registry=r,
         )
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
+        self.settle_anomalies = Counter(
+            "spendgate_settle_anomalies",
+            "Settles unlike their decision (counted as reported, flagged on the alerts feed), by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.settle_lag = Histogram(
             "spendgate_settle_lag_seconds",
             "Time from Decide to its Settle.",
@@ -139,6 +151,8 @@ class Metrics:
             self.settles.labels("already_settled").inc()
             return
         self.settles.labels("released" if released else "settled").inc()
+        for anomaly in settlement.anomalies:
+            self.settle_anomalies.labels(anomaly.kind.key).inc()
         lag_ms = time.time_ns() // 1_000_000 - decision_id_time_ms(reservation_id)
         if 0 <= lag_ms <= _MAX_PLAUSIBLE_LAG_MS:
             self.settle_lag.observe(lag_ms / 1000)

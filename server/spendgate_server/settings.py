@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.flags import FlagValues, add_flags
+from spendgate_server.logging import redact_secrets
 from spendgate_server.store.keys import key_problem
 
 __all__ = [
@@ -47,6 +46,8 @@ class ServeSettings:
     unknown_model_price: UnknownModelPolicy = UnknownModelPolicy.MAX
     reservation_ttl_seconds: int = 600
     session_ttl_seconds: int = 86_400
+    # A provider error settled this long after its decision is flagged (engine/anomalies.py).
+    settle_error_flag_seconds: int = 30
     drain_seconds: float = 5.0
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = 9464
@@ -111,23 +112,18 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverr
     Raises:
         ConfigError: naming the file and the bad key.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from exc
-    try:
-        raw: Any = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--config: {path} is not valid YAML/JSON: {exc}") from exc
-    raw = raw or {}
+    raw: Any = read_document(path, "--config") or {}
     if not isinstance(raw, dict) or not set(raw) <= {"enforcement", "prices"}:
         raise ConfigError(f"--config: {path} must be a mapping with keys 'enforcement' and/or 'prices'")
     try:
         config = parse_enforcement_config(raw.get("enforcement") or {}, prefix="enforcement.")
     except InvalidArgument as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
+    prices_raw = raw.get("prices") or {}
+    if not isinstance(prices_raw, dict):
+        raise ConfigError(f"--config: {path}: prices must be a mapping of model names")
     try:
-        prices = parse_price_overrides(raw.get("prices") or {})
+        prices = parse_price_overrides(prices_raw)
     except ConfigError as exc:
         raise ConfigError(f"--config: {path}: {exc}") from exc
     return config, prices
@@ -136,7 +132,8 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverr
 def _webhook_url(url: str) -> str:
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(
-            f"--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, got {url!r}"
+            "--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, "
+            f"got {redact_secrets(url)!r}"
         )
     return url
 
@@ -213,6 +210,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         unknown_model_price=UnknownModelPolicy(v.text("unknown-model-price")),
         reservation_ttl_seconds=v.integer("reservation-ttl-seconds"),
         session_ttl_seconds=v.integer("session-ttl-seconds"),
+        settle_error_flag_seconds=v.integer("settle-error-flag-seconds"),
         drain_seconds=v.number("drain-seconds"),
         metrics_port=v.integer("metrics-port"),
         metrics_port_named=v.given("metrics-port"),

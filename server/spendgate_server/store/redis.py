@@ -40,9 +40,13 @@ from redis.exceptions import (
 from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store import keyspace
 from spendgate_server.store.base import (
+    CancelRequest,
+    CancelStatus,
+    DecidedCall,
     ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
@@ -109,7 +113,7 @@ async def redis_call(awaitable: Awaitable[_T]) -> _T:
     """
     try:
         return await awaitable
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise asyncio.CancelledError from exc
@@ -159,6 +163,7 @@ DECIDE: ScriptSignature[ReserveRequest] = ScriptSignature(
         ("budget_cap_nano_usd", lambda r: r.budget.cap_nano_usd if r.budget else -1),
         ("budget_strict", lambda r: _flag(r.budget is not None and r.budget.strict)),
         ("budget_shadow", lambda r: _flag(r.budget is not None and r.budget.shadow)),
+        ("decided", lambda r: r.decided.encode() if r.decided is not None else ""),
     ),
     reply=("status", "spent", "reserved", "tools", "blocked_rule", "shadow_mask", "memo"),
 )
@@ -174,7 +179,7 @@ SETTLE: ScriptSignature[SettleRequest] = ScriptSignature(
         ("session_ttl_ms", lambda r: r.session_ttl_ms),
         ("release_dedup", lambda r: _flag(r.release_dedup)),
     ),
-    reply=("status", "cost", "spent", "reserved"),
+    reply=("status", "cost", "spent", "reserved", "decided"),
 )
 
 STATE: ScriptSignature[tuple[int, int]] = ScriptSignature(
@@ -184,7 +189,21 @@ STATE: ScriptSignature[tuple[int, int]] = ScriptSignature(
     reply=("spent", "reserved", "tools", "open_reservations"),
 )
 
-SCRIPTS = (DECIDE, SETTLE, STATE)
+CANCEL: ScriptSignature[CancelRequest] = ScriptSignature(
+    "cancel",
+    keys=("hkey", "zkey"),
+    argv=(
+        ("now_ms", lambda r: r.now_ms),
+        ("reservation_id", lambda r: r.reservation_id),
+        ("request_id", lambda r: r.request_id),
+        ("tool_call_count", lambda r: r.tool_call_count),
+        ("tombstone_ttl_ms", lambda r: r.tombstone_ttl_ms),
+        ("session_ttl_ms", lambda r: r.session_ttl_ms),
+    ),
+    reply=("status",),
+)
+
+SCRIPTS = (DECIDE, SETTLE, STATE, CANCEL)
 """The session scripts; each runs on the two keys of one session."""
 
 
@@ -236,8 +255,9 @@ def connect(
         return client
     except (ValueError, RedisClusterException) as exc:
         raise ConfigError(
-            f"--redis-url {url!r} is not valid: {exc}; expected redis://host:port/db, rediss://, "
-            "unix:///path or redis+cluster://host:port[,host:port...]"
+            f"--redis-url {redact_secrets(url)!r} is not valid: {redact_secrets(str(exc))}; "
+            "expected redis://host:port/db, rediss://, unix:///path or "
+            "redis+cluster://host:port[,host:port...]"
         ) from exc
 
 
@@ -360,6 +380,7 @@ class RedisStore(Store):
         self._decide = client.register_script(self._sources["decide"])
         self._settle = client.register_script(self._sources["settle"])
         self._state = client.register_script(self._sources["state"])
+        self._cancel = client.register_script(self._sources["cancel"])
 
     @classmethod
     def from_url(
@@ -414,8 +435,13 @@ class RedisStore(Store):
         )
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
-        status, cost, spent, reserved = await self._run(self._settle, request.session, SETTLE.args(request))
-        return SettleOutcome(SettleStatus(status), cost, spent, reserved)
+        reply = await self._run(self._settle, request.session, SETTLE.args(request))
+        status, cost, spent, reserved, decided = reply
+        return SettleOutcome(SettleStatus(status), cost, spent, reserved, DecidedCall.decode(decided))
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        (status,) = await self._run(self._cancel, request.session, CANCEL.args(request))
+        return CancelStatus(status)
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         reply = await self._run(self._state, session, STATE.args((now_ms, session_ttl_ms)))
