@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from spendgate_server.engine.rules._unit import (
-    Bad,
     CallFacts,
     DocRow,
     FormInput,
+    IntegerRule,
     Shadowed,
     StatefulRule,
     StoreView,
-    WireChecker,
-    optional_int_from_wire,
-    parse_integer,
-    pick_stricter,
 )
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store import DedupCheck
@@ -33,10 +28,11 @@ class _Fields(Shadowed, Protocol):
     def dedup_ttl_seconds(self) -> int | None: ...
 
 
-class DuplicateRequest(StatefulRule):
+class DuplicateRequest(IntegerRule, StatefulRule):
     """Block a fingerprint admitted in this session within the TTL; the longer TTL wins."""
 
     rule = Rule.DUPLICATE_REQUEST
+    low, high, lower_is_stricter = 1, MAX_DEDUP_TTL_SECONDS, False
     client_error = "DuplicateRequest"
     title = "Duplicate requests"
     summary = "Block a request identical to one admitted in the same session within the window."
@@ -50,28 +46,6 @@ class DuplicateRequest(StatefulRule):
             "longer wins",
         ),
     )
-
-    def enabled(self, config: _Fields) -> bool:
-        return config.dedup_ttl_seconds is not None
-
-    def parse(self, raw: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
-        return {"dedup_ttl_seconds": parse_integer(raw, "dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS, bad)}
-
-    def to_dict(self, config: _Fields) -> dict[str, Any]:
-        return {} if config.dedup_ttl_seconds is None else {"dedup_ttl_seconds": config.dedup_ttl_seconds}
-
-    def merge(self, mine: _Fields, theirs: _Fields, shadow: set[Rule]) -> dict[str, Any]:
-        return pick_stricter(self.rule, mine, theirs, "dedup_ttl_seconds", max, shadow)
-
-    def from_wire(self, message: Any, check: WireChecker, prefix: str) -> dict[str, Any]:
-        return {
-            "dedup_ttl_seconds": optional_int_from_wire(
-                message, "dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS, check, prefix
-            )
-        }
-
-    def to_wire(self, config: _Fields) -> dict[str, Any]:
-        return self.to_dict(config)
 
     def store_args(self, config: _Fields, call: CallFacts) -> dict[str, Any]:
         ttl = config.dedup_ttl_seconds

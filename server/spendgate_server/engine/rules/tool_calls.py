@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from spendgate_server.engine.rules._unit import (
-    Bad,
     CallFacts,
     DocRow,
     FormInput,
+    IntegerRule,
     Shadowed,
     StatefulRule,
     StoreView,
-    WireChecker,
-    optional_int_from_wire,
-    parse_integer,
-    pick_stricter,
 )
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store import ToolCheck
@@ -33,10 +28,11 @@ class _Fields(Shadowed, Protocol):
     def max_tool_calls(self) -> int | None: ...
 
 
-class ToolCallLimit(StatefulRule):
+class ToolCallLimit(IntegerRule, StatefulRule):
     """Block the call that would take the session's tool calls above the cap; the lower cap wins."""
 
     rule = Rule.TOOL_CALL_LIMIT
+    low, high, lower_is_stricter = 0, MAX_TOOL_CALLS, True
     client_error = "ToolCallLimitExceeded"
     title = "Tool-call limit"
     summary = "Block the call that would take a session's tool results above the limit."
@@ -50,28 +46,6 @@ class ToolCallLimit(StatefulRule):
             "lower wins",
         ),
     )
-
-    def enabled(self, config: _Fields) -> bool:
-        return config.max_tool_calls is not None
-
-    def parse(self, raw: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
-        return {"max_tool_calls": parse_integer(raw, "max_tool_calls", 0, MAX_TOOL_CALLS, bad)}
-
-    def to_dict(self, config: _Fields) -> dict[str, Any]:
-        return {} if config.max_tool_calls is None else {"max_tool_calls": config.max_tool_calls}
-
-    def merge(self, mine: _Fields, theirs: _Fields, shadow: set[Rule]) -> dict[str, Any]:
-        return pick_stricter(self.rule, mine, theirs, "max_tool_calls", min, shadow)
-
-    def from_wire(self, message: Any, check: WireChecker, prefix: str) -> dict[str, Any]:
-        return {
-            "max_tool_calls": optional_int_from_wire(
-                message, "max_tool_calls", 0, MAX_TOOL_CALLS, check, prefix
-            )
-        }
-
-    def to_wire(self, config: _Fields) -> dict[str, Any]:
-        return self.to_dict(config)
 
     def store_args(self, config: _Fields, call: CallFacts) -> dict[str, Any]:
         cap = config.max_tool_calls
