@@ -231,6 +231,16 @@ class IntegerRule(RuleUnit):
     high: ClassVar[int]
     # True: the lower value wins a merge (a cap); False: the higher one (a window).
     lower_is_stricter: ClassVar[bool]
+    # The label of the key's one input in the console's rules form.
+    form_label: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A concrete unit's one input and wire field follow from its key.
+        if "rule" in cls.__dict__:
+            key = cls.rule.key
+            cls.form_inputs = (FormInput(key, cls.form_label, "Blank turns the rule off."),)
+            cls.wire_fields = ((key, key),)
 
     def value(self, config: Any) -> int | None:
         """The rule's integer in ``config``; None when the rule is off."""

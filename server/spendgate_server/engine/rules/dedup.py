@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from spendgate_server.engine.rules._unit import (
     CallFacts,
     DocRow,
-    FormInput,
     IntegerRule,
     Shadowed,
     StatefulRule,
@@ -21,13 +20,6 @@ __all__ = ["MAX_DEDUP_TTL_SECONDS", "DuplicateRequest"]
 MAX_DEDUP_TTL_SECONDS = 7 * 24 * 3600
 
 
-class _Fields(Shadowed, Protocol):
-    """The config fields this rule reads (EnforcementConfig has them)."""
-
-    @property
-    def dedup_ttl_seconds(self) -> int | None: ...
-
-
 class DuplicateRequest(IntegerRule, StatefulRule):
     """Block a fingerprint admitted in this session within the TTL; the longer TTL wins."""
 
@@ -36,8 +28,7 @@ class DuplicateRequest(IntegerRule, StatefulRule):
     client_error = "DuplicateRequest"
     title = "Duplicate requests"
     summary = "Block a request identical to one admitted in the same session within the window."
-    form_inputs = (FormInput("dedup_ttl_seconds", "Window, seconds", "Blank turns the rule off."),)
-    wire_fields = (("dedup_ttl_seconds", "dedup_ttl_seconds"),)
+    form_label = "Window, seconds"
     docs = (
         DocRow(
             "`dedup_ttl_seconds`",
@@ -47,14 +38,13 @@ class DuplicateRequest(IntegerRule, StatefulRule):
         ),
     )
 
-    def store_args(self, config: _Fields, call: CallFacts) -> dict[str, Any]:
-        ttl = config.dedup_ttl_seconds
+    def store_args(self, config: Shadowed, call: CallFacts) -> dict[str, Any]:
+        ttl = self.value(config)
         if ttl is None:
             return {}
         return {"dedup": DedupCheck(call.fingerprint.hex(), ttl * 1000, config.is_shadow(self.rule))}
 
-    def block_reason(self, config: _Fields, view: StoreView) -> str:
+    def block_reason(self, config: Shadowed, view: StoreView) -> str:
         return (
-            "an identical request was admitted in this session within "
-            f"dedup_ttl_seconds {config.dedup_ttl_seconds}"
+            f"an identical request was admitted in this session within dedup_ttl_seconds {self.value(config)}"
         )

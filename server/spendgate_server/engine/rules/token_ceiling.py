@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from spendgate_server.engine.rules._unit import (
     DocRow,
     Draft,
     Effect,
-    FormInput,
     IntegerRule,
     Shadowed,
     StatelessRule,
@@ -20,13 +17,6 @@ __all__ = ["MAX_TOKEN_CEILING", "TokenCeiling"]
 MAX_TOKEN_CEILING = 10_000_000
 
 
-class _Fields(Shadowed, Protocol):
-    """The config fields this rule reads (EnforcementConfig has them)."""
-
-    @property
-    def token_ceiling(self) -> int | None: ...
-
-
 class TokenCeiling(IntegerRule, StatelessRule):
     """Block when the request's input tokens exceed the ceiling; the lower ceiling wins."""
 
@@ -36,8 +26,7 @@ class TokenCeiling(IntegerRule, StatelessRule):
     client_error = "TokenCeilingExceeded"
     title = "Token ceiling"
     summary = "Block a call whose input tokens exceed the ceiling."
-    form_inputs = (FormInput("token_ceiling", "Most input tokens per call", "Blank turns the rule off."),)
-    wire_fields = (("token_ceiling", "token_ceiling"),)
+    form_label = "Most input tokens per call"
     docs = (
         DocRow(
             "`token_ceiling`",
@@ -47,8 +36,8 @@ class TokenCeiling(IntegerRule, StatelessRule):
         ),
     )
 
-    def check(self, config: _Fields, draft: Draft) -> str | None:
-        ceiling = config.token_ceiling
+    def check(self, config: Shadowed, draft: Draft) -> str | None:
+        ceiling = self.value(config)
         if ceiling is None or draft.input_tokens <= ceiling:
             return None
         return f"input tokens {draft.input_tokens} exceed token_ceiling {ceiling}"

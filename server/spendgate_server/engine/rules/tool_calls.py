@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from spendgate_server.engine.rules._unit import (
     CallFacts,
     DocRow,
-    FormInput,
     IntegerRule,
     Shadowed,
     StatefulRule,
@@ -21,13 +20,6 @@ __all__ = ["MAX_TOOL_CALLS", "ToolCallLimit"]
 MAX_TOOL_CALLS = 1_000_000
 
 
-class _Fields(Shadowed, Protocol):
-    """The config fields this rule reads (EnforcementConfig has them)."""
-
-    @property
-    def max_tool_calls(self) -> int | None: ...
-
-
 class ToolCallLimit(IntegerRule, StatefulRule):
     """Block the call that would take the session's tool calls above the cap; the lower cap wins."""
 
@@ -36,8 +28,7 @@ class ToolCallLimit(IntegerRule, StatefulRule):
     client_error = "ToolCallLimitExceeded"
     title = "Tool-call limit"
     summary = "Block the call that would take a session's tool results above the limit."
-    form_inputs = (FormInput("max_tool_calls", "Most tool calls per session", "Blank turns the rule off."),)
-    wire_fields = (("max_tool_calls", "max_tool_calls"),)
+    form_label = "Most tool calls per session"
     docs = (
         DocRow(
             "`max_tool_calls`",
@@ -47,12 +38,12 @@ class ToolCallLimit(IntegerRule, StatefulRule):
         ),
     )
 
-    def store_args(self, config: _Fields, call: CallFacts) -> dict[str, Any]:
-        cap = config.max_tool_calls
+    def store_args(self, config: Shadowed, call: CallFacts) -> dict[str, Any]:
+        cap = self.value(config)
         return {} if cap is None else {"tools": ToolCheck(cap, config.is_shadow(self.rule))}
 
-    def block_reason(self, config: _Fields, view: StoreView) -> str:
+    def block_reason(self, config: Shadowed, view: StoreView) -> str:
         return (
             f"tool calls would reach {view.tool_calls + view.tool_call_count}, "
-            f"above max_tool_calls {config.max_tool_calls}"
+            f"above max_tool_calls {self.value(config)}"
         )
