@@ -13,7 +13,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import grpc
 import yaml
@@ -23,38 +23,19 @@ from spendgate_server.admin.flags import count, seconds
 from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 
-__all__ = ["DocumentKind", "Revision", "add_document_arguments", "diff_lines", "run_document_command"]
+__all__ = ["DocumentKind", "add_document_arguments", "diff_lines", "run_document_command"]
 
 # The server's largest page; history asks for at most this many revisions in one call.
 _MAX_PAGE_SIZE = 500
-
-
-class _Time(Protocol):
-    @property
-    def seconds(self) -> int: ...
-
-
-class Revision(Protocol):
-    """The fields every revision message carries (spendgate.v1.Config, spendgate.v1.PolicySet)."""
-
-    @property
-    def version(self) -> int: ...
-
-    @property
-    def etag(self) -> str: ...
-
-    @property
-    def updated_by(self) -> str: ...
-
-    @property
-    def update_time(self) -> _Time: ...
 
 
 class DocumentKind(ABC):
     """What one kind of document adds to the shared command shape.
 
     Calls take the stub, the parsed arguments, and ``call``: the ``timeout`` and
-    ``metadata`` keyword arguments of every RPC.
+    ``metadata`` keyword arguments of every RPC. A revision is the service's message
+    (spendgate.v1.Config, spendgate.v1.PolicySet): ``version``, ``etag``,
+    ``updated_by``, ``update_time`` and the document.
     """
 
     # What get, set and history do, for --help.
@@ -93,15 +74,15 @@ class DocumentKind(ABC):
         """The user-facing mapping of a revision message."""
 
     @abstractmethod
-    def get(self, stub: Any, args: argparse.Namespace, **call: Any) -> Revision:
+    def get(self, stub: Any, args: argparse.Namespace, **call: Any) -> Any:
         """The current revision."""
 
     @abstractmethod
-    def update(self, stub: Any, args: argparse.Namespace, new: Any, etag: str, **call: Any) -> Revision:
+    def update(self, stub: Any, args: argparse.Namespace, new: Any, etag: str, **call: Any) -> Any:
         """Write ``new`` if the current etag is ``etag``; the written revision."""
 
     @abstractmethod
-    def history(self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any) -> Sequence[Revision]:
+    def history(self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any) -> Sequence[Any]:
         """The newest ``page_size`` revisions, newest first."""
 
 
@@ -145,7 +126,7 @@ def _parse_file(kind: DocumentKind, path: str) -> Any:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _when(revision: Revision) -> str:
+def _when(revision: Any) -> str:
     if not revision.version:
         return "never written"
     return datetime.fromtimestamp(revision.update_time.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
