@@ -4,6 +4,7 @@ gRPC server (and its ``--workers`` processes)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -170,21 +171,26 @@ def build_session_quota(settings: ServeSettings, stores: Stores) -> SessionQuota
     )
 
 
-def _check_port_free(settings: ServeSettings) -> None:
-    """Refuse a taken ``--port`` in our words, before gRPC core logs its own lines about it.
+def _check_bindable(settings: ServeSettings) -> None:
+    """Refuse a ``--host`` or a taken ``--port`` in our words, before gRPC core logs its own lines.
 
     The probe binds as the server will (SO_REUSEADDR, and SO_REUSEPORT when workers share
     the port), so a port only in TIME_WAIT, or shared by this server's workers, is free.
+    It runs before the exposure check, so a host that cannot be bound (not an address, or
+    not one of this machine's) is refused as such, not as "reachable from the network".
 
     Raises:
-        ConfigError: naming --port and the reason.
+        ConfigError: naming --host or --port and the reason.
     """
-    if settings.port == 0:
-        return
     try:
-        addresses = socket.getaddrinfo(settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM)
-    except OSError:
-        return  # gRPC resolves the host itself and says what is wrong with it
+        addresses = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"--host {settings.host}: cannot bind: not an IP address or a name this machine resolves ({why})"
+        ) from exc
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -193,6 +199,10 @@ def _check_port_free(settings: ServeSettings) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise ConfigError(
+                        f"--host {settings.host}: cannot bind: {exc.strerror} (not an address of this host)"
+                    ) from exc
                 raise ConfigError(
                     f"--port {settings.port}: cannot bind {settings.host}: {exc.strerror}"
                 ) from exc
@@ -337,6 +347,7 @@ async def _serve(
         failures=metrics.auth_failures,
         keys_missing=metrics.auth_keys_missing,
     )
+    _check_bindable(settings)
     # The first load decides, once, whether this server runs open (rpc/auth.py).
     await authenticator.load()
     check_exposure(settings.host, authenticator.has_keys, settings.insecure)
@@ -375,7 +386,6 @@ async def _serve(
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    _check_port_free(settings)
     try:
         address = f"{settings.host}:{settings.port}"
         port = (
@@ -414,7 +424,9 @@ async def _serve(
                     host=settings.host,
                     port=port,
                     store=settings.store,
-                    metrics_port=settings.metrics_port,
+                    # What is served: 0 when metrics are off (the default port taken, or none asked).
+                    # With --workers the supervisor serves them and reports a taken port itself.
+                    metrics_port=settings.metrics_port if metrics_thread or settings.workers > 1 else 0,
                     tls=credentials is not None,
                     mtls=bool(settings.tls_client_ca),
                     auth=not authenticator.open_mode,

@@ -100,7 +100,13 @@ async def test_before_the_first_load_every_call_is_refused() -> None:
 
 async def test_open_mode_not_allowed_and_no_keys_refuses() -> None:
     """Off loopback without --insecure, an empty key table never means open."""
-    auth = Authenticator(ListKeyStore(), allow_open_mode=False)
-    await auth.load()
-    assert not auth.open_mode
+    registry = CollectorRegistry()
+    missing = Gauge("missing", "", registry=registry)
+    auth = Authenticator(ListKeyStore(), allow_open_mode=False, keys_missing=missing)
+    with capture_logs() as logs:
+        await auth.load()
+    # Nothing was lost at start-up: the key-loss event is for a server that had keys.
+    assert logs == []
+    assert not auth.open_mode and auth.keys_missing
+    assert registry.get_sample_value("missing") == 1
     assert refusal(auth, [], DECIDE).reason == "no_keys"

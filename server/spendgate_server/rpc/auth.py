@@ -149,7 +149,8 @@ class Authenticator:
             ConfigError: the keys file cannot be read or parsed.
         """
         keys = await self._keystore.all() if self._keystore is not None else {}
-        if self._open is None:
+        first = self._open is None
+        if first:
             self._open = self._allow_open_mode and not keys
         self._keys = keys
         if self._open:
@@ -167,7 +168,9 @@ class Authenticator:
             self._missing = missing
             if self._keys_missing is not None:
                 self._keys_missing.set(1 if missing else 0)
-            if missing:
+            if first:
+                pass  # At start-up an empty table is no loss: check_exposure refuses it in one line.
+            elif missing:
                 _log.error(
                     "api_keys_missing",
                     detail="the key store holds no API keys (Redis restarted without persistence, or "

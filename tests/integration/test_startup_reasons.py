@@ -1,0 +1,93 @@
+"""What `spendgate serve` says when it starts, or refuses to: the one reason line, and a true
+`serving` line (real processes: the log and the exit code are the process's own)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import STARTUP_SECONDS, free_port, stop_process
+
+DEFAULT_METRICS_PORT = 9464
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "spendgate_server", "serve", "--port", "0", "--log-format", "json", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_no_keys_on_a_public_address_is_one_line_and_no_key_loss_event() -> None:
+    """At start-up an empty key table is not a lost one: no `api_keys_missing` (nor any other
+    key event) is logged, and stderr carries the one reason line, exit 2."""
+    run = serve("--host", "0.0.0.0")  # noqa: S104  # the refusal under test
+    assert run.returncode == 2, run.stderr
+    assert "api_keys" not in run.stderr
+    assert [line for line in run.stderr.splitlines() if line] == [
+        "spendgate: --host 0.0.0.0 is reachable from the network and no API keys exist: create one "
+        "with 'spendgate keys create', or pass --insecure to serve without authentication"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("not-an-ip", "not an IP address or a name this machine resolves"),
+        ("999.1.1.1", "not an IP address or a name this machine resolves"),
+        # A well-formed address that is not this machine's (TEST-NET-1, RFC 5737).
+        ("192.0.2.1", "Cannot assign requested address (not an address of this host)"),
+    ],
+)
+def test_a_host_that_cannot_be_bound_is_refused_as_such(host: str, why: str) -> None:
+    """A --host that cannot be bound is refused for that, in one line naming --host, exit 2;
+    never as "reachable from the network", whether keys exist or --insecure is given."""
+    for extra in ((), ("--insecure",)):
+        run = serve("--host", host, *extra)
+        lines = [line for line in run.stderr.splitlines() if line and not line.startswith("{")]
+        assert run.returncode == 2, run.stderr
+        assert len(lines) == 1, run.stderr
+        assert lines[0].startswith(f"spendgate: --host {host}: cannot bind: "), lines
+        assert why in lines[0] and "reachable" not in lines[0]
+
+
+def serving_event(argv: list[str], log: Path) -> dict[str, object]:
+    """Start ``argv``, return its `serving` log event, and stop it (by its PID)."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            for line in log.read_text().splitlines():
+                if line.startswith("{") and json.loads(line).get("event") == "serving":
+                    return dict(json.loads(line))
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        pytest.fail(f"no serving line:\n{log.read_text()}")
+    finally:
+        stop_process(process)
+
+
+def test_the_serving_line_reports_the_metrics_port_actually_served(tmp_path: Path) -> None:
+    """The default metrics port taken: metrics are off and `serving` says metrics_port 0, not
+    9464; a free port given by flag is served and reported as itself."""
+    argv = [sys.executable, "-m", "spendgate_server", "serve", "--port", "0", "--log-format", "json"]
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with contextlib.suppress(OSError):  # already held by another process: taken all the same
+        holder.bind(("127.0.0.1", DEFAULT_METRICS_PORT))
+        holder.listen()
+    with holder:
+        taken = serving_event(argv, tmp_path / "taken.log")
+    assert taken["metrics_port"] == 0
+    assert "metrics_off" in (tmp_path / "taken.log").read_text()
+    port = free_port()
+    served = serving_event([*argv, "--metrics-port", str(port)], tmp_path / "named.log")
+    assert served["metrics_port"] == port
+    off = serving_event([*argv, "--metrics-port", "0"], tmp_path / "off.log")
+    assert off["metrics_port"] == 0
