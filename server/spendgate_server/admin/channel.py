@@ -21,6 +21,7 @@ __all__ = [
     "call_metadata",
     "explain_rpc_error",
     "open_channel",
+    "target_problem",
 ]
 
 EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
@@ -37,6 +38,8 @@ _WORDED = frozenset(
 )
 # A gRPC target: no spaces or control characters (grpc would log a resolver error on stderr).
 _TARGET = re.compile(r"[!-~]{1,512}")
+# Name-resolver schemes whose address ends in host[:port] (grpc's naming doc); others (unix:) have none.
+_HOST_PORT_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 # A metadata value gRPC accepts: printable ASCII.
 _METADATA_VALUE = re.compile(r"[ -~]{1,256}")
 
@@ -59,6 +62,43 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=env("SPENDGATE_TLS_KEY", ""), help="client private key (mTLS)")
 
 
+def target_problem(target: str) -> str | None:
+    """What is wrong with the port of a gRPC ``target``, or None when it has none or a valid one.
+
+    ``host:port``, ``[v6]:port`` and the ``dns:``/``ipv4:``/``ipv6:`` forms carry a port, which
+    must be a decimal number in 1..65535 (gRPC would otherwise wrap it, and connect to another
+    port, or fail later with a resolver error). A bare host (gRPC's default port), a bare IPv6
+    address and the ``unix:`` forms have no port to check.
+    """
+    address = target
+    scheme = next((s for s in _HOST_PORT_SCHEMES if target.lower().startswith(s)), None)
+    if scheme is not None:
+        address = target[len(scheme) :]
+        if address.startswith("//"):  # dns://authority/host:port
+            address = address[2:].partition("/")[2]
+        address = address.split(",")[0]  # ipv4:a:1,b:2 lists addresses
+    elif "://" in target or target.lower().startswith(("unix:", "unix-abstract:", "vsock:")):
+        return None  # another scheme, or a socket path: no port to check
+    if address.startswith("["):
+        host, bracket, rest = address.partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return "a bracketed IPv6 host must be '[address]:port'"
+        if not rest:
+            return None  # [v6] alone: gRPC's default port
+        port = rest[1:]
+    elif address.count(":") == 1:
+        host, _, port = address.partition(":")
+    else:
+        return None  # a bare host or a bare IPv6 address: no port given
+    if not host.strip("["):
+        return "the host is empty"
+    if not port.isascii() or not port.isdigit():
+        return f"the port must be a number in 1..65535, got {port!r}"
+    if not 1 <= int(port) <= 65535:
+        return f"the port must be in 1..65535, got {int(port)}"
+    return None
+
+
 def _read(flag: str, path: str) -> bytes | None:
     if not path:
         return None
@@ -76,6 +116,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"--target (or SPENDGATE_TARGET) must be host:port without spaces, got {args.target!r}"
         )
+    problem = target_problem(args.target)
+    if problem:
+        raise ConfigError(f"--target (or SPENDGATE_TARGET) {args.target}: {problem}")
     key = args.api_key = args.api_key.strip()
     if key:
         problem = key_problem(key)
