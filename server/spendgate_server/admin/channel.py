@@ -7,8 +7,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from spendgate_server.errors import ConfigError
@@ -156,19 +158,36 @@ def call_metadata(args: argparse.Namespace, *extra: tuple[str, str]) -> tuple[tu
     return (*key, *extra)
 
 
-def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
-    """The BadRequest field violations the server attached to ``exc`` (AIP-193), if any."""
+def _status_details(exc: grpc.RpcError) -> Sequence[Any]:
+    """The details (packed Any messages) of the google.rpc.Status the server attached to ``exc``."""
     trailing: Sequence[tuple[str, str | bytes]] = (
         (exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
     )
     for key, value in trailing:
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                bad_request = error_details_pb2.BadRequest()
-                if detail.Unpack(bad_request):
-                    return [(v.field, v.description) for v in bad_request.field_violations]
+            try:
+                return list(status_pb2.Status.FromString(value).details)
+            except DecodeError:
+                return []
     return []
+
+
+def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """The BadRequest field violations the server attached to ``exc`` (AIP-193), if any."""
+    for detail in _status_details(exc):
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            return [(v.field, v.description) for v in bad_request.field_violations]
+    return []
+
+
+def _error_reason(exc: grpc.RpcError) -> str:
+    """The ErrorInfo reason the server attached to ``exc`` (rpc/status.py), or "" when none."""
+    for detail in _status_details(exc):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
 
 
 def explain_rpc_error(
@@ -190,6 +209,9 @@ def explain_rpc_error(
         if violations and flags is not None:
             return EXIT_BAD_INPUT, "; ".join(f"{_flag_of(field, flags)}: {why}" for field, why in violations)
         return EXIT_BAD_INPUT, f"the service refused the request: {details}"
+    if code is grpc.StatusCode.UNAVAILABLE and _error_reason(exc) == "STORE_UNAVAILABLE":
+        # The server answered: telling the user it cannot be reached would send them to the network.
+        return EXIT_FAILED, f"spendgate at {target} answered, but its store is unavailable: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
         return EXIT_FAILED, f"cannot reach spendgate at {target}: {details}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
