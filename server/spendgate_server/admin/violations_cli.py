@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+import grpc
 from google.protobuf import json_format
 from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
@@ -23,6 +24,13 @@ __all__ = ["add_violations_arguments", "format_violation", "run_violations_comma
 _DURATION = re.compile(r"(\d{1,9})([smhd])")
 _LATEST_MS = 253_402_300_799_999  # the last millisecond of 9999, the end of a protobuf Timestamp
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# `violations tail` reconnects: backoff 0.5, 1, 2, 4, 8, 8 ... s; gives up after this many in a row
+# (about 40 s of a server down). A stream that lived RESUME_HEALTHY_SECONDS resets the count.
+RESUME_ATTEMPTS = 8
+RESUME_FIRST_DELAY_SECONDS = 0.5
+RESUME_MAX_DELAY_SECONDS = 8.0
+RESUME_HEALTHY_SECONDS = 30.0
+_NEWEST_TIMEOUT_SECONDS = 10.0  # reading the newest cursor before a live tail
 
 
 def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,14 +132,59 @@ def run_violations_command(args: argparse.Namespace) -> int:
             if not shown and not args.json:
                 print("no violations", file=sys.stderr)
             return 0
+        return _tail(stub, args, policy_type)
+
+
+def _tail(stub: violation_pb2_grpc.ViolationServiceStub, args: argparse.Namespace, policy_type: int) -> int:
+    """Follow the feed until interrupted (or ``--count``), resuming after the server ends the stream.
+
+    The server recycles connections (max connection age), drains on restart, or is briefly
+    down: each ends the stream, cleanly or with UNAVAILABLE. The watch is reopened after the
+    last cursor seen, so nothing is missed or shown twice; a live tail first reads the newest
+    cursor, so a violation that lands while reconnecting is not lost either. After
+    :data:`RESUME_ATTEMPTS` reconnections with nothing received in between, the last error ends
+    the command (its one line, exit 1); any other error ends it at once.
+    """
+    cursor = "0" if args.from_start and not args.cursor else args.cursor
+    if not cursor:
+        newest = stub.ListViolations(
+            vpb.ListViolationsRequest(page_size=1),
+            timeout=RESUME_MAX_DELAY_SECONDS,
+            metadata=call_metadata(args),
+        )
+        # An empty feed: from its start, which is everything from now on.
+        cursor = newest.violations[0].cursor if newest.violations else "0"
+    seen = 0
+    failures = 0
+    while True:
         watch = vpb.WatchViolationsRequest(
-            cursor="0" if args.from_start and not args.cursor else args.cursor,
-            policy_type=policy_type,  # type: ignore[arg-type]  # as above
+            cursor=cursor,
+            policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
             session_id=args.session,
             project=args.project,
         )
-        for seen, response in enumerate(stub.WatchViolations(watch, metadata=call_metadata(args)), 1):
-            _print(response.violation, args.json)
-            if args.count and seen >= args.count:
-                break
-        return 0
+        opened = time.monotonic()
+        try:
+            for response in stub.WatchViolations(watch, metadata=call_metadata(args)):
+                _print(response.violation, args.json)
+                cursor = response.violation.cursor
+                seen += 1
+                failures = 0
+                if args.count and seen >= args.count:
+                    return 0
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code is not grpc.StatusCode.UNAVAILABLE:
+                raise
+            if time.monotonic() - opened >= RESUME_HEALTHY_SECONDS:
+                failures = 0  # a stream that lived this long was a recycled connection, not an outage
+            failures += 1
+            if failures > RESUME_ATTEMPTS:
+                raise
+        else:
+            # Ended cleanly by the server (a drain): reopen at once, as a recycled connection.
+            failures = 0 if time.monotonic() - opened >= RESUME_HEALTHY_SECONDS else failures + 1
+            if failures > RESUME_ATTEMPTS:
+                return 0
+        if failures:
+            time.sleep(min(RESUME_FIRST_DELAY_SECONDS * 2 ** (failures - 1), RESUME_MAX_DELAY_SECONDS))
