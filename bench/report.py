@@ -104,6 +104,16 @@ def _noisy_line(document: dict[str, Any]) -> str:
     )
 
 
+def _guarded_lines(document: dict[str, Any]) -> list[str]:
+    g = document.get("guarded_call") or {}
+    if g.get("status") != "ok":
+        detail = g.get("note") or g.get("error") or ""
+        return [f"guarded call: {g.get('status', 'missing')} {detail}".rstrip()]
+    from bench.guarded import table as guarded_table
+
+    return guarded_table(g["figures"]).splitlines()
+
+
 def table(document: dict[str, Any]) -> str:
     """The figures for the terminal: each beside its ratio to the floor."""
     out = [_preamble(document), ""]
@@ -113,6 +123,7 @@ def table(document: dict[str, Any]) -> str:
         header, rows = _rows(document, rpc)
         header[0] = rpc.capitalize()
         out += [*_format(header, rows), ""]
+    out += [*_guarded_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append(_noisy_line(document))
     return "\n".join(out)
@@ -130,6 +141,7 @@ def markdown(document: dict[str, Any]) -> str:
         out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out.append("")
+    out += [*_guarded_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append("")
     out.append(_noisy_line(document))

@@ -11,7 +11,8 @@ load generator in its own process (bench/loadgen.py):
 3. open-loop latency at fixed fractions of the floor's capacity (scheduled sends,
    latency from the scheduled time);
 
-for Decide, then Settle, then the client wrapper's own overhead
+for Decide, then Settle, then the guarded call (bench/guarded.py: a wrapped SDK
+against the plain SDK on a fake provider), then the client wrapper's own overhead
 (bench/wrapper_overhead.py when present), then the noisy-neighbour check
 (bench/noisy.py: one tenant's heavy patterns and watch streams while another
 decides). Writes bench/results/latest.json and bench/results/latency_vs_load.png and
@@ -156,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     a("--no-plot", action="store_true", help="skip the PNG")
     a("--no-noisy", action="store_true", help="skip the noisy-neighbour check (bench/noisy.py)")
+    a("--no-guarded", action="store_true", help="skip the guarded call (bench/guarded.py)")
+    a(
+        "--guarded-count",
+        type=int,
+        default=int(_env_default("guarded_count", "1500")),
+        help="guarded call: sequential calls of each kind, plain and wrapped (env SG_BENCH_GUARDED_COUNT)",
+    )
     return p
 
 
@@ -165,6 +173,7 @@ def _apply_quick(args: argparse.Namespace) -> None:
     args.loads = "0.5,0.9"
     args.workers = "1"
     args.concurrency = 8
+    args.guarded_count = 60
 
 
 # --- running load generators -------------------------------------------------------------------
@@ -513,6 +522,30 @@ def _noisy_neighbour(args: argparse.Namespace, log: Callable[[str], None]) -> di
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _guarded(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    if args.no_guarded or "redis-w1" not in bench.servers:
+        return {"status": "skipped", "note": "--no-guarded or no redis-w1 server"}
+    from bench import guarded
+
+    quick = args.quick
+    try:
+        figures = guarded.measure(
+            bench.procs,
+            bench.servers["redis-w1"].target,
+            bench.servers["floor"].target,
+            bench.api_keys.get("redis", ""),
+            bench.log,
+            count=args.guarded_count,
+            rounds=1 if quick else 2,
+            closed_seconds=0.5 if quick else 3.0,
+            closed_rounds=1 if quick else 2,
+        )
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "figures": figures}
+
+
 def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float | None) -> dict[str, Any]:
     args = bench.args
     results: dict[str, Any] = {t.key: {} for t in targets}
@@ -597,6 +630,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         if not args.no_settle:
             log("Settle")
             settle = _run_rpc(bench, targets, "settle", decide["floor_capacity_rps"])
+        log("guarded call")
+        guarded_call = _guarded(bench)
         server_argv = {k: s.argv for k, s in bench.servers.items()}
         api_keys = bench.api_keys
     log("wrapper overhead")
@@ -617,6 +652,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "decide_ratios": _ratios(decide, targets),
         "settle": settle,
         "settle_ratios": _ratios(settle, targets) if settle else None,
+        "guarded_call": guarded_call,
         "wrapper_overhead": wrapper,
         "noisy_neighbour": noisy_neighbour,
         "wall_seconds": time.monotonic() - started,
