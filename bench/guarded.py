@@ -78,13 +78,18 @@ def _serve_provider() -> None:
 # --- the client process -----------------------------------------------------------------------
 
 
-def _clients(args: argparse.Namespace) -> tuple[Any, Any]:
-    import anthropic
+# Client levers: the wrapper with one of its settle paths turned off, to measure what each buys.
+CLIENT_LEVERS = {
+    "no_carry": "settles never ride along a Decide (each goes on the settle thread)",
+    "no_batch": "the settle thread sends each settle alone (no SettleBatch)",
+}
+
+
+def _wrapped(args: argparse.Namespace, variant: str) -> Any:
     from spendgate_client import JournaledAnthropic
 
-    plain = anthropic.Anthropic(api_key=PROVIDER_KEY, base_url=args.provider, max_retries=0)
     wrapped = JournaledAnthropic(
-        session_id=f"{args.tag}-session",
+        session_id=f"{args.tag}-{variant or 'shipped'}",
         spendgate_target=args.target,
         fail_mode="closed",
         decide_timeout=DEADLINE_SECONDS,
@@ -92,7 +97,27 @@ def _clients(args: argparse.Namespace) -> tuple[Any, Any]:
         base_url=args.provider,
         max_retries=0,
     )
-    return plain, wrapped
+    settler = wrapped._spendgate_gate.settler
+    for lever in filter(None, variant.split("+")):
+        if lever == "no_carry":
+            settler.carry_seconds = 0.0
+        elif lever == "no_batch":
+            settler.max_batch = 1
+        else:
+            raise SystemExit(
+                f"bench.guarded: unknown client lever {lever!r}; known: {', '.join(CLIENT_LEVERS)}"
+            )
+    return wrapped
+
+
+def _plain(args: argparse.Namespace) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(api_key=PROVIDER_KEY, base_url=args.provider, max_retries=0)
+
+
+def _name(variant: str) -> str:
+    return f"wrapped[{variant}]" if variant else "wrapped"
 
 
 def _floor_decide(target: str) -> tuple[Callable[[int], None], Callable[[], None]]:
@@ -113,15 +138,16 @@ def _floor_decide(target: str) -> tuple[Callable[[int], None], Callable[[], None
 
 
 def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
-    plain, wrapped = _clients(args)
+    plain = _plain(args)
+    wrapped = {_name(v): _wrapped(args, v) for v in args.variants}
     floor, close_floor = _floor_decide(args.floor)
-    calls: dict[str, Callable[[int], object]] = {
-        "plain": lambda i: plain.messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=_body("p", i)),
-        "wrapped": lambda i: wrapped.messages.create(
-            model=MODEL, max_tokens=MAX_TOKENS, messages=_body(args.tag, i)
-        ),
-        "floor": floor,
-    }
+
+    def sdk_call(client: Any, tag: str) -> Callable[[int], object]:
+        return lambda i: client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=_body(tag, i))
+
+    calls: dict[str, Callable[[int], object]] = {"plain": sdk_call(plain, "p")}
+    calls.update({name: sdk_call(client, f"{args.tag}-{name}") for name, client in wrapped.items()})
+    calls["floor"] = floor
     samples: dict[str, list[int]] = {name: [] for name in calls}
     errors = {name: 0 for name in calls}
     first_error = ""
@@ -129,7 +155,8 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.warmup):
         for call in calls.values():
             call(1_000_000 + i)
-    wrapped.spendgate_flush(DEADLINE_SECONDS)
+    for client in wrapped.values():
+        client.spendgate_flush(DEADLINE_SECONDS)
     names = list(calls)
     n = 0
     for block in range(math.ceil(args.count / args.block)):
@@ -148,28 +175,31 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
                     first_error = first_error or f"{name}: {type(exc).__name__}: {exc}"[:300]
                     continue
                 samples[name].append((clock() - t0) // 1000)
-            if name == "wrapped":
+            if name in wrapped:
                 # Untimed: the next block starts without this block's settles in flight.
-                wrapped.spendgate_flush(DEADLINE_SECONDS)
-    stats = wrapped._spendgate_gate.client.stats.snapshot()
-    settler = wrapped._spendgate_gate.settler
-    wrapped.close()
-    plain.close()
-    close_floor()
-    return {
+                wrapped[name].spendgate_flush(DEADLINE_SECONDS)
+    settlers = {name: client._spendgate_gate.settler for name, client in wrapped.items()}
+    result = {
         "samples_us": samples,
         "errors": errors,
         "first_error": first_error,
-        "settled": settler.settled,
-        "settle_dropped": settler.dropped,
-        "client_stats": stats,
+        "settled": {name: s.settled for name, s in settlers.items()},
+        "carried": {name: s.carried for name, s in settlers.items()},
+        "settle_dropped": {name: s.dropped for name, s in settlers.items()},
     }
+    for client in wrapped.values():
+        client.close()
+    plain.close()
+    close_floor()
+    return result
 
 
 def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
-    plain, wrapped = _clients(args)
-    client = wrapped if args.which == "wrapped" else plain
-    tag = args.tag if args.which == "wrapped" else "p"
+    import resource
+
+    wrapped = _wrapped(args, args.variants[0]) if args.which != "plain" else None
+    client = wrapped if wrapped is not None else _plain(args)
+    tag = f"{args.tag}-{args.which}"
     counter = iter(range(10**9))
     lock = threading.Lock()
     done = 0
@@ -177,7 +207,7 @@ def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
     first_error = ""
     for i in range(args.warmup):
         client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=_body(tag, 10**9 + i))
-    if client is wrapped:
+    if wrapped is not None:
         wrapped.spendgate_flush(DEADLINE_SECONDS)
     stop_at = time.perf_counter() + args.duration
 
@@ -196,6 +226,7 @@ def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
             with lock:
                 done += 1
 
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.threads)]
     for t in threads:
@@ -203,9 +234,11 @@ def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
     for t in threads:
         t.join()
     calls_end = time.perf_counter()
-    flushed = wrapped.spendgate_flush(60.0) if client is wrapped else True
+    flushed = wrapped.spendgate_flush(60.0) if wrapped is not None else True
     end = time.perf_counter()
-    settler = wrapped._spendgate_gate.settler
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    settler = wrapped._spendgate_gate.settler if wrapped is not None else None
     result = {
         "which": args.which,
         "ok": done,
@@ -217,11 +250,12 @@ def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
         "calls_elapsed_s": calls_end - start,
         "flush_s": end - calls_end,
         "flushed": flushed,
-        "settled": settler.settled,
+        "settled": settler.settled if settler else 0,
+        "carried": settler.carried if settler else 0,
         "throughput_rps": done / (end - start),
+        "client_cpu_ms_per_call": 1000 * cpu / done if done else None,
     }
-    wrapped.close()
-    plain.close()
+    client.close()
     return result
 
 
@@ -264,6 +298,8 @@ def measure(
     threads: int = 8,
     closed_seconds: float = 3.0,
     closed_rounds: int = 2,
+    levers: Sequence[str] = (),
+    server_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Plain SDK against wrapped SDK on the fake provider: sequential and closed-loop figures.
 
@@ -279,21 +315,29 @@ def measure(
         threads: closed-loop threads sharing one client.
         closed_seconds: duration of each closed-loop run.
         closed_rounds: closed-loop runs of each kind, alternating.
+        levers: client lever sets (CLIENT_LEVERS, "+" combines) measured beside the
+            wrapper as shipped, each as ``wrapped[<levers>]``.
+        server_cpu: the spendgate server's CPU seconds so far, to report CPU per call.
 
     Returns:
-        ``sequential`` (p50/p99/... of plain, wrapped and floor, ms), ``added_ms`` (wrapped
-        minus plain at p50 and p99), ``added_over_floor`` (added latency over the floor's
-        round trip), ``closed`` (calls/s of each) and ``closed_ratio`` (wrapped / plain).
+        ``sequential`` (p50/p99/... of plain, each wrapped variant and the floor, ms),
+        ``added_ms`` (each wrapped variant minus plain at p50, p90 and p99),
+        ``added_over_floor`` (added latency over the floor's round trip at p50 and p99),
+        ``closed`` (calls/s of each) and ``closed_ratio`` (each wrapped / plain).
     """
     provider = start_provider(procs)
     env = dict(os.environ)
     env.pop("SPENDGATE_API_KEY", None)
     if api_key:
         env["SPENDGATE_API_KEY"] = api_key
-    merged: dict[str, list[int]] = {"plain": [], "wrapped": [], "floor": []}
+    variants = ["", *levers]
+    wrapped = [_name(v) for v in variants]
+    merged: dict[str, list[int]] = {name: [] for name in ("plain", *wrapped, "floor")}
     errors = {name: 0 for name in merged}
-    settled = 0
+    settled = dict.fromkeys(wrapped, 0)
+    carried = dict.fromkeys(wrapped, 0)
     per_round = max(1, count // rounds)
+    variant_args = [a for v in variants for a in ("--variant", v)]
     for rnd in range(rounds):
         log(f"  guarded call sequential (round {rnd + 1}/{rounds}, {per_round} calls of each kind)")
         result = _calls(
@@ -309,19 +353,25 @@ def measure(
             str(block),
             "--tag",
             f"g{rnd}-{os.getpid()}-{time.monotonic_ns()}",
+            *variant_args,
         )
         for name in merged:
             merged[name].extend(result["samples_us"][name])
             errors[name] += result["errors"][name]
-        settled += result["settled"]
+        for name in wrapped:
+            settled[name] += result["settled"][name]
+            carried[name] += result["carried"][name]
         if result["first_error"]:
             log(f"  ! guarded call sequential: {result['first_error']}")
     seq = {name: {**summarize(samples), "ok": len(samples)} for name, samples in merged.items()}
-    added = {k: seq["wrapped"][k] - seq["plain"][k] for k in ("p50", "p90", "p99")}
-    closed: dict[str, list[dict[str, Any]]] = {"plain": [], "wrapped": []}
+    added = {name: {k: seq[name][k] - seq["plain"][k] for k in ("p50", "p90", "p99")} for name in wrapped}
+    kinds = [("plain", ""), *((name, v) for name, v in zip(wrapped, variants, strict=True))]
+    closed: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in kinds}
     for rnd in range(closed_rounds):
-        for which in ("plain", "wrapped") if rnd % 2 == 0 else ("wrapped", "plain"):
-            log(f"  guarded call closed loop {which} ({threads} threads, round {rnd + 1}/{closed_rounds})")
+        # Rotate the order each round: whoever goes first meets a different machine state.
+        for name, variant in kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]:
+            log(f"  guarded call closed loop {name} ({threads} threads, round {rnd + 1}/{closed_rounds})")
+            cpu0 = server_cpu() if server_cpu else 0.0
             run = _calls(
                 env,
                 provider,
@@ -330,7 +380,9 @@ def measure(
                 "--mode",
                 "closed",
                 "--which",
-                which,
+                name,
+                "--variant",
+                variant,
                 "--threads",
                 str(threads),
                 "--duration",
@@ -338,39 +390,51 @@ def measure(
                 "--tag",
                 f"c{rnd}-{os.getpid()}-{time.monotonic_ns()}",
             )
+            if server_cpu and run["ok"]:
+                run["server_cpu_ms_per_call"] = 1000 * (server_cpu() - cpu0) / run["ok"]
             if run["first_error"]:
-                log(f"  ! guarded call closed {which}: {run['first_error']}")
-            closed[which].append(run)
-    rps = {which: sum(r["throughput_rps"] for r in runs) / len(runs) for which, runs in closed.items()}
+                log(f"  ! guarded call closed {name}: {run['first_error']}")
+            closed[name].append(run)
+    rps = {name: sum(r["throughput_rps"] for r in runs) / len(runs) for name, runs in closed.items()}
     return {
         "model": MODEL,
+        "levers": {lever: CLIENT_LEVERS.get(lever, "levers combined") for lever in levers},
         "sequential": seq,
         "sequential_errors": errors,
         "settled": settled,
+        "carried": carried,
         "added_ms": added,
-        "added_over_floor": {k: ratio(added[k], seq["floor"][k]) for k in ("p50", "p99")},
-        "closed": {which: {"throughput_rps": rps[which], "runs": runs} for which, runs in closed.items()},
-        "closed_ratio": ratio(rps["wrapped"], rps["plain"]),
+        "added_over_floor": {
+            name: {k: ratio(added[name][k], seq["floor"][k]) for k in ("p50", "p99")} for name in wrapped
+        },
+        "closed": {name: {"throughput_rps": rps[name], "runs": runs} for name, runs in closed.items()},
+        "closed_ratio": {name: ratio(rps[name], rps["plain"]) for name in wrapped},
         "threads": threads,
     }
 
 
 def table(figures: dict[str, Any]) -> str:
     """The guarded-call figures as lines for the terminal."""
-    s, added, over = figures["sequential"], figures["added_ms"], figures["added_over_floor"]
-    closed = figures["closed"]
-    return "\n".join(
-        [
-            "Guarded call (JournaledAnthropic vs anthropic.Anthropic, fake provider, Redis store)",
-            f"  sequential plain   p50 {s['plain']['p50']:.3f} ms  p99 {s['plain']['p99']:.3f} ms",
-            f"  sequential wrapped p50 {s['wrapped']['p50']:.3f} ms  p99 {s['wrapped']['p99']:.3f} ms",
-            f"  floor Decide       p50 {s['floor']['p50']:.3f} ms  p99 {s['floor']['p99']:.3f} ms",
-            f"  added p50 {added['p50']:.3f} ms ({_x(over['p50'])} a floor round trip), "
-            f"p99 {added['p99']:.3f} ms ({_x(over['p99'])} the floor's p99)",
-            f"  closed loop, {figures['threads']} threads: plain {closed['plain']['throughput_rps']:.0f}/s, "
-            f"wrapped {closed['wrapped']['throughput_rps']:.0f}/s ({_x(figures['closed_ratio'])})",
-        ]
-    )
+    s, closed = figures["sequential"], figures["closed"]
+    lines = [
+        "Guarded call (JournaledAnthropic vs anthropic.Anthropic, fake provider, Redis store)",
+        f"  {'':<32} {'seq p50 ms':>10} {'seq p99 ms':>10} {'added p50':>18} {'added p99':>18} "
+        f"{'calls/s, ' + str(figures['threads']) + ' threads':>24}",
+    ]
+    for name in ("plain", *figures["added_ms"], "floor"):
+        label = name if name != "floor" else "floor Decide"
+        row = f"  {label:<32} {s[name]['p50']:>10.3f} {s[name]['p99']:>10.3f}"
+        if name in figures["added_ms"]:
+            added, over = figures["added_ms"][name], figures["added_over_floor"][name]
+            row += f" {added['p50']:>7.3f} ({_x(over['p50'])} fl) {added['p99']:>7.3f} ({_x(over['p99'])} fl)"
+        else:
+            row += f" {'':>18} {'':>18}"
+        if name in closed:
+            rps = closed[name]["throughput_rps"]
+            share = figures["closed_ratio"].get(name)
+            row += f" {rps:>13.0f}" + (f" ({_x(share)} plain)" if share is not None else "")
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def _x(value: float | None) -> str:
@@ -386,6 +450,12 @@ def _standalone(argv: Sequence[str]) -> int:
     p.add_argument("--closed-seconds", type=float, default=3.0)
     p.add_argument("--closed-rounds", type=int, default=2)
     p.add_argument("--variant", default="", help="run spendgate through bench.variants with these levers")
+    p.add_argument(
+        "--levers",
+        default="",
+        help=f"client lever sets measured beside the shipped wrapper, comma-separated ('+' combines): "
+        f"{', '.join(CLIENT_LEVERS)}",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     from bench._procs import Processes
@@ -410,6 +480,8 @@ def _standalone(argv: Sequence[str]) -> int:
             threads=args.threads,
             closed_seconds=args.closed_seconds,
             closed_rounds=args.closed_rounds,
+            levers=[v.strip() for v in args.levers.split(",") if v.strip()],
+            server_cpu=bench.servers["redis-w1"].cpu_seconds,
         )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
@@ -429,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--target", required=True)
         p.add_argument("--floor", required=True)
         p.add_argument("--mode", choices=("seq", "closed"), required=True)
-        p.add_argument("--which", choices=("plain", "wrapped"), default="wrapped")
+        p.add_argument("--which", default="wrapped", help="closed: plain, or the wrapped variant's name")
+        p.add_argument(
+            "--variant", action="append", dest="variants", help="client levers of a wrapped client (repeat)"
+        )
         p.add_argument("--count", type=int, default=500)
         p.add_argument("--block", type=int, default=25)
         p.add_argument("--threads", type=int, default=8)
@@ -437,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--warmup", type=int, default=20)
         p.add_argument("--tag", default=f"g{os.getpid()}")
         args = p.parse_args(argv[1:])
+        args.variants = args.variants or [""]
         result = _run_seq(args) if args.mode == "seq" else _run_closed(args)
         json.dump(result, sys.stdout)
         sys.stdout.write("\n")

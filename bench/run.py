@@ -540,6 +540,7 @@ def _guarded(bench: Bench) -> dict[str, Any]:
             rounds=1 if quick else 2,
             closed_seconds=0.5 if quick else 3.0,
             closed_rounds=1 if quick else 2,
+            server_cpu=bench.servers["redis-w1"].cpu_seconds,
         )
     except Exception as exc:  # one section's failure is reported, not fatal to the run
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}

@@ -130,6 +130,8 @@ class Gate:
             else None
         )
         self.settler = Settler(self.client)
+        if self.async_client is not None:
+            self.async_client.carry_settles(self.settler.carrier)
         # Environment, project and key label come from SPENDGATE_ENVIRONMENT, _PROJECT, _KEY_LABEL.
         self.journal = JournalSettings(project=project, matcher=PatternMatcher(self.client))
         # Calls settled by a later request, by the provider's id (response, batch, file).
