@@ -10,17 +10,35 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 BUF := $(NODE_DIR)/node_modules/.bin/buf
 RELEASED_CONTRACT := protos/released/spendgate-v1.binpb
 
-.PHONY: help venv protos protos-check run test lint bench clean console screenshots
+.PHONY: help venv protos protos-check run test lint bench clean console screenshots dist
 
 help:
-	@echo "make run | test | bench | lint | protos | protos-check | clean"
+	@echo "make run | test | bench | lint | dist | protos | protos-check | clean"
 
+# The installer: uv from PyPI, itself installed by pip; it resolves and installs from the
+# same index (PyPI) as pip would, downloading in parallel, and keeps a cache pip does not
+# (a second venv on a machine downloads nothing). Our three packages build with the venv's
+# own setuptools (no isolated build env each). One line per step; a step's full output is
+# shown only when it fails.
+UV_VERSION := 0.13.9
 $(STAMP): pyproject.toml protos/python/pyproject.toml clients/python/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --config-settings editable_mode=compat \
-		-e ./protos/python -e './clients/python[anthropic,openai,re2]' -e '.[dev,bench]'
-	touch $(STAMP)
+	@set -e; log=$$(mktemp); trap 'rm -f "$$log"' EXIT; started=$$(date +%s); \
+	step() { "$$@" >"$$log" 2>&1 || { cat "$$log" >&2; echo "make venv: failed: $$*" >&2; exit 1; }; }; \
+	echo "venv: $(VENV) on $$($(PYTHON) --version)"; \
+	step $(PYTHON) -m venv --without-pip $(VENV); \
+	echo "venv: installer uv $(UV_VERSION) (pip install uv)"; \
+	if $(PYTHON) -m pip --version >/dev/null 2>&1; then \
+		step $(PYTHON) -m pip --python $(BIN)/python install --disable-pip-version-check uv==$(UV_VERSION); \
+	else \
+		step $(BIN)/python -m ensurepip && step $(BIN)/python -m pip install uv==$(UV_VERSION); \
+	fi; \
+	echo "venv: spendgate, its protos and client (editable) with the dev, bench and SDK extras"; \
+	step $(BIN)/uv pip install --python $(BIN)/python pip 'setuptools>=68'; \
+	step $(BIN)/uv pip install --python $(BIN)/python --no-build-isolation \
+		--config-settings editable_mode=compat \
+		-e ./protos/python -e './clients/python[anthropic,openai,re2]' -e '.[dev,bench]'; \
+	echo "venv: $$(grep -m1 '^Installed' "$$log" || echo 'installed'); ready in $$(( $$(date +%s) - started )) s"
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
@@ -68,7 +86,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache
+
+# What an application installs (README "Install the client"): the client's and the
+# contract's wheels, and the Node client as an npm tarball. Regular (non-editable) builds.
+DIST := dist
+dist: $(STAMP) $(NODE_STAMP)
+	@rm -rf $(DIST) && mkdir -p $(DIST)
+	@$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(DIST) ./protos/python ./clients/python
+	@cd $(NODE_DIR) && npm pack --silent --pack-destination $(abspath $(DIST)) >/dev/null
+	@ls -1 $(DIST)
 
 # --- Contract checks and the Node client (clients/node). buf comes from the
 # @bufbuild/buf npm package in clients/node: no other install, works offline.

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 __all__ = ["main"]
@@ -141,7 +142,7 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
 
 async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: Any) -> dict[str, float]:
     from spendgate_server.store.pipeline import PipelinedRedis
-    from spendgate_server.store.redis import RedisStore, session_keys
+    from spendgate_server.store.redis import RedisStore, decide_args, session_keys
 
     out: dict[str, float] = {}
     store = RedisStore.from_url(redis_url, pipelined=False)
@@ -162,33 +163,23 @@ async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: A
     kwargs = client.connection_pool.connection_kwargs
     lean = PipelinedRedis(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
     decide_sha = store._decide.sha
-    args0 = [r for r in reserve_requests]
+    # The same requests with a fresh reservation id and fingerprint, built before timing.
+    lean_args = [
+        decide_args(
+            replace(
+                r,
+                reservation_id=f"{i:032x}",
+                request_id="",
+                memo="",
+                dedup=replace(r.dedup, fingerprint=r.dedup.fingerprint + "x") if r.dedup else None,
+            )
+        )
+        for i, r in enumerate(reserve_requests[:n])
+    ]
 
     def lean_reserve(i: int) -> Awaitable[Any]:
-        r = args0[i % n]
-        keys = session_keys(r.session, "sgx")
-        return lean.call(
-            "EVALSHA",
-            decide_sha,
-            2,
-            *keys,
-            r.now_ms,
-            f"{i:032x}",
-            r.estimate_nano_usd,
-            r.reservation_ttl_ms,
-            r.session_ttl_ms,
-            "",
-            "",
-            r.dedup.fingerprint + "x",
-            r.dedup.ttl_ms,
-            "0",
-            1,
-            r.tools.cap,
-            "0",
-            r.budget.cap_nano_usd,
-            "0",
-            "0",
-        )
+        r = reserve_requests[i % n]
+        return lean.call("EVALSHA", decide_sha, 2, *session_keys(r.session, "sgx"), *lean_args[i % n])
 
     out["lean: decide.lua EVALSHA round trip"] = await _time_async(n, lean_reserve)
     out["lean: trivial EVALSHA"] = await _time_async(n, lambda i: lean.call(b"EVALSHA", sha, 0))

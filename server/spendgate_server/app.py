@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +57,7 @@ from spendgate_server.store.breaker import CircuitBreakerStore
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
 from spendgate_server.store.insights import InsightsStore, MemoryInsightsStore
 from spendgate_server.store.instrumented import InstrumentedStore
-from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore
+from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, install_key
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisStore
 from spendgate_server.store.redis_configs import RedisConfigStore
@@ -244,6 +245,20 @@ class _Health:
             await asyncio.sleep(interval_seconds)
 
 
+async def _install_admin_key(keystore: KeyStore, settings: ServeSettings) -> None:
+    """Store the --admin-key-file key unless its id is known (every replica does this at start)."""
+    record, added = await install_key(
+        keystore,
+        settings.admin_key,
+        settings.admin_key_tenant,
+        Scope.ADMIN,
+        "admin-key-file",
+        time.time_ns() // 1_000_000,
+    )
+    log = _log.info if record.active else _log.warning
+    log("admin_key", key_id=record.key_id, tenant=record.tenant, added=added, revoked=not record.active)
+
+
 async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING first, stop after the drain period."""
     metrics = Metrics()
@@ -272,6 +287,8 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
 
     credentials = _server_credentials(settings)
     keystore = build_keystore(settings)
+    if settings.admin_key and keystore is not None:
+        await _install_admin_key(keystore, settings)
     authenticator = Authenticator(
         keystore,
         allow_open_mode=is_loopback(settings.host) or settings.insecure,

@@ -1,61 +1,76 @@
-"""The ``spendgate`` command: serve, and decide/settle from the shell."""
+"""The ``spendgate`` command: every subcommand, and where a failure becomes one line and an exit code."""
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
+import os
 import sys
+
+# The client commands report every failure in one line of their own: grpc's C core must not
+# add its log lines to stderr. It reads the variable once, when grpc is imported; serve and
+# worker keep grpc's default, and a GRPC_VERBOSITY the user set always wins.
+if sys.argv[1:2] not in (["serve"], ["worker"]):
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import argparse
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 import grpc
-from google.protobuf import json_format
-from spendgate.v1 import decision_pb2 as pb
-from spendgate.v1 import decision_pb2_grpc
 
-from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.channel import EXIT_BAD_INPUT, EXIT_FAILED, explain_rpc_error
 from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
+from spendgate_server.admin.decision_cli import (
+    add_decide_arguments,
+    add_settle_arguments,
+    run_decide_command,
+    run_settle_command,
+)
 from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
+from spendgate_server.admin.migrate_cli import add_migrate_arguments, run_migrate_command
 from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
 from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
-from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
 from spendgate_server.settings import add_serve_arguments, load_config_file, settings_from_args
 
 __all__ = ["main"]
 
-EXIT_BLOCKED = 3  # `spendgate decide` exits with this when the call is blocked
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_INTERNAL = 70  # EX_SOFTWARE: an error nobody raised on purpose, a bug
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read more, never the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _version() -> str:
+    try:
+        return version("spendgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spendgate", description="Block runaway LLM spend before it happens."
-    )
+    parser = _Parser(prog="spendgate", description="Block runaway LLM spend before it happens.")
+    parser.add_argument("--version", action="version", version=f"spendgate {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the Decide service")
     add_serve_arguments(serve)
 
     decide = commands.add_parser("decide", help="ask for one decision")
-    add_connection_arguments(decide)
-    decide.add_argument("--session", required=True, help="session id")
-    decide.add_argument("--model", required=True)
-    decide.add_argument("--input-tokens", type=int, default=1000)
-    decide.add_argument("--max-output-tokens", type=int, default=1000)
-    decide.add_argument("--tool-calls", type=int, default=0, help="tool results in this request")
-    decide.add_argument("--prompt", default="", help="request text; the fingerprint is its hash")
-    decide.add_argument("--request-id", default="")
-    decide.add_argument(
-        "--config",
-        default="",
-        help="client enforcement_config as JSON, e.g. '{\"token_ceiling\": 500}'",
-    )
-    decide.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
-    decide.add_argument("--json", action="store_true", help="print the full response as JSON")
+    add_decide_arguments(decide)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
     add_keys_arguments(keys)
+
+    migrate = commands.add_parser("migrate-keys", help="move Redis records to the current key schema")
+    add_migrate_arguments(migrate)
 
     config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
     add_config_arguments(config)
@@ -80,90 +95,47 @@ def _parser() -> argparse.ArgumentParser:
     add_price_arguments(price)
 
     settle = commands.add_parser("settle", help="report the real usage of an allowed call")
-    add_connection_arguments(settle)
-    settle.add_argument("--session", required=True)
-    settle.add_argument("--reservation", required=True, help="reservation id from decide")
-    settle.add_argument("--model", required=True, help="the model that ran")
-    settle.add_argument("--input-tokens", type=int, default=0)
-    settle.add_argument("--output-tokens", type=int, default=0)
-    settle.add_argument("--provider-error", action="store_true", help="the call failed: release it")
-    settle.add_argument("--timeout", type=float, default=2.0)
+    add_settle_arguments(settle)
     return parser
 
 
-def _client_config(text: str) -> pb.EnforcementConfig | None:
-    if not text:
-        return None
-    from spendgate_server.engine.config import parse_enforcement_config
-    from spendgate_server.rpc.wire import config_to_proto
+def _one_line(text: str) -> str:
+    """``text`` on one line: a message from a library may span several."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
+
+def _fail(code: int, message: str) -> int:
+    print(f"spendgate: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _check_text(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a flag value that is not valid UTF-8 (the shell passed bytes no request can carry)."""
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.isascii() and _has_surrogates(v) for v in values):
+            parser.error(f"argument --{dest.replace('_', '-')}: is not valid UTF-8 text")
+
+
+def _has_surrogates(text: str) -> bool:
     try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--config is not valid JSON: {exc}") from exc
-    return config_to_proto(parse_enforcement_config(raw, prefix="--config "))
-
-
-def _fingerprint(args: argparse.Namespace) -> bytes:
-    canonical = json.dumps(
-        [args.model, args.prompt, args.input_tokens, args.max_output_tokens, args.tool_calls]
-    )
-    return hashlib.sha256(canonical.encode()).digest()
-
-
-def _decide(args: argparse.Namespace) -> int:
-    request = pb.DecideRequest(
-        session_id=args.session,
-        model=args.model,
-        input_tokens=args.input_tokens,
-        max_output_tokens=args.max_output_tokens,
-        fingerprint=_fingerprint(args),
-        tool_call_count=args.tool_calls,
-        request_id=args.request_id,
-    )
-    config = _client_config(args.config)
-    if config is not None:
-        request.enforcement_config.CopyFrom(config)
-    with open_channel(args) as channel:
-        response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
-            request, timeout=args.timeout, metadata=call_metadata(args)
-        )
-    if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
-    else:
-        verdict = pb.Verdict.Name(response.verdict).removeprefix("VERDICT_")
-        rule = pb.Rule.Name(response.rule).removeprefix("RULE_").lower() if response.rule else "-"
-        print(f"{verdict}  rule={rule}  model={response.effective_model}  reason: {response.reason}")
-        print(
-            f"  decision={response.decision_id}  estimate_nano_usd={response.estimated_cost_nano_usd}"
-            f"  session_spend_nano_usd={response.session_spend_nano_usd}"
-        )
-    return EXIT_BLOCKED if response.verdict == pb.VERDICT_BLOCK else 0
-
-
-def _settle(args: argparse.Namespace) -> int:
-    request = pb.SettleRequest(
-        session_id=args.session,
-        reservation_id=args.reservation,
-        model=args.model,
-        usage=pb.Usage(input_tokens=args.input_tokens, output_tokens=args.output_tokens),
-        outcome=pb.PROVIDER_OUTCOME_ERROR if args.provider_error else pb.PROVIDER_OUTCOME_OK,
-    )
-    with open_channel(args) as channel:
-        response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(
-            request, timeout=args.timeout, metadata=call_metadata(args)
-        )
-    print(
-        json_format.MessageToJson(
-            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-    )
-    return 0
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``spendgate`` command."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``spendgate`` command; a failure is one line on stderr, never a traceback.
+
+    Exit codes: 0 done (``decide``: the call may go ahead); 1 the service or the store could
+    not be reached, or refused or failed the call; 2 a bad flag, value or file, whether the
+    CLI or the service found it; 3 ``decide``: the call is blocked; 70 an internal error (a
+    bug: ``SPENDGATE_DEBUG=1`` shows its traceback); 130 interrupted.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_text(parser, args)
     try:
         if args.command == "serve":
             from spendgate_server.app import run
@@ -171,11 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             run(settings_from_args(args))
             code = 0
         elif args.command == "decide":
-            code = _decide(args)
+            code = run_decide_command(args)
         elif args.command == "config":
             code = run_config_command(args)
         elif args.command == "keys":
             code = run_keys_command(args)
+        elif args.command == "migrate-keys":
+            code = run_migrate_command(args)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":
@@ -190,16 +164,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "price":
             code = run_price_command(args, lambda path: load_config_file(path)[1])
         else:
-            code = _settle(args)
-    except ConfigError as exc:
-        print(f"spendgate: {exc}", file=sys.stderr)
-        code = 2
+            code = run_settle_command(args)
+    except (ConfigError, InvalidArgument) as exc:
+        code = _fail(EXIT_BAD_INPUT, str(exc))
     except StoreUnavailable as exc:
-        print(f"spendgate: the store is unreachable: {exc}", file=sys.stderr)
-        code = 1
+        code = _fail(EXIT_FAILED, f"the store is unreachable: {exc}")
     except grpc.RpcError as exc:
-        print(f"spendgate: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        code = 1
+        code = _fail(*explain_rpc_error(exc, args, getattr(args, "field_flags", None)))
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`spendgate violations list | head`): stop quietly, and keep
+        # the interpreter from reporting the failed flush of stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13  # SIGPIPE, as shells report it
+    except Exception as exc:
+        # Servers keep their traceback for the logs; the client commands never show one.
+        if args.command in ("serve", "worker") or os.environ.get("SPENDGATE_DEBUG"):
+            raise
+        code = _fail(
+            EXIT_INTERNAL,
+            f"internal error, a bug (SPENDGATE_DEBUG=1 shows the traceback): {type(exc).__name__}: {exc}",
+        )
     raise SystemExit(code)

@@ -15,6 +15,7 @@ import yaml
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.engine.pricing import PriceOverride, UnknownModelPolicy, parse_price_overrides
 from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.store.keys import key_problem
 
 __all__ = ["ServeSettings", "add_serve_arguments", "load_config_file", "settings_from_args"]
 
@@ -49,6 +50,9 @@ class ServeSettings:
     metrics_port: int = 9464
     health_interval_millis: int = 1000
     keys_file: str = ""
+    # An admin key the operator made (a mounted Secret), stored at start-up unless its id is known.
+    admin_key: str = field(default="", repr=False)
+    admin_key_tenant: str = "default"
     insecure: bool = False
     key_reload_seconds: float = 5.0
     tls_cert: str = ""
@@ -142,6 +146,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--keys-file",
         default=_env("keys_file", ""),
         help="API keys file for the memory store (the redis store keeps keys in Redis)",
+    )
+    a(
+        "--admin-key-file",
+        default=_env("admin_key_file", ""),
+        help="file holding an admin key (from 'spendgate keys generate'), stored at start-up unless "
+        "its id exists: the first key of a fresh deployment (e.g. a mounted Kubernetes Secret)",
+    )
+    a(
+        "--admin-key-tenant",
+        default=_env("admin_key_tenant", d.admin_key_tenant),
+        help="the tenant the --admin-key-file key administers",
     )
     a(
         "--insecure",
@@ -323,6 +338,27 @@ def _webhook_secret(url: str, path: str) -> str:
     return secret
 
 
+def _admin_key(args: argparse.Namespace, store: str) -> str:
+    if not args.admin_key_file:
+        return ""
+    if store != "redis" and not args.keys_file:
+        raise ConfigError(
+            "--admin-key-file needs a key store every server reads: --store redis, or --keys-file"
+        )
+    try:
+        key = Path(args.admin_key_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--admin-key-file: cannot read {args.admin_key_file}: {exc.strerror}") from exc
+    problem = key_problem(key)
+    if problem is not None:
+        # key_problem never repeats the content: the file may hold some other secret by mistake.
+        raise ConfigError(
+            f"--admin-key-file {args.admin_key_file} does not hold a spendgate key ({problem}): "
+            "make one with 'spendgate keys generate'"
+        )
+    return key
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Validate parsed flags into settings.
 
@@ -363,6 +399,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         drain_seconds=drain,
         metrics_port=_int("metrics-port", args.metrics_port, 0, 65535),
         keys_file=args.keys_file,
+        admin_key=_admin_key(args, store),
+        admin_key_tenant=args.admin_key_tenant,
         insecure=bool(args.insecure),
         key_reload_seconds=_float("key-reload-seconds", args.key_reload_seconds, 0.1, 3600),
         tls_cert=args.tls_cert,

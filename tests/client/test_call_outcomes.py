@@ -38,11 +38,6 @@ from tests.processes import SpendgateServer
 # The inputs name claude-sonnet-4-5, which the SDK warns is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-WAITS_ON_SPEND_SPLIT = pytest.mark.xfail(
-    reason="the server does not fill DecideResponse settled_spend_nano_usd / reserved_nano_usd / "
-    "unblocks_on_settle yet",
-    strict=False,
-)
 HELLO: Any = [{"role": "user", "content": "hi"}]
 
 
@@ -252,7 +247,6 @@ def reserve(server: SpendgateServer, session: str, usd_nano: int) -> str:
     return decision.reservation_id
 
 
-@WAITS_ON_SPEND_SPLIT
 async def test_a_block_by_open_reservations_says_waiting_helps(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:
@@ -272,7 +266,6 @@ async def test_a_block_by_open_reservations_says_waiting_helps(
     assert len(fake.requests) == 1
 
 
-@WAITS_ON_SPEND_SPLIT
 async def test_a_block_by_settled_spend_says_start_a_new_session(
     make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
 ) -> None:

@@ -21,6 +21,7 @@ import pytest
 from spendgate.v1 import config_pb2 as cpb
 from spendgate_server.console.app import allowed_origins, create_app
 from spendgate_server.console.backend import (
+    OPEN_MODE_TTL_SECONDS,
     BackendUnavailable,
     ConfigView,
     EditConflict,
@@ -73,6 +74,8 @@ class FakeBackend:
         self.version = 0
         self.writes = 0
         self.accepted = {ADMIN_KEY}
+        # A service without keys (open development mode) takes every call, with any key or none.
+        self.open = False
         self.unavailable = False
         self.reject: list[FieldViolation] = []
         self.closed = False
@@ -94,14 +97,20 @@ class FakeBackend:
     def _check(self, api_key: str) -> None:
         if self.unavailable:
             raise BackendUnavailable("connection refused")
-        if api_key not in self.accepted:
+        if api_key not in self.accepted and not self.open:
             parsed = parse_key(api_key)
             raise NotAuthorized(f"API key {parsed[0] if parsed else '?'} is not valid")
 
     async def verify_admin(self, api_key: str) -> None:
-        if api_key == CLIENT_KEY:
-            raise NotAuthorized("API key 0f0f0f0f has the client scope; UpdateConfig needs an admin key")
+        if api_key == CLIENT_KEY and not self.open:
+            raise NotAuthorized(
+                "API key 0f0f0f0f has the client scope; UpdateConfig needs an admin key", wrong_scope=True
+            )
         self._check(api_key)
+
+    async def open_mode(self) -> bool:
+        self._check(ADMIN_KEY)
+        return self.open
 
     async def get_config(self, api_key: str, project: str) -> ConfigView:
         self._check(api_key)
@@ -175,14 +184,16 @@ class FakeBackend:
         )
 
     async def list_violations(
-        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str
+        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str, *, since_ms: int = 0
     ) -> ViolationPage:
         self._check(api_key)
         self.listed.append((where, page_size, page_token))
         if page_token and not re.fullmatch(r"\d+-\d+", page_token):
             raise InvalidInput("bad token", [FieldViolation("page_token", "not a token")])
         newest_first = [
-            v for v in reversed(self.feed) if where.matches(v) and (not page_token or v.cursor < page_token)
+            v
+            for v in reversed(self.feed)
+            if where.matches(v) and (not page_token or v.cursor < page_token) and v.create_time_ms >= since_ms
         ]
         page = newest_first[:page_size]
         more = len(newest_first) > page_size
@@ -231,6 +242,7 @@ def make_client(
         idle_seconds=600,
         max_age_seconds=3600,
         clock=lambda: clock.now_ms / 1000,
+        wall_clock_ms=lambda: clock.now_ms,
     )
     return TestClient(app, base_url=base_url, follow_redirects=False)
 
@@ -324,9 +336,12 @@ def test_secure_cookie_when_browsers_use_https() -> None:
 @pytest.mark.parametrize(
     ("key", "status", "message"),
     [
-        (CLIENT_KEY, 401, "needs an admin key"),
-        ("sgk_deadbeef_" + "C" * 43, 401, "is not valid"),
-        ("two words", 422, "Enter an admin API key"),
+        (CLIENT_KEY, 401, "Key 0f0f0f0f is a client key: the console needs an admin key"),
+        ("sgk_deadbeef_" + "C" * 43, 401, "The service refused key deadbeef: API key deadbeef is not valid."),
+        ("", 422, "Enter an admin API key (sgk_…)."),
+        ("two words", 422, "That is not a spendgate API key: it contains spaces or quotes"),
+        ("sk-ant-api03-abc", 422, "That is not a spendgate API key: it looks like a provider"),
+        (ADMIN_KEY[:-4], 422, "has 39 characters instead of 43: was the key cut short"),
     ],
 )
 def test_sign_in_refuses_other_keys_beside_the_field(
@@ -339,6 +354,64 @@ def test_sign_in_refuses_other_keys_beside_the_field(
     block = field_block(response.text, "api_key")
     assert message in block and 'aria-invalid="true"' in block
     assert "sg_session" not in client.cookies
+
+
+def test_sign_in_words_never_speak_grpc(harness: Harness) -> None:
+    """No sign-in message names gRPC metadata, status codes or method paths."""
+    client, backend, _ = harness
+    pages = [sign_in(client, key).text for key in (CLIENT_KEY, "sgk_deadbeef_" + "C" * 43, "x y", "")]
+    backend.unavailable = True
+    down = sign_in(client)
+    assert down.status_code == 503
+    assert "The console cannot reach spendgate at 127.0.0.1:50051 (connection refused)" in down.text
+    for text in [*pages, down.text]:
+        message = field_block(text, "api_key")
+        for jargon in (
+            "metadata",
+            "authorization:",
+            "UNAUTHENTICATED",
+            "PERMISSION_DENIED",
+            "/spendgate.v1.",
+        ):
+            assert jargon not in message
+
+
+def test_open_service_needs_no_key_and_says_so(harness: Harness) -> None:
+    """Against a service without keys the sign-in page says it is open and goes on with one click."""
+    client, backend, _ = harness
+    backend.open = True
+    page = client.get("/signin?next=/policies")
+    assert page.status_code == 200
+    assert "Open development mode" in page.text and "has no API keys" in page.text
+    assert 'name="api_key"' not in page.text and "Continue without a key" in page.text
+    response = client.post(
+        "/signin",
+        data={"csrf_token": token_of(page.text), "next": "/policies"},
+        headers={"origin": ORIGIN},
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/policies"
+    assert "open development mode" in client.get("/policies").text
+
+
+def test_keys_appearing_end_an_open_session(harness: Harness) -> None:
+    """Once the service has keys, the keyless session ends and the page asks for a key."""
+    client, backend, _ = harness
+    backend.open = True
+    token = token_of(client.get("/signin").text)
+    client.post("/signin", data={"csrf_token": token}, headers={"origin": ORIGIN})
+    backend.open = False
+    response = client.get("/rules")
+    assert response.status_code == 303 and response.headers["location"] == "/signin?ended=1"
+    page = client.get("/signin?ended=1").text
+    assert 'name="api_key"' in page and "Open development mode" not in page
+
+
+def test_sign_in_page_shows_the_form_when_the_service_is_down(harness: Harness) -> None:
+    """Whether the service is open cannot be told while it is down: the key form is shown."""
+    client, backend, _ = harness
+    backend.unavailable = True
+    page = client.get("/signin")
+    assert page.status_code == 200 and 'name="api_key"' in page.text
 
 
 def test_sign_in_form_needs_its_csrf_cookie(harness: Harness) -> None:
@@ -701,6 +774,30 @@ async def test_backend_verifies_admin_keys_without_writing(
         assert (await backend.list_revisions(admin, "", 10, "")).revisions == ()
     finally:
         await backend.close()
+
+
+async def test_backend_tells_an_open_service_from_a_keyed_one(
+    spendgate: Callable[..., SpendgateServer], keyed_server: tuple[SpendgateServer, str, str]
+) -> None:
+    """open_mode: True against a server without keys, False with keys; the answer is kept a while."""
+    open_server = spendgate()
+    clock = FakeClock()
+    opened, keyed = (
+        GrpcBackend(open_server.target, clock=lambda: clock.now_ms / 1000),
+        GrpcBackend(keyed_server[0].target, clock=lambda: clock.now_ms / 1000),
+    )
+    try:
+        assert await opened.open_mode() is True
+        assert await keyed.open_mode() is False
+        await opened.verify_admin("")  # no key at all: the open service takes the call
+        open_server.stop()
+        assert await opened.open_mode() is True, "kept: not asked again within the TTL"
+        clock.advance(int(OPEN_MODE_TTL_SECONDS * 1000) + 1)
+        with pytest.raises(BackendUnavailable, match="connection refused"):
+            await opened.open_mode()
+    finally:
+        await opened.close()
+        await keyed.close()
 
 
 async def test_backend_maps_bad_request_conflict_and_history(

@@ -417,14 +417,33 @@ def test_a_violation_appears_in_the_live_feed_without_reloading(page: Page, stac
     expect(banned).to_contain_text("Prompt matched banned pattern live-key at offset 27")
     expect(banned).to_contain_text("my key is [REDACTED] why does it fail?")
     expect(page.locator("#live-status")).to_contain_text("2 new since the page opened")
+    expect(page.locator("#summary-empty")).to_have_text(
+        "2 found since the page opened: reload to see them grouped."
+    )
     assert page.evaluate("window.notReloaded") is True, "the page was never reloaded"
     assert SECRET[8:] not in page.content()
     # The other session's violation was found first: filtered out by the stream, not merely late.
     expect(feed).to_have_count(2)
     screenshot(page, "violations-live")
 
+    # Unfiltered: the last day grouped by policy and what broke it, one row per kind.
     page.goto(stack.console.url + "/violations")
-    expect(page.locator("#violations > li").first).to_be_visible()
+    groups = page.locator("table.groups tbody tr")
+    expect(groups).to_have_count(2)
+    unapproved = page.locator(f'tr[data-group="approved_models:{UNAPPROVED_MODEL}"]')
+    expect(unapproved.locator(".group-count")).to_have_text("2")
+    expect(page.locator('tr[data-group="banned_patterns:live-key"] .group-count')).to_have_text("1")
+    # A runaway loop: eight more alike violations in three sessions are counted live in their row.
+    expect(page.locator("#live-status")).to_contain_text("Live:")
+    for i in range(8):
+        assert stack.call(f"loop-{i % 3}-{session}", UNAPPROVED_MODEL, project="batch")
+    expect(page.locator("#violations > li")).to_have_count(11)
+    expect(unapproved.locator(".group-count")).to_have_text("10")
+    page.reload()
+    expect(unapproved.locator(".group-count")).to_have_text("10")
+    expect(unapproved.locator("td.num").nth(1)).to_have_text("5")  # sessions: other, agent, 3 loops
+    expect(page.locator("#summary-text")).to_contain_text("11 violations of 2 kinds in 5 sessions")
+    expect(page.get_by_role("img", name=re.compile(r"^Violations per minute, .* 11 in all"))).to_be_visible()
     screenshot(page, "violations")
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
@@ -458,6 +477,8 @@ def test_sessions_page_shows_spend_budget_and_blocked_calls(page: Page, stack: S
         re.compile(r"^Settled spend per minute, .* in all")
     )
     expect(card.locator("svg rect")).to_have_count(1)
+    # One bar among the ten minutes the chart spans at least, with its amount written above it.
+    expect(card.locator("svg text.chart-label")).to_have_text(re.compile(r"^\$0\.0\d+$"))
     screenshot(page, "sessions")
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
@@ -489,6 +510,40 @@ def test_every_page_keyboard_labels_and_phone_width(page: Page, stack: Stack) ->
         page.goto(stack.console.url + path)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
         screenshot(page, name)
+
+
+def test_a_malformed_key_is_refused_in_words(page: Page, stack: Stack) -> None:
+    """A key cut short, or a provider's key, is refused beside the field with what is wrong with it."""
+    sign_in(page, stack, key=stack.admin_key[:-5])
+    error = page.locator("#api_key-error")
+    expect(error).to_contain_text(
+        "That is not a spendgate API key: the secret after the key id has 38 characters"
+    )
+    page.get_by_label("Admin API key").fill("sk-ant-api03-abcdef")
+    page.get_by_role("button", name="Sign in").click()
+    expect(error).to_contain_text("it looks like a provider's API key")
+    screenshot(page, "signin-error")
+
+
+def test_an_open_server_needs_no_key_and_the_console_says_so(page: Page) -> None:
+    """Against a server without keys (make run's default) the console says so and goes on in one click."""
+    server = SpendgateServer.start()
+    console = ConsoleProcess.start(server.target)
+    try:
+        page.goto(console.url + "/sessions")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Open development mode")
+        expect(page.locator("main")).to_contain_text("has no API keys")
+        expect(page.locator("#api_key")).to_have_count(0)
+        screenshot(page, "signin-open")
+        page.get_by_role("button", name="Continue without a key").click()
+        expect(page).to_have_url(console.url + "/sessions")
+        expect(page.locator(".who")).to_have_text("open development mode")
+        for title in ("Rules", "Policies", "Violations", "Sessions"):
+            page.get_by_role("navigation", name="Main").get_by_role("link", name=title).click()
+            expect(page.get_by_role("heading", level=1)).to_contain_text(title)
+    finally:
+        console.stop()
+        server.stop()
 
 
 def test_client_key_is_refused_and_sign_out_ends_the_session(page: Page, stack: Stack) -> None:

@@ -30,8 +30,10 @@ from spendgate_server.console.charts import MAX_BARS, MIN_SPAN_MINUTES, spend_ch
 from spendgate_server.console.pages import violations as violations_page
 from spendgate_server.console.pages.sessions import session_card
 from spendgate_server.console.policies_form import errors_from, form_values, parse_policies_form
+from spendgate_server.console.violation_groups import summarize
 from spendgate_server.engine.config import Rule
 from spendgate_server.errors import FieldViolation
+from spendgate_server.money import format_usd
 from spendgate_server.policy.policies import BannedPattern, Policies, policies_from_dict, policies_to_dict
 from spendgate_server.policy.violations import PatternHit, PolicyType, Violation, ViolationFilter
 from spendgate_server.store.insights import MINUTE_MS, SessionSummary, SpendPoint
@@ -384,7 +386,8 @@ def test_filters_reach_the_service_the_stream_and_every_link(signed_in: Harness)
         "/violations", params={"type": "approved_models", "project": "web", "session": "s1"}
     ).text
     where = ViolationFilter(PolicyType.APPROVED_MODELS, "s1", "web")
-    assert backend.listed[-1] == (where, violations_page.PAGE_SIZE, "")
+    assert backend.listed[0] == (where, violations_page.PAGE_SIZE, "")
+    assert backend.listed[1:] == [(where, violations_page.READ_PAGE_SIZE, "")], "the summary, same filters"
     assert len(re.findall(r'class="violation"', html)) == 25
     assert (
         'data-stream="/violations/stream?type=approved_models&amp;project=web&amp;session=s1&amp;cursor='
@@ -441,7 +444,9 @@ def test_stream_relays_violations_as_events_whose_ids_are_cursors(signed_in: Har
         got = events(response.iter_lines(), 2)
     assert [e["id"] for e in got] == [f"{BASE_MS + 1000}-0", f"{BASE_MS + 3000}-0"]
     assert all(e["event"] == "violation" for e in got)
-    assert got[0]["data"].startswith(f'<li class="violation" id="v-{1:032x}">')
+    assert got[0]["data"].startswith(
+        f'<li class="violation" id="v-{1:032x}" data-group="approved_models:m1">'
+    )
     assert backend.watched == [(ViolationFilter(None, "s1", ""), "0")]
 
 
@@ -570,21 +575,100 @@ def test_budget_words_say_over_and_zero() -> None:
     assert "every call is blocked" in session_card(summary("y", 0, 0), None).budget_text
 
 
-def test_spend_chart_spans_half_an_hour_at_least_and_buckets_a_long_day() -> None:
-    """A new session's chart spans 30 minutes; a day is summed into at most 120 bars; no spend, no chart."""
+def test_spend_chart_spans_ten_minutes_at_least_and_buckets_a_long_day() -> None:
+    """A new session's chart spans 10 minutes; a day is summed into at most 60 bars; no spend, no chart."""
     assert spend_chart([], BASE_MS) is None
     short = spend_chart([SpendPoint(BASE_MS, 5)], BASE_MS)
     assert short is not None and short.bucket_minutes == 1
     assert (short.end_ms - short.start_ms) // MINUTE_MS == MIN_SPAN_MINUTES
-    assert [(b.height, b.y) for b in short.bars] == [(62.0, 2.0)] and short.bars[0].x == 290.0, (
-        "the last of 30 slots"
+    assert [(b.x, b.y, b.width, b.height) for b in short.bars] == [(270.0, 16.0, 29.0, 48.0)], (
+        "the last of 10 slots, a block a tenth of the chart wide, with room above for its value"
     )
+    assert (short.bars[0].label, short.bars[0].label_anchor, short.bars[0].label_x) == ("$0", "end", 299.0)
     day = [SpendPoint(BASE_MS + m * MINUTE_MS, 1 + m) for m in range(1440)]
     long = spend_chart(day, BASE_MS + 1439 * MINUTE_MS)
-    assert long is not None and long.bucket_minutes == 12 and len(long.bars) == MAX_BARS
+    assert long is not None and long.bucket_minutes == 24 and len(long.bars) == MAX_BARS
     assert long.total_nano_usd == sum(p.cost_nano_usd for p in day) and long.peak is long.bars[-1]
+    assert long.end_ms == BASE_MS + 1440 * MINUTE_MS, "the last bucket ends with the last minute"
+    assert [b.label for b in long.bars if b.label] == [format_usd(long.peak.cost_nano_usd)], "only the peak"
     tiny = spend_chart([SpendPoint(BASE_MS, 1), SpendPoint(BASE_MS + MINUTE_MS, 10**9)], BASE_MS)
     assert tiny is not None and min(b.height for b in tiny.bars) == 1.0, "a small spend stays visible"
+
+
+def test_a_handful_of_points_are_blocks_in_time_order() -> None:
+    """Five minutes of spend within half an hour: five separate bars, each at least 8 units wide, in order."""
+    minutes = (0, 3, 4, 17, 29)
+    points = [SpendPoint(BASE_MS + m * MINUTE_MS, 1_000_000 * (i + 1)) for i, m in enumerate(minutes)]
+    chart = spend_chart(points, BASE_MS + 29 * MINUTE_MS)
+    assert chart is not None and chart.bucket_minutes == 1 and len(chart.bars) == 5
+    assert all(b.width >= 8 for b in chart.bars)
+    assert [b.start_ms for b in chart.bars] == [p.minute_start_ms for p in points]
+    xs = [b.x for b in chart.bars]
+    assert xs == sorted(xs) and all(b.x + b.width < nxt for b, nxt in zip(chart.bars, xs[1:], strict=False))
+    # 0 and 17 and 29 stand apart, 3 and 4 touch: too close for every value, so only the peak's.
+    assert [b.label for b in chart.bars] == ["", "", "", "", "$0.005"]
+    apart = spend_chart([SpendPoint(BASE_MS + m * MINUTE_MS, 2_500_000) for m in (0, 10, 20)], BASE_MS)
+    assert apart is not None and [b.label for b in apart.bars] == ["$0.0025"] * 3
+
+
+def test_violations_group_by_policy_and_what_broke_it() -> None:
+    """One row per policy and pattern, model, key or threshold: counts, sessions, the last time, a trend."""
+    hit = PatternHit("live-key", "sk-live-", 3, "…")
+    feed = [
+        *(violation(i, PolicyType.BANNED_PATTERNS, session=f"s{i % 3}", pattern=hit) for i in range(12)),
+        *(violation(20 + i, effective_model="m-cheap", session="s9") for i in range(4)),
+        violation(30, PolicyType.KEY_ENVIRONMENT_CHECK, key_label="ci-key", environment="prod"),
+        violation(31, PolicyType.KEY_ENVIRONMENT_CHECK, key_label="ci-key", environment="dev"),
+        violation(32, PolicyType.APPROVAL_REQUIRED_THRESHOLD, threshold_cents=500),
+    ]
+    now = BASE_MS + 3600 * 1000
+    summary = summarize(feed, now - 24 * 3600 * 1000, now, complete=True)
+    rows = [(g.group.key, g.group.what, g.count, g.sessions) for g in summary.groups]
+    assert rows == [
+        ("banned_patterns:live-key", "live-key", 12, 3),
+        ("approved_models:m-cheap", "m-cheap", 4, 1),
+        ("approval_required_threshold_cents:500", "over 500 cents", 1, 1),
+        ("key_environment_check:ci-key:dev", "ci-key", 1, 1),
+        ("key_environment_check:ci-key:prod", "ci-key", 1, 1),
+    ]
+    assert (summary.total, summary.sessions) == (len(feed), 4), "s0-s2, s9, and s1 again"
+    assert summary.groups[0].last_ms == BASE_MS + 11_000 and summary.groups[0].group.detail == "sk-live-"
+    assert summary.chart is not None and summary.chart.total == len(feed)
+    trend = summary.groups[0].trend
+    assert trend is not None and trend.total == 12 and trend.bucket_minutes == summary.chart.bucket_minutes
+
+
+def test_violations_page_shows_the_groups_then_compact_rows(signed_in: Harness) -> None:
+    """Thirty alike violations are one row of the summary (with its chart) above the paged list."""
+    client, backend, clock = signed_in
+    clock.advance(60_000)
+    backend.feed = [violation(i, effective_model="m-cheap", session=f"s{i % 4}") for i in range(30)]
+    html = client.get("/violations").text
+    assert html.count("<tr data-group=") == 1
+    row = html.split('<tr data-group="approved_models:m-cheap">')[1].split("</tr>")[0]
+    assert '<td class="num group-count" data-label="violations">30</td>' in row
+    assert '<td class="num" data-label="sessions">4</td>' in row
+    text = " ".join(html.split())
+    assert "30 violations of 1 kind in 4 sessions." in text
+    assert re.search(r'aria-labelledby="summary-chart-text".*?Violations per minute, .*?30 in all', text)
+    assert len(re.findall(r'class="violation" id="v-', html)) == violations_page.PAGE_SIZE
+    assert len(re.findall(r'<li class="violation" [^>]*data-group="approved_models:m-cheap"', html)) == 25
+    older = client.get(re.findall(r'href="(/violations\?page_token=[^"]+)"', html)[0]).text
+    assert "<tr data-group=" not in older and "Older violations" in older
+
+
+def test_the_summary_says_when_the_window_held_more(
+    signed_in: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past WINDOW_LIMIT violations the summary counts the newest and says there were more."""
+    client, backend, clock = signed_in
+    clock.advance(60_000)
+    monkeypatch.setattr(violations_page, "WINDOW_LIMIT", 10)
+    monkeypatch.setattr(violations_page, "READ_PAGE_SIZE", 4)
+    backend.feed = [violation(i) for i in range(30)]
+    html = client.get("/violations").text
+    assert "10 violations of 10 kinds in 1 session: the newest 10, there were more." in " ".join(html.split())
+    assert [size for _, size, _ in backend.listed[1:]] == [4, 4, 4]
 
 
 # --- the gRPC backend and the live feed against a real server

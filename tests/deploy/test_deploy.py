@@ -34,6 +34,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from spendgate_server.app import SERVICE_NAMES
 from spendgate_server.metrics import Metrics
 from spendgate_server.settings import ServeSettings, add_serve_arguments, settings_from_args
+from spendgate_server.store.keys import generate_key
 
 Obj = dict[str, Any]
 
@@ -42,8 +43,10 @@ DEPLOY = ROOT / "deploy"
 OVERLAYS = {"dev": "spendgate-dev", "prod": "spendgate"}  # overlay -> namespace
 # Oldest Kubernetes minor we support, and the newest whose schemas are bundled.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-# Secrets an overlay expects to exist in the cluster instead of rendering them.
-EXTERNAL_SECRETS = {"prod": {"spendgate-redis"}}
+# Secrets an overlay expects to exist in the cluster instead of rendering them (README "Kubernetes").
+EXTERNAL_SECRETS = {"dev": {"spendgate-admin-key"}, "prod": {"spendgate-redis", "spendgate-admin-key"}}
+# Manifests applied by hand after an overlay (README "Kubernetes").
+EXAMPLES = DEPLOY / "k8s" / "examples"
 SERVER = "spendgate"  # Deployment and container-owning workload names
 GRPC_PORT = 50051
 METRICS_PORT = 9464
@@ -148,6 +151,20 @@ def test_every_rendered_object_matches_the_kubernetes_schema(overlay: str, versi
             pytest.fail(
                 f"{overlay}: {name} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}"
             )
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_example_manifest_matches_the_kubernetes_schema(version: str) -> None:
+    """The manifests the README applies by hand validate strictly too."""
+    paths = sorted(EXAMPLES.glob("*.yaml"))
+    assert paths
+    for path in paths:
+        for obj in yaml.safe_load_all(path.read_text()):
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                where = f"{path.name}: invalid for Kubernetes {version}"
+                pytest.fail(f"{where}: {exc.message} at {list(exc.path)}")
 
 
 def test_the_schema_check_rejects_a_misspelt_field() -> None:
@@ -355,6 +372,10 @@ def test_server_env_is_exactly_what_spendgate_serve_accepts(
         monkeypatch.delenv(name)
     for name, var in _env(container).items():
         value = var.get("value", "redis://redis.invalid:6379/0" if "valueFrom" in var else "")
+        if name == "SPENDGATE_ADMIN_KEY_FILE":
+            key_file = tmp_path / "admin-key"
+            key_file.write_text(generate_key())
+            value = str(key_file)
         if name == "SPENDGATE_CONFIG":
             config = tmp_path / "config.yaml"
             config.write_text(_config_map_file(objects, template["spec"], container, value))
@@ -409,7 +430,7 @@ def test_every_referenced_config_map_and_secret_exists(overlay: str) -> None:
                     wanted.append(("ConfigMap", source["configMapKeyRef"]["name"]))
         for ref in wanted:
             assert ref in present | external, f"{workload['metadata']['name']} refers to missing {ref}"
-    assert external <= {("Secret", "spendgate-redis")}
+    assert external <= {("Secret", "spendgate-redis"), ("Secret", "spendgate-admin-key")}
 
 
 def test_dev_redis_keeps_budgets_in_an_append_only_file() -> None:

@@ -349,13 +349,14 @@ def test_cli_rejects_a_bad_file_before_writing(cli_target: str, tmp_path: Path) 
 
 
 def test_cli_stale_etag_is_reported(cli_target: str, tmp_path: Path) -> None:
-    """An explicit stale etag is a clear FAILED_PRECONDITION line and exit 1."""
+    """An explicit stale etag (FAILED_PRECONDITION) is one line in words and exit 1."""
     rules = tmp_path / "r.yaml"
     rules.write_text("max_tool_calls: 3\n")
     cli("set", str(rules), "--target", cli_target)
     rules.write_text("max_tool_calls: 4\n")
     result = cli("set", str(rules), "--target", cli_target, "--etag", "0")
-    assert result.returncode == 1 and "FAILED_PRECONDITION" in result.stderr
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("spendgate: etag mismatch for the tenant config")
 
 
 def test_config_round_trips_through_user_form() -> None:

@@ -91,9 +91,12 @@ def serve_redis(spendgate: Callable[..., SpendgateServer], url: str, *args: str)
     return spendgate("--store", "redis", "--redis-url", url, *args)
 
 
-def decide(client: DecisionClient, session: str, **kwargs: object) -> str:
-    """Decide one standard call; return its reservation id (it must be allowed)."""
-    decision = client.decide(session, MODEL, 1000, 500, fingerprint(), **kwargs)  # type: ignore[arg-type]
+def decide(client: DecisionClient, session: str, print_: bytes | None = None, **kwargs: object) -> str:
+    """Decide one standard call (a new request unless ``print_`` repeats one); return its reservation id.
+
+    The call must be allowed.
+    """
+    decision = client.decide(session, MODEL, 1000, 500, print_ or fingerprint(), **kwargs)  # type: ignore[arg-type]
     assert decision.allowed and decision.estimated_cost_nano_usd == ESTIMATE, decision
     return decision.reservation_id
 
@@ -467,16 +470,21 @@ def test_worker_killed_mid_call(
         ):
             before = bystander(to_survivor, "bystander", 2)
             request_ids = [uuid.uuid4().hex for _ in range(calls)]
+            prints = [fingerprint() for _ in range(calls)]
             proxy.drop_replies.set()
-            futures = [pool.submit(decide, to_victim, "killed", request_id=r) for r in request_ids]
+            futures = [
+                pool.submit(decide, to_victim, "killed", p, request_id=r)
+                for r, p in zip(request_ids, prints, strict=True)
+            ]
             poll("Redis to run every call", lambda: len(recorded(redis_server.port, "killed")) == calls)
             victim.process.kill()
             victim.process.wait()
             for future in futures:
                 with pytest.raises(SpendgateUnavailable):
                     future.result()
-            # The caller retries one call on another worker with its request id: same decision back.
-            retried = decide(to_survivor, "killed", request_id=request_ids[0])
+            # The caller retries one call, unchanged, on another worker with its request id: same
+            # decision back (a request id reused for a different request would be refused).
+            retried = decide(to_survivor, "killed", prints[0], request_id=request_ids[0])
             assert retried in read_ledger(redis_server.port, "killed").open
             settle(to_survivor, "killed", retried)
             after = bystander(to_survivor, "bystander", 2)

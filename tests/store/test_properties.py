@@ -43,6 +43,7 @@ class Settle:
     which: int  # index into the reservations made so far
     fraction_percent: int  # actual cost as a percentage of the estimate
     twice: bool
+    refused: bool = False  # the provider refused the call: cost 0, its dedup mark released
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ operations = st.lists(
             st.integers(0, 3),
             st.one_of(st.none(), st.integers(0, 3)),
         ),
-        st.builds(Settle, st.integers(0, 50), st.integers(0, 100), st.booleans()),
+        st.builds(Settle, st.integers(0, 50), st.integers(0, 100), st.booleans(), st.booleans()),
         st.builds(Advance, st.integers(0, 12_000)),
     ),
     min_size=1,
@@ -117,9 +118,13 @@ async def play(store: Store, ops: list[object], rule: dict[str, object]) -> list
             trace.append((outcome.status, outcome.blocked_by, outcome.memo))
         elif isinstance(op, Settle) and ids:
             rid, estimate = ids[op.which % len(ids)]
-            cost = estimate * op.fraction_percent // 100
+            cost = 0 if op.refused else estimate * op.fraction_percent // 100
             for _ in range(2 if op.twice else 1):
-                result = await store.settle(SettleRequest(session, now, rid, cost, RES_TTL * 10, SESSION_TTL))
+                result = await store.settle(
+                    SettleRequest(
+                        session, now, rid, cost, RES_TTL * 10, SESSION_TTL, release_dedup=op.refused
+                    )
+                )
                 trace.append((result.status, result.cost_nano_usd))
             if op.twice:
                 assert result.status is SettleStatus.ALREADY_SETTLED

@@ -230,3 +230,65 @@ async def test_tenants_are_isolated(store: Store) -> None:
     assert (other.status, other.reserved_nano_usd) == (ReserveStatus.ALLOWED, 100)
     foreign = await store.settle(settle("1" * 32, 5, session=SessionKey("t2", "same")))
     assert foreign.status is SettleStatus.UNKNOWN
+
+
+def release(rid: str, *, now: int = NOW, session: SessionKey = SESSION) -> SettleRequest:
+    """The settle of a call the provider refused: nothing counted, and its dedup mark released."""
+    return SettleRequest(
+        session, now, rid, 0, settled_ttl_ms=RES_TTL, session_ttl_ms=SESSION_TTL, release_dedup=True
+    )
+
+
+async def test_refused_call_releases_reservation_and_dedup_mark(store: Store) -> None:
+    """A settle with release_dedup frees the reservation and the fingerprint in one step."""
+    dedup = DedupCheck("aa" * 16, 60_000)
+    await store.reserve(reserve("1" * 32, 500, dedup=dedup))
+    blocked = await store.reserve(reserve("2" * 32, 500, dedup=dedup, now=NOW + 1))
+    assert blocked.blocked_by is Rule.DUPLICATE_REQUEST
+    done = await store.settle(release("1" * 32, now=NOW + 1_000))
+    assert (done.status, done.spent_nano_usd, done.reserved_nano_usd) == (SettleStatus.SETTLED, 0, 0)
+    retry = await store.reserve(reserve("3" * 32, 500, dedup=dedup, now=NOW + 1_001))
+    assert (retry.status, retry.reserved_nano_usd) == (ReserveStatus.ALLOWED, 500)
+
+
+async def test_a_call_that_ran_keeps_its_dedup_mark(store: Store) -> None:
+    """Settling a call that ran (release_dedup off), even at zero cost, leaves its duplicates blocked."""
+    dedup = DedupCheck("ab" * 16, 60_000)
+    await store.reserve(reserve("1" * 32, 500, dedup=dedup))
+    await store.settle(settle("1" * 32, 0, now=NOW + 1_000))
+    again = await store.reserve(reserve("2" * 32, 500, dedup=dedup, now=NOW + 1_001))
+    assert again.blocked_by is Rule.DUPLICATE_REQUEST
+
+
+async def test_release_never_removes_a_later_admissions_mark(store: Store) -> None:
+    """After the mark expired and the request was admitted again, releasing the first keeps the new mark."""
+    dedup = DedupCheck("ac" * 16, 10_000)
+    await store.reserve(reserve("1" * 32, 100, dedup=dedup))
+    second = await store.reserve(reserve("2" * 32, 100, dedup=dedup, now=NOW + 10_000))
+    assert second.status is ReserveStatus.ALLOWED
+    await store.settle(release("1" * 32, now=NOW + 10_001))
+    third = await store.reserve(reserve("3" * 32, 100, dedup=dedup, now=NOW + 10_002))
+    assert third.blocked_by is Rule.DUPLICATE_REQUEST
+
+
+async def test_late_release_of_an_expired_reservation_frees_its_mark(store: Store) -> None:
+    """A refused call settled after its reservation expired is corrected to zero and frees its mark."""
+    dedup = DedupCheck("ad" * 16, 10 * RES_TTL)
+    await store.reserve(reserve("1" * 32, 700, dedup=dedup))
+    late = await store.settle(release("1" * 32, now=NOW + RES_TTL + 1))
+    assert (late.status, late.spent_nano_usd, late.reserved_nano_usd) == (SettleStatus.SETTLED, 0, 0)
+    retry = await store.reserve(reserve("2" * 32, 700, dedup=dedup, now=NOW + RES_TTL + 2))
+    assert retry.status is ReserveStatus.ALLOWED
+
+
+async def test_release_is_idempotent_and_other_fingerprints_stay(store: Store) -> None:
+    """A repeated release changes nothing; marks of other calls in the session are untouched."""
+    mine, other = DedupCheck("ae" * 16, 60_000), DedupCheck("af" * 16, 60_000)
+    await store.reserve(reserve("1" * 32, 100, dedup=mine))
+    await store.reserve(reserve("2" * 32, 100, dedup=other))
+    await store.settle(release("1" * 32))
+    assert (await store.settle(release("1" * 32))).status is SettleStatus.ALREADY_SETTLED
+    assert (
+        await store.reserve(reserve("3" * 32, dedup=other, now=NOW + 1))
+    ).blocked_by is Rule.DUPLICATE_REQUEST
+    assert (await store.reserve(reserve("4" * 32, dedup=mine, now=NOW + 1))).status is ReserveStatus.ALLOWED

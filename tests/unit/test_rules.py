@@ -6,6 +6,7 @@ The engine runs over both stores; prices are overridden so costs are round numbe
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from spendgate_server.engine.config import (
@@ -16,10 +17,11 @@ from spendgate_server.engine.config import (
     parse_enforcement_config,
 )
 from spendgate_server.engine.decide import Call, DecisionEngine, SettleCall, Verdict
+from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.pricing import ModelPricing, PriceTable, RateCard, UnknownModelPolicy, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import InvalidArgument, NotFound
-from spendgate_server.store import SessionKey, Store
+from spendgate_server.store import ReserveRequest, SessionKey, Store
 
 from tests.conftest import FakeClock
 
@@ -107,6 +109,8 @@ async def test_budget_block_reason_and_remaining(engine: DecisionEngine) -> None
     config = EnforcementConfig(max_session_nano_usd=300_000)
     first = await engine.decide(call(100, 100, prompt="a", config=config))
     assert first.remaining_budget_nano_usd == 0
+    # Settled at its estimate: the settled spend alone reaches the cap.
+    await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(100, 100), True))
     blocked = await engine.decide(call(100, 100, prompt="b", config=config))
     assert (blocked.verdict, blocked.rule) == (Verdict.BLOCK, Rule.SESSION_BUDGET)
     assert "max_session_usd" in blocked.reason and "new session id" in blocked.reason
@@ -251,3 +255,145 @@ async def test_unknown_model_reject_policy(store: Store, clock: FakeClock) -> No
     with pytest.raises(InvalidArgument) as info:
         await engine.decide(call(model="no-such-model-anywhere"))
     assert info.value.violations[0].field == "model"
+
+
+async def test_refused_call_releases_its_dedup_mark(engine: DecisionEngine) -> None:
+    """A refused call frees its reservation and its fingerprint: the identical retry goes through."""
+    config = EnforcementConfig(dedup_ttl_seconds=60)
+    first = await engine.decide(call(prompt="q", config=config))
+    assert (await engine.decide(call(prompt="q", config=config))).rule is Rule.DUPLICATE_REQUEST
+    refused = await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(), False))
+    assert (refused.cost_nano_usd, refused.session_spend_nano_usd) == (0, 0)
+    retry = await engine.decide(call(prompt="q", config=config))
+    assert retry.verdict is Verdict.ALLOW
+    await engine.settle(SettleCall("t", "s1", retry.reservation_id, "big", Usage(100, 10), True))
+    again = await engine.decide(call(prompt="q", config=config))
+    assert (again.verdict, again.rule) == (Verdict.BLOCK, Rule.DUPLICATE_REQUEST)
+
+
+# The issue's input: a $0.005 cap, one open $0.015 reservation (5,000 in + 5,000 out on "big"),
+# settled later at its real $0.0016 (1,000 in + 300 out).
+CAP_0_005 = EnforcementConfig(max_session_nano_usd=5_000_000)
+
+
+async def test_a_block_by_open_reservations_says_so_and_lifts_on_settle(
+    store: Store, clock: FakeClock
+) -> None:
+    """Calls in flight, not settled spend, reach the cap: the block says reserved; the settle lifts it."""
+    engine = DecisionEngine(
+        store,
+        PriceTable(PRICES),
+        ConfigResolver.static(EnforcementConfig()),
+        clock=clock,
+        deny_cache=DenyCache(),
+    )
+    first = await engine.decide(call(5_000, 5_000, prompt="a", config=CAP_0_005))
+    assert (first.verdict, first.reserved_nano_usd, first.settled_spend_nano_usd) == (
+        Verdict.ALLOW,
+        15_000_000,
+        0,
+    )
+    for prompt in "bc":  # the second answer comes from the deny cache: it must say the same
+        blocked = await engine.decide(call(100, 100, prompt=prompt, config=CAP_0_005))
+        assert (blocked.verdict, blocked.rule) == (Verdict.BLOCK, Rule.SESSION_BUDGET)
+        assert (blocked.settled_spend_nano_usd, blocked.reserved_nano_usd) == (0, 15_000_000)
+        assert blocked.session_spend_nano_usd == 15_000_000 and blocked.unblocks_on_settle
+        assert "$0.015 reserved by calls in flight" in blocked.reason and "$0 settled" in blocked.reason
+        assert "new session" not in blocked.reason and "settle can lift" in blocked.reason
+    settled = await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(1_000, 300), True))
+    assert settled.session_spend_nano_usd == 1_600_000
+    later = await engine.decide(call(100, 100, prompt="d", config=CAP_0_005))
+    assert (later.verdict, later.settled_spend_nano_usd, later.reserved_nano_usd) == (
+        Verdict.ALLOW,
+        1_600_000,
+        300_000,
+    )
+
+
+async def test_a_block_by_settled_spend_says_start_a_new_session(engine: DecisionEngine) -> None:
+    """When settled spend alone reached the cap, waiting cannot help: the reason says start a new session."""
+    first = await engine.decide(call(5_000, 5_000, prompt="a", config=CAP_0_005))
+    await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(5_000, 1_000), True))
+    open_call = await engine.decide(call(5_000, 5_000, prompt="b", config=CAP_0_005))
+    assert open_call.verdict is Verdict.BLOCK  # 7,000,000 settled is past the cap
+    blocked = await engine.decide(call(100, 100, prompt="c", config=CAP_0_005))
+    assert (blocked.settled_spend_nano_usd, blocked.reserved_nano_usd, blocked.unblocks_on_settle) == (
+        7_000_000,
+        0,
+        False,
+    )
+    assert blocked.reason == "session spend $0.007 has reached max_session_usd $0.005; start a new session id"
+
+
+@pytest.mark.parametrize(
+    ("settle_first", "unblocks"),
+    [(False, True), (True, False)],
+    ids=["reserved-blocks", "settled-blocks"],
+)
+async def test_strict_mode_tells_whether_settles_can_make_room(
+    engine: DecisionEngine, settle_first: bool, unblocks: bool
+) -> None:
+    """Strict mode: waiting helps only if settled spend plus this estimate fits the cap."""
+    strict = EnforcementConfig(max_session_nano_usd=5_000_000, budget_mode=BudgetMode.STRICT)
+    first = await engine.decide(call(1_000, 1_500, prompt="a", config=strict))  # reserves $0.004
+    if settle_first:
+        await engine.settle(SettleCall("t", "s1", first.reservation_id, "big", Usage(1_000, 1_500), True))
+    blocked = await engine.decide(call(1_000, 1_000, prompt="b", config=strict))  # estimate $0.003
+    assert (blocked.verdict, blocked.unblocks_on_settle) == (Verdict.BLOCK, unblocks)
+    assert (
+        "plus this call's estimate $0.003 would exceed max_session_usd $0.005 (strict mode)" in blocked.reason
+    )
+    assert ("start a new session id" in blocked.reason) is not unblocks
+
+
+async def test_a_ceiling_block_reports_no_spend(engine: DecisionEngine) -> None:
+    """A ceiling block never asks the store: no spend split, and nothing to wait for."""
+    blocked = await engine.decide(call(9_000, config=EnforcementConfig(token_ceiling=8_000)))
+    assert (blocked.settled_spend_nano_usd, blocked.reserved_nano_usd, blocked.unblocks_on_settle) == (
+        0,
+        0,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"model": "small"},
+        {"input_tokens": 900_000},
+        {"max_output": 101},
+        {"prompt": "another prompt"},
+        {"tools": 1},
+        {"config": EnforcementConfig(token_ceiling=5_000)},
+    ],
+    ids=["model", "input-tokens", "max-output", "fingerprint", "tool-calls", "config"],
+)
+async def test_request_id_reused_for_another_request_is_refused(
+    engine: DecisionEngine, clock: FakeClock, changed: dict[str, object]
+) -> None:
+    """A request id replays only the request it was first used for; anything else changed is refused."""
+    first = await engine.decide(call(request_id="r-1"))
+    before = await engine.store.session_state(SessionKey("t", "s1"), clock(), 3_600_000)
+    with pytest.raises(InvalidArgument) as info:
+        await engine.decide(call(request_id="r-1", **changed))  # type: ignore[arg-type]
+    assert [v.field for v in info.value.violations] == ["request_id"]
+    assert "'r-1' was already used in this session for a different request" in str(info.value)
+    assert await engine.store.session_state(SessionKey("t", "s1"), clock(), 3_600_000) == before
+    retry = await engine.decide(call(request_id="r-1"))
+    assert (retry.decision_id, retry.verdict) == (first.decision_id, Verdict.ALLOW)
+
+
+async def test_a_memo_without_a_digest_still_replays(engine: DecisionEngine, clock: FakeClock) -> None:
+    """A decision stored before digests were kept (six fields) replays as it did then."""
+    memo = json.dumps(["a" * 32, int(Verdict.ALLOW), "big", 0, 300_000, "allowed"])
+    await engine.store.reserve(
+        ReserveRequest(
+            SessionKey("t", "s1"), clock(), "a" * 32, 300_000, 600_000, 3_600_000, request_id="old", memo=memo
+        )
+    )
+    replayed = await engine.decide(call(5, model="small", request_id="old"))
+    assert (replayed.decision_id, replayed.effective_model, replayed.estimated_cost_nano_usd) == (
+        "a" * 32,
+        "big",
+        300_000,
+    )

@@ -1,16 +1,44 @@
-"""How the CLI's client commands reach a server: target, API key, TLS."""
+"""How the CLI's client commands reach a server: target, API key, TLS, and what a refusal means."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from spendgate_server.errors import ConfigError
+from spendgate_server.store.keys import key_problem
 
-__all__ = ["add_connection_arguments", "call_metadata", "open_channel"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "add_connection_arguments",
+    "call_metadata",
+    "explain_rpc_error",
+    "open_channel",
+]
+
+EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
+EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
+
+# Refusals whose message the service words for people: shown as they are.
+_WORDED = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+# A gRPC target: no spaces or control characters (grpc would log a resolver error on stderr).
+_TARGET = re.compile(r"[!-~]{1,512}")
+# A metadata value gRPC accepts: printable ASCII.
+_METADATA_VALUE = re.compile(r"[ -~]{1,256}")
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +63,38 @@ def _read(flag: str, path: str) -> bytes | None:
     if not path:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag}: {path} is not a PEM file (it has no '-----BEGIN' line)")
+    return data
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not _TARGET.fullmatch(args.target):
+        raise ConfigError(
+            f"--target (or SPENDGATE_TARGET) must be host:port without spaces, got {args.target!r}"
+        )
+    key = args.api_key = args.api_key.strip()
+    if key:
+        problem = key_problem(key)
+        if key[:7].lower() == "bearer ":
+            problem = "give the key alone, without 'Bearer ' (it is sent as 'authorization: Bearer <key>')"
+        if problem:
+            raise ConfigError(f"--api-key (or SPENDGATE_API_KEY) is malformed: {problem}")
+    actor = getattr(args, "actor", "")
+    if actor and not _METADATA_VALUE.fullmatch(actor):
+        raise ConfigError("--actor must be 1-256 printable ASCII characters")
 
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
-    """A channel to ``args.target``: TLS when --tls-ca is given, plaintext otherwise."""
+    """A channel to ``args.target``: TLS when --tls-ca is given, plaintext otherwise.
+
+    Raises:
+        ConfigError: a bad --target, --api-key or --actor, or a TLS file that cannot be read.
+    """
+    _check(args)
     if not args.tls_ca:
         if args.tls_cert or args.tls_key:
             raise ConfigError("--tls-cert/--tls-key need --tls-ca")
@@ -58,3 +111,60 @@ def call_metadata(args: argparse.Namespace, *extra: tuple[str, str]) -> tuple[tu
     """Per-call metadata: the API key as a bearer token, plus ``extra``."""
     key = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
     return (*key, *extra)
+
+
+def _field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """The BadRequest field violations the server attached to ``exc`` (AIP-193), if any."""
+    trailing: Sequence[tuple[str, str | bytes]] = (
+        (exc.trailing_metadata() or ()) if isinstance(exc, grpc.Call) else ()
+    )
+    for key, value in trailing:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(bad_request):
+                    return [(v.field, v.description) for v in bad_request.field_violations]
+    return []
+
+
+def explain_rpc_error(
+    exc: grpc.RpcError, args: argparse.Namespace, flags: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """The exit code and the one-line message for a failed call.
+
+    Args:
+        exc: What the stub raised.
+        args: The command's flags (the target, the timeout, whether a key was given).
+        flags: Request field → the flag that set it (``session_id`` → ``--session``), so the
+            service's refusal of a field names the flag to fix; a key ending in ``.`` maps a prefix.
+    """
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or code.name
+    target = args.target
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        violations = _field_violations(exc)
+        if violations and flags is not None:
+            return EXIT_BAD_INPUT, "; ".join(f"{_flag_of(field, flags)}: {why}" for field, why in violations)
+        return EXIT_BAD_INPUT, f"the service refused the request: {details}"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return EXIT_FAILED, f"cannot reach spendgate at {target}: {details}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        timeout = getattr(args, "timeout", None)
+        within = f" within --timeout {timeout:g}s" if timeout else ""
+        return EXIT_FAILED, f"no answer from {target}{within}"
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        hint = "" if args.api_key else " (pass --api-key or set SPENDGATE_API_KEY)"
+        return EXIT_FAILED, f"{target} refused the call: {details}{hint}"
+    if code in _WORDED:
+        return EXIT_FAILED, details
+    return EXIT_FAILED, f"{code.name}: {details}"
+
+
+def _flag_of(field: str, flags: Mapping[str, str]) -> str:
+    if field in flags:
+        return flags[field]
+    for prefix, flag in flags.items():
+        if prefix.endswith(".") and field.startswith(prefix):
+            return f"{flag} {field.removeprefix(prefix)}"
+    return field

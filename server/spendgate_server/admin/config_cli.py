@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +15,8 @@ from spendgate.v1 import config_pb2 as cpb
 from spendgate.v1 import config_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.engine.config import config_to_dict, parse_enforcement_config
+from spendgate_server.admin.flags import count, seconds
+from spendgate_server.engine.config import EnforcementConfig, config_to_dict, parse_enforcement_config
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rpc.validation import config_from_proto
 from spendgate_server.rpc.wire import config_to_proto
@@ -35,12 +36,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         add_connection_arguments(action)
         action.add_argument("--project", default="", help="a project's config instead of the tenant's")
         action.add_argument("--actor", default="", help="your name, recorded in the history")
-        action.add_argument("--timeout", type=float, default=5.0)
+        action.add_argument("--timeout", type=seconds, default=5.0, help="deadline of each call, in seconds")
         if name == "set":
             action.add_argument("file", help="YAML or JSON: the rule keys, or a mapping with 'enforcement:'")
             action.add_argument("--etag", default=None, help="expected etag (default: the one just read)")
         if name == "history":
-            action.add_argument("--limit", type=int, default=20)
+            action.add_argument("--limit", type=count, default=20, help="at most this many changes")
 
 
 def _rules(config: cpb.Config) -> dict[str, Any]:
@@ -76,6 +77,13 @@ def _read_rules(path: str) -> dict[str, Any]:
     return raw
 
 
+def _parse_file(path: str) -> EnforcementConfig:
+    try:
+        return parse_enforcement_config(_read_rules(path))
+    except InvalidArgument as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def _when(config: cpb.Config) -> str:
     if not config.version:
         return "never written"
@@ -84,6 +92,8 @@ def _when(config: cpb.Config) -> str:
 
 def run_config_command(args: argparse.Namespace) -> int:
     """Run one config action; returns the exit code."""
+    # A bad file is refused before anything is sent.
+    new = _parse_file(args.file) if args.action == "set" else None
     metadata = call_metadata(args, *((("x-spendgate-actor", args.actor),) if args.actor else ()))
     with open_channel(args) as channel:
         stub = config_pb2_grpc.ConfigServiceStub(channel)
@@ -98,16 +108,7 @@ def run_config_command(args: argparse.Namespace) -> int:
             )
             print(yaml.safe_dump(_rules(current), sort_keys=True).rstrip() if current.version else "{}")
             return 0
-        if args.action == "set":
-            raw = _read_rules(args.file)
-            try:
-                new = parse_enforcement_config(raw)
-            except InvalidArgument as exc:
-                for violation in exc.violations:
-                    print(
-                        f"spendgate: {args.file}: {violation.field}: {violation.description}", file=sys.stderr
-                    )
-                return 2
+        if new is not None:
             changes = diff_lines(_rules(current), config_to_dict(new))
             if not changes and current.version:
                 print(f"no change to the {scope} (version {current.version})")
@@ -127,7 +128,7 @@ def run_config_command(args: argparse.Namespace) -> int:
             metadata=metadata,
         )
         revisions = list(response.revisions)
-        for newer, older in zip(revisions, [*revisions[1:], None], strict=True):
+        for newer, older in itertools.zip_longest(revisions, revisions[1:]):
             print(f"version {newer.version}  {_when(newer)}  by {newer.updated_by}")
             for line in diff_lines(_rules(older) if older else {}, _rules(newer)):
                 print(f"  {line}")

@@ -9,26 +9,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
 from datetime import UTC, datetime
 
 from spendgate_server.errors import ConfigError
-from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, new_key
+from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, generate_key, new_key
 
-__all__ = ["add_keys_arguments", "run_keys_command"]
+__all__ = ["FIRST_KEY_WARNING", "add_keys_arguments", "run_keys_command"]
+
+FIRST_KEY_WARNING = (
+    "spendgate: warning: this is the first key in this key store: servers using it leave open "
+    "development mode within --key-reload-seconds (5), and from then on every call needs a key"
+)
 
 
 def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare ``keys create|list|revoke``."""
+    """Declare ``keys create|list|generate|revoke``."""
     actions = parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="mint a key; it is printed once and never stored")
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")
     create.add_argument("--scope", choices=[s.value for s in Scope], default="client")
     create.add_argument("--name", required=True, help="who or what uses it (shown in audit logs)")
     actions.add_parser("list", help="list keys (ids, tenants, scopes; never secrets)")
+    actions.add_parser(
+        "generate", help="print a new key without storing it (for serve --admin-key-file, e.g. in a Secret)"
+    )
     revoke = actions.add_parser("revoke", help="revoke a key; servers refuse it within --key-reload-seconds")
     revoke.add_argument("key_id", help="the 8 hex digits after 'sgk_'")
-    for action in actions.choices.values():
+    for verb, action in actions.choices.items():
+        if verb == "generate":
+            continue
         action.add_argument(
             "--redis-url",
             default=os.environ.get("SPENDGATE_REDIS_URL", ""),
@@ -53,12 +64,15 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             full, record = new_key(args.tenant, Scope(args.scope), args.name, now_ms)
+            first = not await store.all()
             await store.add(record)
             print(full)
             print(
                 f"# key {record.key_id}: tenant {record.tenant}, scope {record.scope.value}, "
                 "shown once: store it now (send it as 'authorization: Bearer <key>')"
             )
+            if first:
+                print(FIRST_KEY_WARNING, file=sys.stderr)
         elif args.action == "list":
             keys = sorted((await store.all()).values(), key=lambda k: k.created_ms)
             for key in keys:
@@ -77,4 +91,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def run_keys_command(args: argparse.Namespace) -> int:
     """Run one keys action; returns the exit code."""
+    if args.action == "generate":
+        print(generate_key())
+        return 0
     return asyncio.run(_run(args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from datetime import UTC, datetime
@@ -15,8 +16,9 @@ from spendgate.v1 import policy_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.config_cli import diff_lines
+from spendgate_server.admin.flags import count, seconds
 from spendgate_server.errors import ConfigError, InvalidArgument
-from spendgate_server.policy.policies import key_fingerprint, policies_from_dict, policies_to_dict
+from spendgate_server.policy.policies import Policies, key_fingerprint, policies_from_dict, policies_to_dict
 from spendgate_server.rpc.alerts_wire import policies_to_proto
 from spendgate_server.rpc.validation import policies_from_proto
 
@@ -50,12 +52,12 @@ def add_policies_arguments(parser: argparse.ArgumentParser) -> None:
         )
         add_connection_arguments(action)
         action.add_argument("--actor", default="", help="your name, recorded in the history (dev mode)")
-        action.add_argument("--timeout", type=float, default=5.0)
+        action.add_argument("--timeout", type=seconds, default=5.0, help="deadline of each call, in seconds")
         if name == "set":
             action.add_argument("file", help="YAML or JSON mapping of policies")
             action.add_argument("--etag", default=None, help="expected etag (default: the one just read)")
         if name == "history":
-            action.add_argument("--limit", type=int, default=20)
+            action.add_argument("--limit", type=count, default=20, help="at most this many changes")
     actions.add_parser(
         "fingerprint",
         help="read a provider API key on stdin and print its fingerprint (for key_environment_check)",
@@ -76,6 +78,13 @@ def _read(path: str) -> dict[str, Any]:
     return raw
 
 
+def _parse_file(path: str) -> Policies:
+    try:
+        return policies_from_dict(_read(path))
+    except InvalidArgument as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
 def _as_dict(policy_set: ppb.PolicySet) -> dict[str, Any]:
     return policies_to_dict(policies_from_proto(policy_set.policies))
 
@@ -89,11 +98,16 @@ def _when(policy_set: ppb.PolicySet) -> str:
 def run_policies_command(args: argparse.Namespace) -> int:
     """Run one policies action; returns the exit code."""
     if args.action == "fingerprint":
-        key = sys.stdin.readline().strip()
+        try:
+            key = sys.stdin.readline().strip()
+        except UnicodeDecodeError as exc:
+            raise ConfigError("stdin is not text: pipe the provider API key in") from exc
         if not key:
             raise ConfigError("no key on stdin: pipe the provider API key in (it is hashed, never sent)")
         print(key_fingerprint(key))
         return 0
+    # A bad file is refused before anything is sent.
+    new = _parse_file(args.file) if args.action == "set" else None
     metadata = call_metadata(args, *((("x-spendgate-actor", args.actor),) if args.actor else ()))
     with open_channel(args) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
@@ -108,15 +122,7 @@ def run_policies_command(args: argparse.Namespace) -> int:
             rules = _as_dict(current)
             print(yaml.safe_dump(rules, sort_keys=True).rstrip() if rules else "{}")
             return 0
-        if args.action == "set":
-            try:
-                new = policies_from_dict(_read(args.file))
-            except InvalidArgument as exc:
-                for violation in exc.violations:
-                    print(
-                        f"spendgate: {args.file}: {violation.field}: {violation.description}", file=sys.stderr
-                    )
-                return 2
+        if new is not None:
             changes = diff_lines(_as_dict(current), policies_to_dict(new))
             if not changes and current.version:
                 print(f"no change to the policies (version {current.version})")
@@ -134,7 +140,7 @@ def run_policies_command(args: argparse.Namespace) -> int:
             metadata=metadata,
         )
         revisions = list(response.revisions)
-        for newer, older in zip(revisions, [*revisions[1:], None], strict=True):
+        for newer, older in itertools.zip_longest(revisions, revisions[1:]):
             print(f"version {newer.version}  {_when(newer)}  by {newer.updated_by}")
             for line in diff_lines(_as_dict(older) if older else {}, _as_dict(newer)):
                 print(f"  {line}")

@@ -13,13 +13,15 @@ from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.flags import count, seconds
 from spendgate_server.errors import ConfigError
 from spendgate_server.policy.violations import PolicyType
 from spendgate_server.rpc.alerts_wire import timestamp
 
 __all__ = ["add_violations_arguments", "format_violation", "run_violations_command"]
 
-_DURATION = re.compile(r"(\d+)([smhd])")
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_LATEST_MS = 253_402_300_799_999  # the last millisecond of 9999, the end of a protobuf Timestamp
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -41,23 +43,33 @@ def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
         action.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.add_argument("--since", default="", help="found after: a duration ago (30m, 2h, 7d) or ISO time")
     listing.add_argument("--until", default="", help="found before: a duration ago or ISO time")
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (all pages)")
-    listing.add_argument("--timeout", type=float, default=10.0)
+    listing.add_argument("--limit", type=count, default=50, help="at most this many (all pages)")
+    listing.add_argument("--timeout", type=seconds, default=10.0, help="deadline of each call, in seconds")
     tail.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
     tail.add_argument("--from-start", action="store_true", help="every retained violation, then live")
-    tail.add_argument("--count", type=int, default=0, help="exit after this many violations")
+    tail.add_argument("--count", type=count, default=0, help="exit after this many violations")
 
 
 def _when(text: str, flag: str) -> int:
-    """Unix ms of a duration ago or an ISO time."""
+    """Unix ms of a duration ago or an ISO time (UTC unless it says otherwise).
+
+    Raises:
+        ConfigError: neither form, or a moment before 1970 (no violation is older).
+    """
     match = _DURATION.fullmatch(text)
     if match:
-        return time.time_ns() // 1_000_000 - int(match[1]) * _UNIT_SECONDS[match[2]] * 1000
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigError(f"{flag} must be a duration (30m, 2h, 7d) or an ISO time, got {text!r}") from exc
-    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+        ms = time.time_ns() // 1_000_000 - int(match[1]) * _UNIT_SECONDS[match[2]] * 1000
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{flag} must be a duration (30m, 2h, 7d) or an ISO time, got {text!r}"
+            ) from exc
+        ms = int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp() * 1000)
+    if ms < 0:
+        raise ConfigError(f"{flag} {text} reaches back before 1970: no violation is that old")
+    return min(ms, _LATEST_MS)
 
 
 def _policy_type(name: str) -> int:

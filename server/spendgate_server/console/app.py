@@ -23,6 +23,7 @@ from spendgate_server.console.sessions import SessionStore
 from spendgate_server.console.settings import ConsoleSettings
 from spendgate_server.console.throttle import SignInThrottle
 from spendgate_server.console.web import MAX_FORM_BYTES, Console, SecurityHeaders
+from spendgate_server.errors import ConfigError
 from spendgate_server.logging import configure_logging
 from spendgate_server.rpc.auth import is_loopback
 
@@ -56,6 +57,7 @@ def create_app(
     idle_seconds: float = 3600,
     max_age_seconds: float = 12 * 3600,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
 ) -> Starlette:
     """The console's ASGI application.
 
@@ -68,6 +70,7 @@ def create_app(
         idle_seconds: A session ends after this long without a request.
         max_age_seconds: A session ends this long after sign-in.
         clock: Seconds, for session expiry and the sign-in throttle (tests pass a fake one).
+        wall_clock_ms: Unix milliseconds now, for time windows (tests pass a fake one).
     """
     console = Console(
         backend_factory=backend_factory,
@@ -78,6 +81,7 @@ def create_app(
         projects=projects,
         nav=NAV,
         throttle=SignInThrottle(clock=clock),
+        wall_clock_ms=wall_clock_ms,
     )
 
     @asynccontextmanager
@@ -106,12 +110,21 @@ def create_app(
 
 
 def run_console(settings: ConsoleSettings) -> None:
-    """Serve the console until SIGINT/SIGTERM (uvicorn drains open requests, then stops)."""
+    """Serve the console until SIGINT/SIGTERM (uvicorn drains open requests, then stops).
+
+    Raises:
+        ConfigError: the address cannot be bound (taken, or not this machine's).
+    """
     configure_logging(settings.log_format, settings.log_level)
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host.strip("[]"), settings.port))
+    try:
+        sock.bind((settings.host.strip("[]"), settings.port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError(f"--host {settings.host} --port {settings.port}: cannot bind: {reason}") from exc
     # Listening before uvicorn starts: connections made from now on queue instead of failing.
     sock.listen(128)
     port: int = sock.getsockname()[1]

@@ -11,7 +11,8 @@ field errors, show a conflict, say the service is down).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +30,13 @@ from spendgate_server.engine.config import EnforcementConfig, Rule, config_to_di
 from spendgate_server.errors import ConfigError, FieldViolation, SpendgateError
 from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies, policies_to_dict
 from spendgate_server.policy.violations import PatternHit, PolicyType, Violation, ViolationFilter
-from spendgate_server.rpc.alerts_wire import policies_to_proto
+from spendgate_server.rpc.alerts_wire import policies_to_proto, timestamp
 from spendgate_server.rpc.validation import config_from_proto
 from spendgate_server.rpc.wire import config_to_proto
 from spendgate_server.store.insights import SessionSummary, SpendPoint
 
 __all__ = [
+    "OPEN_MODE_TTL_SECONDS",
     "Backend",
     "BackendError",
     "BackendUnavailable",
@@ -51,6 +53,8 @@ __all__ = [
 
 # A project name no server accepts: the fallback admin probe must never write anything.
 _PROBE_PROJECT = "!"
+# How long the answer to "does the service run without keys?" is kept (see GrpcBackend.open_mode).
+OPEN_MODE_TTL_SECONDS = 30.0
 
 
 class BackendError(SpendgateError):
@@ -58,7 +62,15 @@ class BackendError(SpendgateError):
 
 
 class NotAuthorized(BackendError):
-    """The key is unknown, revoked, or not an admin key: the browser must sign in again."""
+    """The key is unknown, revoked, or not an admin key: the browser must sign in again.
+
+    ``wrong_scope`` tells a valid client key (PERMISSION_DENIED) from a key the service
+    does not accept at all (UNAUTHENTICATED).
+    """
+
+    def __init__(self, message: str, *, wrong_scope: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_scope = wrong_scope
 
 
 class InvalidInput(BackendError):
@@ -143,6 +155,10 @@ class Backend(Protocol):
         """Return when ``api_key`` is a valid admin key; raise NotAuthorized otherwise."""
         ...
 
+    async def open_mode(self) -> bool:
+        """Whether the service takes calls without any key (open development mode: it has none)."""
+        ...
+
     async def get_config(self, api_key: str, project: str) -> ConfigView:
         """The current config of the tenant (project '') or of a project."""
         ...
@@ -174,9 +190,9 @@ class Backend(Protocol):
         ...
 
     async def list_violations(
-        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str
+        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str, *, since_ms: int = 0
     ) -> ViolationPage:
-        """One page of the violations ``where`` admits, newest first."""
+        """One page of the violations ``where`` admits (found at ``since_ms`` or later), newest first."""
         ...
 
     def watch_violations(
@@ -326,14 +342,19 @@ def _field_violations(error: grpc.aio.AioRpcError) -> list[FieldViolation]:
 
 def _translate(error: grpc.aio.AioRpcError) -> BackendError:
     code, details = error.code(), error.details() or ""
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code is grpc.StatusCode.UNAUTHENTICATED:
         return NotAuthorized(details)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return NotAuthorized(details, wrong_scope=True)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(details, _field_violations(error))
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return EditConflict(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return BackendUnavailable(details)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return BackendUnavailable("it did not answer in time")
+    if code is grpc.StatusCode.UNAVAILABLE:
+        # gRPC's details end with the cause ("…: Connection refused"); the rest is transport detail.
+        return BackendUnavailable(details.rsplit(": ", 1)[-1].strip().lower() or "unavailable")
     return BackendError(f"{code.name}: {details}")
 
 
@@ -357,6 +378,7 @@ class GrpcBackend:
         tls_ca: str = "",
         tls_cert: str = "",
         tls_key: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Open the channel (lazily connected) in the running event loop.
 
@@ -377,9 +399,12 @@ class GrpcBackend:
         self._feed = violation_pb2_grpc.ViolationServiceStub(self._channel)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._timeout = timeout_seconds
+        self._clock = clock
+        self._open_mode: tuple[float, bool] | None = None  # (when asked, the answer)
 
     def _metadata(self, api_key: str) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {api_key}"),)
+        # No key at all in open development mode (a service without keys needs none).
+        return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     async def verify_admin(self, api_key: str) -> None:
         """Prove the key is an admin key without changing anything.
@@ -408,6 +433,26 @@ class GrpcBackend:
                 return
             raise error from exc
         raise BackendError("the service accepted a config for an invalid project name")  # pragma: no cover
+
+    async def open_mode(self) -> bool:
+        """Ask an admin-only read with no key at all: only a server without keys answers it.
+
+        The answer is kept for ``OPEN_MODE_TTL_SECONDS``: on a server with keys every probe
+        counts as a refused call (``spendgate_auth_failures_total{reason="missing"}``), so
+        a busy sign-in page must not probe on every view.
+        """
+        now = self._clock()
+        if self._open_mode is not None and now - self._open_mode[0] < OPEN_MODE_TTL_SECONDS:
+            return self._open_mode[1]
+        try:
+            await self._policies.GetPolicies(ppb.GetPoliciesRequest(), timeout=self._timeout)
+            is_open = True
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED):
+                raise _translate(exc) from exc
+            is_open = False
+        self._open_mode = (now, is_open)
+        return is_open
 
     async def get_config(self, api_key: str, project: str) -> ConfigView:
         """The current config of the tenant (project '') or of a project."""
@@ -504,12 +549,14 @@ class GrpcBackend:
         return PolicyRevisionPage(tuple(_policy_view(r) for r in page.revisions), page.next_page_token, older)
 
     async def list_violations(
-        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str
+        self, api_key: str, where: ViolationFilter, page_size: int, page_token: str, *, since_ms: int = 0
     ) -> ViolationPage:
-        """One page of the violations ``where`` admits, newest first."""
+        """One page of the violations ``where`` admits (found at ``since_ms`` or later), newest first."""
         request = vpb.ListViolationsRequest(
             page_size=page_size, page_token=page_token, **_filter_fields(where)
         )
+        if since_ms:
+            request.start_time.CopyFrom(timestamp(since_ms))
         try:
             response = await self._feed.ListViolations(
                 request, timeout=self._timeout, metadata=self._metadata(api_key)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendgate_server.engine.config import EnforcementConfig, config_to_dict, parse_enforcement_config
+from spendgate_server.engine.rules import RULE_UNITS, SESSION_BUDGET, FormChoice
 from spendgate_server.errors import FieldViolation, InvalidArgument
 
 __all__ = [
@@ -56,12 +57,15 @@ class TextField:
 
 @dataclass(frozen=True, slots=True)
 class RuleSection:
-    """A rule's fieldset: its key (also its shadow checkbox value), title and inputs."""
+    """A rule's fieldset: its key (also its shadow checkbox value), title, inputs and select."""
 
     key: str
     title: str
     summary: str
     fields: tuple[TextField, ...]
+    choice: FormChoice | None = None
+    # Shown when only some inputs of one nested mapping are given.
+    all_or_none: str = ""
 
     @property
     def shadow_id(self) -> str:
@@ -69,83 +73,35 @@ class RuleSection:
         return f"f-shadow-{self.key}"
 
 
-RULE_SECTIONS = (
+# One fieldset per rule, in the rules' table order, from each rule's unit.
+RULE_SECTIONS = tuple(
     RuleSection(
-        "token_ceiling",
-        "Token ceiling",
-        "Block a call whose input tokens exceed the ceiling.",
-        (TextField("token_ceiling", "Most input tokens per call", "Blank turns the rule off."),),
-    ),
-    RuleSection(
-        "max_session_usd",
-        "Session budget",
-        "Cap what one session id may spend (settled plus reserved); then its calls block.",
-        (
-            TextField(
-                "max_session_usd",
-                "Budget per session, US dollars",
-                "For example 5 or 0.25. Blank turns the rule off.",
-                inputmode="decimal",
-                kind="text",
-            ),
-        ),
-    ),
-    RuleSection(
-        "dedup_ttl_seconds",
-        "Duplicate requests",
-        "Block a request identical to one admitted in the same session within the window.",
-        (TextField("dedup_ttl_seconds", "Window, seconds", "Blank turns the rule off."),),
-    ),
-    RuleSection(
-        "max_tool_calls",
-        "Tool-call limit",
-        "Block the call that would take a session's tool results above the limit.",
-        (TextField("max_tool_calls", "Most tool calls per session", "Blank turns the rule off."),),
-    ),
-    RuleSection(
-        "model_downgrade",
-        "Model downgrade",
-        "Run a call on a cheaper model when its estimated cost exceeds the threshold.",
-        (
-            TextField(
-                "model_downgrade.threshold_usd",
-                "Threshold per call, US dollars",
-                "Both blank turns the rule off.",
-                inputmode="decimal",
-                kind="text",
-            ),
-            TextField(
-                "model_downgrade.fallback",
-                "Fallback model",
-                "A model with a known price, e.g. claude-haiku-4-5-20251001.",
-                inputmode="text",
-                kind="text",
-            ),
-        ),
-    ),
+        unit.key,
+        unit.title,
+        unit.summary,
+        tuple(TextField(f.name, f.label, f.hint, f.inputmode, f.kind) for f in unit.form_inputs),
+        unit.form_choice,
+        unit.form_all_or_none,
+    )
+    for unit in RULE_UNITS
 )
 RULE_KEYS = tuple(section.key for section in RULE_SECTIONS)
-BUDGET_MODES = (
-    ("crossing", "Crossing: may exceed it by one call"),
-    ("strict", "Strict: never exceeds it"),
-)
+_CHOICES = tuple(section.choice for section in RULE_SECTIONS if section.choice is not None)
+BUDGET_MODES = SESSION_BUDGET.form_choice.options if SESSION_BUDGET.form_choice else ()
 
 # Service field paths (wire names, google.rpc.BadRequest) → the form field they concern.
 _WIRE_FIELDS = {
-    "enforcement_config.token_ceiling": "token_ceiling",
-    "enforcement_config.max_session_nano_usd": "max_session_usd",
-    "enforcement_config.budget_mode": "budget_mode",
-    "enforcement_config.dedup_ttl_seconds": "dedup_ttl_seconds",
-    "enforcement_config.max_tool_calls": "max_tool_calls",
-    "enforcement_config.model_downgrade": "model_downgrade.threshold_usd",
-    "enforcement_config.model_downgrade.threshold_nano_usd": "model_downgrade.threshold_usd",
-    "enforcement_config.model_downgrade.fallback_model": "model_downgrade.fallback",
+    **{f"enforcement_config.{wire}": key for unit in RULE_UNITS for wire, key in unit.wire_fields},
     "enforcement_config.shadow": SHADOW,
     "project": "project",
 }
-_FORM_FIELDS = frozenset(
-    {f.name for s in RULE_SECTIONS for f in s.fields} | {"budget_mode", SHADOW, "project"}
-)
+_TEXT_FIELDS = tuple(f for s in RULE_SECTIONS for f in s.fields)
+# A nested mapping's key (a parser error names it) → its first input.
+_NESTED_FIRST: dict[str, str] = {}
+for _field in _TEXT_FIELDS:
+    if "." in _field.name:
+        _NESTED_FIRST.setdefault(_field.name.rpartition(".")[0], _field.name)
+_FORM_FIELDS = frozenset({f.name for f in _TEXT_FIELDS} | {c.name for c in _CHOICES} | {SHADOW, "project"})
 
 FormErrors = dict[str, list[str]]
 """Error messages by form field name; '' holds those that concern no one field."""
@@ -157,8 +113,8 @@ def field_for_violation(field: str) -> str:
         return field
     if field.startswith("enforcement_config.shadow_rules"):
         return SHADOW
-    if field == "model_downgrade":
-        return "model_downgrade.threshold_usd"
+    if field in _NESTED_FIRST:
+        return _NESTED_FIRST[field]
     return _WIRE_FIELDS.get(field, "")
 
 
@@ -170,20 +126,25 @@ def errors_from(violations: Sequence[FieldViolation]) -> FormErrors:
     return errors
 
 
+def _lookup(rules: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted key path (``model_downgrade.fallback``), or None."""
+    value: Any = rules
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
 def form_values(rules: Mapping[str, Any]) -> dict[str, Any]:
     """The form's values for a config in its user-facing form (``config_to_dict``'s output)."""
-    downgrade = rules.get("model_downgrade") or {}
+    values: dict[str, Any] = {}
+    for text_field in _TEXT_FIELDS:
+        value = _lookup(rules, text_field.name)
+        values[text_field.name] = "" if value is None else str(value)
+    for choice in _CHOICES:
+        values[choice.name] = str(rules.get(choice.name, choice.default))
     shadow = rules.get(SHADOW)
-    return {
-        "token_ceiling": str(rules.get("token_ceiling", "")),
-        "max_session_usd": str(rules.get("max_session_usd", "")),
-        "budget_mode": str(rules.get("budget_mode", "crossing")),
-        "dedup_ttl_seconds": str(rules.get("dedup_ttl_seconds", "")),
-        "max_tool_calls": str(rules.get("max_tool_calls", "")),
-        "model_downgrade.threshold_usd": str(downgrade.get("threshold_usd", "")),
-        "model_downgrade.fallback": str(downgrade.get("fallback", "")),
-        SHADOW: frozenset(RULE_KEYS) if shadow is True else frozenset(shadow or ()),
-    }
+    values[SHADOW] = frozenset(RULE_KEYS) if shadow is True else frozenset(shadow or ())
+    return values
 
 
 def submitted_values(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
@@ -191,13 +152,17 @@ def submitted_values(form: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     values: dict[str, Any] = {
         name: (form.get(name) or [""])[0].strip() for name in _FORM_FIELDS - {SHADOW, "project"}
     }
-    values["budget_mode"] = values["budget_mode"] or "crossing"
+    for choice in _CHOICES:
+        values[choice.name] = values[choice.name] or choice.default
     values[SHADOW] = frozenset(form.get(SHADOW) or ())
     return values
 
 
 def parse_rules_form(form: Mapping[str, Sequence[str]]) -> tuple[EnforcementConfig | None, FormErrors]:
     """Build the config a submitted form describes.
+
+    Inputs whose names share a parent (``model_downgrade.threshold_usd`` and
+    ``model_downgrade.fallback``) fill one mapping: give all of them or none.
 
     Returns:
         The config, or None with the errors by field when any field is bad.
@@ -206,9 +171,16 @@ def parse_rules_form(form: Mapping[str, Sequence[str]]) -> tuple[EnforcementConf
     local: list[FieldViolation] = []
     raw: dict[str, Any] = {}
     for section in RULE_SECTIONS:
+        nested: dict[str, dict[str, str]] = {}
         for text_field in section.fields:
             text = values[text_field.name]
-            if not text or text_field.name.startswith("model_downgrade."):
+            if text_field.inputmode == "decimal":
+                text = text.removeprefix("$")
+            parent, dot, child = text_field.name.rpartition(".")
+            if dot:
+                nested.setdefault(parent, {})[child] = text
+                continue
+            if not text:
                 continue
             if text_field.kind == "int":
                 if not _INTEGER.fullmatch(text):
@@ -216,15 +188,16 @@ def parse_rules_form(form: Mapping[str, Sequence[str]]) -> tuple[EnforcementConf
                     continue
                 raw[text_field.name] = int(text)
             else:
-                raw[text_field.name] = text.removeprefix("$")
-    if values["budget_mode"] != "crossing":
-        raw["budget_mode"] = values["budget_mode"]
-    threshold, fallback = values["model_downgrade.threshold_usd"], values["model_downgrade.fallback"]
-    if threshold and fallback:
-        raw["model_downgrade"] = {"threshold_usd": threshold.removeprefix("$"), "fallback": fallback}
-    elif threshold or fallback:
-        missing = "model_downgrade.fallback" if threshold else "model_downgrade.threshold_usd"
-        local.append(FieldViolation(missing, "give both the threshold and the fallback model, or neither"))
+                raw[text_field.name] = text
+        for parent, parts in nested.items():
+            given = {name: text for name, text in parts.items() if text}
+            if len(given) == len(parts):
+                raw[parent] = given
+            elif given:
+                missing = next(name for name, text in parts.items() if not text)
+                local.append(FieldViolation(f"{parent}.{missing}", section.all_or_none))
+        if section.choice is not None and values[section.choice.name] != section.choice.default:
+            raw[section.choice.name] = values[section.choice.name]
     shadow = values[SHADOW]
     if shadow == frozenset(RULE_KEYS):
         raw[SHADOW] = True

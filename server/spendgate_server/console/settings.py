@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -165,6 +166,15 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
         path = getattr(args, flag.replace("-", "_"))
         if path and not os.access(path, os.R_OK):
             raise ConfigError(f"{_flag(flag)}: cannot read {path}")
+    if args.https_cert:
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(args.https_cert, args.https_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"{_flag('https-cert')} and {_flag('https-key')}: not a PEM certificate chain and its "
+                f"private key ({exc.strerror or exc})"
+            ) from exc
     public_url = ""
     if args.public_url:
         parts = urlsplit(args.public_url.rstrip("/"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -91,6 +92,8 @@ class Console:
     nav: tuple[NavItem, ...] = ()
     # Failed sign-ins per client address (console/throttle.py).
     throttle: SignInThrottle = field(default_factory=SignInThrottle)
+    # Unix milliseconds now: the Violations page's window ends here (tests pass a fake clock).
+    wall_clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
     templates: jinja2.Environment = field(init=False)
     _backend: Backend | None = None
 

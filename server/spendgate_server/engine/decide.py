@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule
+from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule, config_to_dict
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
-from spendgate_server.errors import NotFound
-from spendgate_server.money import format_usd
+from spendgate_server.engine.rules import (
+    STATEFUL_RULES,
+    STATELESS_RULES,
+    Draft,
+    Effect,
+    StatefulRule,
+    StoreView,
+    unit_for,
+)
+from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound
 from spendgate_server.store import (
-    BudgetCheck,
-    DedupCheck,
-    ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
     SessionKey,
     SettleRequest,
     SettleStatus,
     Store,
-    ToolCheck,
 )
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "Verdict",
     "decision_id_time_ms",
     "new_decision_id",
+    "request_digest",
     "system_clock_ms",
 ]
 
@@ -120,6 +127,12 @@ class Decision:
     shadow_rules: frozenset[Rule] = frozenset()
     # The effective max_session_usd, for reporting (SessionService); None when off.
     budget_nano_usd: int | None = None
+    # session_spend_nano_usd split in two: what settled (or expired) calls cost, and what
+    # open reservations hold. Both 0 when the spend was not read (a ceiling block).
+    settled_spend_nano_usd: int = 0
+    reserved_nano_usd: int = 0
+    # The block can lift once the calls in flight settle; no new session id is needed.
+    unblocks_on_settle: bool = False
 
     @property
     def would_block(self) -> bool:
@@ -158,6 +171,147 @@ class Settlement:
     cost_nano_usd: int
     session_spend_nano_usd: int
     already_settled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Spend:
+    """A session's spend as the store (or the deny cache) reported it."""
+
+    settled_nano_usd: int
+    reserved_nano_usd: int
+
+
+@dataclass(slots=True)
+class _Answer:
+    """The decision being made; every Decision is built here, by keyword."""
+
+    call: Call
+    config: EnforcementConfig
+    version: int
+    decision_id: str
+    verdict: Verdict = Verdict.ALLOW
+    rule: Rule | None = None
+    reason: str = "allowed"
+    shadow: set[Rule] = field(default_factory=set)
+
+    def _build(
+        self,
+        *,
+        verdict: Verdict,
+        effective_model: str,
+        rule: Rule | None,
+        reason: str,
+        decision_id: str,
+        estimate_nano_usd: int,
+        spend: _Spend | None,
+        shadow: frozenset[Rule],
+        unblocks_on_settle: bool = False,
+    ) -> Decision:
+        # spend is None when the store was not asked (a ceiling block).
+        committed = None if spend is None else spend.settled_nano_usd + spend.reserved_nano_usd
+        return Decision(
+            verdict=verdict,
+            effective_model=effective_model,
+            rule=rule,
+            reason=reason,
+            decision_id=decision_id,
+            reservation_id="" if verdict is Verdict.BLOCK else decision_id,
+            estimated_cost_nano_usd=estimate_nano_usd,
+            session_spend_nano_usd=committed or 0,
+            remaining_budget_nano_usd=None if committed is None else _remaining(self.config, committed),
+            config_version=self.version,
+            shadow_rules=shadow,
+            budget_nano_usd=self.config.max_session_nano_usd,
+            settled_spend_nano_usd=0 if spend is None else spend.settled_nano_usd,
+            reserved_nano_usd=0 if spend is None else spend.reserved_nano_usd,
+            unblocks_on_settle=unblocks_on_settle,
+        )
+
+    def allowed(self, draft: Draft, spend: _Spend) -> Decision:
+        """The store admitted the call (on ``draft.model``, downgraded or not)."""
+        reason = self.reason
+        if self.shadow and self.rule is None:
+            reason = "allowed; shadow mode: " + ", ".join(r.key for r in sorted(self.shadow)) + " fired"
+        return self._build(
+            verdict=self.verdict,
+            effective_model=draft.model,
+            rule=self.rule,
+            reason=reason,
+            decision_id=self.decision_id,
+            estimate_nano_usd=draft.estimate_nano_usd,
+            spend=spend,
+            shadow=frozenset(self.shadow),
+        )
+
+    def blocked(
+        self,
+        rule: Rule,
+        reason: str,
+        estimate_nano_usd: int,
+        spend: _Spend | None = None,
+        *,
+        unblocks_on_settle: bool = False,
+    ) -> Decision:
+        """A block by ``rule``: it names the requested model and reserves nothing."""
+        return self._build(
+            verdict=Verdict.BLOCK,
+            effective_model=self.call.model,
+            rule=rule,
+            reason=reason,
+            decision_id=self.decision_id,
+            estimate_nano_usd=estimate_nano_usd,
+            spend=spend,
+            shadow=frozenset(self.shadow),
+            unblocks_on_settle=unblocks_on_settle,
+        )
+
+    def memo(self, draft: Draft) -> str:
+        """What a retried request id must get back unchanged, if the store admits this call.
+
+        It ends with the digest of the request's content, so a request id reused for
+        another request is recognised.
+        """
+        return json.dumps(
+            [
+                self.decision_id,
+                int(self.verdict),
+                draft.model,
+                int(self.rule or 0),
+                draft.estimate_nano_usd,
+                self.reason,
+                request_digest(self.call),
+            ]
+        )
+
+    def replayed(self, memo: str, spend: _Spend) -> Decision:
+        """The decision stored under the call's request id, with the session's spend now.
+
+        Raises:
+            InvalidArgument: on ``request_id``, when the stored decision answered another request.
+        """
+        decision_id, verdict, model, rule, estimate, reason, *digest = json.loads(memo)
+        # A memo written before digests were kept has none: it replays as it did then.
+        if digest and digest[0] != request_digest(self.call):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "request_id",
+                        f"{self.call.request_id!r} was already used in this session for a different "
+                        "request (model, tokens, fingerprint, tool calls, project or enforcement_config "
+                        "differ); a retry must repeat its request exactly, a new request needs a new id",
+                    )
+                ]
+            )
+        return self._build(
+            verdict=Verdict(verdict),
+            effective_model=model,
+            rule=Rule(rule) if rule else None,
+            reason=reason,
+            decision_id=decision_id,
+            estimate_nano_usd=estimate,
+            spend=spend,
+            shadow=frozenset(),
+        )
 
 
 class DecisionEngine:
@@ -204,47 +358,29 @@ class DecisionEngine:
         return resolved.config.stricter(call.client_config), resolved.version
 
     async def decide(self, call: Call) -> Decision:
-        """Decide one call: ceiling, then downgrade, then the atomic dedup/tools/budget step."""
+        """Decide one call: the stateless rules in table order, then the one atomic store step."""
         config, version = await self.effective_config(call)
         now_ms = self._clock()
-        decision_id = new_decision_id(now_ms)
-        shadow: set[Rule] = set()
-        model = call.model
-        pricing = self._prices.lookup(model)
-        estimate = pricing.estimate(call.input_tokens, call.max_output_tokens)
+        answer = _Answer(call, config, version, new_decision_id(now_ms))
+        draft = Draft(
+            call.input_tokens,
+            call.max_output_tokens,
+            call.model,
+            self._prices.lookup(call.model).estimate(call.input_tokens, call.max_output_tokens),
+            self._prices,
+        )
 
-        ceiling = config.token_ceiling
-        if ceiling is not None and call.input_tokens > ceiling:
-            if not config.is_shadow(Rule.TOKEN_CEILING):
-                return self._blocked(
-                    call,
-                    config,
-                    version,
-                    decision_id,
-                    Rule.TOKEN_CEILING,
-                    estimate,
-                    f"input tokens {call.input_tokens} exceed token_ceiling {ceiling}",
-                )
-            shadow.add(Rule.TOKEN_CEILING)
-
-        verdict, rule, reason = Verdict.ALLOW, None, "allowed"
-        downgrade = config.model_downgrade
-        if downgrade is not None and estimate > downgrade.threshold_nano_usd:
-            if config.is_shadow(Rule.MODEL_DOWNGRADE):
-                shadow.add(Rule.MODEL_DOWNGRADE)
+        for unit in STATELESS_RULES:
+            fired = unit.check(config, draft)
+            if fired is None:
+                continue
+            if config.is_shadow(unit.rule):
+                answer.shadow.add(unit.rule)
+            elif unit.effect is Effect.BLOCK:
+                return answer.blocked(unit.rule, fired, draft.estimate_nano_usd)
             else:
-                fallback = self._prices.lookup(downgrade.fallback_model, "model_downgrade.fallback")
-                reason = (
-                    f"estimated {format_usd(estimate)} on {model} exceeds the model_downgrade "
-                    f"threshold {format_usd(downgrade.threshold_nano_usd)}; running on "
-                    f"{downgrade.fallback_model}"
-                )
-                verdict, rule, model = (
-                    Verdict.ALLOW_DOWNGRADED,
-                    Rule.MODEL_DOWNGRADE,
-                    downgrade.fallback_model,
-                )
-                estimate = fallback.estimate(call.input_tokens, call.max_output_tokens)
+                answer.verdict, answer.rule, answer.reason = Verdict.ALLOW_DOWNGRADED, unit.rule, fired
+                unit.apply(config, draft)
 
         cap = config.max_session_nano_usd
         cacheable = (
@@ -258,96 +394,62 @@ class DecisionEngine:
             assert self._deny is not None and cap is not None
             denied = self._deny.blocked(call.tenant, call.session_id, cap, now_ms)
             if denied is not None:
-                return self._blocked(
-                    call,
-                    config,
-                    version,
-                    decision_id,
-                    Rule.SESSION_BUDGET,
-                    estimate,
-                    f"session spend {format_usd(denied.committed_nano_usd)} has reached max_session_usd "
-                    f"{format_usd(cap)}; start a new session id",
-                    denied.committed_nano_usd,
-                    frozenset(shadow),
-                )
-        memo = _memo(decision_id, verdict, model, rule, estimate, reason) if call.request_id else ""
+                spend = _Spend(denied.settled_nano_usd, denied.reserved_nano_usd)
+                return self._blocked_by_store(answer, Rule.SESSION_BUDGET, spend, draft)
+        memo = answer.memo(draft) if call.request_id else ""
         if self._quota is not None:
             # Before anything is written: a session past the tenant's quota leaves no state.
             await self._quota.admit(call.tenant, call.session_id, now_ms)
-        outcome = await self._store.reserve(
-            self._reserve_request(call, config, decision_id, estimate, memo, now_ms)
+        request = self._reserve_request(
+            call, config, answer.decision_id, draft.estimate_nano_usd, memo, now_ms
         )
-        shadow |= outcome.shadow_fired
-        committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
-        remaining = _remaining(config, committed)
+        outcome = await self._store.reserve(request)
+        answer.shadow |= outcome.shadow_fired
+        spend = _Spend(outcome.spent_nano_usd, outcome.reserved_nano_usd)
 
         if outcome.status is ReserveStatus.REPLAYED:
-            decision_id, verdict, model, rule, estimate, reason = _unmemo(outcome.memo)
-            return Decision(
-                verdict,
-                model,
-                rule,
-                reason,
-                decision_id,
-                decision_id,
-                estimate,
-                committed,
-                remaining,
-                version,
-                budget_nano_usd=config.max_session_nano_usd,
-            )
+            return answer.replayed(outcome.memo, spend)
         if outcome.status is ReserveStatus.BLOCKED:
             assert outcome.blocked_by is not None
             if cacheable and outcome.blocked_by is Rule.SESSION_BUDGET:
                 assert self._deny is not None and cap is not None
-                self._deny.remember(call.tenant, call.session_id, committed, cap, now_ms)
-            return self._blocked(
-                call,
-                config,
-                version,
-                decision_id,
-                outcome.blocked_by,
-                estimate,
-                _block_reason(outcome.blocked_by, config, outcome, call),
-                committed,
-                frozenset(shadow),
-            )
-        if shadow and rule is None:
-            reason = "allowed; shadow mode: " + ", ".join(r.key for r in sorted(shadow)) + " fired"
-        return Decision(
-            verdict,
-            model,
+                committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
+                self._deny.remember(
+                    call.tenant, call.session_id, committed, cap, now_ms, outcome.reserved_nano_usd
+                )
+            return self._blocked_by_store(answer, outcome.blocked_by, spend, draft, outcome.tool_calls)
+        return answer.allowed(draft, spend)
+
+    @staticmethod
+    def _blocked_by_store(
+        answer: _Answer, rule: Rule, spend: _Spend, draft: Draft, tool_calls: int = 0
+    ) -> Decision:
+        """A block by a stateful rule, with its unit's reason for what the store (or deny cache) saw."""
+        unit = unit_for(rule)
+        assert isinstance(unit, StatefulRule)
+        view = StoreView(
+            spend.settled_nano_usd,
+            spend.reserved_nano_usd,
+            tool_calls,
+            answer.call.tool_call_count,
+            draft.estimate_nano_usd,
+        )
+        return answer.blocked(
             rule,
-            reason,
-            decision_id,
-            decision_id,
-            estimate,
-            committed,
-            remaining,
-            version,
-            frozenset(shadow),
-            config.max_session_nano_usd,
+            unit.block_reason(answer.config, view),
+            draft.estimate_nano_usd,
+            spend,
+            unblocks_on_settle=unit.unblocks_on_settle(answer.config, view),
         )
 
     def _reserve_request(
         self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str, now_ms: int
     ) -> ReserveRequest:
+        """The atomic step's request: the session's bookkeeping and each stateful rule's arguments."""
         t = self._timings
-        dedup = tools = budget = None
-        if config.dedup_ttl_seconds is not None:
-            dedup = DedupCheck(
-                call.fingerprint.hex(),
-                config.dedup_ttl_seconds * 1000,
-                config.is_shadow(Rule.DUPLICATE_REQUEST),
-            )
-        if config.max_tool_calls is not None:
-            tools = ToolCheck(config.max_tool_calls, config.is_shadow(Rule.TOOL_CALL_LIMIT))
-        if config.max_session_nano_usd is not None:
-            budget = BudgetCheck(
-                config.max_session_nano_usd,
-                config.budget_mode is BudgetMode.STRICT,
-                config.is_shadow(Rule.SESSION_BUDGET),
-            )
+        checks: dict[str, Any] = {}
+        for unit in STATEFUL_RULES:
+            checks.update(unit.store_args(config, call))
         return ReserveRequest(
             session=SessionKey(call.tenant, call.session_id),
             now_ms=now_ms,
@@ -356,38 +458,9 @@ class DecisionEngine:
             reservation_ttl_ms=t.reservation_ttl_ms,
             session_ttl_ms=t.session_ttl_ms,
             tool_call_count=call.tool_call_count,
-            dedup=dedup,
-            tools=tools,
-            budget=budget,
             request_id=call.request_id,
             memo=memo,
-        )
-
-    def _blocked(
-        self,
-        call: Call,
-        config: EnforcementConfig,
-        version: int,
-        decision_id: str,
-        rule: Rule,
-        estimate: int,
-        reason: str,
-        committed: int | None = None,
-        shadow: frozenset[Rule] = frozenset(),
-    ) -> Decision:
-        return Decision(
-            Verdict.BLOCK,
-            call.model,
-            rule,
-            reason,
-            decision_id,
-            "",
-            estimate,
-            committed or 0,
-            None if committed is None else _remaining(config, committed),
-            version,
-            shadow,
-            config.max_session_nano_usd,
+            **checks,
         )
 
     async def settle(self, settle: SettleCall) -> Settlement:
@@ -410,6 +483,9 @@ class DecisionEngine:
                 cost_nano_usd=cost,
                 settled_ttl_ms=t.settled_ttl_ms,
                 session_ttl_ms=t.session_ttl_ms,
+                # A refused call never reached the provider: its identical retry must not be
+                # blocked as a duplicate of it.
+                release_dedup=not settle.provider_ok,
             )
         )
         if outcome.status is SettleStatus.UNKNOWN:
@@ -448,43 +524,27 @@ def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
     )
 
 
+def request_digest(call: Call) -> str:
+    """A digest of what a Decide asks (not of who asks it or when), stored with its decision.
+
+    Two calls with the same request id must be the same request: same model, token
+    counts, fingerprint, tool calls, project and client config.
+    """
+    client_config = None if call.client_config is None else config_to_dict(call.client_config)
+    content = [
+        call.model,
+        call.input_tokens,
+        call.max_output_tokens,
+        call.fingerprint.hex(),
+        call.tool_call_count,
+        call.project,
+        client_config,
+    ]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 def _remaining(config: EnforcementConfig, committed: int) -> int | None:
     if config.max_session_nano_usd is None:
         return None
     return max(0, config.max_session_nano_usd - committed)
-
-
-def _block_reason(rule: Rule, config: EnforcementConfig, outcome: ReserveOutcome, call: Call) -> str:
-    if rule is Rule.DUPLICATE_REQUEST:
-        return (
-            "an identical request was admitted in this session within "
-            f"dedup_ttl_seconds {config.dedup_ttl_seconds}"
-        )
-    if rule is Rule.TOOL_CALL_LIMIT:
-        return (
-            f"tool calls would reach {outcome.tool_calls + call.tool_call_count}, "
-            f"above max_tool_calls {config.max_tool_calls}"
-        )
-    cap = config.max_session_nano_usd or 0
-    committed = outcome.spent_nano_usd + outcome.reserved_nano_usd
-    if config.budget_mode is BudgetMode.STRICT:
-        return (
-            f"session spend {format_usd(committed)} plus this call's estimate would exceed "
-            f"max_session_usd {format_usd(cap)} (strict mode); start a new session id"
-        )
-    return (
-        f"session spend {format_usd(committed)} has reached max_session_usd {format_usd(cap)}; "
-        "start a new session id"
-    )
-
-
-def _memo(
-    decision_id: str, verdict: Verdict, model: str, rule: Rule | None, estimate: int, reason: str
-) -> str:
-    # What a retried request id must get back unchanged.
-    return json.dumps([decision_id, int(verdict), model, int(rule or 0), estimate, reason])
-
-
-def _unmemo(memo: str) -> tuple[str, Verdict, str, Rule | None, int, str]:
-    decision_id, verdict, model, rule, estimate, reason = json.loads(memo)
-    return decision_id, Verdict(verdict), model, Rule(rule) if rule else None, estimate, reason

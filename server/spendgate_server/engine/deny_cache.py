@@ -7,6 +7,10 @@ session stays blocked until its spend goes down, which only a Settle below its
 estimate can do, so serving the block from memory can never allow what the store
 would block. It can over-block, for at most ``ttl_ms``, after a Settle on another
 server frees budget; a Settle through this server forgets the session at once.
+
+The entry keeps the store's split of the spend (settled, and reserved by calls in
+flight), so a block served from memory says the same as the store's: whether the
+settled spend alone reached the cap, or waiting for settles can lift it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ class DenyEntry:
     until_ms: int
     committed_nano_usd: int
     cap_nano_usd: int
+    # The part of committed_nano_usd held by open reservations (the rest is settled).
+    reserved_nano_usd: int = 0
+
+    @property
+    def settled_nano_usd(self) -> int:
+        """What settled (or expired) calls cost."""
+        return self.committed_nano_usd - self.reserved_nano_usd
 
 
 class DenyCache:
@@ -47,13 +58,18 @@ class DenyCache:
             return None
         return entry
 
-    def remember(self, tenant: str, session_id: str, committed: int, cap: int, now_ms: int) -> None:
-        """Note that the store blocked this session's budget (crossing mode, enforced)."""
+    def remember(
+        self, tenant: str, session_id: str, committed: int, cap: int, now_ms: int, reserved: int = 0
+    ) -> None:
+        """Note that the store blocked this session's budget (crossing mode, enforced).
+
+        ``committed`` is settled plus ``reserved`` nano-USD, as the store reported them.
+        """
         if self.ttl_ms <= 0:
             return
         if len(self._entries) >= self._max_entries:
             self._entries.clear()  # cheap, and only costs a few store round trips
-        self._entries[(tenant, session_id)] = DenyEntry(now_ms + self.ttl_ms, committed, cap)
+        self._entries[(tenant, session_id)] = DenyEntry(now_ms + self.ttl_ms, committed, cap, reserved)
 
     def forget(self, tenant: str, session_id: str) -> None:
         """A settle may have freed budget: ask the store next time."""

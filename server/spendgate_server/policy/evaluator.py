@@ -328,7 +328,12 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         next_metrics = 0.0
         failures = 0
+        task = asyncio.current_task()
         while not self._stopping:
+            if task is not None and task.cancelling():
+                # A cancellation can be swallowed inside a Redis call (redis-py, asyncio.timeout);
+                # looping on kept a server that failed a start-up check from ever exiting.
+                raise asyncio.CancelledError
             try:
                 done = await self.run_once()
                 if loop.time() >= next_metrics:

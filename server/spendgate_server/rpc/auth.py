@@ -22,7 +22,7 @@ import structlog
 from prometheus_client import Counter
 
 from spendgate_server.errors import ConfigError, SpendgateError
-from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, parse_key
+from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, key_problem, parse_key
 
 __all__ = [
     "DEV_PRINCIPAL",
@@ -145,14 +145,23 @@ class Authenticator:
         presented = ""
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str):
-                presented = value.removeprefix("Bearer ").strip()
-        parsed = parse_key(presented) if presented else None
+                scheme, _, rest = value.strip().partition(" ")
+                # The auth scheme is case-insensitive (RFC 9110 section 11.1).
+                presented = rest.strip() if scheme.lower() == "bearer" else value.strip()
+        if not presented:
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing",
+                "",
+                "this server requires an API key: send it as 'authorization: Bearer sgk_…'",
+            )
+        parsed = parse_key(presented)
         if parsed is None:
             raise self._refuse(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing" if not presented else "malformed",
+                "malformed",
                 "",
-                "an API key is required: metadata 'authorization: Bearer sgk_…'",
+                f"the API key is malformed: {key_problem(presented)}",
             )
         key_id, secret = parsed
         record = self._keys.get(key_id)

@@ -31,9 +31,11 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
-# The message and the BadRequest both travel in trailers, which clients refuse past 16 KiB
-# (grpc's default metadata limit): each is kept under this many bytes.
-MAX_ERROR_TEXT_BYTES = 4 * 1024
+# The message and the BadRequest both travel in trailers. grpc clients start refusing
+# metadata past 8 KiB (the soft limit of grpc.max_metadata_size; some calls between 8 and
+# 16 KiB are refused at random), and the BadRequest goes base64-encoded: each is kept
+# under this many bytes so that both, encoded, stay well inside 8 KiB.
+MAX_ERROR_TEXT_BYTES = 2 * 1024
 
 
 def _bounded(exc: InvalidArgument) -> InvalidArgument:

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import policy_pb2 as ppb
 
-from spendgate_server.engine.config import (
-    MAX_DEDUP_TTL_SECONDS,
-    MAX_SESSION_NANO_USD,
-    MAX_TOKEN_CEILING,
-    MAX_TOOL_CALLS,
-    BudgetMode,
-    EnforcementConfig,
-    ModelDowngrade,
-    Rule,
-)
+from spendgate_server.engine.config import EnforcementConfig, Rule
 from spendgate_server.engine.decide import Call, SettleCall
 from spendgate_server.engine.price_units import ANCESTORS, REGISTRY, USAGE_KEYS
 from spendgate_server.engine.pricing import Usage
+from spendgate_server.engine.rules import RULE_UNITS
 from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.policy.journal import CallContext
 from spendgate_server.policy.policies import BannedPattern, KeyRule, Policies, check_policies
@@ -105,6 +98,9 @@ class _Checker:
         if not 1 <= len(value) <= 128 or not _NAME.fullmatch(value):
             self.bad(field, f"must be {bound or BOUNDS['session_id']}")
 
+    def model_name(self, field: str, value: str) -> None:
+        self.name(field, value, bound=BOUNDS["model"])
+
     def integer(self, field: str, value: int, low: int, high: int) -> None:
         if not low <= value <= high:
             self.bad(field, f"must be between {low} and {high}, got {value}")
@@ -121,37 +117,12 @@ class _Checker:
 def config_from_proto(
     config: pb.EnforcementConfig, check: _Checker | None = None, prefix: str = "enforcement_config."
 ) -> EnforcementConfig:
-    """Validate a wire EnforcementConfig into the domain form."""
+    """Validate a wire EnforcementConfig into the domain form (each rule's unit checks its fields)."""
     own = check is None
     c = check or _Checker()
-
-    def opt(field: str, low: int, high: int) -> int | None:
-        if not config.HasField(field):  # type: ignore[arg-type]  # field names are checked by tests
-            return None
-        value: int = getattr(config, field)
-        c.integer(prefix + field, value, low, high)
-        return value
-
-    ceiling = opt("token_ceiling", 1, MAX_TOKEN_CEILING)
-    budget = opt("max_session_nano_usd", 0, MAX_SESSION_NANO_USD)
-    dedup = opt("dedup_ttl_seconds", 1, MAX_DEDUP_TTL_SECONDS)
-    tools = opt("max_tool_calls", 0, MAX_TOOL_CALLS)
-    mode = BudgetMode.CROSSING
-    if config.budget_mode == pb.BUDGET_MODE_STRICT:
-        mode = BudgetMode.STRICT
-    elif config.budget_mode not in (pb.BUDGET_MODE_UNSPECIFIED, pb.BUDGET_MODE_CROSSING):
-        c.bad(prefix + "budget_mode", f"unknown BudgetMode value {config.budget_mode}")
-    downgrade = None
-    if config.HasField("model_downgrade"):
-        d = config.model_downgrade
-        c.integer(
-            prefix + "model_downgrade.threshold_nano_usd",
-            d.threshold_nano_usd,
-            0,
-            MAX_SESSION_NANO_USD,
-        )
-        c.name(prefix + "model_downgrade.fallback_model", d.fallback_model, bound=BOUNDS["model"])
-        downgrade = ModelDowngrade(d.threshold_nano_usd, d.fallback_model)
+    fields: dict[str, Any] = {}
+    for unit in RULE_UNITS:
+        fields.update(unit.from_wire(config, c, prefix))
     shadow: set[Rule] = set(Rule) if config.shadow else set()
     for i, value in enumerate(config.shadow_rules):
         if value in Rule._value2member_map_:
@@ -160,7 +131,7 @@ def config_from_proto(
             c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
     if own:
         c.raise_if_any()
-    return EnforcementConfig(ceiling, budget, mode, dedup, tools, downgrade, frozenset(shadow))
+    return EnforcementConfig(**fields, shadow_rules=frozenset(shadow))
 
 
 def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from spendgate.v1 import decision_pb2 as pb
 
-from spendgate_server.engine.config import BudgetMode, EnforcementConfig
+from spendgate_server.engine.config import EnforcementConfig
 from spendgate_server.engine.decide import Decision
+from spendgate_server.engine.rules import RULE_UNITS
 
 __all__ = ["config_to_proto", "decision_to_proto"]
 
@@ -24,6 +27,9 @@ def decision_to_proto(d: Decision) -> pb.DecideResponse:
         config_version=d.config_version,
         would_block=d.would_block,
         shadow_rules=sorted(int(r) for r in d.shadow_rules),  # type: ignore[misc]
+        settled_spend_nano_usd=d.settled_spend_nano_usd,
+        reserved_nano_usd=d.reserved_nano_usd,
+        unblocks_on_settle=d.unblocks_on_settle,
     )
     if d.remaining_budget_nano_usd is not None:
         response.remaining_budget_nano_usd = d.remaining_budget_nano_usd
@@ -31,22 +37,9 @@ def decision_to_proto(d: Decision) -> pb.DecideResponse:
 
 
 def config_to_proto(config: EnforcementConfig) -> pb.EnforcementConfig:
-    """Wire form of an EnforcementConfig."""
-    message = pb.EnforcementConfig(
-        budget_mode=pb.BUDGET_MODE_STRICT
-        if config.budget_mode is BudgetMode.STRICT
-        else pb.BUDGET_MODE_CROSSING,
-        shadow_rules=sorted(int(r) for r in config.shadow_rules),  # type: ignore[misc]
-    )
-    if config.token_ceiling is not None:
-        message.token_ceiling = config.token_ceiling
-    if config.max_session_nano_usd is not None:
-        message.max_session_nano_usd = config.max_session_nano_usd
-    if config.dedup_ttl_seconds is not None:
-        message.dedup_ttl_seconds = config.dedup_ttl_seconds
-    if config.max_tool_calls is not None:
-        message.max_tool_calls = config.max_tool_calls
-    if config.model_downgrade is not None:
-        message.model_downgrade.threshold_nano_usd = config.model_downgrade.threshold_nano_usd
-        message.model_downgrade.fallback_model = config.model_downgrade.fallback_model
-    return message
+    """Wire form of an EnforcementConfig (each rule's unit gives its fields)."""
+    fields: dict[str, Any] = {}
+    for unit in RULE_UNITS:
+        fields.update(unit.to_wire(config))
+    shadow = sorted(int(r) for r in config.shadow_rules)
+    return pb.EnforcementConfig(shadow_rules=shadow, **fields)  # type: ignore[arg-type]  # Rule values are the wire codes

@@ -116,6 +116,10 @@ class SettleRequest:
     # How long a settled id is remembered, so a repeated Settle is recognised.
     settled_ttl_ms: int
     session_ttl_ms: int
+    # The provider refused the call: also remove the dedup mark its admission set (if
+    # it is still that admission's), in the same atomic step, so an identical retry
+    # is not blocked as a duplicate of a call that never ran.
+    release_dedup: bool = False
 
 
 class SettleStatus(enum.IntEnum):
@@ -171,7 +175,8 @@ class Store(ABC):
         """Replace a reservation by its actual cost; a repeated settle changes nothing.
 
         A reservation that already expired (counted at its estimate) is corrected to
-        the actual cost.
+        the actual cost. With ``release_dedup`` the dedup mark the reservation's
+        admission set is removed too, unless a later admission has renewed it.
         """
 
     @abstractmethod

@@ -1,7 +1,7 @@
 """Per-tenant append-only logs with consumer groups: the journal and the violations feed.
 
 A log is named (``journal``, ``violations``) and split per tenant, each part one
-Redis Stream under its own hash tag (``sg:{journal:<tenant>}``), so every step
+Redis Stream under its own hash tag (``sg:log:{journal:<tenant>}``), so every step
 touches one slot and Redis Cluster works. Entries carry a caller-chosen unique id
 (``uid``): appending a uid already seen within ``unique_ttl_ms`` adds nothing,
 which makes a retried append harmless. Positions (``entry_id``) are Redis stream

@@ -40,6 +40,8 @@ class _Session:
     settled: dict[str, int] = field(default_factory=dict)  # id -> cost counted
     memos: dict[str, str] = field(default_factory=dict)  # request id -> memo
     dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
+    # reservation id -> (fingerprint, due ms) of the dedup mark its admission set
+    marks: dict[str, tuple[str, int]] = field(default_factory=dict)
     # (due ms, kind, key): a lazy timer wheel like the Redis expiry zset.
     due: list[tuple[int, str, str]] = field(default_factory=list)
     idle_until_ms: int = 0
@@ -64,6 +66,7 @@ class _Session:
                     del self.dedup_until[key]
             elif kind == "x":
                 self.expired.pop(key, None)
+                self.marks.pop(key, None)
             elif kind == "d":
                 self.settled.pop(key, None)
             else:
@@ -134,6 +137,7 @@ class MemoryStore(Store):
         if dedup is not None:
             s.dedup_until[dedup.fingerprint] = now + dedup.ttl_ms
             s.schedule(now + dedup.ttl_ms, "f", dedup.fingerprint)
+            s.marks[rid] = (dedup.fingerprint, now + dedup.ttl_ms)
         if request.request_id:
             s.memos[request.request_id] = request.memo
             s.schedule(now + request.reservation_ttl_ms, "q", request.request_id)
@@ -154,6 +158,10 @@ class MemoryStore(Store):
             s.spent += cost - s.expired.pop(rid)
         else:
             return SettleOutcome(SettleStatus.UNKNOWN, 0, s.spent, s.reserved)
+        mark = s.marks.pop(rid, None)
+        # Only the mark this admission set: a later admission of the same request renewed it.
+        if request.release_dedup and mark is not None and s.dedup_until.get(mark[0]) == mark[1]:
+            del s.dedup_until[mark[0]]
         s.settled[rid] = cost
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms

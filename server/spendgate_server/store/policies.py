@@ -2,7 +2,7 @@
 
 Policies are stored exactly like remote configs (store/configs.py): the same
 compare-and-set, version counter, history and change notices, in a config store
-of their own (``sg:pol:{cfg:<tenant>}`` in Redis). So one tested mechanism serves
+of their own (``sg:pol:{<tenant>}`` in Redis). So one tested mechanism serves
 both, and the two never share a version counter. In Redis both publish on the
 config channel; a policy write makes servers reload that tenant's config once
 (and the reverse), which is cheap and rare.
@@ -19,10 +19,11 @@ from spendgate_server.store.configs import (
     MemoryConfigStore,
     StoredConfig,
 )
+from spendgate_server.store.keyspace import POLICIES_PREFIX
 
 __all__ = ["POLICY_KEY_PREFIX", "PolicyConflict", "PolicyStore", "StoredPolicies"]
 
-POLICY_KEY_PREFIX = "sg:pol"
+POLICY_KEY_PREFIX = POLICIES_PREFIX
 
 
 class PolicyConflict(ConfigConflict):

@@ -1,6 +1,6 @@
 """Redis store: each atomic step is one Lua script, so one round trip per Decide or Settle.
 
-Keys of a session share the hash tag ``{tenant:session}`` (see lua/_session.lua),
+Keys of a session share the hash tag ``{tenant:session}`` (store/keyspace.py),
 which keeps every script single-slot, so the same scripts run on one Redis or on a
 Redis Cluster (``redis+cluster://`` URLs, see :func:`connect`).
 
@@ -12,9 +12,11 @@ mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -37,6 +39,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.rule_codes import Rule
+from spendgate_server.store import keyspace
 from spendgate_server.store.base import (
     ReserveOutcome,
     ReserveRequest,
@@ -51,7 +54,20 @@ from spendgate_server.store.base import (
 )
 from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 
-__all__ = ["CLUSTER_SCHEMES", "RedisClient", "RedisStore", "connect", "load_script", "redis_call"]
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "DECIDE",
+    "SCRIPTS",
+    "SETTLE",
+    "STATE",
+    "RedisClient",
+    "RedisStore",
+    "ScriptSignature",
+    "connect",
+    "decide_args",
+    "load_script",
+    "redis_call",
+]
 
 RedisClient = aioredis.Redis | RedisCluster
 """A single Redis (or a proxy speaking its protocol) or a Redis Cluster."""
@@ -72,24 +88,105 @@ def load_script(name: str) -> str:
 
 
 def session_keys(session: SessionKey, prefix: str) -> list[str]:
-    """The two keys of a session, under one hash tag."""
-    tag = f"{prefix}:{{{session.tenant}:{session.session_id}}}"
-    return [tag, tag + ":exp"]
+    """The two keys of a session under namespace ``prefix``, one hash tag (store/keyspace.py)."""
+    return keyspace.session_keys(session.tenant, session.session_id, prefix)
 
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 async def redis_call(awaitable: Awaitable[_T]) -> _T:
-    """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status)."""
+    """Await a redis-py call; any Redis failure becomes StoreUnavailable (the outage status).
+
+    A cancelled call stays a cancellation: redis-py reports a read cut short by
+    cancellation as a timeout, and a background loop that retries on StoreUnavailable
+    would then never end (a server failing a start-up check hung instead of exiting).
+    """
     try:
         return await awaitable
     except RedisError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from exc
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptSignature(Generic[_R]):
+    """A Lua script's KEYS, ARGV and reply, in the order its header lists them.
+
+    The ARGV are built from ``argv`` alone, so they cannot drift from each other;
+    tests/store/test_scripts.py checks that the script's header and its
+    ``local ... = unpack(ARGV)`` line name the same values in the same order.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    argv: tuple[tuple[str, Callable[[_R], object]], ...]
+    reply: tuple[str, ...]
+
+    def args(self, request: _R) -> list[object]:
+        """The script's ARGV for ``request``."""
+        return [value(request) for _, value in self.argv]
+
+
+DECIDE: ScriptSignature[ReserveRequest] = ScriptSignature(
+    "decide",
+    keys=("hkey", "zkey"),
+    argv=(
+        ("now_ms", lambda r: r.now_ms),
+        ("reservation_id", lambda r: r.reservation_id),
+        ("estimate_nano_usd", lambda r: r.estimate_nano_usd),
+        ("reservation_ttl_ms", lambda r: r.reservation_ttl_ms),
+        ("session_ttl_ms", lambda r: r.session_ttl_ms),
+        ("request_id", lambda r: r.request_id),
+        ("memo", lambda r: r.memo),
+        ("fingerprint", lambda r: r.dedup.fingerprint if r.dedup else ""),
+        ("dedup_ttl_ms", lambda r: r.dedup.ttl_ms if r.dedup else 0),
+        ("dedup_shadow", lambda r: _flag(r.dedup is not None and r.dedup.shadow)),
+        ("tool_call_count", lambda r: r.tool_call_count),
+        ("tool_cap", lambda r: r.tools.cap if r.tools else -1),
+        ("tool_shadow", lambda r: _flag(r.tools is not None and r.tools.shadow)),
+        ("budget_cap_nano_usd", lambda r: r.budget.cap_nano_usd if r.budget else -1),
+        ("budget_strict", lambda r: _flag(r.budget is not None and r.budget.strict)),
+        ("budget_shadow", lambda r: _flag(r.budget is not None and r.budget.shadow)),
+    ),
+    reply=("status", "spent", "reserved", "tools", "blocked_rule", "shadow_mask", "memo"),
+)
+
+SETTLE: ScriptSignature[SettleRequest] = ScriptSignature(
+    "settle",
+    keys=("hkey", "zkey"),
+    argv=(
+        ("now_ms", lambda r: r.now_ms),
+        ("reservation_id", lambda r: r.reservation_id),
+        ("cost_nano_usd", lambda r: r.cost_nano_usd),
+        ("settled_ttl_ms", lambda r: r.settled_ttl_ms),
+        ("session_ttl_ms", lambda r: r.session_ttl_ms),
+        ("release_dedup", lambda r: _flag(r.release_dedup)),
+    ),
+    reply=("status", "cost", "spent", "reserved"),
+)
+
+STATE: ScriptSignature[tuple[int, int]] = ScriptSignature(
+    "state",
+    keys=("hkey", "zkey"),
+    argv=(("now_ms", lambda r: r[0]), ("session_ttl_ms", lambda r: r[1])),
+    reply=("spent", "reserved", "tools", "open_reservations"),
+)
+
+SCRIPTS = (DECIDE, SETTLE, STATE)
+"""The session scripts; each runs on the two keys of one session."""
+
+
+def decide_args(request: ReserveRequest) -> list[object]:
+    """The ARGV of decide.lua for ``request``."""
+    return DECIDE.args(request)
 
 
 def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> RedisClient:
@@ -170,7 +267,7 @@ class RedisStore(Store):
         self._prefix = key_prefix
         # When given, Decide/Settle scripts go over this pipelined connection (pipeline.py).
         self._hot_path = hot_path
-        self._sources = {name: load_script(name) for name in ("decide", "settle", "state")}
+        self._sources = {script.name: load_script(script.name) for script in SCRIPTS}
         # Script objects run EVALSHA and, on NOSCRIPT (a restarted or failed-over
         # Redis has an empty script cache), load the script and run it again.
         self._decide = client.register_script(self._sources["decide"])
@@ -226,29 +323,7 @@ class RedisStore(Store):
         return reply
 
     async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
-        dedup, tools, budget = request.dedup, request.tools, request.budget
-        reply = await self._run(
-            self._decide,
-            request.session,
-            [
-                request.now_ms,
-                request.reservation_id,
-                request.estimate_nano_usd,
-                request.reservation_ttl_ms,
-                request.session_ttl_ms,
-                request.request_id,
-                request.memo,
-                dedup.fingerprint if dedup else "",
-                dedup.ttl_ms if dedup else 0,
-                _flag(dedup is not None and dedup.shadow),
-                request.tool_call_count,
-                tools.cap if tools else -1,
-                _flag(tools is not None and tools.shadow),
-                budget.cap_nano_usd if budget else -1,
-                _flag(budget is not None and budget.strict),
-                _flag(budget is not None and budget.shadow),
-            ],
-        )
+        reply = await self._run(self._decide, request.session, DECIDE.args(request))
         status, spent, reserved, tool_calls, rule, mask, memo = reply
         return ReserveOutcome(
             status=ReserveStatus(status),
@@ -261,21 +336,12 @@ class RedisStore(Store):
         )
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
-        status, cost, spent, reserved = await self._run(
-            self._settle,
-            request.session,
-            [
-                request.now_ms,
-                request.reservation_id,
-                request.cost_nano_usd,
-                request.settled_ttl_ms,
-                request.session_ttl_ms,
-            ],
-        )
+        status, cost, spent, reserved = await self._run(self._settle, request.session, SETTLE.args(request))
         return SettleOutcome(SettleStatus(status), cost, spent, reserved)
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
-        spent, reserved, tools, open_count = await self._run(self._state, session, [now_ms, session_ttl_ms])
+        reply = await self._run(self._state, session, STATE.args((now_ms, session_ttl_ms)))
+        spent, reserved, tools, open_count = reply
         return SessionState(spent, reserved, tools, open_count)
 
     async def ping(self) -> None:

@@ -1,4 +1,4 @@
-"""Configs in Redis: one hash per tenant (hash tag ``{cfg:tenant}``), changes on pub/sub."""
+"""Configs in Redis: one hash per tenant (``sg:cfg:{tenant}``, store/keyspace.py), changes on pub/sub."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from spendgate_server.store.configs import (
     ConfigStore,
     StoredConfig,
 )
+from spendgate_server.store.keyspace import CONFIGS_PREFIX, config_history_key, config_key
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["CHANGES_CHANNEL", "RedisConfigStore"]
@@ -27,7 +28,7 @@ _RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0)
 class RedisConfigStore(ConfigStore):
     """Shared configs; every server sees a write within the pub/sub delay, or the poll interval."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = CONFIGS_PREFIX) -> None:
         self._client = client
         self._prefix = key_prefix
         # Stand-alone script: it needs none of the session helpers that load_script prepends.
@@ -41,7 +42,8 @@ class RedisConfigStore(ConfigStore):
         return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=8))
 
     def _hash(self, tenant: str) -> str:
-        return f"{self._prefix}:{{cfg:{tenant}}}"
+        # key_prefix is the record kind's prefix: CONFIGS_PREFIX, or POLICIES_PREFIX for policies.
+        return config_key(self._prefix, tenant)
 
     async def get(self, tenant: str, project: str) -> StoredConfig | None:
         record = await redis_call(self._client.hget(self._hash(tenant), f"p:{project}"))
@@ -53,7 +55,7 @@ class RedisConfigStore(ConfigStore):
         hkey = self._hash(tenant)
         written, value = await redis_call(
             self._put(
-                keys=[hkey, f"{hkey}:h:{project}"],
+                keys=[hkey, config_history_key(self._prefix, tenant, project)],
                 args=[project, etag, config_json, actor, now_ms, HISTORY_LENGTH, CHANGES_CHANNEL, tenant],
             )
         )
@@ -62,7 +64,9 @@ class RedisConfigStore(ConfigStore):
         return StoredConfig(project, config_json, int(value), actor, now_ms)
 
     async def history(self, tenant: str, project: str) -> list[StoredConfig]:
-        records = await redis_call(self._client.lrange(f"{self._hash(tenant)}:h:{project}", 0, -1))
+        records = await redis_call(
+            self._client.lrange(config_history_key(self._prefix, tenant, project), 0, -1)
+        )
         return [StoredConfig.from_record(r) for r in records]
 
     async def versions(self, tenants: list[str]) -> dict[str, int]:

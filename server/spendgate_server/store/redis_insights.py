@@ -1,4 +1,4 @@
-"""Session insights in Redis: per tenant, under one hash tag ``{ins:tenant}`` so each flush is one slot."""
+"""Session insights in Redis: per tenant, under one hash tag ``sg:ins:{tenant}`` so each flush is one slot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from spendgate_server.store.insights import (
     SessionSummary,
     SpendPoint,
 )
+from spendgate_server.store.keyspace import insights_key
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["RedisInsightsStore"]
@@ -37,7 +38,7 @@ class RedisInsightsStore(InsightsStore):
         return cls(connect(url, timeout_seconds=timeout_seconds, max_connections=4))
 
     def _key(self, tenant: str, *parts: str) -> str:
-        return ":".join((f"{self._prefix}:{{ins:{tenant}}}", *parts))
+        return insights_key(tenant, *parts, namespace=self._prefix)
 
     async def record(self, tenant: str, deltas: dict[str, SessionDelta], now_ms: int) -> None:
         pipe = self._client.pipeline(transaction=False)

@@ -1,9 +1,9 @@
 """Logs in Redis Streams: one stream per (log, tenant) under its own hash tag.
 
-Keys: ``sg:{<log>:<tenant>}`` (the stream) and ``sg:{<log>:<tenant>}:u:<uid>`` (one
-marker per unique id, expiring) share a hash tag, so the append script is
-single-slot. ``sg:<log>:tenants`` (a set, its own slot) lists the tenants, written
-once per tenant per process after its first append.
+Keys (store/keyspace.py): ``sg:log:{<log>:<tenant>}`` (the stream) and
+``sg:log:{<log>:<tenant>}:u:<uid>`` (one marker per unique id, expiring) share a hash
+tag, so the append script is single-slot. ``sg:logreg:{<log>}`` (a set, its own slot)
+lists the tenants, written once per tenant per process after its first append.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate_server.errors import StoreUnavailable
+from spendgate_server.store.keyspace import log_marker_key, log_registry_key, log_stream_key
 from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
@@ -76,10 +77,10 @@ class RedisLogStore(LogStore):
 
     def stream_key(self, log: str, tenant: str) -> str:
         """The tenant's stream of ``log``."""
-        return f"{self._prefix}:{{{log}:{tenant}}}"
+        return log_stream_key(log, tenant, self._prefix)
 
     def _registry(self, log: str) -> str:
-        return f"{self._prefix}:{log}:tenants"
+        return log_registry_key(log, self._prefix)
 
     async def append(
         self,
@@ -96,7 +97,7 @@ class RedisLogStore(LogStore):
         stream = self.stream_key(log, tenant)
         reply = await redis_call(
             self._append(
-                keys=[stream, *(f"{stream}:u:{uid}" for uid, _ in entries)],
+                keys=[stream, *(log_marker_key(log, tenant, uid, self._prefix) for uid, _ in entries)],
                 args=[max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)],
             )
         )

@@ -5,6 +5,7 @@ See store/session_registry.py for the contract and the key.
 
 from __future__ import annotations
 
+from spendgate_server.store.keyspace import NAMESPACE, live_sessions_key
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 from spendgate_server.store.session_registry import Admission, SessionRegistry
 
@@ -36,7 +37,7 @@ return {1, count}
 class RedisSessionRegistry(SessionRegistry):
     """The fleet's registry: every server admits against the same sorted set per tenant."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = NAMESPACE) -> None:
         self._client = client
         self._prefix = key_prefix
         self._admit = client.register_script(ADMIT_SCRIPT)
@@ -48,7 +49,7 @@ class RedisSessionRegistry(SessionRegistry):
 
     def key(self, tenant: str) -> str:
         """The tenant's sorted set."""
-        return f"{self._prefix}:live-sessions:{{{tenant}}}"
+        return live_sessions_key(tenant, self._prefix)
 
     async def admit(
         self, tenant: str, session_id: str, now_ms: int, expires_ms: int, limit: int

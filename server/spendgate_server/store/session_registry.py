@@ -5,8 +5,8 @@ refresh, the same inactivity bound the session store applies to its state. Two
 implementations pass one contract suite (tests/store/test_session_registry.py):
 :class:`MemorySessionRegistry` (here) and ``RedisSessionRegistry``
 (store/redis_session_registry.py): one sorted set per tenant (session id -> expiry ms)
-at ``sg:live-sessions:{<tenant>}``, outside the ``sg:{...}`` shape of session keys, and
-one slot per tenant, so it works on a cluster.
+at ``sg:live:{<tenant>}`` (store/keyspace.py), one slot per tenant, so it works on a
+cluster.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from spendgate_client._errors import (
     TokenCeilingExceeded,
     ToolCallLimitExceeded,
 )
+from spendgate_client._install import extra_requirement
 from spendgate_client._policy import key_fingerprint
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ def __getattr__(name: str) -> Any:
         if exc.name != sdk:
             raise
         raise ImportError(
-            f"spendgate_client.{name} needs the {sdk} SDK: pip install 'spendgate-client[{sdk}]'"
+            f"spendgate_client.{name} needs the {sdk} SDK (the client's {sdk!r} extra): "
+            f"pip install '{extra_requirement(sdk)}'"
         ) from exc
     value = getattr(loaded, name)
     globals()[name] = value

@@ -8,7 +8,7 @@ journaling is the prompt text sent with Settle (at most
 :data:`MAX_PROMPT_TEXT_BYTES`; when it had to be cut, the client also matches
 locally so that nothing past the cut goes unchecked).
 
-Matching uses RE2 (``pip install 'spendgate-client[re2]'``, the google-re2
+Matching uses RE2 (the ``re2`` extra: ``pip install google-re2``, the google-re2
 package), which runs in time linear in the prompt whatever the pattern. Without
 it the client does **not** fall back to Python's ``re``: a pattern like
 ``(a+)+$`` can take exponential time there and would stall the caller's
@@ -35,6 +35,7 @@ from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import policy_pb2_grpc
 
 from spendgate_client._client import DecisionClient, JournalContext
+from spendgate_client._install import extra_requirement
 
 try:
     import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
@@ -176,8 +177,9 @@ class PatternMatcher:
             self._warn_once(
                 "re2",
                 "spendgate: google-re2 is not installed, so the %d banned patterns are not matched on this "
-                "client and its prompts go unchecked (pip install 'spendgate-client[re2]')",
+                "client and its prompts go unchecked (pip install '%s')",
                 len(response.patterns),
+                extra_requirement("re2"),
             )
         self._patterns = compiled
         self._pattern_count = len(response.patterns)

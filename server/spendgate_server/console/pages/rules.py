@@ -21,7 +21,6 @@ from starlette.routing import Route
 from spendgate_server.console.backend import ConfigView, EditConflict, InvalidInput, RevisionPage
 from spendgate_server.console.diffs import DiffLine, diff
 from spendgate_server.console.rules_form import (
-    BUDGET_MODES,
     RULE_SECTIONS,
     FormErrors,
     errors_from,
@@ -48,12 +47,16 @@ PROJECT_BOUND = "1-64 characters of letters, digits, '.', '_' or '-'"
 # Where the error summary's links lead, and what they call each field.
 FIELD_IDS = {
     **{f.name: f.html_id for s in RULE_SECTIONS for f in s.fields},
-    "budget_mode": "f-budget_mode",
+    **{s.choice.name: f"f-{s.choice.name}" for s in RULE_SECTIONS if s.choice},
     "shadow": RULE_SECTIONS[0].shadow_id,
 }
 FIELD_LABELS = {
     **{f.name: f"{s.title}, {f.label[0].lower()}{f.label[1:]}" for s in RULE_SECTIONS for f in s.fields},
-    "budget_mode": "Session budget mode",
+    **{
+        s.choice.name: f"{s.title}, {s.choice.label[0].lower()}{s.choice.label[1:]}"
+        for s in RULE_SECTIONS
+        if s.choice
+    },
     "shadow": "Shadow mode",
 }
 
@@ -96,7 +99,9 @@ def _editor(
     status_code: int = 200,
 ) -> Response:
     errors = errors or {}
-    order = [f.name for s in RULE_SECTIONS for f in s.fields] + ["budget_mode"]
+    order = [f.name for s in RULE_SECTIONS for f in s.fields] + [
+        s.choice.name for s in RULE_SECTIONS if s.choice
+    ]
     context = {
         "title": f"Rules: project {project}" if project else "Rules: tenant",
         "project": project,
@@ -105,7 +110,6 @@ def _editor(
         "stored": stored,
         "statuses": {s.key: rule_status(stored.rules, s.key) for s in RULE_SECTIONS},
         "sections": RULE_SECTIONS,
-        "budget_modes": BUDGET_MODES,
         "values": values,
         "errors": errors,
         "first_error": next((name for name in order if name in errors), ""),

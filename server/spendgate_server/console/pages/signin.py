@@ -1,11 +1,12 @@
 """Sign-in and sign-out with an admin API key.
 
 The key is checked by the service (an admin-only call that changes nothing), then kept in
-the server-side session map; the browser gets only a random session id. The sign-in form
-has no session yet, so its CSRF token is a double-submit cookie, plus the same origin
-check as every other form. Failed sign-ins slow their client address down
-(console/throttle.py): past a few, the form answers 429 with Retry-After before asking
-the service anything.
+the server-side session map; the browser gets only a random session id. A service without
+any key (open development mode, the ``make run`` default) needs none: the page says so and
+offers to go on. The sign-in form has no session yet, so its CSRF token is a double-submit
+cookie, plus the same origin check as every other form. Failed sign-ins slow their client
+address down (console/throttle.py): past a few, the form answers 429 with Retry-After
+before asking the service anything.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from spendgate_server.console.web import (
     render,
     safe_next,
 )
-from spendgate_server.store.keys import parse_key
+from spendgate_server.store.keys import key_problem, parse_key
 
 __all__ = ["ROUTES"]
 
@@ -47,28 +48,53 @@ def _client_address(request: Request) -> str:
 
 
 def _signin_page(
-    request: Request, *, error: str = "", next_path: str = "", status_code: int = 200
+    request: Request,
+    *,
+    error: str = "",
+    next_path: str = "",
+    status_code: int = 200,
+    open_mode: bool = False,
 ) -> Response:
     console = console_of(request)
     token = new_signin_token()
     notice = next((text for name, text in NOTICES.items() if name in request.query_params), "")
     context = {
-        "title": "Sign in",
+        "title": "Open development mode" if open_mode else "Sign in",
         "csrf_token": token,
         "error": error,
         "notice": notice,
         "next_path": next_path or safe_next(request.query_params.get("next")),
+        "open_mode": open_mode,
     }
     response = render(request, "signin.html", context, status_code=status_code)
     console.set_cookie(response, console.signin_cookie, token)
     return response
 
 
+async def _open_mode(request: Request) -> bool:
+    """Whether the service runs without keys; False when that cannot be told (the form then asks)."""
+    try:
+        return await console_of(request).backend.open_mode()
+    except BackendError as exc:
+        _log.info("console_open_mode_unknown", error=str(exc))
+        return False
+
+
+def _refusal(exc: NotAuthorized, key_id: str) -> str:
+    """Why the service refused a well-formed key, in words."""
+    if exc.wrong_scope:
+        return (
+            f"Key {key_id} is a client key: the console needs an admin key "
+            "(spendgate keys create --scope admin)."
+        )
+    return f"The service refused key {key_id}: {exc}. Check that the key belongs to this deployment."
+
+
 async def signin_form(request: Request) -> Response:
-    """GET /signin: the key form (or on to the pages when already signed in)."""
+    """GET /signin: the key form, or on a service without keys a button to go on (or on to the pages)."""
     if current_session(request) is not None:
         return RedirectResponse(safe_next(request.query_params.get("next")), status_code=303)
-    return _signin_page(request)
+    return _signin_page(request, open_mode=await _open_mode(request))
 
 
 async def signin(request: Request) -> Response:
@@ -89,27 +115,38 @@ async def signin(request: Request) -> Response:
         response.headers["retry-after"] = str(wait)
         return response
     api_key = (form.get("api_key") or [""])[0].strip()
-    if not _KEY_SHAPE.fullmatch(api_key):
+    # A service without keys takes calls with none: going on needs no key (and any key "works").
+    open_mode = await _open_mode(request)
+    error = ""
+    if not api_key:
+        error = "" if open_mode else "Enter an admin API key (sgk_…)."
+    elif not open_mode and (problem := key_problem(api_key)):
+        error = f"That is not a spendgate API key: {problem}."
+    elif not _KEY_SHAPE.fullmatch(api_key):
+        error = "That is not a spendgate API key: it is too long, or not plain text."
+    if error:
         console.throttle.failed(address)
-        return _signin_page(
-            request, error="Enter an admin API key (sgk_…).", next_path=next_path, status_code=422
-        )
+        return _signin_page(request, error=error, next_path=next_path, status_code=422)
     parsed = parse_key(api_key)
     key_id = parsed[0] if parsed else ""
     try:
         await console.backend.verify_admin(api_key)
     except NotAuthorized as exc:
         console.throttle.failed(address)
-        _log.info("console_signin_refused", key_id=key_id or None)
-        return _signin_page(request, error=str(exc), next_path=next_path, status_code=401)
+        _log.info("console_signin_refused", key_id=key_id or None, reason=str(exc))
+        return _signin_page(request, error=_refusal(exc, key_id), next_path=next_path, status_code=401)
     except BackendUnavailable as exc:
-        error = f"spendgate at {console.target} did not answer ({exc}); try again."
+        _log.info("console_signin_unavailable", error=str(exc))
+        error = (
+            f"The console cannot reach spendgate at {console.target} ({exc}). Is the server running, "
+            "and is the console's --target right? Then try again."
+        )
         return _signin_page(request, error=error, next_path=next_path, status_code=503)
     except BackendError as exc:
-        return _signin_page(request, error=str(exc), next_path=next_path, status_code=502)
-    # A malformed key accepted by the service means it runs in open development mode (no keys).
+        error = f"spendgate at {console.target} answered the sign-in with an error: {exc}"
+        return _signin_page(request, error=error, next_path=next_path, status_code=502)
     console.throttle.succeeded(address)
-    label = f"key {key_id}" if key_id else "open development mode"
+    label = "open development mode" if open_mode else f"key {key_id}"
     session = console.sessions.create(api_key, label)
     _log.info("console_signed_in", key_id=key_id or None)
     response = RedirectResponse(next_path, status_code=303)

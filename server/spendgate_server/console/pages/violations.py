@@ -1,5 +1,9 @@
 """Violations: the alerts feed, newest first, filterable, live over server-sent events.
 
+The newest page opens with the last day's violations grouped by policy and what broke it
+(``violation_groups``): counts, sessions and a chart of when, one row per kind, instead of
+a card per violation. Below it, the violations themselves as compact rows.
+
 Without JavaScript the page is a paged list (ListViolations). With it, static/violations.js
 opens ``/violations/stream`` (an EventSource) and puts each new violation at the top. The
 stream relays WatchViolations: every event's id is the violation's cursor, so when the
@@ -35,6 +39,13 @@ from spendgate_server.console.backend import (
     NotAuthorized,
 )
 from spendgate_server.console.sessions import ConsoleSession
+from spendgate_server.console.violation_groups import (
+    WINDOW_HOURS,
+    WINDOW_LIMIT,
+    ViolationSummary,
+    group_of,
+    summarize,
+)
 from spendgate_server.console.web import Console, NavItem, console_of, current_session, page, render
 from spendgate_server.errors import InvalidArgument
 from spendgate_server.policy.violations import PolicyType, Violation, ViolationFilter
@@ -46,6 +57,7 @@ _log = structlog.get_logger("spendgate.console")
 
 NAV = NavItem("Violations", "/violations")
 PAGE_SIZE = 25
+READ_PAGE_SIZE = 500  # the service's largest page: the summary reads its window in a few calls
 # A comment line this often keeps proxies from closing an idle stream and notices a gone browser.
 HEARTBEAT_SECONDS = 15.0
 # The service checks a key when a watch starts: ending each stream after this long (the browser
@@ -121,7 +133,27 @@ def read_filters(params: Mapping[str, str]) -> tuple[Filters, dict[str, list[str
 
 def item_context(filters: Filters) -> dict[str, Any]:
     """What ``_violation.html`` needs besides the violation itself."""
-    return {"type_labels": TYPE_LABELS, "filters": filters, "banned": PolicyType.BANNED_PATTERNS}
+    return {
+        "type_labels": TYPE_LABELS,
+        "filters": filters,
+        "banned": PolicyType.BANNED_PATTERNS,
+        "group_of": group_of,
+    }
+
+
+async def _summary(backend: Backend, api_key: str, where: ViolationFilter, now_ms: int) -> ViolationSummary:
+    """The window's violations (the newest WINDOW_LIMIT of them), grouped."""
+    since_ms = now_ms - WINDOW_HOURS * 3600 * 1000
+    found: list[Violation] = []
+    token = ""
+    while True:
+        page = await backend.list_violations(api_key, where, READ_PAGE_SIZE, token, since_ms=since_ms)
+        found += page.violations
+        token = page.next_page_token
+        if not token or len(found) >= WINDOW_LIMIT:
+            break
+    complete = not token and len(found) <= WINDOW_LIMIT
+    return summarize(found[:WINDOW_LIMIT], since_ms, now_ms, complete=complete)
 
 
 async def _feed_head(backend: Backend, api_key: str) -> str:
@@ -143,6 +175,9 @@ async def show(request: Request, session: ConsoleSession) -> Response:
         "stream_url": "",
         "older_url": "",
         "newest_url": "",
+        "summary": None,
+        "window_hours": WINDOW_HOURS,
+        "window_limit": WINDOW_LIMIT,
         **item_context(filters),
     }
     if errors:
@@ -156,6 +191,8 @@ async def show(request: Request, session: ConsoleSession) -> Response:
         not_found = {"title": "Not found", "message": "No such page of violations."}
         return render(request, "error.html", not_found, status_code=404, session=session)
     if not token:
+        now_ms = console_of(request).wall_clock_ms()
+        context["summary"] = await _summary(backend, session.api_key, filters.where(), now_ms)
         # Live from the newest violation shown: whatever is found from here on arrives by the stream.
         cursor = (
             found.violations[0].cursor if found.violations else await _feed_head(backend, session.api_key)

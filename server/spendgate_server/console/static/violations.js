@@ -4,7 +4,9 @@
 // The server renders each violation (the same markup as the list) and sends it as a
 // server-sent event whose id is the violation's cursor. When the connection drops, the browser
 // reconnects by itself with Last-Event-ID set to the last cursor received, and the server
-// resumes the watch right after it: nothing is missed and nothing is repeated.
+// resumes the watch right after it: nothing is missed and nothing is repeated. Each new
+// violation also counts in its row of the summary (data-group); a kind the summary does not
+// have yet is mentioned, and appears grouped on the next load.
 "use strict";
 
 (function () {
@@ -14,11 +16,31 @@
     return;
   }
   let added = 0;
+  let ungrouped = 0;
   const say = (text) => {
     status.textContent = text;
   };
   const counted = () =>
-    added === 0 ? "" : ` ${added} new since the page opened.`;
+    (added === 0 ? "" : ` ${added} new since the page opened.`) +
+    (ungrouped === 0 ? "" : ` ${ungrouped} of a new kind: reload to see them grouped.`);
+
+  // Count the violation in its summary row, if the summary has one for its kind.
+  const countInGroup = (item) => {
+    const rows = document.querySelectorAll("tr[data-group]");
+    const row = Array.from(rows).find((r) => r.dataset.group === item.dataset.group);
+    const cell = row && row.querySelector(".group-count");
+    if (!cell) {
+      const empty = document.getElementById("summary-empty");
+      if (empty) {
+        empty.textContent = `${added} found since the page opened: reload to see them grouped.`;
+      } else {
+        ungrouped += 1;
+      }
+      return;
+    }
+    cell.textContent = String(Number(cell.textContent) + 1);
+    cell.classList.add("is-new");
+  };
 
   const source = new EventSource(list.dataset.stream);
   say("Connecting to the live feed…");
@@ -42,6 +64,7 @@
       empty.remove();
     }
     added += 1;
+    countInGroup(item);
     say("Live: new violations appear at the top as they are found." + counted());
   });
 

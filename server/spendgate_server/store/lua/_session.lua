@@ -1,14 +1,17 @@
 -- _session.lua: helpers prepended to every script (not a script of its own).
 --
--- A session lives in two keys under one hash tag, so every script is single-slot:
---   KEYS[1] sg:{tenant:session}      HASH  spent, reserved, tools (integers, nano-USD / count)
---                                           r:<id> estimate of an open reservation
---                                           x:<id> estimate of a reservation that expired unsettled
---                                           d:<id> cost counted when <id> was settled
---                                           q:<request_id> memo of an admitted decision
---   KEYS[2] sg:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
---                                           r:<id> reservation expiry, f:<fingerprint> dedup expiry,
---                                           x:/d:/q: records to forget
+-- A session lives in two keys under one hash tag, so every script is single-slot
+-- (store/keyspace.py encodes tenant and session id):
+--   KEYS[1] sg:ses:{tenant:session}      HASH  spent, reserved, tools (integers, nano-USD / count)
+--                                               r:<id> estimate of an open reservation
+--                                               x:<id> estimate of a reservation that expired unsettled
+--                                               d:<id> cost counted when <id> was settled
+--                                               q:<request_id> memo of an admitted decision
+--                                               m:<id> "<due ms>:<fingerprint>" of the dedup mark
+--                                                      <id>'s admission set (until settled or forgotten)
+--   KEYS[2] sg:ses:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
+--                                               r:<id> reservation expiry, f:<fingerprint> dedup expiry,
+--                                               x:/d:/q: records to forget
 -- Times come from the caller (ARGV), never from the Redis clock, so tests need no sleeping.
 
 local MAX_DUE_PER_CALL = 256
@@ -45,6 +48,8 @@ local function expire_due(hkey, zkey, now, forget_ms)
         redis.call('HSET', hkey, 'x:' .. id, estimate)
         redis.call('ZADD', zkey, now + forget_ms, 'x:' .. id)
       end
+    elseif kind == 'x' then
+      redis.call('HDEL', hkey, member, 'm:' .. string.sub(member, 3))
     elseif kind ~= 'f' then
       redis.call('HDEL', hkey, member)
     end

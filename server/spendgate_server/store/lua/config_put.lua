@@ -1,8 +1,9 @@
 -- config_put.lua: compare-and-set write of one tenant's (or project's) config, with history.
--- KEYS[1] sg:{cfg:<tenant>}            HASH  v (tenant-wide version counter),
+-- KEYS[1] sg:cfg:{<tenant>}            HASH  v (tenant-wide version counter),
 --                                             e:<project> version of the current config (its etag),
 --                                             p:<project> current record (JSON)
--- KEYS[2] sg:{cfg:<tenant>}:h:<project> LIST  records, newest first, bounded
+-- KEYS[2] sg:cfg:{<tenant>}:h:<project> LIST  records, newest first, bounded
+--   (ids encoded as in store/keyspace.py; policies use sg:pol: in place of sg:cfg:)
 -- ARGV[1] project ('' = tenant-wide)   ARGV[2] expected etag ('' = must not exist yet)
 -- ARGV[3] config JSON                   ARGV[4] actor   ARGV[5] now_ms
 -- ARGV[6] history length kept           ARGV[7] channel to publish the change on

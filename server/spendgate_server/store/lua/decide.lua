@@ -1,24 +1,36 @@
 -- decide.lua: the one atomic, all-or-nothing stateful step of a Decide.
--- KEYS[1] session hash, KEYS[2] session expiry zset (see _session.lua)
--- ARGV[1]  now_ms                  ARGV[2]  reservation id
--- ARGV[3]  estimate (nano-USD)     ARGV[4]  reservation ttl ms
--- ARGV[5]  session idle ttl ms     ARGV[6]  request id ('' = none)
--- ARGV[7]  memo to replay on a retried request id
--- ARGV[8]  fingerprint ('' = dedup off)   ARGV[9]  dedup ttl ms   ARGV[10] dedup shadow (0|1)
--- ARGV[11] tool calls in this request     ARGV[12] tool cap (-1 = off) ARGV[13] tool shadow (0|1)
--- ARGV[14] budget cap nano-USD (-1 = off) ARGV[15] strict (0|1)      ARGV[16] budget shadow (0|1)
+-- The header is checked against DECIDE in store/redis.py, which builds the ARGV.
+-- KEYS[1] hkey                 the session hash (see _session.lua)
+-- KEYS[2] zkey                 the session's expiry zset
+-- ARGV[1]  now_ms              the caller's clock, Unix ms
+-- ARGV[2]  reservation_id      id of the reservation to record
+-- ARGV[3]  estimate_nano_usd   what the call reserves
+-- ARGV[4]  reservation_ttl_ms  an unsettled reservation counts at its estimate after this
+-- ARGV[5]  session_ttl_ms      idle sessions are forgotten after this
+-- ARGV[6]  request_id          idempotency key ('' = none)
+-- ARGV[7]  memo                what a retried request id replays
+-- ARGV[8]  fingerprint         the request's fingerprint ('' = dedup off)
+-- ARGV[9]  dedup_ttl_ms        how long an admitted fingerprint blocks its duplicates
+-- ARGV[10] dedup_shadow        0|1: dedup only reports
+-- ARGV[11] tool_call_count     tool calls in this request
+-- ARGV[12] tool_cap            max tool calls per session (-1 = off)
+-- ARGV[13] tool_shadow         0|1: the tool limit only reports
+-- ARGV[14] budget_cap_nano_usd the session budget (-1 = off)
+-- ARGV[15] budget_strict       0|1: strict mode (else crossing)
+-- ARGV[16] budget_shadow       0|1: the budget only reports
 -- Reply: {status, spent, reserved, tools, blocked_rule, shadow_mask, memo}
 --   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed)
 --   blocked_rule: 2 session budget, 3 duplicate request, 4 tool-call limit (spendgate.v1.Rule)
 --   shadow_mask: 1 dedup, 2 tools, 4 budget fired in shadow mode
-local hkey, zkey = KEYS[1], KEYS[2]
-local now = num(ARGV[1])
-local id, estimate = ARGV[2], num(ARGV[3])
-local reservation_ttl, session_ttl = num(ARGV[4]), num(ARGV[5])
-local request_id, memo = ARGV[6], ARGV[7]
-local fingerprint, dedup_ttl, dedup_shadow = ARGV[8], num(ARGV[9]), ARGV[10] == '1'
-local tool_count, tool_cap, tool_shadow = num(ARGV[11]), num(ARGV[12]), ARGV[13] == '1'
-local budget_cap, strict, budget_shadow = num(ARGV[14]), ARGV[15] == '1', ARGV[16] == '1'
+local hkey, zkey = unpack(KEYS)
+local now_ms, reservation_id, estimate_nano_usd, reservation_ttl_ms, session_ttl_ms, request_id, memo,
+  fingerprint, dedup_ttl_ms, dedup_shadow, tool_call_count, tool_cap, tool_shadow,
+  budget_cap_nano_usd, budget_strict, budget_shadow = unpack(ARGV)
+local now, id, estimate = num(now_ms), reservation_id, num(estimate_nano_usd)
+local reservation_ttl, session_ttl = num(reservation_ttl_ms), num(session_ttl_ms)
+local dedup_ttl, dedup_shadowed = num(dedup_ttl_ms), dedup_shadow == '1'
+local tool_count, tools_cap, tool_shadowed = num(tool_call_count), num(tool_cap), tool_shadow == '1'
+local budget_cap, strict, budget_shadowed = num(budget_cap_nano_usd), budget_strict == '1', budget_shadow == '1'
 
 expire_due(hkey, zkey, now, session_ttl)
 local spent, reserved, tools = counters(hkey)
@@ -42,12 +54,12 @@ end
 
 if fingerprint ~= '' then
   local until_ms = redis.call('ZSCORE', zkey, 'f:' .. fingerprint)
-  if until_ms and num(until_ms) > now and enforced(1, dedup_shadow) then
+  if until_ms and num(until_ms) > now and enforced(1, dedup_shadowed) then
     return {1, spent, reserved, tools, 3, 0, ''}
   end
 end
 
-if tool_cap >= 0 and tools + tool_count > tool_cap and enforced(2, tool_shadow) then
+if tools_cap >= 0 and tools + tool_count > tools_cap and enforced(2, tool_shadowed) then
   return {1, spent, reserved, tools, 4, 0, ''}
 end
 
@@ -59,7 +71,7 @@ if budget_cap >= 0 then
   else
     over = committed >= budget_cap
   end
-  if over and enforced(4, budget_shadow) then
+  if over and enforced(4, budget_shadowed) then
     return {1, spent, reserved, tools, 2, 0, ''}
   end
 end
@@ -70,7 +82,10 @@ redis.call('ZADD', zkey, now + reservation_ttl, 'r:' .. id)
 reserved = incr(hkey, 'reserved', estimate)
 tools = incr(hkey, 'tools', tool_count)
 if fingerprint ~= '' then
-  redis.call('ZADD', zkey, now + dedup_ttl, 'f:' .. fingerprint)
+  local due = string.format('%.0f', now + dedup_ttl)
+  redis.call('ZADD', zkey, due, 'f:' .. fingerprint)
+  -- So a settle of a refused call can remove this mark (and only this one).
+  redis.call('HSET', hkey, 'm:' .. id, due .. ':' .. fingerprint)
 end
 if request_id ~= '' then
   redis.call('HSET', hkey, 'q:' .. request_id, memo)
