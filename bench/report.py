@@ -114,6 +114,16 @@ def _guarded_lines(document: dict[str, Any]) -> list[str]:
     return guarded_table(g["figures"]).splitlines()
 
 
+def _overload_lines(document: dict[str, Any]) -> list[str]:
+    o = document.get("overload") or {}
+    if o.get("status") != "ok":
+        detail = o.get("note") or o.get("error") or ""
+        return [f"overload: {o.get('status', 'missing')} {detail}".rstrip()]
+    from bench.overload import table as overload_table
+
+    return overload_table(o["figures"], o["keys"]).splitlines()
+
+
 def table(document: dict[str, Any]) -> str:
     """The figures for the terminal: each beside its ratio to the floor."""
     out = [_preamble(document), ""]
@@ -124,6 +134,7 @@ def table(document: dict[str, Any]) -> str:
         header[0] = rpc.capitalize()
         out += [*_format(header, rows), ""]
     out += [*_guarded_lines(document), ""]
+    out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append(_noisy_line(document))
     return "\n".join(out)
@@ -142,6 +153,7 @@ def markdown(document: dict[str, Any]) -> str:
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out.append("")
     out += [*_guarded_lines(document), ""]
+    out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append("")
     out.append(_noisy_line(document))

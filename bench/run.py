@@ -70,6 +70,7 @@ class Target:
     store: str = ""
     workers: int = 1
     variant: str = ""  # levers of bench.variants ("" = the server as it is)
+    flags: tuple[str, ...] = ()  # extra `spendgate serve` flags
 
     @property
     def connections(self) -> int:
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--no-plot", action="store_true", help="skip the PNG")
     a("--no-noisy", action="store_true", help="skip the noisy-neighbour check (bench/noisy.py)")
     a("--no-guarded", action="store_true", help="skip the guarded call (bench/guarded.py)")
+    a("--no-overload", action="store_true", help="skip the 1.5x-capacity run (bench/overload.py)")
     a(
         "--guarded-count",
         type=int,
@@ -243,7 +245,9 @@ class Bench:
 
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
     samples = result.pop("samples_us")
+    error_samples = result.pop("error_samples_us", [])
     figures = {**result, **summarize(samples)}
+    figures["error_latency"] = summarize(error_samples)
     figures["throughput_rps"] = len(samples) / result["elapsed_s"] if result["elapsed_s"] else math.nan
     return figures
 
@@ -402,18 +406,21 @@ def _create_api_key(store_flag: list[str]) -> str:
 
 
 def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
+    """Start ``targets`` (and, the first time, redis-server and the API keys)."""
     procs, args = bench.procs, bench.args
-    bench.redis = procs.start_redis()
-    redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
     config = procs.tmp / "bench-config.yaml"
-    config.write_text(BENCH_CONFIG_YAML)
-    # Authentication on, as in production: one client key per store, sent by the client.
     keys_file = procs.tmp / "keys.json"
-    bench.api_keys = {
-        "redis": _create_api_key(["--redis-url", redis_url]),
-        "memory": _create_api_key(["--keys-file", str(keys_file)]),
-    }
-    bench.log(f"  auth: {'API keys' if all(bench.api_keys.values()) else 'open dev mode (no keys CLI)'}")
+    if bench.redis is None:
+        bench.redis = procs.start_redis()
+        redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
+        config.write_text(BENCH_CONFIG_YAML)
+        # Authentication on, as in production: one client key per store, sent by the client.
+        bench.api_keys = {
+            "redis": _create_api_key(["--redis-url", redis_url]),
+            "memory": _create_api_key(["--keys-file", str(keys_file)]),
+        }
+        bench.log(f"  auth: {'API keys' if all(bench.api_keys.values()) else 'open dev mode (no keys CLI)'}")
+    redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
     for target in targets:
         if target.client == "floor":
             argv = python_module("bench.floor", "--redis-url", redis_url, "--port", "0")
@@ -445,6 +452,7 @@ def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
         ]
         if target.store == "memory" and bench.api_keys["memory"]:
             argv += ["--keys-file", str(keys_file)]
+        argv += target.flags
         bench.servers[target.key] = procs.start_server(
             target.key, argv, port=port, ready_lines=target.workers
         )
@@ -547,6 +555,31 @@ def _guarded(bench: Bench) -> dict[str, Any]:
     return {"status": "ok", "figures": figures}
 
 
+def _overload(bench: Bench, decide: dict[str, Any]) -> dict[str, Any]:
+    args = bench.args
+    if args.no_overload or "redis-w1" not in bench.servers:
+        return {"status": "skipped", "note": "--no-overload or no redis-w1 server"}
+    from bench import overload
+
+    shipped = next(t for t in _targets(args) if t.key == "redis-w1")
+    unbounded = Target(
+        "redis-w1-unbounded", "no admission", "spendgate", "redis", 1, flags=overload.NO_ADMISSION
+    )
+    try:
+        _start_servers(bench, [unbounded])
+        figures = overload.measure(
+            bench,
+            [shipped, unbounded],
+            decide["redis-w1"]["closed"]["throughput_rps"],
+            bench.log,
+            seconds=1.0 if args.quick else 3.0,
+            repeats=1 if args.quick else 2,
+        )
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "figures": figures, "keys": [shipped.key, unbounded.key]}
+
+
 def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float | None) -> dict[str, Any]:
     args = bench.args
     results: dict[str, Any] = {t.key: {} for t in targets}
@@ -633,6 +666,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             settle = _run_rpc(bench, targets, "settle", decide["floor_capacity_rps"])
         log("guarded call")
         guarded_call = _guarded(bench)
+        log("overload")
+        overload_run = _overload(bench, decide)
         server_argv = {k: s.argv for k, s in bench.servers.items()}
         api_keys = bench.api_keys
     log("wrapper overhead")
@@ -654,6 +689,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "settle": settle,
         "settle_ratios": _ratios(settle, targets) if settle else None,
         "guarded_call": guarded_call,
+        "overload": overload_run,
         "wrapper_overhead": wrapper,
         "noisy_neighbour": noisy_neighbour,
         "wall_seconds": time.monotonic() - started,

@@ -210,6 +210,14 @@ LEVERS: dict[str, Lever] = {
         "server channel arg grpc.optimization_target=latency",
         _server_option("grpc.optimization_target", "latency"),
     ),
+    "max_streams_64": Lever(
+        "server channel arg grpc.max_concurrent_streams=64: a connection's excess calls wait in the client",
+        _server_option("grpc.max_concurrent_streams", 64),
+    ),
+    "max_streams_256": Lever(
+        "server channel arg grpc.max_concurrent_streams=256",
+        _server_option("grpc.max_concurrent_streams", 256),
+    ),
     "opt_throughput": Lever(
         "server channel arg grpc.optimization_target=throughput",
         _server_option("grpc.optimization_target", "throughput"),

@@ -81,6 +81,9 @@ class ServeSettings:
     # Limits per tenant and per process (RESOURCE_EXHAUSTED past them, naming the flag).
     max_watch_streams_per_tenant: int = 64
     max_watch_streams: int = 1024
+    # Decide/Settle calls served at once per process; past it RESOURCE_EXHAUSTED at once (0: no
+    # bound). About capacity x the wait accepted: ~3,000 calls/s per worker x 20 ms (rpc/admission.py).
+    max_in_flight: int = 64
     # Distinct live sessions per tenant (0: no limit).
     max_sessions_per_tenant: int = 100_000
 
@@ -244,6 +247,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-watch-streams",
         default=_env("max_watch_streams", str(d.max_watch_streams)),
         help="open WatchViolations streams of all tenants on this server (per worker process)",
+    )
+    a(
+        "--max-in-flight",
+        default=_env("max_in_flight", str(d.max_in_flight)),
+        help="Decide/Settle calls served at once per worker; past it RESOURCE_EXHAUSTED (0: no bound)",
     )
     a(
         "--max-sessions-per-tenant",
@@ -431,5 +439,6 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
             "max-watch-streams-per-tenant", args.max_watch_streams_per_tenant, 1, 1_000_000
         ),
         max_watch_streams=_int("max-watch-streams", args.max_watch_streams, 1, 1_000_000),
+        max_in_flight=_int("max-in-flight", args.max_in_flight, 0, 1_000_000),
         max_sessions_per_tenant=_int("max-sessions-per-tenant", args.max_sessions_per_tenant, 0, 100_000_000),
     )

@@ -55,9 +55,15 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert guarded["status"] == "ok", guarded
     assert guarded["figures"]["sequential"]["wrapped"]["ok"] == 60
     assert guarded["figures"]["sequential_errors"] == {"plain": 0, "wrapped": 0, "floor": 0}
-    assert guarded["figures"]["settled"] >= 60  # every wrapped call settled (and the warm-up's)
+    assert guarded["figures"]["settled"]["wrapped"] >= 60  # every wrapped call settled (and the warm-up's)
     assert guarded["figures"]["closed"]["wrapped"]["runs"][0]["flushed"]
     assert "Guarded call (JournaledAnthropic" in done.stdout
+    overload = document["overload"]
+    assert overload["status"] == "ok", overload
+    for key in ("redis-w1", "redis-w1-unbounded"):
+        run = overload["figures"][key]
+        assert run["ok"] + run["errors"] == int(overload["figures"]["offered_rps"] * 1.0)
+    assert "Overload: Decide at 1.5x capacity" in done.stdout
     noisy = document["noisy_neighbour"]
     assert noisy["status"] == "ok", noisy
     assert noisy["figures"]["calls"] == {"alone": 100, "noisy": 100}
