@@ -1,6 +1,6 @@
 """Composition of the journal, policies and alerts pipeline, shared by ``serve`` and ``worker``.
 
-settings → log store (Redis Streams or memory) + policy store → policy resolver →
+the process's stores (stores.py: log store and policy store) → policy resolver →
 journal (for the engine), violations feed (for the servicer), evaluator and
 webhook sink (background tasks).
 """
@@ -8,11 +8,11 @@ webhook sink (background tasks).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 import structlog
 
+from spendgate_server.lifecycle import run_part
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
 from spendgate_server.policy.journal import StoreJournal
@@ -20,12 +20,8 @@ from spendgate_server.policy.remote_policies import PolicyResolver
 from spendgate_server.policy.violations import ViolationFeed
 from spendgate_server.policy.webhook import WebhookSink
 from spendgate_server.settings import ServeSettings
-from spendgate_server.store.configs import MemoryConfigStore
-from spendgate_server.store.logs import LogStore, MemoryLogStore
-from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyStore
-from spendgate_server.store.redis import connect
-from spendgate_server.store.redis_configs import RedisConfigStore
-from spendgate_server.store.redis_logs import RedisLogStore
+from spendgate_server.store.logs import LogStore
+from spendgate_server.stores import Stores
 
 __all__ = ["VIOLATION_DEDUP_MS", "Alerts", "build_alerts"]
 
@@ -49,13 +45,16 @@ class Alerts:
     feed: ViolationFeed
     evaluator: Evaluator | None = None
     webhook: WebhookSink | None = None
-    # The policy follower, then the evaluator and webhook sink when running.
+    # The evaluator and the webhook sink, when running.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def start(self, *, evaluate: bool, metrics: Metrics | None = None) -> None:
-        """Follow policy changes; with ``evaluate``, also run the evaluator and the webhook sink."""
+    def start(self, group: asyncio.TaskGroup, *, evaluate: bool, metrics: Metrics | None = None) -> None:
+        """Follow policy changes; with ``evaluate``, also run the evaluator and the webhook sink.
+
+        Each runs as a part of ``group`` (lifecycle.py): if one fails, the process ends.
+        """
         s = self.settings
-        self.tasks.append(asyncio.create_task(self.policies.run()))
+        group.create_task(run_part("the policy watcher", self.policies.run(), returns=False))
         if not evaluate:
             return
         consumer = default_consumer_name()
@@ -71,7 +70,7 @@ class Alerts:
             ),
             metrics=metrics,
         )
-        self.tasks.append(asyncio.create_task(self.evaluator.run()))
+        self.tasks.append(group.create_task(run_part("the evaluator", self.evaluator.run())))
         if s.webhook_url:
             self.webhook = WebhookSink(
                 self.logs,
@@ -82,43 +81,25 @@ class Alerts:
                 claim_idle_ms=max(s.evaluator_claim_idle_millis, 2 * s.webhook_timeout_millis),
                 idle_poll_seconds=s.evaluator_poll_millis / 1000,
             )
-            self.tasks.append(asyncio.create_task(self.webhook.run()))
+            self.tasks.append(group.create_task(run_part("the webhook sink", self.webhook.run())))
         _log.info("evaluator_started", consumer=consumer, webhook=bool(s.webhook_url))
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
-        """Let the evaluator and sink finish their round (at most ``grace_seconds``), then stop all."""
+        """Let the evaluator and the sink finish their round (at most ``grace_seconds``) and return.
+
+        What is still running then is cancelled with the rest of the task group.
+        """
         for part in (self.evaluator, self.webhook):
             if part is not None:
                 part.stop()
-        workers = self.tasks[1:]
-        if workers:
-            await asyncio.wait(workers, timeout=grace_seconds)
-        for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.tasks.clear()
-
-    async def close(self) -> None:
-        """Stop, then release connections."""
-        await self.stop()
-        await self.logs.close()
-        await self.policies.store.close()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=grace_seconds)
 
 
-def build_alerts(settings: ServeSettings) -> Alerts:
-    """The pipeline over the store the settings name (Redis when the state is there)."""
-    timeout = settings.redis_timeout_millis / 1000
-    if settings.store == "redis":
-        logs: LogStore = RedisLogStore.from_url(
-            settings.redis_url, timeout_seconds=timeout, poll_seconds=settings.evaluator_poll_millis / 1000
-        )
-        client = connect(settings.redis_url, timeout_seconds=timeout, max_connections=8)
-        policy_store = PolicyStore(RedisConfigStore(client, key_prefix=POLICY_KEY_PREFIX))
-    else:
-        logs = MemoryLogStore()
-        policy_store = PolicyStore(MemoryConfigStore())
-    policies = PolicyResolver(policy_store, settings.config_poll_millis / 1000)
+def build_alerts(settings: ServeSettings, stores: Stores) -> Alerts:
+    """The pipeline over the process's stores (stores.py chose their backend)."""
+    logs = stores.logs
+    policies = PolicyResolver(stores.policies, settings.config_poll_millis / 1000)
     journal = StoreJournal(
         logs, max_entries=settings.journal_max_entries, journals_prompts=policies.journals_prompts
     )

@@ -1,13 +1,14 @@
-"""Composition root: settings → store → engine → servicers → gRPC server (and worker processes)."""
+"""Composition root of ``spendgate serve``: settings → stores (stores.py) → engine → servicers →
+gRPC server (and its ``--workers`` processes)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ from spendgate.v1 import (
     violation_pb2_grpc,
 )
 
-from spendgate_server.alerts import WATCH_RECHECK_SECONDS, build_alerts
+from spendgate_server.alerts import WATCH_RECHECK_SECONDS, Alerts, build_alerts
+from spendgate_server.engine.anomalies import AnomalyThresholds
 from spendgate_server.engine.decide import DecisionEngine, EngineTimings
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
@@ -40,6 +42,19 @@ from spendgate_server.engine.pricing import PriceTable
 from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.lifecycle import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    UNWIND_SECONDS,
+    Stopped,
+    arm_exit_deadline,
+    report_once,
+    run_part,
+    run_process,
+    set_reporter,
+    watch_thread,
+)
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
@@ -54,24 +69,20 @@ from spendgate_server.rpc.status import DecodeErrorInterceptor
 from spendgate_server.rpc.violation import ViolationServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
-from spendgate_server.store.breaker import CircuitBreakerStore
-from spendgate_server.store.configs import ConfigStore, MemoryConfigStore
-from spendgate_server.store.insights import InsightsStore, MemoryInsightsStore
 from spendgate_server.store.instrumented import InstrumentedStore
-from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, install_key
-from spendgate_server.store.memory import MemoryStore
-from spendgate_server.store.redis import RedisStore
-from spendgate_server.store.redis_configs import RedisConfigStore
-from spendgate_server.store.redis_insights import RedisInsightsStore
-from spendgate_server.store.redis_session_registry import RedisSessionRegistry
-from spendgate_server.store.session_registry import MemorySessionRegistry, SessionRegistry
+from spendgate_server.store.keys import KeyStore, Scope, install_key
+from spendgate_server.stores import Stores, check_reachable, open_stores
 
-__all__ = ["build_engine", "build_store", "run", "serve"]
+__all__ = ["build_engine", "run", "serve"]
 
 _log = structlog.get_logger("spendgate.server")
 
 # Requests are a few hundred bytes; a tight limit makes oversized input cheap to refuse.
 MAX_MESSAGE_BYTES = 64 * 1024
+# A TLS handshake takes milliseconds; a client still in it after this long is not coming.
+_HANDSHAKE_TIMEOUT_MS = 10_000
+# How long a pinged connection may take to answer before it is closed as dead.
+_KEEPALIVE_TIMEOUT_MS = 20_000
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
@@ -84,51 +95,6 @@ SERVICE_NAMES = (
 LIVENESS_SERVICE = "spendgate.liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def build_store(settings: ServeSettings) -> Store:
-    """The store named by the settings; Redis sits behind a circuit breaker (store/breaker.py)."""
-    if settings.store == "redis":
-        redis = RedisStore.from_url(
-            settings.redis_url,
-            timeout_seconds=settings.redis_timeout_millis / 1000,
-            pipelined=settings.redis_pipelining == "on",
-        )
-        if settings.redis_breaker_failures == 0:
-            return redis
-        return CircuitBreakerStore(
-            redis,
-            failure_threshold=settings.redis_breaker_failures,
-            open_seconds=settings.redis_breaker_open_millis / 1000,
-        )
-    return MemoryStore()
-
-
-def build_config_store(settings: ServeSettings) -> ConfigStore:
-    """Where remote configs live: Redis when the state does, else this process."""
-    if settings.store == "redis":
-        return RedisConfigStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return MemoryConfigStore()
-
-
-def build_insights_store(settings: ServeSettings) -> InsightsStore:
-    """Where the fleet's session insights are aggregated: Redis when the state is, else here."""
-    if settings.store == "redis":
-        return RedisInsightsStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return MemoryInsightsStore()
-
-
-def build_keystore(settings: ServeSettings) -> KeyStore | None:
-    """Where API keys live: Redis with the redis store, else the --keys-file if given."""
-    if settings.store == "redis":
-        return RedisKeyStore.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-    return FileKeyStore(settings.keys_file) if settings.keys_file else None
 
 
 def _server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
@@ -174,35 +140,67 @@ def build_engine(
     prices: PriceTable,
     configs: ConfigResolver,
     journal: Journal | None = None,
+    quota: SessionQuota | None = None,
 ) -> DecisionEngine:
-    """The engine over ``store``, applying ``configs`` and ``prices``, journaling settles to ``journal``."""
+    """The engine over ``store``, applying ``configs`` and ``prices``, journaling settles to ``journal``,
+    bounding each tenant's live sessions with ``quota``."""
     timings = EngineTimings(
         reservation_ttl_ms=settings.reservation_ttl_seconds * 1000,
         session_ttl_ms=settings.session_ttl_seconds * 1000,
     )
     deny = DenyCache(settings.deny_cache_millis) if settings.deny_cache_millis else None
-    quota = build_session_quota(settings)
+    anomalies = AnomalyThresholds(late_error_ms=settings.settle_error_flag_seconds * 1000)
     return DecisionEngine(
-        store, prices, configs, timings=timings, journal=journal, deny_cache=deny, quota=quota
+        store,
+        prices,
+        configs,
+        timings=timings,
+        journal=journal,
+        deny_cache=deny,
+        quota=quota,
+        anomaly_thresholds=anomalies,
     )
 
 
-def build_session_quota(settings: ServeSettings) -> SessionQuota | None:
+def build_session_quota(settings: ServeSettings, stores: Stores) -> SessionQuota | None:
     """The --max-sessions-per-tenant bound, counted where the sessions live (None: no limit)."""
     if not settings.max_sessions_per_tenant:
         return None
-    registry: SessionRegistry = (
-        RedisSessionRegistry.from_url(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_millis / 1000
-        )
-        if settings.store == "redis"
-        else MemorySessionRegistry()
+    return SessionQuota(
+        stores.session_registry, settings.max_sessions_per_tenant, settings.session_ttl_seconds * 1000
     )
-    return SessionQuota(registry, settings.max_sessions_per_tenant, settings.session_ttl_seconds * 1000)
+
+
+def _check_port_free(settings: ServeSettings) -> None:
+    """Refuse a taken ``--port`` in our words, before gRPC core logs its own lines about it.
+
+    The probe binds as the server will (SO_REUSEADDR, and SO_REUSEPORT when workers share
+    the port), so a port only in TIME_WAIT, or shared by this server's workers, is free.
+
+    Raises:
+        ConfigError: naming --port and the reason.
+    """
+    if settings.port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC resolves the host itself and says what is wrong with it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if settings.workers > 1:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--port {settings.port}: cannot bind {settings.host}: {exc.strerror}"
+                ) from exc
 
 
 def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # Workers share the port; a lone server must fail loudly if the port is taken.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -213,6 +211,24 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         *stream_options(settings.max_in_flight, settings.max_watch_streams_per_tenant),
     ]
+    idle_ms = round(settings.connection_idle_seconds * 1000)
+    if idle_ms:
+        # A connection with no call in flight is closed (GOAWAY, then close): idle clients cannot
+        # hold sockets and memory for ever. It also reaps a TCP connection that never speaks.
+        options.append(("grpc.max_connection_idle_ms", idle_ms))
+        # ...and, on TLS, one that never finishes its handshake (gRPC's default waits 120 s).
+        options.append(("grpc.server_handshake_timeout_ms", min(idle_ms, _HANDSHAKE_TIMEOUT_MS)))
+    keepalive_ms = round(settings.keepalive_seconds * 1000)
+    if keepalive_ms:
+        # Pings find peers that vanished without closing (a host gone, a dropped NAT entry),
+        # including those holding a WatchViolations stream, which never counts as idle.
+        options += [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
+            # Keep pinging a quiet stream (gRPC stops after 2 pings without data by default).
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return options
 
 
 class _Health:
@@ -247,6 +263,28 @@ class _Health:
             await asyncio.sleep(interval_seconds)
 
 
+async def _grpc_server(server: grpc.aio.Server, status: _Health) -> None:
+    # Shielded: cancelling wait_for_termination would cancel the future server.stop() awaits.
+    await asyncio.shield(asyncio.ensure_future(server.wait_for_termination()))
+    if not status.draining:
+        raise RuntimeError("it stopped while the process was not draining")
+
+
+async def _until_stopped(
+    stop: asyncio.Event, settings: ServeSettings, status: _Health, server: grpc.aio.Server, alerts: Alerts
+) -> None:
+    """On SIGTERM/SIGINT: NOT_SERVING, keep answering for the drain period, stop; then end the group."""
+    await stop.wait()
+    # Load balancers see NOT_SERVING and move traffic away while calls are still answered.
+    _log.info("draining", drain_seconds=settings.drain_seconds)
+    status.draining = True
+    await status.set(False)
+    await asyncio.sleep(settings.drain_seconds)
+    await server.stop(grace=settings.drain_seconds)
+    await alerts.stop()
+    raise Stopped
+
+
 async def _install_admin_key(keystore: KeyStore, settings: ServeSettings) -> None:
     """Store the --admin-key-file key unless its id is known (every replica does this at start)."""
     record, added = await install_key(
@@ -262,41 +300,46 @@ async def _install_admin_key(keystore: KeyStore, settings: ServeSettings) -> Non
 
 
 async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING first, stop after the drain period."""
-    metrics = Metrics()
-    store: Store = InstrumentedStore(build_store(settings), metrics.store_seconds, metrics.store_errors)
-    try:
-        await store.ping()
-    except StoreUnavailable as exc:
-        await store.close()
-        raise ConfigError(f"--redis-url {settings.redis_url} is unreachable: {exc}") from exc
-    if settings.metrics_port and settings.workers == 1:
-        serve_metrics(settings.metrics_port, settings.host, metrics.registry)
-    prices = build_prices(settings, metrics)
-    configs = ConfigResolver(
-        build_config_store(settings), settings.default_config, settings.config_poll_millis / 1000
-    )
-    alerts = build_alerts(settings)
-    engine = build_engine(settings, store, prices, configs, alerts.journal)
-    config_task = asyncio.create_task(configs.run())
-    activity = SessionActivity(build_insights_store(settings))
-    activity_task = asyncio.create_task(activity.run())
-    # The embedded memory store has no other reader of its journal: evaluate here.
-    alerts.start(
-        evaluate=settings.evaluator == "on" or (settings.evaluator == "auto" and settings.store == "memory"),
-        metrics=metrics,
-    )
+    """Serve until SIGTERM/SIGINT, then drain: NOT_SERVING first, stop after the drain period.
 
+    Every long-lived part runs in one task group (lifecycle.py): the first to fail ends
+    the process with its reason.
+
+    Raises:
+        ConfigError: the process cannot start as configured (Redis unreachable, a file
+            unreadable, the port taken, no API keys on a public address).
+        BaseExceptionGroup: of the :class:`~spendgate_server.lifecycle.PartFailed` that ended it.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stores = open_stores(settings, role="serve")
+    try:
+        await _serve(settings, stores, stop, on_ready)
+    finally:
+        await stores.aclose()
+    _log.info("stopped")
+
+
+async def _serve(
+    settings: ServeSettings, stores: Stores, stop: asyncio.Event, on_ready: Callable[[int], None] | None
+) -> None:
+    metrics = Metrics()
+    store: Store = InstrumentedStore(stores.sessions, metrics.store_seconds, metrics.store_errors)
+    # What can be refused is checked before any part starts, so a refusal leaves nothing running.
+    await check_reachable(stores, settings)
     credentials = _server_credentials(settings)
-    keystore = build_keystore(settings)
-    if settings.admin_key and keystore is not None:
-        await _install_admin_key(keystore, settings)
+    if settings.admin_key and stores.keys is not None:
+        await _install_admin_key(stores.keys, settings)
     authenticator = Authenticator(
-        keystore,
+        stores.keys,
         allow_open_mode=is_loopback(settings.host) or settings.insecure,
         reload_seconds=settings.key_reload_seconds,
         failures=metrics.auth_failures,
+        keys_missing=metrics.auth_keys_missing,
     )
+    # The first load decides, once, whether this server runs open (rpc/auth.py).
     await authenticator.load()
     check_exposure(settings.host, authenticator.has_keys, settings.insecure)
     if authenticator.open_mode:
@@ -305,7 +348,13 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
             detail="no API keys exist: every caller is admin of tenant 'default'",
             host=settings.host,
         )
-    auth_task = asyncio.create_task(authenticator.run())
+    prices = build_prices(settings, metrics)
+    configs = ConfigResolver(stores.configs, settings.default_config, settings.config_poll_millis / 1000)
+    alerts = build_alerts(settings, stores)
+    engine = build_engine(
+        settings, store, prices, configs, alerts.journal, build_session_quota(settings, stores)
+    )
+    activity = SessionActivity(stores.insights)
 
     # Admission first: a call refused past capacity or past its deadline costs nothing more.
     admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
@@ -330,6 +379,7 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    _check_port_free(settings)
     try:
         address = f"{settings.host}:{settings.port}"
         port = (
@@ -339,95 +389,96 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
         )
     except RuntimeError as exc:
         raise ConfigError(f"--port {settings.port}: cannot bind {settings.host}: {exc}") from exc
+    metrics_thread = None
+    if settings.metrics_port and settings.workers == 1:
+        metrics_thread = serve_metrics(
+            settings.metrics_port, settings.host, metrics.registry, required=settings.metrics_port_named
+        )
     await server.start()
-    status = _Health(health_servicer, store, metrics)
-    await status.set(True)
-    await health_servicer.set(LIVENESS_SERVICE, _SERVING)
-    watcher = asyncio.create_task(status.watch(settings.health_interval_millis / 1000))
-    _log.info(
-        "serving",
-        host=settings.host,
-        port=port,
-        store=settings.store,
-        metrics_port=settings.metrics_port,
-        tls=credentials is not None,
-        mtls=bool(settings.tls_client_ca),
-        auth=not authenticator.open_mode,
-    )
-    if on_ready is not None:
-        on_ready(port)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    # Load balancers see NOT_SERVING and move traffic away while calls are still answered.
-    _log.info("draining", drain_seconds=settings.drain_seconds)
-    status.draining = True
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
-    await status.set(False)
-    await asyncio.sleep(settings.drain_seconds)
-    await server.stop(grace=settings.drain_seconds)
-    await alerts.close()
-    for task in (config_task, auth_task, activity_task):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if keystore is not None:
-        await keystore.close()
-    await configs.store.close()
-    await activity.store.close()
-    await store.close()
-    _log.info("stopped")
+    try:
+        status = _Health(health_servicer, store, metrics)
+        await status.set(True)
+        await health_servicer.set(LIVENESS_SERVICE, _SERVING)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(run_part("the gRPC server", _grpc_server(server, status)))
+                group.create_task(run_part("the config watcher", configs.run(), returns=False))
+                group.create_task(run_part("the key check", authenticator.run(), returns=False))
+                group.create_task(run_part("the session insights", activity.run(), returns=False))
+                group.create_task(
+                    run_part("the health check", status.watch(settings.health_interval_millis / 1000))
+                )
+                if metrics_thread is not None:
+                    group.create_task(
+                        run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
+                    )
+                alerts.start(group, evaluate=settings.evaluator == "on", metrics=metrics)
+                _log.info(
+                    "serving",
+                    host=settings.host,
+                    port=port,
+                    store=settings.store,
+                    metrics_port=settings.metrics_port,
+                    tls=credentials is not None,
+                    mtls=bool(settings.tls_client_ca),
+                    auth=not authenticator.open_mode,
+                )
+                if on_ready is not None:
+                    on_ready(port)
+                group.create_task(_until_stopped(stop, settings, status, server, alerts))
+        except* Stopped:
+            pass
+    finally:
+        # Already stopped after a drain; after a failure, stop at once.
+        await server.stop(grace=None)
 
 
-def _run_one(settings: ServeSettings) -> None:
+def _run_worker(settings: ServeSettings, reasons: multiprocessing.connection.Connection) -> None:
+    """A ``--workers`` child: its fatal reason goes to the supervisor, which reports it once."""
     configure_logging(settings.log_format, settings.log_level)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(settings))
-    else:
-        # uvloop measured ~8% more closed-loop throughput than asyncio's loop (make bench).
-        uvloop.run(serve(settings))
+    set_reporter(lambda code, line: reasons.send((code, line)))
+    sys.exit(run_process(lambda: serve(settings)))
 
 
-def _run_worker(settings: ServeSettings) -> None:
-    try:
-        _run_one(settings)
-    except ConfigError as exc:
-        print(f"spendgate: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run(settings: ServeSettings) -> None:
+def run(settings: ServeSettings) -> int:
     """Run the server, in ``settings.workers`` processes sharing the port when above one.
 
-    A worker that dies while the supervisor is not stopping is replaced, so a crashed
-    worker does not leave the pod serving with fewer processes than asked for.
+    Returns the exit code (lifecycle.py): 0 after a drain, 1 when a part failed, 2 when
+    the settings cannot work; the reason is one line on stderr.
+
+    A worker killed by a signal while the supervisor is not stopping is replaced, so a
+    crashed worker does not leave the pod serving with fewer processes than asked for. A
+    worker that ends with a reason (exit 1 or 2) ends the supervisor and its other workers
+    with that reason: every replacement would fail the same way.
     """
-    if settings.workers == 1:
-        _run_one(settings)
-        return
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers == 1:
+        return run_process(lambda: serve(settings))
+    return _supervise(settings)
+
+
+def _supervise(settings: ServeSettings) -> int:
     # Workers write metrics to files in this directory; this supervisor serves their sum.
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    if settings.metrics_port:
-        serve_metrics(settings.metrics_port, settings.host, None)
+    metrics_thread = (
+        serve_metrics(settings.metrics_port, settings.host, None, required=settings.metrics_port_named)
+        if settings.metrics_port
+        else None
+    )
     # spawn, not fork: gRPC's threads must not be forked.
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    reasons: dict[int, multiprocessing.connection.Connection] = {}
 
     def start_worker() -> multiprocessing.process.BaseProcess:
-        worker = ctx.Process(target=_run_worker, args=(settings,))
+        receive, send = ctx.Pipe(duplex=False)
+        worker = ctx.Process(target=_run_worker, args=(settings, send))
         worker.start()
+        send.close()
+        assert worker.pid is not None
+        reasons[worker.pid] = receive
         return worker
-
-    workers = [start_worker() for _ in range(settings.workers)]
 
     def forward(_signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -438,19 +489,45 @@ def run(settings: ServeSettings) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    failed = False
+    workers = [start_worker() for _ in range(settings.workers)]
+    failure: tuple[int, str] | None = None
+
+    def fail(code: int, line: str) -> None:
+        # Said at once; the other workers drain (health NOT_SERVING first) and stop, within a bound.
+        nonlocal failure
+        failure = (code, line)
+        report_once(code, line)
+        arm_exit_deadline(code, line, 2 * settings.drain_seconds + UNWIND_SECONDS)
+        forward(signal.SIGTERM, None)
+
     while any(w.is_alive() for w in workers):
         multiprocessing.connection.wait([w.sentinel for w in workers if w.is_alive()], timeout=1.0)
+        if failure is None and metrics_thread is not None and not metrics_thread.is_alive():
+            fail(EXIT_FAILED, "spendgate: the metrics endpoint failed: its thread ended")
         for index, worker in enumerate(workers):
             if worker.is_alive() or stopping:
                 continue
-            if worker.exitcode == 2:
-                # A configuration error: every replacement would fail the same way.
-                stopping, failed = True, True
-                forward(signal.SIGTERM, None)
+            assert worker.pid is not None and worker.exitcode is not None
+            if worker.exitcode in (EXIT_FAILED, EXIT_CONFIG):
+                # The worker said why it ended: the supervisor ends with that reason.
+                receive = reasons[worker.pid]
+                code, line = (
+                    receive.recv()
+                    if receive.poll()
+                    else (worker.exitcode, f"spendgate: worker {worker.pid} exited {worker.exitcode}")
+                )
+                fail(code, line)
                 break
             multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]  # untyped upstream
             _log.warning("worker_died", pid=worker.pid, exitcode=worker.exitcode, action="replaced")
             workers[index] = start_worker()
-    if failed or any(w.exitcode not in (0, -signal.SIGTERM) for w in workers):
-        sys.exit(1)
+    if failure is not None:
+        return failure[0]
+    # A worker that failed while the others stopped on SIGTERM still reports its reason.
+    for worker in workers:
+        assert worker.pid is not None
+        if worker.exitcode in (EXIT_FAILED, EXIT_CONFIG) and reasons[worker.pid].poll():
+            code, line = reasons[worker.pid].recv()
+            report_once(code, line)
+            return int(code)
+    return EXIT_OK if all(w.exitcode in (0, -signal.SIGTERM) for w in workers) else EXIT_FAILED

@@ -33,7 +33,13 @@ from spendgate_server.admin.price_cli import add_price_arguments, run_price_comm
 from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
 from spendgate_server.console import add_console_arguments, run_console_command
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
-from spendgate_server.settings import add_serve_arguments, load_config_file, settings_from_args
+from spendgate_server.logging import redact_secrets
+from spendgate_server.settings import (
+    add_serve_arguments,
+    add_worker_arguments,
+    load_config_file,
+    settings_from_args,
+)
 
 __all__ = ["main"]
 
@@ -84,10 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     violations = commands.add_parser("violations", help="list or follow policy violations (the alerts feed)")
     add_violations_arguments(violations)
 
-    worker = commands.add_parser(
-        "worker", help="evaluate journaled calls against the policies (takes the serve flags; redis store)"
-    )
-    add_serve_arguments(worker)
+    worker = commands.add_parser("worker", help="evaluate journaled calls against the policies (redis store)")
+    add_worker_arguments(worker)
 
     price = commands.add_parser(
         "price", help="show how a model name resolves, its rates and what a usage costs (runs locally)"
@@ -105,7 +109,8 @@ def _one_line(text: str) -> str:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"spendgate: {_one_line(message)}", file=sys.stderr)
+    # Every failure is printed here: a URL's credentials never reach the terminal.
+    print(f"spendgate: {_one_line(redact_secrets(message))}", file=sys.stderr)
     return code
 
 
@@ -140,16 +145,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "serve":
             from spendgate_server.app import run
 
-            run(settings_from_args(args))
-            code = 0
+            code = run(settings_from_args(args))
         elif args.command == "decide":
             code = run_decide_command(args)
         elif args.command == "config":
             code = run_config_command(args)
         elif args.command == "keys":
-            code = run_keys_command(args)
+            from spendgate_server.stores import open_keystore
+
+            code = run_keys_command(args, open_keystore)
         elif args.command == "migrate-keys":
-            code = run_migrate_command(args)
+            from spendgate_server.stores import open_redis
+
+            code = run_migrate_command(args, open_redis)
         elif args.command == "policies":
             code = run_policies_command(args)
         elif args.command == "violations":
@@ -157,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "worker":
             from spendgate_server.worker import run_worker
 
-            run_worker(settings_from_args(args))
-            code = 0
+            code = run_worker(settings_from_args(args))
         elif args.command == "console":
             code = run_console_command(args)
         elif args.command == "price":

@@ -7,8 +7,10 @@ multiprocess mode aggregates every worker in the supervisor's endpoint.
 
 from __future__ import annotations
 
+import threading
 import time
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from spendgate_server.engine.decide import Decision, Settlement, decision_id_time_ms
@@ -16,6 +18,8 @@ from spendgate_server.errors import ConfigError
 from spendgate_server.rule_codes import Rule
 
 __all__ = ["Metrics", "serve_metrics"]
+
+_log = structlog.get_logger("spendgate.metrics")
 
 # Decide takes ~0.5 ms end to end; buckets resolve 50 µs to 1 s.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0)
@@ -69,6 +73,12 @@ class Metrics:
         self.auth_failures = Counter(
             "spendgate_auth_failures", "Calls refused by authentication, by reason.", ["reason"], registry=r
         )
+        self.auth_keys_missing = Gauge(
+            "spendgate_auth_keys_missing",
+            "1 while a server that started with API keys finds none (every call refused).",
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.reservations = Counter("spendgate_reservations", "Reservations created.", registry=r)
         self.unpriced = Counter(
             "spendgate_unpriced",
@@ -78,6 +88,12 @@ class Metrics:
             registry=r,
         )
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
+        self.settle_anomalies = Counter(
+            "spendgate_settle_anomalies",
+            "Settles unlike their decision (counted as reported, flagged on the alerts feed), by kind.",
+            ["kind"],
+            registry=r,
+        )
         self.settle_lag = Histogram(
             "spendgate_settle_lag_seconds",
             "Time from Decide to its Settle.",
@@ -135,6 +151,8 @@ class Metrics:
             self.settles.labels("already_settled").inc()
             return
         self.settles.labels("released" if released else "settled").inc()
+        for anomaly in settlement.anomalies:
+            self.settle_anomalies.labels(anomaly.kind.key).inc()
         lag_ms = time.time_ns() // 1_000_000 - decision_id_time_ms(reservation_id)
         if 0 <= lag_ms <= _MAX_PLAUSIBLE_LAG_MS:
             self.settle_lag.observe(lag_ms / 1000)
@@ -146,15 +164,31 @@ class Metrics:
             self.settles.labels("unknown").inc()
 
 
-def serve_metrics(port: int, host: str, registry: CollectorRegistry | None) -> None:
-    """Serve /metrics on ``host:port`` from a daemon thread.
+def serve_metrics(
+    port: int, host: str, registry: CollectorRegistry | None, *, required: bool = True
+) -> threading.Thread | None:
+    """Serve /metrics on ``host:port`` from a daemon thread; returns the thread (alive while it serves).
 
     ``registry`` None means the multiprocess view: the sum over every worker's files.
+    Without ``required`` (the port is the default one, not one the user named), a port
+    another process holds costs one warning and None is returned: a second server on the
+    host still serves, without metrics.
+
+    Raises:
+        ConfigError: the port cannot be bound and is ``required``.
     """
     if registry is None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     try:
-        start_http_server(port, addr=host, registry=registry)
+        _, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc
+        if required:
+            raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc
+        _log.warning(
+            "metrics_off",
+            detail=f"the default --metrics-port {port} is taken on {host} ({exc.strerror}): serving "
+            "without metrics; give --metrics-port a free port to have them",
+        )
+        return None
+    return thread

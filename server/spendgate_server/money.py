@@ -9,14 +9,23 @@ __all__ = ["NANO_PER_USD", "format_usd", "usd_to_nano"]
 NANO_PER_USD = 1_000_000_000
 
 
+# An amount of 10**15 dollars or more is refused before any arithmetic: no limit or price is
+# near it, and an exponent like 1e999999 would overflow the decimal context (even abs() does).
+_MAX_USD_DIGITS = 15
+
+
 def usd_to_nano(usd: Decimal) -> int:
     """Convert dollars to nano-USD, rounding up so a limit is never read as looser than written.
 
     Raises:
-        ValueError: for NaN or infinity.
+        ValueError: for NaN, infinity, or a magnitude of 10**15 dollars or more (the caller
+            names its own bound).
     """
     if not usd.is_finite():
         raise ValueError(f"not a finite amount: {usd}")
+    # adjusted() is the exponent of the leading digit: no arithmetic, so nothing can overflow.
+    if usd and usd.adjusted() >= _MAX_USD_DIGITS:
+        raise ValueError(f"amount out of range: {usd}")
     return int((usd * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 
 

@@ -159,11 +159,13 @@ def test_settled_calls_reach_the_feed_with_filters(server: SpendgateServer) -> N
     )
     wrong_env = call(server.target, session_b, key_label="ci", environment="prod", project="batch")
     costly = call(server.target, session_b, output_tokens=20_000)
-    everything = wait_for(server.target, 3)
+    everything = wait_for(server.target, 4)
     assert {(v.decision_id, v.policy_type) for v in everything} == {
         (small, vpb.POLICY_TYPE_APPROVED_MODELS),
         (wrong_env, vpb.POLICY_TYPE_KEY_ENVIRONMENT_CHECK),
         (costly, vpb.POLICY_TYPE_APPROVAL_REQUIRED_THRESHOLD),
+        # 20,000 output tokens settled on a call decided with 100: far above its estimate.
+        (costly, vpb.POLICY_TYPE_SETTLE_ANOMALY),
     }
     [model] = list_violations(server.target, policy_type=vpb.POLICY_TYPE_APPROVED_MODELS)
     assert (model.requested_model, model.effective_model, model.project) == (
@@ -180,7 +182,7 @@ def test_settled_calls_reach_the_feed_with_filters(server: SpendgateServer) -> N
     from spendgate_server.rpc.alerts_wire import timestamp
 
     assert list_violations(server.target, end_time=timestamp(started)) == []
-    assert len(list_violations(server.target, start_time=timestamp(started))) == 3
+    assert len(list_violations(server.target, start_time=timestamp(started))) == 4
 
 
 def test_a_resumed_watch_receives_every_violation_exactly_once(server: SpendgateServer) -> None:

@@ -159,6 +159,8 @@ async def test_each_policy_fires_on_the_calls_that_break_it(pipeline: Pipeline) 
         (injected, PolicyType.BANNED_PATTERNS),
         (wrong_env, PolicyType.KEY_ENVIRONMENT_CHECK),
         (costly, PolicyType.APPROVAL_REQUIRED_THRESHOLD),
+        # 10,000 output tokens settled on a call decided with 100: also far above its estimate.
+        (costly, PolicyType.SETTLE_ANOMALY),
     }
     assert clean not in {d for d, _ in flagged}
     events = {e.decision_id: e for e in await pipeline.journaled()}

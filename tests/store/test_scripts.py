@@ -6,7 +6,7 @@ import re
 from importlib import resources
 
 import pytest
-from spendgate_server.store import BudgetCheck, DedupCheck, ReserveRequest, SessionKey, ToolCheck
+from spendgate_server.store import BudgetCheck, DecidedCall, DedupCheck, ReserveRequest, SessionKey, ToolCheck
 from spendgate_server.store.redis import DECIDE, SCRIPTS, ScriptSignature, decide_args
 
 HEADER_LINE = re.compile(r"^-- (KEYS|ARGV)\[(\d+)\]\s+(\w+)", re.MULTILINE)
@@ -65,6 +65,7 @@ def test_decide_args_follow_the_declared_order() -> None:
         budget=BudgetCheck(19, strict=True),
         request_id="req",
         memo="memo",
+        decided=DecidedCall("m", 13, 20, 21),
     )
     named = dict(zip((name for name, _ in DECIDE.argv), decide_args(request), strict=True))
     assert named == {
@@ -84,4 +85,5 @@ def test_decide_args_follow_the_declared_order() -> None:
         "budget_cap_nano_usd": 19,
         "budget_strict": "1",
         "budget_shadow": "0",
+        "decided": "m 13 20 21",
     }

@@ -7,7 +7,6 @@ import itertools
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -16,6 +15,7 @@ from spendgate.v1 import config_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.flags import count, seconds
+from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, config_to_dict, parse_enforcement_config
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rpc.validation import config_from_proto
@@ -62,14 +62,7 @@ def diff_lines(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]
 
 
 def _read_rules(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid YAML/JSON: {exc}") from exc
-    raw = raw or {}
+    raw = read_document(path) or {}
     if isinstance(raw, dict) and set(raw) == {"enforcement"}:
         raw = raw["enforcement"] or {}
     if not isinstance(raw, dict):

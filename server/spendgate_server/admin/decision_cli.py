@@ -16,6 +16,7 @@ from spendgate.v1 import decision_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.flags import count, seconds
+from spendgate_server.documents import parse_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rule_codes import Rule
 
@@ -102,10 +103,7 @@ def _client_config(text: str) -> pb.EnforcementConfig | None:
     from spendgate_server.engine.config import parse_enforcement_config
     from spendgate_server.rpc.wire import config_to_proto
 
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--config is not valid JSON: {exc}") from exc
+    raw = parse_document(text, "--config", json_only=True)
     if not isinstance(raw, dict):
         raise ConfigError("--config must be a JSON object, e.g. '{\"token_ceiling\": 500}'")
     try:

@@ -11,12 +11,14 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
 from spendgate_server.errors import ConfigError
-from spendgate_server.store.keys import FileKeyStore, KeyStore, RedisKeyStore, Scope, generate_key, new_key
+from spendgate_server.store.keys import KeyStore, Scope, generate_key, new_key
 
-__all__ = ["FIRST_KEY_WARNING", "add_keys_arguments", "run_keys_command"]
+__all__ = ["FIRST_KEY_WARNING", "KeyStoreOpener", "add_keys_arguments", "run_keys_command"]
 
 FIRST_KEY_WARNING = (
     "spendgate: warning: this is the first key in this key store: servers using it leave open "
@@ -52,16 +54,15 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _keystore(args: argparse.Namespace) -> KeyStore:
+KeyStoreOpener = Callable[[str, str], AbstractAsyncContextManager[KeyStore]]
+"""Opens the key store of ``(redis_url, keys_file)``; the composition root (stores.py) gives it."""
+
+
+async def _run(args: argparse.Namespace, open_keystore: KeyStoreOpener) -> int:
     if bool(args.redis_url) == bool(args.keys_file):
         raise ConfigError("give exactly one of --redis-url (redis store) or --keys-file (memory store)")
-    return RedisKeyStore.from_url(args.redis_url) if args.redis_url else FileKeyStore(args.keys_file)
-
-
-async def _run(args: argparse.Namespace) -> int:
-    store = _keystore(args)
     now_ms = time.time_ns() // 1_000_000
-    try:
+    async with open_keystore(args.redis_url, args.keys_file) as store:
         if args.action == "create":
             full, record = new_key(args.tenant, Scope(args.scope), args.name, now_ms)
             first = not await store.all()
@@ -84,14 +85,12 @@ async def _run(args: argparse.Namespace) -> int:
         else:
             revoked = await store.revoke(args.key_id, now_ms)
             print(f"revoked {revoked.key_id} ({revoked.tenant}, {revoked.name})")
-    finally:
-        await store.close()
     return 0
 
 
-def run_keys_command(args: argparse.Namespace) -> int:
-    """Run one keys action; returns the exit code."""
+def run_keys_command(args: argparse.Namespace, open_keystore: KeyStoreOpener) -> int:
+    """Run one keys action on the store ``open_keystore`` opens; returns the exit code."""
     if args.action == "generate":
         print(generate_key())
         return 0
-    return asyncio.run(_run(args))
+    return asyncio.run(_run(args, open_keystore))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from spendgate_server.errors import ConfigError
 from spendgate_server.store.migrate import Moved, migrate_keyspace
-from spendgate_server.store.redis import connect, redis_call
+from spendgate_server.store.redis import RedisClient, redis_call
 
-__all__ = ["add_migrate_arguments", "run_migrate_command"]
+__all__ = ["RedisOpener", "add_migrate_arguments", "run_migrate_command"]
 
 
 def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,15 +31,16 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print every key moved")
 
 
-async def _run(args: argparse.Namespace) -> int:
+RedisOpener = Callable[[str], AbstractAsyncContextManager[RedisClient]]
+"""Opens a client of the Redis at a URL; the composition root (stores.py) gives it."""
+
+
+async def _run(args: argparse.Namespace, open_redis: RedisOpener) -> int:
     if not args.redis_url:
         raise ConfigError("--redis-url (or SPENDGATE_REDIS_URL) is required")
-    client = connect(args.redis_url, timeout_seconds=5, max_connections=4)
-    try:
+    async with open_redis(args.redis_url) as client:
         # One wrapper around the whole run: any Redis failure is the one-line "store unreachable".
         report = await redis_call(migrate_keyspace(client, dry_run=args.dry_run))
-    finally:
-        await client.aclose()
     verb = "would move" if args.dry_run else "moved"
     for old, new, outcome in report.moves:
         if outcome is Moved.KEPT:
@@ -53,6 +56,6 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_migrate_command(args: argparse.Namespace) -> int:
-    """Run the migration; returns the exit code."""
-    return asyncio.run(_run(args))
+def run_migrate_command(args: argparse.Namespace, open_redis: RedisOpener) -> int:
+    """Run the migration on the client ``open_redis`` opens; returns the exit code."""
+    return asyncio.run(_run(args, open_redis))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,6 +15,7 @@ from spendgate.v1 import policy_pb2_grpc
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.config_cli import diff_lines
 from spendgate_server.admin.flags import count, seconds
+from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.policy.policies import Policies, key_fingerprint, policies_from_dict, policies_to_dict
 from spendgate_server.rpc.alerts_wire import policies_to_proto
@@ -65,14 +64,7 @@ def add_policies_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid YAML/JSON: {exc}") from exc
-    raw = raw or {}
+    raw = read_document(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of policies")
     return raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import json
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from spendgate_server.engine.anomalies import AnomalyThresholds, SettleAnomaly, settle_anomalies
+from spendgate_server.engine.cancellations import ReserveCanceller
 from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule, config_to_dict
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent
@@ -26,8 +29,10 @@ from spendgate_server.engine.rules import (
     StoreView,
     unit_for,
 )
-from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound
+from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound, StoreUnavailable
 from spendgate_server.store import (
+    DecidedCall,
+    ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
     SessionKey,
@@ -35,6 +40,7 @@ from spendgate_server.store import (
     SettleStatus,
     Store,
 )
+from spendgate_server.store.breaker import BreakerOpen
 
 __all__ = [
     "Call",
@@ -171,6 +177,8 @@ class Settlement:
     cost_nano_usd: int
     session_spend_nano_usd: int
     already_settled: bool
+    # How this settle differs from its decision (flagged on the alerts feed, counted in metrics).
+    anomalies: tuple[SettleAnomaly, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,9 +336,12 @@ class DecisionEngine:
         journal: Journal | None = None,
         deny_cache: DenyCache | None = None,
         quota: SessionQuota | None = None,
+        anomaly_thresholds: AnomalyThresholds | None = None,
     ) -> None:
         self._store = store
         self._quota = quota
+        self._canceller = ReserveCanceller(store, clock)
+        self._anomaly_thresholds = anomaly_thresholds or AnomalyThresholds()
         self._deny = deny_cache
         self._journal = journal
         self._prices = prices
@@ -342,6 +353,11 @@ class DecisionEngine:
     def store(self) -> Store:
         """The store this engine decides against."""
         return self._store
+
+    @property
+    def canceller(self) -> ReserveCanceller:
+        """Cancels the reserves of Decides answered UNAVAILABLE (cancellations.py)."""
+        return self._canceller
 
     @property
     def configs(self) -> ConfigResolver:
@@ -401,9 +417,9 @@ class DecisionEngine:
             # Before anything is written: a session past the tenant's quota leaves no state.
             await self._quota.admit(call.tenant, call.session_id, now_ms)
         request = self._reserve_request(
-            call, config, answer.decision_id, draft.estimate_nano_usd, memo, now_ms
+            call, config, answer.decision_id, draft.estimate_nano_usd, memo, now_ms, model=draft.model
         )
-        outcome = await self._store.reserve(request)
+        outcome = await self._reserve(request)
         answer.shadow |= outcome.shadow_fired
         spend = _Spend(outcome.spent_nano_usd, outcome.reserved_nano_usd)
 
@@ -442,8 +458,42 @@ class DecisionEngine:
             unblocks_on_settle=unit.unblocks_on_settle(answer.config, view),
         )
 
+    async def _reserve(self, request: ReserveRequest) -> ReserveOutcome:
+        """The atomic step, such that a Decide answered with a failure leaves no state.
+
+        Raises:
+            StoreUnavailable: the store did not answer. If the reserve was sent, the store
+                may still apply it: its cancel is sent until the store answers (cancellations.py).
+        """
+        try:
+            outcome = await self._store.reserve(request)
+        except BreakerOpen:
+            raise  # never sent: nothing to undo
+        except StoreUnavailable as exc:
+            self._canceller.submit(request)
+            raise StoreUnavailable(
+                f"{exc}; nothing is reserved (if the store applies this Decide late, it is cancelled)"
+            ) from exc
+        except asyncio.CancelledError:
+            # The caller gave up (its deadline passed) while the reserve was in flight.
+            self._canceller.submit(request)
+            raise
+        if outcome.status is ReserveStatus.CANCELLED:
+            raise StoreUnavailable(
+                "this Decide was cancelled before the store applied it; nothing is reserved"
+            )
+        return outcome
+
     def _reserve_request(
-        self, call: Call, config: EnforcementConfig, decision_id: str, estimate: int, memo: str, now_ms: int
+        self,
+        call: Call,
+        config: EnforcementConfig,
+        decision_id: str,
+        estimate: int,
+        memo: str,
+        now_ms: int,
+        *,
+        model: str = "",
     ) -> ReserveRequest:
         """The atomic step's request: the session's bookkeeping and each stateful rule's arguments."""
         t = self._timings
@@ -460,6 +510,7 @@ class DecisionEngine:
             tool_call_count=call.tool_call_count,
             request_id=call.request_id,
             memo=memo,
+            decided=DecidedCall(model or call.model, estimate, call.input_tokens, call.max_output_tokens),
             **checks,
         )
 
@@ -494,19 +545,50 @@ class DecisionEngine:
                 f"no reservation {settle.reservation_id!r} in session {settle.session_id!r} "
                 "(never made, or settled longer ago than the settle window)",
             )
+        already = outcome.status is SettleStatus.ALREADY_SETTLED
+        # A repeated settle is compared too (a retried settle repeats the first report), so a
+        # server dying between its settle and its journal append loses no flag.
+        anomalies = self._anomalies(settle, outcome.decided, outcome.cost_nano_usd, now_ms)
         if self._journal is not None:
             # Also when already settled: the append is idempotent per decision id, so a settle
             # retried because a server died between its settle and its append is journaled then.
-            event = _journal_event(settle, outcome.cost_nano_usd, now_ms)
+            event = _journal_event(settle, outcome.cost_nano_usd, now_ms, anomalies)
             await self._journal.append(event, t.settled_ttl_ms)
         return Settlement(
             outcome.cost_nano_usd,
             outcome.spent_nano_usd + outcome.reserved_nano_usd,
-            outcome.status is SettleStatus.ALREADY_SETTLED,
+            already,
+            () if already else anomalies,
+        )
+
+    def _anomalies(
+        self, settle: SettleCall, decided: DecidedCall | None, cost: int, now_ms: int
+    ) -> tuple[SettleAnomaly, ...]:
+        """How ``settle`` differs from what Decide admitted (nothing when that was not recorded)."""
+        if decided is None:
+            return ()
+        same_model = settle.model.lower() == decided.model.lower()
+        if not same_model:
+            # Aliases and dated ids of one catalogue model are the same model.
+            try:
+                same_model = self._prices.lookup(settle.model).name == self._prices.lookup(decided.model).name
+            except InvalidArgument:
+                same_model = False  # an unpriced name (--unknown-model-price reject) is another model
+        return settle_anomalies(
+            decided,
+            model=settle.model,
+            same_model=same_model,
+            usage=settle.usage,
+            provider_ok=settle.provider_ok,
+            cost_nano_usd=cost,
+            settle_delay_ms=max(0, now_ms - decision_id_time_ms(settle.reservation_id)),
+            thresholds=self._anomaly_thresholds,
         )
 
 
-def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
+def _journal_event(
+    settle: SettleCall, cost: int, now_ms: int, anomalies: tuple[SettleAnomaly, ...] = ()
+) -> JournalEvent:
     u = settle.usage
     return JournalEvent(
         decision_id=settle.reservation_id,
@@ -521,6 +603,7 @@ def _journal_event(settle: SettleCall, cost: int, now_ms: int) -> JournalEvent:
         cache_write_input_tokens=u.cache_write_input_tokens,
         cost_nano_usd=cost,
         context=settle.context,
+        anomalies=anomalies,
     )
 
 

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from spendgate_server.engine.anomalies import AnomalyKind, SettleAnomaly
+
 __all__ = ["CallContext", "Journal", "JournalEvent"]
 
 
@@ -48,6 +50,8 @@ class JournalEvent:
     cache_write_input_tokens: int
     cost_nano_usd: int
     context: CallContext = field(default_factory=CallContext)
+    # How the settle differs from its decision (engine/anomalies.py); flagged on the alerts feed.
+    anomalies: tuple[SettleAnomaly, ...] = ()
 
     @property
     def requested_model(self) -> str:
@@ -58,6 +62,8 @@ class JournalEvent:
         """The stored form."""
         raw = asdict(self)
         raw["context"] = {k: v for k, v in raw["context"].items() if v not in ("", 0, False, ())}
+        if not raw["anomalies"]:
+            del raw["anomalies"]
         return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
@@ -73,7 +79,10 @@ class JournalEvent:
             context["pattern_matches"] = tuple(
                 (str(pid), int(offset)) for pid, offset in context.get("pattern_matches", ())
             )
-            return cls(**raw, context=CallContext(**context))
+            anomalies = tuple(
+                SettleAnomaly(**{**a, "kind": AnomalyKind(a["kind"])}) for a in raw.pop("anomalies", ())
+            )
+            return cls(**raw, context=CallContext(**context), anomalies=anomalies)
         except (TypeError, KeyError) as exc:
             raise ValueError(f"not a journal event: {exc}") from exc
 

@@ -152,16 +152,20 @@ async def follow_changes(
     every ``poll_interval_seconds`` catches any notice that was lost.
 
     Shared by the config and the policy caches; ``what`` names them in the logs.
+
+    Raises:
+        Exception: what the listener or a poll raised other than an outage; the two run
+            in one task group, so neither can die while the other goes on alone.
     """
-    listener = asyncio.create_task(listen(invalidate))
-    try:
+
+    async def poll() -> None:
         while True:
             await asyncio.sleep(poll_interval_seconds)
             try:
                 await poll_once()
             except StoreUnavailable as exc:
                 _log.warning(f"{what}_poll_failed", error=str(exc))
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(listen(invalidate))
+        group.create_task(poll())

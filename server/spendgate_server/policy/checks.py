@@ -1,4 +1,9 @@
-"""The four policies applied to one journaled call: pure functions, no I/O.
+"""The four policies, and the built-in settle-anomaly flags, applied to one journaled call:
+pure functions, no I/O.
+
+settle_anomaly is not configured and cannot be turned off: the engine compares every
+settle with what its Decide admitted (engine/anomalies.py) and journals what differs;
+each difference becomes one violation here.
 
 approved_models checks the **effective** model, the one that ran (SettleRequest.model):
 that is the model the prompt was sent to and the provider billed, so it is what an
@@ -166,6 +171,17 @@ def evaluate(event: JournalEvent, policies: CompiledPolicies) -> list[Violation]
                 PolicyType.KEY_ENVIRONMENT_CHECK,
                 f"provider key {rule.key_name} used {used}; permitted: {', '.join(rule.environments)}",
                 permitted_environments=rule.environments,
+                **base,
+            )
+        )
+
+    for anomaly in event.anomalies:
+        out.append(
+            Violation(
+                violation_id(tenant, decision, PolicyType.SETTLE_ANOMALY, anomaly.kind.key),
+                PolicyType.SETTLE_ANOMALY,
+                f"{anomaly.kind.key}: {anomaly.message}",
+                anomaly=anomaly,
                 **base,
             )
         )

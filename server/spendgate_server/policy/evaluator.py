@@ -39,7 +39,7 @@ from typing import Protocol
 
 import structlog
 
-from spendgate_server.errors import SpendgateError
+from spendgate_server.errors import StoreUnavailable
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.checks import evaluate
 from spendgate_server.policy.journal import EVALUATOR_GROUP, JOURNAL_LOG, JournalEvent
@@ -318,7 +318,13 @@ class Evaluator:
         await self._evaluation.close()
 
     async def run(self) -> None:
-        """Evaluate until :meth:`stop` (or cancellation); store outages are logged and retried."""
+        """Evaluate until :meth:`stop` (or cancellation); store outages are logged and retried,
+        and so is a batch whose evaluation process died (it is replaced).
+
+        Raises:
+            Exception: anything else (a bug, a record it cannot read): the process running
+                the evaluator ends with it rather than evaluating nothing unnoticed.
+        """
         try:
             await self._run()
         finally:
@@ -340,15 +346,10 @@ class Evaluator:
                     await self.refresh_metrics()
                     next_metrics = loop.time() + self._timings.metrics_interval_seconds
                 failures = 0
-            except Exception as exc:
-                # Store outages (SpendgateError) and anything unexpected: back off, keep evaluating.
+            except (StoreUnavailable, BrokenProcessPool) as exc:
+                # An outage passes, and a dead evaluation process is replaced: back off, keep evaluating.
                 failures += 1
-                _log.warning(
-                    "evaluator_round_failed",
-                    error=str(exc),
-                    failures=failures,
-                    exc_info=not isinstance(exc, SpendgateError),
-                )
+                _log.warning("evaluator_round_failed", error=str(exc), failures=failures)
                 await asyncio.sleep(min(self._timings.idle_poll_seconds * 2**failures, 5.0))
                 continue
             if not done:

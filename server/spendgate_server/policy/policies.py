@@ -167,9 +167,11 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
     """Every bound ``policies`` breaks, each naming its field."""
     bad: list[FieldViolation] = []
     p = prefix
+    # A list over its bound is one violation; its entries are not checked one by one, so a
+    # huge list never costs a huge error (or compiling thousands of patterns).
     if len(policies.approved_models) > MAX_APPROVED_MODELS:
         bad.append(FieldViolation(p + "approved_models", f"must hold {BOUNDS['approved_models']}"))
-    for i, model in enumerate(policies.approved_models):
+    for i, model in enumerate(policies.approved_models[:MAX_APPROVED_MODELS]):
         if not _MODEL.fullmatch(model):
             bad.append(FieldViolation(f"{p}approved_models[{i}]", f"must be {BOUNDS['approved_models']}"))
     if len(policies.banned_patterns) > MAX_PATTERNS:
@@ -183,7 +185,7 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
     total_program_size = 0
     # Set-level problems come first, so a long list of per-pattern ones never hides them.
     set_level = len(bad)
-    for i, banned in enumerate(policies.banned_patterns):
+    for i, banned in enumerate(policies.banned_patterns[:MAX_PATTERNS]):
         where = f"{p}banned_patterns[{i}]"
         if not _ID.fullmatch(banned.id) or banned.id in seen:
             bad.append(FieldViolation(where + ".id", f"must be {BOUNDS['pattern_id']}, got {banned.id!r}"))
@@ -216,7 +218,7 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
         )
     if len(policies.key_environment_check) > MAX_KEY_RULES:
         bad.append(FieldViolation(p + "key_environment_check", f"at most {MAX_KEY_RULES} keys"))
-    for i, rule in enumerate(policies.key_environment_check):
+    for i, rule in enumerate(policies.key_environment_check[:MAX_KEY_RULES]):
         where = f"{p}key_environment_check[{i}]"
         if bool(rule.key_fingerprint) == bool(rule.key_label):
             bad.append(FieldViolation(where, "set exactly one of key_fingerprint and key_label"))
@@ -228,7 +230,7 @@ def check_policies(policies: Policies, prefix: str = "policies.") -> list[FieldV
             bad.append(
                 FieldViolation(where + ".environments", f"must list 1-{MAX_ENVIRONMENTS} environments")
             )
-        for j, env in enumerate(rule.environments):
+        for j, env in enumerate(rule.environments[:MAX_ENVIRONMENTS]):
             if not _ENVIRONMENT.fullmatch(env):
                 bad.append(FieldViolation(f"{where}.environments[{j}]", f"must be {BOUNDS['environment']}"))
     threshold = policies.approval_required_threshold_cents
@@ -254,6 +256,15 @@ def _strings(raw: Any, where: str, bad: list[FieldViolation]) -> tuple[str, ...]
     return tuple(raw)
 
 
+def _items(raw: Any, where: str, bad: list[FieldViolation]) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        bad.append(FieldViolation(where, "must be a list"))
+        return []
+    return raw
+
+
 def policies_from_dict(raw: Mapping[str, Any], prefix: str = "") -> Policies:
     """Validate the user-facing form (what ``spendgate policies set`` reads).
 
@@ -277,7 +288,7 @@ def policies_from_dict(raw: Mapping[str, Any], prefix: str = "") -> Policies:
         )
     models = _strings(raw.get("approved_models"), prefix + "approved_models", bad)
     patterns: list[BannedPattern] = []
-    for i, item in enumerate(raw.get("banned_patterns") or ()):
+    for i, item in enumerate(_items(raw.get("banned_patterns"), prefix + "banned_patterns", bad)):
         if isinstance(item, str):
             patterns.append(BannedPattern(_pattern_id(item), item))
         elif (
@@ -295,7 +306,7 @@ def policies_from_dict(raw: Mapping[str, Any], prefix: str = "") -> Policies:
                 )
             )
     rules: list[KeyRule] = []
-    for i, item in enumerate(raw.get("key_environment_check") or ()):
+    for i, item in enumerate(_items(raw.get("key_environment_check"), prefix + "key_environment_check", bad)):
         where = f"{prefix}key_environment_check[{i}]"
         if not isinstance(item, Mapping) or not set(item) <= {"key_fingerprint", "key_label", "environments"}:
             bad.append(

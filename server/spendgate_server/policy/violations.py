@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from spendgate_server.engine.anomalies import AnomalyKind, SettleAnomaly
 from spendgate_server.errors import ResourceExhausted
 from spendgate_server.store.logs import LogStore, entry_id_ms, parse_entry_id
 
@@ -54,6 +55,8 @@ class PolicyType(enum.IntEnum):
     BANNED_PATTERNS = 2
     KEY_ENVIRONMENT_CHECK = 3
     APPROVAL_REQUIRED_THRESHOLD = 4
+    # Built in, always on: a settle that does not match its decision (engine/anomalies.py).
+    SETTLE_ANOMALY = 5
 
     @property
     def key(self) -> str:
@@ -78,6 +81,7 @@ _KEYS = {
     PolicyType.BANNED_PATTERNS: "banned_patterns",
     PolicyType.KEY_ENVIRONMENT_CHECK: "key_environment_check",
     PolicyType.APPROVAL_REQUIRED_THRESHOLD: "approval_required_threshold_cents",
+    PolicyType.SETTLE_ANOMALY: "settle_anomaly",
 }
 
 
@@ -120,6 +124,8 @@ class Violation:
     approved_models: tuple[str, ...] = ()
     permitted_environments: tuple[str, ...] = ()
     threshold_cents: int = 0
+    # Set for SETTLE_ANOMALY: what the settle reported against what Decide admitted.
+    anomaly: SettleAnomaly | None = None
     # Its position in the feed; empty until stored.
     cursor: str = field(default="", compare=False)
 
@@ -143,6 +149,10 @@ class Violation:
         raw["pattern"] = PatternHit(**raw["pattern"]) if raw.get("pattern") else None
         raw["approved_models"] = tuple(raw.get("approved_models", ()))
         raw["permitted_environments"] = tuple(raw.get("permitted_environments", ()))
+        anomaly = raw.get("anomaly")
+        raw["anomaly"] = (
+            SettleAnomaly(**{**anomaly, "kind": AnomalyKind(anomaly["kind"])}) if anomaly else None
+        )
         return cls(**raw, cursor=cursor)
 
     def webhook_payload(self, tenant: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from spendgate_server.errors import SpendgateError
+from spendgate_server.errors import StoreUnavailable
 from spendgate_server.policy.violations import VIOLATIONS_LOG, WEBHOOK_GROUP, Violation
 from spendgate_server.store.logs import LogEntry, LogStore
 
@@ -207,9 +207,9 @@ class WebhookSink:
         while not self._stopping:
             try:
                 done = await self.run_once()
-            except Exception as exc:
-                unexpected = not isinstance(exc, SpendgateError)
-                _log.warning("webhook_round_failed", error=str(exc), exc_info=unexpected)
+            except StoreUnavailable as exc:
+                # An outage passes; anything else ends the process running the sink (lifecycle.py).
+                _log.warning("webhook_round_failed", error=str(exc))
                 done = 0
             if not done and not self._stopping:
                 await asyncio.sleep(self._idle_poll)

@@ -58,6 +58,18 @@ def violation_to_proto(v: Violation) -> vpb.Violation:
         permitted_environments=list(v.permitted_environments),
         threshold_cents=v.threshold_cents,
     )
+    if v.anomaly is not None:
+        a = v.anomaly
+        message.settle_anomaly.CopyFrom(
+            vpb.SettleAnomaly(
+                kind=int(a.kind),  # type: ignore[arg-type]  # AnomalyKind values are the wire codes
+                decided_model=a.decided_model,
+                estimated_cost_nano_usd=a.estimate_nano_usd,
+                decided_input_tokens=a.decided_input_tokens,
+                decided_max_output_tokens=a.decided_max_output_tokens,
+                settle_delay_millis=a.settle_delay_ms,
+            )
+        )
     if v.pattern is not None:
         message.pattern.CopyFrom(
             vpb.PatternViolation(

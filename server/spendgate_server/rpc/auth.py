@@ -4,6 +4,14 @@ The tenant always comes from the caller's API key, never from the request. The k
 table is held in memory and reloaded every ``reload_seconds`` (the bound on how long
 a revoked key keeps working), so verifying a key costs one SHA-256 and a dict lookup,
 and a bad key never causes a store round trip.
+
+Authentication never fails open. Whether a server runs open (no key exists, and it is
+bound to loopback or started with ``--insecure``) is decided by the first load of the
+key table, at start-up, and never changes while the process runs. A server that
+started with keys and later reads an empty key table (Redis restarted without
+persistence, the keys file removed) refuses every call with UNAUTHENTICATED, logs one
+error line and sets ``spendgate_auth_keys_missing`` until keys are back; it never
+turns into an open server.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any, cast
 
 import grpc
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from spendgate_server.errors import ConfigError, SpendgateError
 from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, key_problem, parse_key
@@ -101,12 +109,18 @@ class Authenticator:
         allow_open_mode: bool,
         reload_seconds: float = 5.0,
         failures: Counter | None = None,
+        keys_missing: Gauge | None = None,
     ) -> None:
         self._keystore = keystore
         self._allow_open_mode = allow_open_mode
         self._reload_seconds = reload_seconds
         self._failures = failures
+        self._keys_missing = keys_missing
         self._keys: dict[str, ApiKey] = {}
+        # Decided by the first load and never changed after: None until then (every call refused).
+        self._open: bool | None = None
+        self._missing = False
+        self._ignored_keys_logged = False
         self._last_logged: dict[tuple[str, str], float] = {}
 
     @property
@@ -116,13 +130,51 @@ class Authenticator:
 
     @property
     def open_mode(self) -> bool:
-        """No key exists and open mode is allowed: every caller is the dev admin."""
-        return self._allow_open_mode and not self._keys
+        """This server started with no key while open mode was allowed: every caller is the dev admin.
+
+        Fixed by the first :meth:`load`; no later load changes it, in either direction.
+        """
+        return self._open is True
+
+    @property
+    def keys_missing(self) -> bool:
+        """The server started with keys and its key table is now empty: every call is refused."""
+        return self._missing
 
     async def load(self) -> None:
-        """(Re)read the key table."""
-        if self._keystore is not None:
-            self._keys = await self._keystore.all()
+        """(Re)read the key table; the first load also decides, for good, whether the server runs open.
+
+        Raises:
+            StoreUnavailable: the key store cannot be read (the previous table stays in force).
+            ConfigError: the keys file cannot be read or parsed.
+        """
+        keys = await self._keystore.all() if self._keystore is not None else {}
+        if self._open is None:
+            self._open = self._allow_open_mode and not keys
+        self._keys = keys
+        if self._open:
+            if keys and not self._ignored_keys_logged:
+                self._ignored_keys_logged = True
+                _log.warning(
+                    "api_keys_ignored_in_open_mode",
+                    detail="API keys exist but this server started in open development mode; "
+                    "restart it to enforce them",
+                    keys=len(keys),
+                )
+            return
+        missing = not keys
+        if missing != self._missing:
+            self._missing = missing
+            if self._keys_missing is not None:
+                self._keys_missing.set(1 if missing else 0)
+            if missing:
+                _log.error(
+                    "api_keys_missing",
+                    detail="the key store holds no API keys (Redis restarted without persistence, or "
+                    "the keys file was removed): every call is refused until keys are restored",
+                )
+            else:
+                _log.warning("api_keys_restored", keys=len(keys))
 
     async def run(self) -> None:
         """Reload the key table until cancelled: new and revoked keys take effect within the period."""
@@ -140,8 +192,16 @@ class Authenticator:
             AuthError: no/invalid/revoked key (UNAUTHENTICATED) or too small a scope
                 (PERMISSION_DENIED).
         """
-        if method.startswith(PUBLIC_PREFIXES) or self.open_mode:
+        if method.startswith(PUBLIC_PREFIXES) or self._open is True:
             return DEV_PRINCIPAL
+        if self._open is None or self._missing:
+            # Never open: a server that started with keys and lost them refuses everyone.
+            raise self._refuse(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no_keys",
+                "",
+                "this server has no API keys loaded; every call is refused until they are restored",
+            )
         presented = ""
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str):

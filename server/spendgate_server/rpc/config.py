@@ -19,7 +19,7 @@ from spendgate_server.engine.remote_config import ConfigResolver, parse_stored
 from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import config_from_proto, project_from_proto
+from spendgate_server.rpc.validation import config_from_proto, offset_page_from_proto, project_from_proto
 from spendgate_server.rpc.wire import config_to_proto
 from spendgate_server.store.configs import StoredConfig
 
@@ -121,15 +121,12 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
     ) -> cpb.ListConfigRevisionsResponse:
         try:
             project = project_from_proto(request.project)
-            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-                raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
-            if request.page_token and not request.page_token.isdigit():
-                raise InvalidArgument([FieldViolation("page_token", "not a token from a previous page")])
+            size, start = offset_page_from_proto(
+                request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+            )
             revisions = await self._store.history(current_principal().tenant, project)
         except Exception as exc:
             await self._fail(context, exc)
-        start = int(request.page_token or 0)
-        size = request.page_size or DEFAULT_PAGE_SIZE
         page = revisions[start : start + size]
         more = start + size < len(revisions)
         return cpb.ListConfigRevisionsResponse(

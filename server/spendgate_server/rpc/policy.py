@@ -11,13 +11,13 @@ import structlog
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import policy_pb2_grpc
 
-from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
+from spendgate_server.errors import SpendgateError
 from spendgate_server.policy.policies import policies_to_dict
 from spendgate_server.policy.remote_policies import PolicyResolver, parse_stored_policies
 from spendgate_server.rpc.alerts_wire import policies_to_proto, timestamp
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import policies_from_proto
+from spendgate_server.rpc.validation import offset_page_from_proto, policies_from_proto
 from spendgate_server.store.policies import StoredPolicies
 
 __all__ = ["PolicyServicer", "actor_of"]
@@ -88,15 +88,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: ppb.ListPolicyRevisionsRequest, context: Context
     ) -> ppb.ListPolicyRevisionsResponse:
         try:
-            if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-                raise InvalidArgument([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
-            if request.page_token and not request.page_token.isdigit():
-                raise InvalidArgument([FieldViolation("page_token", "not a token from a previous page")])
-            size = request.page_size or DEFAULT_PAGE_SIZE
+            size, start = offset_page_from_proto(
+                request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+            )
             revisions = await self._store.history(current_principal().tenant)
         except Exception as exc:
             await self._fail(context, exc)
-        start = int(request.page_token or 0)
         page = revisions[start : start + size]
         return ppb.ListPolicyRevisionsResponse(
             revisions=[_policy_set(r) for r in page],

@@ -24,6 +24,18 @@ from spendgate_server.store.configs import ConfigConflict
 __all__ = ["DOMAIN", "DecodeErrorInterceptor", "abort", "rpc_status"]
 
 DOMAIN = "spendgate.dev"
+# The message travels in a trailer, and again inside the Status with the BadRequest in
+# another (base64: 4/3 of its size). grpc clients refuse received metadata past a soft
+# limit of 8 KiB at random (more often the larger it is) and always past 16 KiB, so an
+# error stays near 5 KiB at most: the violations' text, and so the message, fit
+# MAX_ERROR_TEXT_BYTES, and no single field or description can take it all.
+MAX_ERROR_TEXT_BYTES = 1024
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 384
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -32,31 +44,28 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
-# The message and the BadRequest both travel in trailers. grpc clients start refusing
-# metadata past 8 KiB (the soft limit of grpc.max_metadata_size; some calls between 8 and
-# 16 KiB are refused at random), and the BadRequest goes base64-encoded: each is kept
-# under this many bytes so that both, encoded, stay well inside 8 KiB.
-MAX_ERROR_TEXT_BYTES = 2 * 1024
-
-
 def _bounded(exc: InvalidArgument) -> InvalidArgument:
-    """``exc`` with as many field violations as fit MAX_ERROR_TEXT_BYTES, the rest counted in a last one."""
+    """``exc`` with as many (clipped) violations as fit MAX_ERROR_TEXT_BYTES; a last one counts the rest."""
     kept: list[FieldViolation] = []
     size = 0
     for violation in exc.violations:
-        size += len(violation.field.encode()) + len(violation.description.encode()) + 4
+        field = _clip(violation.field, MAX_FIELD_CHARS)
+        description = _clip(violation.description, MAX_DESCRIPTION_CHARS)
+        size += len(field.encode()) + len(description.encode()) + 4
         if size > MAX_ERROR_TEXT_BYTES and kept:
             rest = len(exc.violations) - len(kept)
-            kept.append(FieldViolation(violation.field, f"... and {rest} more problems (fix these first)"))
+            kept.append(FieldViolation(field, f"... and {rest} more problems (fix these first)"))
             return InvalidArgument(kept)
-        kept.append(violation)
-    return exc
+        kept.append(FieldViolation(field, description))
+    return InvalidArgument(kept)
 
 
 def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (ErrorInfo, plus BadRequest for bad input) of ``exc``.
 
     Errors we did not raise on purpose become INTERNAL without their text, which may hold secrets.
+    The text is bounded (see MAX_ERROR_TEXT_BYTES), so an error stays a few KiB whatever the
+    request held.
     """
     details = []
     if isinstance(exc, InvalidArgument):
@@ -82,6 +91,8 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
     else:
         code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
     message = str(exc) if isinstance(exc, SpendgateError) else "internal error; see server logs"
+    if not isinstance(exc, InvalidArgument):  # that one is bounded above, its count kept at the end
+        message = _clip(message, MAX_ERROR_TEXT_BYTES)
     details.insert(0, _packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
     return code, status_pb2.Status(code=code.value[0], message=message, details=details)
 

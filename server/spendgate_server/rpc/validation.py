@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf import timestamp_pb2
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import policy_pb2 as ppb
 
@@ -28,11 +29,13 @@ __all__ = [
     "call_from_proto",
     "config_from_proto",
     "cursor_from_proto",
+    "offset_page_from_proto",
     "page_size_from_proto",
     "policies_from_proto",
     "project_from_proto",
     "session_id_from_proto",
     "settle_from_proto",
+    "time_range_from_proto",
 ]
 
 # Ids and names: no braces (they delimit the Redis hash tag) and no whitespace.
@@ -43,7 +46,17 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 _KEY_LABEL = re.compile(r"[A-Za-z0-9._:@/-]{1,64}")
 _ENVIRONMENT = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _PATTERN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+# Feed cursors are Redis stream ids: two unsigned 64-bit integers. ASCII digits only ([0-9],
+# never \d, which also matches "²" and other Unicode digits int() refuses).
+_CURSOR = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_STREAM_ID_PART = 2**64 - 1
+# Offset page tokens (config and policy history): a position in a list of at most this many.
+_OFFSET_TOKEN = re.compile(r"[0-9]{1,9}")
+# google.protobuf.Timestamp's documented range ends at 9999-12-31T23:59:59Z; feeds begin at the epoch.
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+# A repeated enum field lists each value at most once in any sensible request; past this it is refused
+# whole (one violation, not one per entry).
+MAX_SHADOW_RULES = 16
 
 MAX_INPUT_TOKENS = 10_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
@@ -70,6 +83,7 @@ BOUNDS = {
     "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
     "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
     "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
+    "timestamp": f"seconds 0-{MAX_TIMESTAMP_SECONDS} (up to 9999-12-31) and nanos 0-999999999",
     "usage.counts": (
         f"genai-prices usage keys to counts: input tokens 0-{MAX_INPUT_TOKENS}, output tokens "
         f"0-{MAX_OUTPUT_TOKENS}, anything else 0-{MAX_USAGE_COUNT}; no part above its total"
@@ -124,11 +138,17 @@ def config_from_proto(
     for unit in RULE_UNITS:
         fields.update(unit.from_wire(config, c, prefix))
     shadow: set[Rule] = set(Rule) if config.shadow else set()
-    for i, value in enumerate(config.shadow_rules):
-        if value in Rule._value2member_map_:
-            shadow.add(Rule(value))
-        else:
-            c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
+    if len(config.shadow_rules) > MAX_SHADOW_RULES:
+        c.bad(
+            prefix + "shadow_rules",
+            f"at most {MAX_SHADOW_RULES} entries (each Rule once), got {len(config.shadow_rules)}",
+        )
+    else:
+        for i, value in enumerate(config.shadow_rules):
+            if value in Rule._value2member_map_:
+                shadow.add(Rule(value))
+            else:
+                c.bad(f"{prefix}shadow_rules[{i}]", f"unknown Rule value {value}")
     if own:
         c.raise_if_any()
     return EnforcementConfig(**fields, shadow_rules=frozenset(shadow))
@@ -300,6 +320,21 @@ def policies_from_proto(policies: ppb.Policies) -> Policies:
     return domain
 
 
+def _is_cursor(text: str, *, after: bool) -> bool:
+    """``<ms>-<seq>`` of ASCII digits, each part within an unsigned 64-bit integer (a stream id).
+
+    A cursor is an exclusive bound, and Redis refuses an interval that starts after the
+    largest id (``after``: entries after the cursor) or ends before the smallest (a page
+    token: entries before it).
+    """
+    match = _CURSOR.fullmatch(text)
+    if match is None:
+        return False
+    parts = (int(match.group(1)), int(match.group(2)))
+    edge = (_MAX_STREAM_ID_PART, _MAX_STREAM_ID_PART) if after else (0, 0)
+    return max(parts) <= _MAX_STREAM_ID_PART and parts != edge
+
+
 def page_size_from_proto(page_size: int, page_token: str, *, default: int, maximum: int) -> int:
     """Validate a page size (0: ``default``) and that the token is a cursor or empty.
 
@@ -308,10 +343,27 @@ def page_size_from_proto(page_size: int, page_token: str, *, default: int, maxim
     """
     c = _Checker()
     c.integer("page_size", page_size, 0, maximum)
-    if page_token and not _CURSOR.fullmatch(page_token):
+    if page_token and not _is_cursor(page_token, after=False):
         c.bad("page_token", "not a token from a previous page")
     c.raise_if_any()
     return page_size or default
+
+
+def offset_page_from_proto(page_size: int, page_token: str, *, default: int, maximum: int) -> tuple[int, int]:
+    """Validate a page of an offset-paged list: ``(page size, offset)``.
+
+    The token is empty (the first page) or a ``next_page_token`` this server gave: up to 9
+    ASCII digits.
+
+    Raises:
+        InvalidArgument: naming ``page_size`` or ``page_token``.
+    """
+    c = _Checker()
+    c.integer("page_size", page_size, 0, maximum)
+    if page_token and not _OFFSET_TOKEN.fullmatch(page_token):
+        c.bad("page_token", "not a token from a previous page")
+    c.raise_if_any()
+    return page_size or default, int(page_token or 0)
 
 
 def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
@@ -320,9 +372,35 @@ def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
     Raises:
         InvalidArgument: naming ``field``.
     """
-    if cursor and cursor != "0" and not _CURSOR.fullmatch(cursor):
+    if cursor and cursor != "0" and not _is_cursor(cursor, after=True):
         raise InvalidArgument([FieldViolation(field, f'must be empty, "0" or {BOUNDS["cursor"]}')])
     return cursor
+
+
+def _timestamp_ms(timestamp: timestamp_pb2.Timestamp, field: str, c: _Checker) -> int:
+    if not 0 <= timestamp.seconds <= MAX_TIMESTAMP_SECONDS:
+        c.bad(field + ".seconds", f"must be between 0 and {MAX_TIMESTAMP_SECONDS}, got {timestamp.seconds}")
+    if not 0 <= timestamp.nanos <= 999_999_999:
+        c.bad(field + ".nanos", f"must be between 0 and 999999999, got {timestamp.nanos}")
+    return timestamp.seconds * 1000 + timestamp.nanos // 1_000_000
+
+
+def time_range_from_proto(
+    start: timestamp_pb2.Timestamp | None, end: timestamp_pb2.Timestamp | None
+) -> tuple[int, int | None]:
+    """``[start, end)`` as Unix milliseconds (``0`` and ``None`` when unset).
+
+    Raises:
+        InvalidArgument: naming ``start_time.seconds``, ``end_time.nanos``... when out of
+            range, or ``end_time`` when it is not after ``start_time``.
+    """
+    c = _Checker()
+    since = 0 if start is None else _timestamp_ms(start, "start_time", c)
+    until = None if end is None else _timestamp_ms(end, "end_time", c)
+    c.raise_if_any()
+    if until is not None and until <= since:
+        raise InvalidArgument([FieldViolation("end_time", "must be after start_time")])
+    return since, until
 
 
 def project_from_proto(project: str) -> str:

@@ -23,7 +23,7 @@ from spendgate_server.policy.violations import (
 from spendgate_server.rpc.alerts_wire import violation_to_proto
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import cursor_from_proto, page_size_from_proto
+from spendgate_server.rpc.validation import cursor_from_proto, page_size_from_proto, time_range_from_proto
 
 __all__ = ["ViolationServicer"]
 
@@ -67,12 +67,10 @@ class ViolationServicer(violation_pb2_grpc.ViolationServiceServicer):
                 request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
             )
             where = _filter(request.policy_type, request.session_id, request.project)
-            since = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
-            until = request.end_time.ToMilliseconds() if request.HasField("end_time") else None
-            if since < 0 or (until is not None and until <= since):
-                raise InvalidArgument(
-                    [FieldViolation("end_time", "must be after start_time (and both >= 0)")]
-                )
+            since, until = time_range_from_proto(
+                request.start_time if request.HasField("start_time") else None,
+                request.end_time if request.HasField("end_time") else None,
+            )
             found, token = await self._feed.page(
                 current_principal().tenant,
                 before=request.page_token,

@@ -2,6 +2,9 @@
 
 from spendgate_server.store.base import (
     BudgetCheck,
+    CancelRequest,
+    CancelStatus,
+    DecidedCall,
     DedupCheck,
     ReserveOutcome,
     ReserveRequest,
@@ -17,6 +20,9 @@ from spendgate_server.store.base import (
 
 __all__ = [
     "BudgetCheck",
+    "CancelRequest",
+    "CancelStatus",
+    "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",
     "ReserveRequest",

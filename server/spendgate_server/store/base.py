@@ -15,6 +15,9 @@ from spendgate_server.rule_codes import Rule
 
 __all__ = [
     "BudgetCheck",
+    "CancelRequest",
+    "CancelStatus",
+    "DecidedCall",
     "DedupCheck",
     "ReserveOutcome",
     "ReserveRequest",
@@ -64,6 +67,33 @@ class BudgetCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class DecidedCall:
+    """What Decide admitted, kept beside its reservation so a Settle can be compared with it.
+
+    Kept from the reservation until the record of its settle (or of its expiry) is
+    forgotten, so every settle of it, repeated ones included, gets it back.
+    """
+
+    # The effective model (after any downgrade) the call was priced on.
+    model: str
+    estimate_nano_usd: int
+    input_tokens: int
+    max_output_tokens: int
+
+    def encode(self) -> str:
+        """The stored form: four space-separated fields (a model name holds no space)."""
+        return f"{self.model} {self.estimate_nano_usd} {self.input_tokens} {self.max_output_tokens}"
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> DecidedCall | None:
+        """Parse what :meth:`encode` wrote; None for an empty or unreadable record."""
+        parts = (text.decode() if isinstance(text, bytes) else text).split(" ")
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts[1:]):
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveRequest:
     """Everything the atomic step needs: checks to run and, if they pass, what to record."""
 
@@ -82,6 +112,8 @@ class ReserveRequest:
     # Idempotency: a second request with this id replays ``memo`` and changes nothing.
     request_id: str = ""
     memo: str = ""
+    # Kept with the reservation and handed back by settle (SettleOutcome.decided).
+    decided: DecidedCall | None = None
 
 
 class ReserveStatus(enum.IntEnum):
@@ -90,6 +122,8 @@ class ReserveStatus(enum.IntEnum):
     ALLOWED = 0
     BLOCKED = 1
     REPLAYED = 2
+    # A cancel (CancelRequest) for this reservation id arrived first: nothing changed.
+    CANCELLED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +172,54 @@ class SettleOutcome:
     cost_nano_usd: int
     spent_nano_usd: int
     reserved_nano_usd: int
+    # What Decide admitted (ReserveRequest.decided); None when it was not recorded.
+    decided: DecidedCall | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Undo a reserve whose answer its caller never heard, or make sure it never applies.
+
+    A Decide whose reserve timed out was answered UNAVAILABLE, yet a hung store may run
+    the script later (it was already sent). The cancel removes what that reserve
+    recorded (reservation, tool calls, its dedup mark, its request-id memo), or, when
+    the reserve has not run, leaves a tombstone that makes it change nothing when it
+    does. Built from the ReserveRequest that timed out.
+    """
+
+    session: SessionKey
+    now_ms: int
+    reservation_id: str
+    request_id: str
+    tool_call_count: int
+    # How long the tombstone refuses a reserve of this id that arrives after the cancel.
+    tombstone_ttl_ms: int
+    session_ttl_ms: int
+
+    @classmethod
+    def undoing(cls, reserve: ReserveRequest, now_ms: int) -> CancelRequest:
+        """The cancel of ``reserve`` (its dedup mark is found by the record the admission left)."""
+        return cls(
+            reserve.session,
+            now_ms,
+            reserve.reservation_id,
+            reserve.request_id,
+            reserve.tool_call_count,
+            reserve.reservation_ttl_ms,
+            reserve.session_ttl_ms,
+        )
+
+
+class CancelStatus(enum.IntEnum):
+    """Outcome of a cancel (values are the Lua script's status codes)."""
+
+    # The reserve had not run: a tombstone now makes it change nothing.
+    TOMBSTONED = 0
+    # The reserve had run: everything it recorded is undone.
+    CANCELLED = 1
+    # A client learned of the reservation (a retried request id replayed it, or it was
+    # settled), so it stays: that client will settle it.
+    KEPT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +260,14 @@ class Store(ABC):
         the actual cost. With ``release_dedup`` the dedup mark the reservation's
         admission set is removed too, unless a later admission has renewed it.
         """
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        """Undo a reserve whose answer was never heard, or make sure it changes nothing when it runs.
+
+        Raises:
+            StoreUnavailable: the store did not answer; the caller tries again later.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot cancel reservations")
 
     @abstractmethod
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:

@@ -27,6 +27,8 @@ import structlog
 
 from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.base import (
+    CancelRequest,
+    CancelStatus,
     ReserveOutcome,
     ReserveRequest,
     SessionKey,
@@ -36,10 +38,14 @@ from spendgate_server.store.base import (
     Store,
 )
 
-__all__ = ["BreakerState", "CircuitBreakerStore"]
+__all__ = ["BreakerOpen", "BreakerState", "CircuitBreakerStore"]
 
 _T = TypeVar("_T")
 _log = structlog.get_logger("spendgate.store")
+
+
+class BreakerOpen(StoreUnavailable):
+    """Refused by the breaker: the call never reached the store (so it cannot have applied)."""
 
 
 class BreakerState(enum.Enum):
@@ -102,13 +108,13 @@ class CircuitBreakerStore(Store):
             return False
         now = self._clock()
         if self._state is BreakerState.OPEN and now < self._retry_at:
-            raise StoreUnavailable(
+            raise BreakerOpen(
                 f"{self._name} circuit breaker open after {self._failures} consecutive failures "
                 f"(last: {self._last_error}); next try in {(self._retry_at - now) * 1000:.0f} ms"
             )
         self._state = BreakerState.HALF_OPEN
         if self._trial_in_flight:
-            raise StoreUnavailable(
+            raise BreakerOpen(
                 f"{self._name} circuit breaker half-open: a trial call is testing the store "
                 f"(last error: {self._last_error})"
             )
@@ -174,6 +180,9 @@ class CircuitBreakerStore(Store):
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
         return await self._guarded(lambda: self._inner.settle(request))
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        return await self._guarded(lambda: self._inner.cancel(request))
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         return await self._guarded(lambda: self._inner.session_state(session, now_ms, session_ttl_ms))

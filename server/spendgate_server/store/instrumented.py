@@ -9,6 +9,8 @@ from typing import TypeVar
 from prometheus_client import Counter, Histogram
 
 from spendgate_server.store.base import (
+    CancelRequest,
+    CancelStatus,
     ReserveOutcome,
     ReserveRequest,
     SessionKey,
@@ -46,6 +48,9 @@ class InstrumentedStore(Store):
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
         return await self._timed("settle", lambda: self._inner.settle(request))
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        return await self._timed("cancel", lambda: self._inner.cancel(request))
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         return await self._timed("state", lambda: self._inner.session_state(session, now_ms, session_ttl_ms))

@@ -189,8 +189,10 @@ class RedisKeyStore(KeyStore):
 
     KEY = API_KEYS
 
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, *, owns_client: bool = True) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
 
     @classmethod
     def from_url(cls, url: str, timeout_seconds: float = 0.5) -> RedisKeyStore:
@@ -213,7 +215,8 @@ class RedisKeyStore(KeyStore):
         await redis_call(self._client.hset(self.KEY, key.key_id, key.to_json()))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()
 
 
 class FileKeyStore(KeyStore):

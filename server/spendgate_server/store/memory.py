@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store.base import (
     SHADOW_BITS,
+    CancelRequest,
+    CancelStatus,
+    DecidedCall,
     ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
@@ -42,6 +45,9 @@ class _Session:
     dedup_until: dict[str, int] = field(default_factory=dict)  # fingerprint -> due ms
     # reservation id -> (fingerprint, due ms) of the dedup mark its admission set
     marks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    decided: dict[str, DecidedCall] = field(default_factory=dict)  # id -> what Decide admitted
+    tombstones: set[str] = field(default_factory=set)  # ids cancelled before their reserve ran
+    replayed: set[str] = field(default_factory=set)  # request ids whose memo reached a client
     # (due ms, kind, key): a lazy timer wheel like the Redis expiry zset.
     due: list[tuple[int, str, str]] = field(default_factory=list)
     idle_until_ms: int = 0
@@ -65,12 +71,18 @@ class _Session:
                 if self.dedup_until.get(key) == due_ms:
                     del self.dedup_until[key]
             elif kind == "x":
-                self.expired.pop(key, None)
-                self.marks.pop(key, None)
+                # A settle after the expiry took the id over (its "d" record forgets it).
+                if self.expired.pop(key, None) is not None:
+                    self.marks.pop(key, None)
+                    self.decided.pop(key, None)
             elif kind == "d":
                 self.settled.pop(key, None)
+                self.decided.pop(key, None)
+            elif kind == "k":
+                self.tombstones.discard(key)
             else:
                 self.memos.pop(key, None)
+                self.replayed.discard(key)
 
 
 class MemoryStore(Store):
@@ -105,7 +117,10 @@ class MemoryStore(Store):
                 s.memos.get(request.request_id, "") if status is ReserveStatus.REPLAYED else "",
             )
 
+        if request.reservation_id in s.tombstones:
+            return outcome(ReserveStatus.CANCELLED)
         if request.request_id and request.request_id in s.memos:
+            s.replayed.add(request.request_id)
             return outcome(ReserveStatus.REPLAYED)
 
         mask = 0
@@ -130,6 +145,8 @@ class MemoryStore(Store):
                 mask |= SHADOW_BITS[Rule.SESSION_BUDGET]
 
         rid = request.reservation_id
+        if request.decided is not None:
+            s.decided[rid] = request.decided
         s.open[rid] = request.estimate_nano_usd
         s.reserved += request.estimate_nano_usd
         s.schedule(now + request.reservation_ttl_ms, "r", rid)
@@ -148,8 +165,9 @@ class MemoryStore(Store):
         now = request.now_ms
         s = self._session(request.session, now, request.session_ttl_ms)
         rid, cost = request.reservation_id, request.cost_nano_usd
+        decided = s.decided.get(rid)
         if rid in s.settled:
-            return SettleOutcome(SettleStatus.ALREADY_SETTLED, s.settled[rid], s.spent, s.reserved)
+            return SettleOutcome(SettleStatus.ALREADY_SETTLED, s.settled[rid], s.spent, s.reserved, decided)
         if rid in s.open:
             s.reserved -= s.open.pop(rid)
             s.spent += cost
@@ -165,7 +183,33 @@ class MemoryStore(Store):
         s.settled[rid] = cost
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms
-        return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved)
+        return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved, decided)
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        now = request.now_ms
+        s = self._session(request.session, now, request.session_ttl_ms)
+        rid = request.reservation_id
+        if rid in s.settled or (request.request_id and request.request_id in s.replayed):
+            return CancelStatus.KEPT
+        if rid not in s.open and rid not in s.expired:
+            s.tombstones.add(rid)
+            s.schedule(now + request.tombstone_ttl_ms, "k", rid)
+            s.idle_until_ms = max(s.idle_until_ms, now + request.session_ttl_ms)
+            return CancelStatus.TOMBSTONED
+        if rid in s.open:
+            s.reserved -= s.open.pop(rid)
+        else:
+            s.spent -= s.expired.pop(rid)
+        s.tools -= request.tool_call_count
+        mark = s.marks.pop(rid, None)
+        # Only the mark this admission set: a later admission of the same request renewed it.
+        if mark is not None and s.dedup_until.get(mark[0]) == mark[1]:
+            del s.dedup_until[mark[0]]
+        s.decided.pop(rid, None)
+        if request.request_id:
+            s.memos.pop(request.request_id, None)
+        s.idle_until_ms = now + request.session_ttl_ms
+        return CancelStatus.CANCELLED
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         s = self._session(session, now_ms, session_ttl_ms)

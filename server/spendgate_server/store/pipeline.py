@@ -115,8 +115,11 @@ class PipelinedRedis:
         username: str | None = None,
         password: str | None = None,
         timeout_seconds: float = 0.1,
+        client_name: str | None = None,
     ) -> None:
         self._host, self._port, self._db = host, port, db
+        # Set with CLIENT SETNAME on each connection, so CLIENT LIST can attribute it.
+        self._client_name = client_name
         self._username, self._password = username, password
         self._timeout = timeout_seconds
         self._conn: _Connection | None = None
@@ -131,21 +134,30 @@ class PipelinedRedis:
             if self._conn is not None and self._conn.lost is None:
                 return self._conn
             loop = asyncio.get_running_loop()
-            try:
-                _, conn = await asyncio.wait_for(
-                    loop.create_connection(_Connection, self._host, self._port), self._timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                raise StoreUnavailable(
-                    f"redis {self._host}:{self._port}: {exc or 'connect timed out'}"
-                ) from exc
+            handshake: list[tuple[Any, ...]] = []
             if self._password is not None:
-                auth = (
+                handshake.append(
                     ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
                 )
-                await self._send(conn, auth)
             if self._db:
-                await self._send(conn, ("SELECT", self._db))
+                handshake.append(("SELECT", self._db))
+            if self._client_name:
+                handshake.append(("CLIENT", "SETNAME", self._client_name))
+            conn: _Connection | None = None
+            try:
+                # One bound for connecting and the handshake: a Redis that accepts connections but
+                # never answers (stopped, overloaded) must cost a caller one timeout, no more.
+                async with asyncio.timeout(self._timeout):
+                    _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                    # Sent together, answered in order: one round trip.
+                    await asyncio.gather(*(self._send(conn, command) for command in handshake))
+            except (OSError, TimeoutError, StoreUnavailable) as exc:
+                if conn is not None and conn.transport is not None:
+                    conn.transport.abort()
+                if isinstance(exc, StoreUnavailable):
+                    raise
+                reason = str(exc) or f"no answer within {self._timeout * 1000:.0f} ms"
+                raise StoreUnavailable(f"redis {self._host}:{self._port}: {reason}") from exc
             self._conn = conn
             if self._watchdog is None:
                 self._watchdog = loop.call_later(self._timeout / 2, self._check)

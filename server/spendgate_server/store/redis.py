@@ -13,6 +13,8 @@ mode. The circuit breaker (breaker.py) stops calls piling onto a dead Redis.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -38,9 +40,13 @@ from redis.exceptions import (
 from redis.maint_notifications import MaintNotificationsConfig
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.rule_codes import Rule
 from spendgate_server.store import keyspace
 from spendgate_server.store.base import (
+    CancelRequest,
+    CancelStatus,
+    DecidedCall,
     ReserveOutcome,
     ReserveRequest,
     ReserveStatus,
@@ -61,11 +67,13 @@ __all__ = [
     "SETTLE",
     "STATE",
     "RedisClient",
+    "RedisConnection",
     "RedisStore",
     "ScriptSignature",
     "connect",
     "decide_args",
     "load_script",
+    "ping",
     "redis_call",
 ]
 
@@ -105,7 +113,7 @@ async def redis_call(awaitable: Awaitable[_T]) -> _T:
     """
     try:
         return await awaitable
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise asyncio.CancelledError from exc
@@ -155,6 +163,7 @@ DECIDE: ScriptSignature[ReserveRequest] = ScriptSignature(
         ("budget_cap_nano_usd", lambda r: r.budget.cap_nano_usd if r.budget else -1),
         ("budget_strict", lambda r: _flag(r.budget is not None and r.budget.strict)),
         ("budget_shadow", lambda r: _flag(r.budget is not None and r.budget.shadow)),
+        ("decided", lambda r: r.decided.encode() if r.decided is not None else ""),
     ),
     reply=("status", "spent", "reserved", "tools", "blocked_rule", "shadow_mask", "memo"),
 )
@@ -170,7 +179,7 @@ SETTLE: ScriptSignature[SettleRequest] = ScriptSignature(
         ("session_ttl_ms", lambda r: r.session_ttl_ms),
         ("release_dedup", lambda r: _flag(r.release_dedup)),
     ),
-    reply=("status", "cost", "spent", "reserved"),
+    reply=("status", "cost", "spent", "reserved", "decided"),
 )
 
 STATE: ScriptSignature[tuple[int, int]] = ScriptSignature(
@@ -180,7 +189,21 @@ STATE: ScriptSignature[tuple[int, int]] = ScriptSignature(
     reply=("spent", "reserved", "tools", "open_reservations"),
 )
 
-SCRIPTS = (DECIDE, SETTLE, STATE)
+CANCEL: ScriptSignature[CancelRequest] = ScriptSignature(
+    "cancel",
+    keys=("hkey", "zkey"),
+    argv=(
+        ("now_ms", lambda r: r.now_ms),
+        ("reservation_id", lambda r: r.reservation_id),
+        ("request_id", lambda r: r.request_id),
+        ("tool_call_count", lambda r: r.tool_call_count),
+        ("tombstone_ttl_ms", lambda r: r.tombstone_ttl_ms),
+        ("session_ttl_ms", lambda r: r.session_ttl_ms),
+    ),
+    reply=("status",),
+)
+
+SCRIPTS = (DECIDE, SETTLE, STATE, CANCEL)
 """The session scripts; each runs on the two keys of one session."""
 
 
@@ -189,7 +212,9 @@ def decide_args(request: ReserveRequest) -> list[object]:
     return DECIDE.args(request)
 
 
-def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> RedisClient:
+def connect(
+    url: str, *, timeout_seconds: float, max_connections: int = 64, client_name: str | None = None
+) -> RedisClient:
     """A lazily connecting client for ``url``; nothing is contacted until the first call.
 
     ``redis://``, ``rediss://`` and ``unix://`` give one Redis. ``redis+cluster://`` and
@@ -202,6 +227,9 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
     pooled connections a restarted Redis has closed (every such connection would then
     fail one call) and may stretch timeouts to 10 s during a maintenance event.
 
+    ``client_name`` is set on every connection (``CLIENT SETNAME``), so ``CLIENT LIST``
+    on the Redis tells which process and which client holds it.
+
     Raises:
         ConfigError: the URL is malformed; the message names --redis-url.
     """
@@ -213,6 +241,8 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
         "retry": Retry(NoBackoff(), 0),
         "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
+    if client_name:
+        common["client_name"] = client_name
     scheme = url.partition("://")[0].lower()
     try:
         if scheme in CLUSTER_SCHEMES:
@@ -225,8 +255,9 @@ def connect(url: str, *, timeout_seconds: float, max_connections: int = 64) -> R
         return client
     except (ValueError, RedisClusterException) as exc:
         raise ConfigError(
-            f"--redis-url {url!r} is not valid: {exc}; expected redis://host:port/db, rediss://, "
-            "unix:///path or redis+cluster://host:port[,host:port...]"
+            f"--redis-url {redact_secrets(url)!r} is not valid: {redact_secrets(str(exc))}; "
+            "expected redis://host:port/db, rediss://, unix:///path or "
+            "redis+cluster://host:port[,host:port...]"
         ) from exc
 
 
@@ -253,17 +284,93 @@ def _cluster(url: str, base_scheme: str, common: dict[str, Any]) -> RedisCluster
     return RedisCluster(startup_nodes=nodes, **options, **common)
 
 
+async def ping(client: RedisClient) -> None:
+    """Check that Redis answers; on a cluster, every primary (one missing cannot serve its slots).
+
+    Raises:
+        StoreUnavailable: it does not.
+    """
+    try:
+        if isinstance(client, RedisCluster):
+            await client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await client.ping()
+    except (RedisError, RedisClusterException) as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
 def _unavailable_reply(exc: ResponseError) -> bool:
     return isinstance(exc, _OUTAGE_REPLIES) or str(exc).startswith(_OUTAGE_PREFIXES)
+
+
+# Numbers the clients a process makes, so CLIENT LIST can tell two clients of one process apart.
+_CLIENT_NUMBERS = itertools.count(1)
+
+
+class RedisConnection:
+    """One process's client of Redis: the redis-py client (one pool) that every store of the
+    process shares, and the pipelined hot-path connection (pipeline.py), owned by this object.
+
+    Args:
+        url: as for :func:`connect`.
+        timeout_seconds: bound on connecting and on every command.
+        pipelined: with a plain ``redis://`` URL, Decide/Settle scripts go over one pipelined
+            connection; other URLs, and every other command, use the pool.
+        name: what the process is (``spendgate-serve``); its process id and the client's
+            number in the process follow, so ``CLIENT LIST`` attributes every connection.
+        max_connections: bound of the pool, shared by every store of the process.
+
+    Raises:
+        ConfigError: the URL is malformed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_seconds: float,
+        pipelined: bool = True,
+        name: str = "spendgate",
+        max_connections: int = 64,
+    ) -> None:
+        self.name = f"{name}-{os.getpid()}-{next(_CLIENT_NUMBERS)}"
+        self.client = connect(
+            url, timeout_seconds=timeout_seconds, max_connections=max_connections, client_name=self.name
+        )
+        self.hot_path: PipelinedRedis | None = None
+        if pipelined and url.partition("://")[0].lower() == "redis":
+            options = parse_url(url)
+            self.hot_path = PipelinedRedis(
+                options.get("host", "localhost"),
+                int(options.get("port", 6379)),
+                int(options.get("db", 0)),
+                username=options.get("username"),
+                password=options.get("password"),
+                timeout_seconds=timeout_seconds,
+                client_name=f"{self.name}-hot",
+            )
+
+    async def aclose(self) -> None:
+        """Close the hot-path connection and the pool."""
+        if self.hot_path is not None:
+            await self.hot_path.close()
+        await self.client.aclose()
 
 
 class RedisStore(Store):
     """Shared state in Redis or Redis Cluster (or anything speaking the protocol with Lua)."""
 
     def __init__(
-        self, client: RedisClient, key_prefix: str = "sg", hot_path: PipelinedRedis | None = None
+        self,
+        client: RedisClient,
+        key_prefix: str = "sg",
+        hot_path: PipelinedRedis | None = None,
+        *,
+        owns_client: bool = True,
     ) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._prefix = key_prefix
         # When given, Decide/Settle scripts go over this pipelined connection (pipeline.py).
         self._hot_path = hot_path
@@ -273,29 +380,21 @@ class RedisStore(Store):
         self._decide = client.register_script(self._sources["decide"])
         self._settle = client.register_script(self._sources["settle"])
         self._state = client.register_script(self._sources["state"])
+        self._cancel = client.register_script(self._sources["cancel"])
 
     @classmethod
     def from_url(
         cls, url: str, *, timeout_seconds: float = 0.25, max_connections: int = 64, pipelined: bool = True
     ) -> RedisStore:
-        """Connect lazily to ``url`` (see :func:`connect`) with short timeouts and no retries.
+        """A store with a client of its own (see :class:`RedisConnection`), closed with it.
 
         With ``pipelined`` and a plain ``redis://`` URL, the scripts run over one shared
         pipelined connection (pipeline.py); other URLs, and pings, use redis-py.
         """
-        client = connect(url, timeout_seconds=timeout_seconds, max_connections=max_connections)
-        hot_path = None
-        if pipelined and url.partition("://")[0].lower() == "redis":
-            options = parse_url(url)
-            hot_path = PipelinedRedis(
-                options.get("host", "localhost"),
-                int(options.get("port", 6379)),
-                int(options.get("db", 0)),
-                username=options.get("username"),
-                password=options.get("password"),
-                timeout_seconds=timeout_seconds,
-            )
-        return cls(client, hot_path=hot_path)
+        connection = RedisConnection(
+            url, timeout_seconds=timeout_seconds, pipelined=pipelined, max_connections=max_connections
+        )
+        return cls(connection.client, hot_path=connection.hot_path)
 
     @property
     def client(self) -> RedisClient:
@@ -336,8 +435,13 @@ class RedisStore(Store):
         )
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
-        status, cost, spent, reserved = await self._run(self._settle, request.session, SETTLE.args(request))
-        return SettleOutcome(SettleStatus(status), cost, spent, reserved)
+        reply = await self._run(self._settle, request.session, SETTLE.args(request))
+        status, cost, spent, reserved, decided = reply
+        return SettleOutcome(SettleStatus(status), cost, spent, reserved, DecidedCall.decode(decided))
+
+    async def cancel(self, request: CancelRequest) -> CancelStatus:
+        (status,) = await self._run(self._cancel, request.session, CANCEL.args(request))
+        return CancelStatus(status)
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
         reply = await self._run(self._state, session, STATE.args((now_ms, session_ttl_ms)))
@@ -345,16 +449,11 @@ class RedisStore(Store):
         return SessionState(spent, reserved, tools, open_count)
 
     async def ping(self) -> None:
-        try:
-            if isinstance(self._client, RedisCluster):
-                # Every primary: a cluster missing one cannot serve that part of the sessions.
-                await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
-            else:
-                await self._client.ping()
-        except (RedisError, RedisClusterException) as exc:
-            raise StoreUnavailable(f"redis: {exc}") from exc
+        await ping(self._client)
 
     async def close(self) -> None:
+        if not self._owns_client:
+            return
         if self._hot_path is not None:
             await self._hot_path.close()
         await self._client.aclose()

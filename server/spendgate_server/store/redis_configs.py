@@ -28,8 +28,12 @@ _RECONNECT_SECONDS = (0.1, 0.5, 1.0, 2.0)
 class RedisConfigStore(ConfigStore):
     """Shared configs; every server sees a write within the pub/sub delay, or the poll interval."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = CONFIGS_PREFIX) -> None:
+    def __init__(
+        self, client: RedisClient, key_prefix: str = CONFIGS_PREFIX, *, owns_client: bool = True
+    ) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._prefix = key_prefix
         # Stand-alone script: it needs none of the session helpers that load_script prepends.
         source = (resources.files("spendgate_server.store") / "lua" / "config_put.lua").read_text()
@@ -98,4 +102,5 @@ class RedisConfigStore(ConfigStore):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()

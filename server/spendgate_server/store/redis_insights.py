@@ -28,8 +28,10 @@ def _text(value: bytes | str) -> str:
 class RedisInsightsStore(InsightsStore):
     """Aggregates every server's flushes with HINCRBY/ZADD in one pipeline per tenant."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = "sg") -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = "sg", *, owns_client: bool = True) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._prefix = key_prefix
 
     @classmethod
@@ -111,4 +113,5 @@ class RedisInsightsStore(InsightsStore):
         return [SpendPoint(m, c) for m, c in points if m > now_ms - RETENTION_MS]
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()

@@ -60,8 +60,17 @@ def _entries(raw: Any) -> list[LogEntry]:
 class RedisLogStore(LogStore):
     """Shared logs: every server appends, any number of workers consume."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = "sg", poll_seconds: float = 0.1) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        key_prefix: str = "sg",
+        poll_seconds: float = 0.1,
+        *,
+        owns_client: bool = True,
+    ) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._poll_seconds = poll_seconds
         self._prefix = key_prefix
         self._append = client.register_script(APPEND_SCRIPT)
@@ -209,4 +218,5 @@ class RedisLogStore(LogStore):
             await asyncio.sleep(min(self._poll_seconds, remaining))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()

@@ -37,8 +37,10 @@ return {1, count}
 class RedisSessionRegistry(SessionRegistry):
     """The fleet's registry: every server admits against the same sorted set per tenant."""
 
-    def __init__(self, client: RedisClient, key_prefix: str = NAMESPACE) -> None:
+    def __init__(self, client: RedisClient, key_prefix: str = NAMESPACE, *, owns_client: bool = True) -> None:
         self._client = client
+        # False when the process's shared client was given: its owner closes it.
+        self._owns_client = owns_client
         self._prefix = key_prefix
         self._admit = client.register_script(ADMIT_SCRIPT)
 
@@ -60,4 +62,5 @@ class RedisSessionRegistry(SessionRegistry):
         return Admission(bool(int(admitted)), int(count))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()

@@ -33,8 +33,12 @@ def _usd_to_nano(key: str, value: Any) -> int:
         raise ValueError(
             f"enforcement_config[{key!r}] must be a number of US dollars, got {value!r}"
         ) from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"enforcement_config[{key!r}] must be a non-negative number, got {value!r}")
+    # Bounded before arithmetic (1e999999 would overflow the decimal context) and so that the
+    # nano-USD fit an int64; the server checks its own, tighter bound.
+    if not amount.is_finite() or amount < 0 or amount >= 10**9:
+        raise ValueError(
+            f"enforcement_config[{key!r}] must be a non-negative number below 1e9, got {str(value)[:32]}"
+        )
     return int((amount * NANO_PER_USD).to_integral_value(rounding=ROUND_CEILING))
 
 

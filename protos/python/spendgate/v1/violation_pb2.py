@@ -25,27 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/violation.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"|\n\x10PatternViolation\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x18\n\x10redacted_excerpt\x18\x04 \x01(\t\x12\x19\n\x11matched_on_client\x18\x05 \x01(\x08\"\xb0\x04\n\tViolation\x12\x14\n\x0cviolation_id\x18\x01 \x01(\t\x12-\n\x0bpolicy_type\x18\x02 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcall_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0f\n\x07project\x18\t \x01(\t\x12\x17\n\x0frequested_model\x18\n \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_model\x18\x0b \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x0c \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\r \x01(\t\x12\x11\n\tkey_label\x18\x0e \x01(\t\x12\x15\n\rcost_nano_usd\x18\x0f \x01(\x03\x12\x16\n\x0epolicy_version\x18\x10 \x01(\x03\x12/\n\x07pattern\x18\x11 \x01(\x0b\x32\x1e.spendgate.v1.PatternViolation\x12\x17\n\x0f\x61pproved_models\x18\x12 \x03(\t\x12\x1e\n\x16permitted_environments\x18\x13 \x03(\t\x12\x17\n\x0fthreshold_cents\x18\x14 \x01(\x03\"\xf0\x01\n\x15ListViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x0bpolicy_type\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0f\n\x07project\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x16ListViolationsResponse\x12+\n\nviolations\x18\x01 \x03(\x0b\x32\x17.spendgate.v1.Violation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x16WatchViolationsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12-\n\x0bpolicy_type\x18\x02 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07project\x18\x04 \x01(\t\"E\n\x17WatchViolationsResponse\x12*\n\tviolation\x18\x01 \x01(\x0b\x32\x17.spendgate.v1.Violation*\xbf\x01\n\nPolicyType\x12\x1b\n\x17POLICY_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPOLICY_TYPE_APPROVED_MODELS\x10\x01\x12\x1f\n\x1bPOLICY_TYPE_BANNED_PATTERNS\x10\x02\x12%\n!POLICY_TYPE_KEY_ENVIRONMENT_CHECK\x10\x03\x12+\n\'POLICY_TYPE_APPROVAL_REQUIRED_THRESHOLD\x10\x04\x32\xd1\x01\n\x10ViolationService\x12[\n\x0eListViolations\x12#.spendgate.v1.ListViolationsRequest\x1a$.spendgate.v1.ListViolationsResponse\x12`\n\x0fWatchViolations\x12$.spendgate.v1.WatchViolationsRequest\x1a%.spendgate.v1.WatchViolationsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/violation.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x01\n\rSettleAnomaly\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.spendgate.v1.SettleAnomalyKind\x12\x15\n\rdecided_model\x18\x02 \x01(\t\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x03 \x01(\x03\x12\x1c\n\x14\x64\x65\x63ided_input_tokens\x18\x04 \x01(\x03\x12!\n\x19\x64\x65\x63ided_max_output_tokens\x18\x05 \x01(\x03\x12\x1b\n\x13settle_delay_millis\x18\x06 \x01(\x03\"|\n\x10PatternViolation\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x18\n\x10redacted_excerpt\x18\x04 \x01(\t\x12\x19\n\x11matched_on_client\x18\x05 \x01(\x08\"\xe5\x04\n\tViolation\x12\x14\n\x0cviolation_id\x18\x01 \x01(\t\x12-\n\x0bpolicy_type\x18\x02 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tcall_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x0f\n\x07project\x18\t \x01(\t\x12\x17\n\x0frequested_model\x18\n \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_model\x18\x0b \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x0c \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\r \x01(\t\x12\x11\n\tkey_label\x18\x0e \x01(\t\x12\x15\n\rcost_nano_usd\x18\x0f \x01(\x03\x12\x16\n\x0epolicy_version\x18\x10 \x01(\x03\x12/\n\x07pattern\x18\x11 \x01(\x0b\x32\x1e.spendgate.v1.PatternViolation\x12\x17\n\x0f\x61pproved_models\x18\x12 \x03(\t\x12\x1e\n\x16permitted_environments\x18\x13 \x03(\t\x12\x17\n\x0fthreshold_cents\x18\x14 \x01(\x03\x12\x33\n\x0esettle_anomaly\x18\x15 \x01(\x0b\x32\x1b.spendgate.v1.SettleAnomaly\"\xf0\x01\n\x15ListViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x0bpolicy_type\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0f\n\x07project\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"^\n\x16ListViolationsResponse\x12+\n\nviolations\x18\x01 \x03(\x0b\x32\x17.spendgate.v1.Violation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x16WatchViolationsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12-\n\x0bpolicy_type\x18\x02 \x01(\x0e\x32\x18.spendgate.v1.PolicyType\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0f\n\x07project\x18\x04 \x01(\t\"E\n\x17WatchViolationsResponse\x12*\n\tviolation\x18\x01 \x01(\x0b\x32\x17.spendgate.v1.Violation*\xdf\x01\n\nPolicyType\x12\x1b\n\x17POLICY_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPOLICY_TYPE_APPROVED_MODELS\x10\x01\x12\x1f\n\x1bPOLICY_TYPE_BANNED_PATTERNS\x10\x02\x12%\n!POLICY_TYPE_KEY_ENVIRONMENT_CHECK\x10\x03\x12+\n\'POLICY_TYPE_APPROVAL_REQUIRED_THRESHOLD\x10\x04\x12\x1e\n\x1aPOLICY_TYPE_SETTLE_ANOMALY\x10\x05*\xe0\x01\n\x11SettleAnomalyKind\x12#\n\x1fSETTLE_ANOMALY_KIND_UNSPECIFIED\x10\x00\x12&\n\"SETTLE_ANOMALY_KIND_MODEL_MISMATCH\x10\x01\x12,\n(SETTLE_ANOMALY_KIND_USAGE_ABOVE_ESTIMATE\x10\x02\x12,\n(SETTLE_ANOMALY_KIND_USAGE_BELOW_ESTIMATE\x10\x03\x12\"\n\x1eSETTLE_ANOMALY_KIND_LATE_ERROR\x10\x04\x32\xd1\x01\n\x10ViolationService\x12[\n\x0eListViolations\x12#.spendgate.v1.ListViolationsRequest\x1a$.spendgate.v1.ListViolationsResponse\x12`\n\x0fWatchViolations\x12$.spendgate.v1.WatchViolationsRequest\x1a%.spendgate.v1.WatchViolationsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.violation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICYTYPE']._serialized_start=1305
-  _globals['_POLICYTYPE']._serialized_end=1496
-  _globals['_PATTERNVIOLATION']._serialized_start=79
-  _globals['_PATTERNVIOLATION']._serialized_end=203
-  _globals['_VIOLATION']._serialized_start=206
-  _globals['_VIOLATION']._serialized_end=766
-  _globals['_LISTVIOLATIONSREQUEST']._serialized_start=769
-  _globals['_LISTVIOLATIONSREQUEST']._serialized_end=1009
-  _globals['_LISTVIOLATIONSRESPONSE']._serialized_start=1011
-  _globals['_LISTVIOLATIONSRESPONSE']._serialized_end=1105
-  _globals['_WATCHVIOLATIONSREQUEST']._serialized_start=1107
-  _globals['_WATCHVIOLATIONSREQUEST']._serialized_end=1231
-  _globals['_WATCHVIOLATIONSRESPONSE']._serialized_start=1233
-  _globals['_WATCHVIOLATIONSRESPONSE']._serialized_end=1302
-  _globals['_VIOLATIONSERVICE']._serialized_start=1499
-  _globals['_VIOLATIONSERVICE']._serialized_end=1708
+  _globals['_POLICYTYPE']._serialized_start=1573
+  _globals['_POLICYTYPE']._serialized_end=1796
+  _globals['_SETTLEANOMALYKIND']._serialized_start=1799
+  _globals['_SETTLEANOMALYKIND']._serialized_end=2023
+  _globals['_SETTLEANOMALY']._serialized_start=80
+  _globals['_SETTLEANOMALY']._serialized_end=292
+  _globals['_PATTERNVIOLATION']._serialized_start=294
+  _globals['_PATTERNVIOLATION']._serialized_end=418
+  _globals['_VIOLATION']._serialized_start=421
+  _globals['_VIOLATION']._serialized_end=1034
+  _globals['_LISTVIOLATIONSREQUEST']._serialized_start=1037
+  _globals['_LISTVIOLATIONSREQUEST']._serialized_end=1277
+  _globals['_LISTVIOLATIONSRESPONSE']._serialized_start=1279
+  _globals['_LISTVIOLATIONSRESPONSE']._serialized_end=1373
+  _globals['_WATCHVIOLATIONSREQUEST']._serialized_start=1375
+  _globals['_WATCHVIOLATIONSREQUEST']._serialized_end=1499
+  _globals['_WATCHVIOLATIONSRESPONSE']._serialized_start=1501
+  _globals['_WATCHVIOLATIONSRESPONSE']._serialized_end=1570
+  _globals['_VIOLATIONSERVICE']._serialized_start=2026
+  _globals['_VIOLATIONSERVICE']._serialized_end=2235
 # @@protoc_insertion_point(module_scope)

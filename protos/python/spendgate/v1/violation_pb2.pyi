@@ -37,6 +37,10 @@ class _PolicyTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicyType
     """Policies.key_environment_check."""
     POLICY_TYPE_APPROVAL_REQUIRED_THRESHOLD: _PolicyType.ValueType  # 4
     """Policies.approval_required_threshold_cents."""
+    POLICY_TYPE_SETTLE_ANOMALY: _PolicyType.ValueType  # 5
+    """Built in and always on: a settle that does not match what its Decide
+    admitted (see SettleAnomaly). Counted as reported, and flagged.
+    """
 
 class PolicyType(_PolicyType, metaclass=_PolicyTypeEnumTypeWrapper):
     """PolicyType names one kind of policy."""
@@ -50,7 +54,88 @@ POLICY_TYPE_KEY_ENVIRONMENT_CHECK: PolicyType.ValueType  # 3
 """Policies.key_environment_check."""
 POLICY_TYPE_APPROVAL_REQUIRED_THRESHOLD: PolicyType.ValueType  # 4
 """Policies.approval_required_threshold_cents."""
+POLICY_TYPE_SETTLE_ANOMALY: PolicyType.ValueType  # 5
+"""Built in and always on: a settle that does not match what its Decide
+admitted (see SettleAnomaly). Counted as reported, and flagged.
+"""
 Global___PolicyType: _TypeAlias = PolicyType  # noqa: Y015
+
+class _SettleAnomalyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SettleAnomalyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SettleAnomalyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SETTLE_ANOMALY_KIND_UNSPECIFIED: _SettleAnomalyKind.ValueType  # 0
+    SETTLE_ANOMALY_KIND_MODEL_MISMATCH: _SettleAnomalyKind.ValueType  # 1
+    """The settle reports another model than the decided effective model."""
+    SETTLE_ANOMALY_KIND_USAGE_ABOVE_ESTIMATE: _SettleAnomalyKind.ValueType  # 2
+    """Usage far above what was decided: cost above 2.5x the estimate, or more
+    than twice the decided input tokens (plus 1,000).
+    """
+    SETTLE_ANOMALY_KIND_USAGE_BELOW_ESTIMATE: _SettleAnomalyKind.ValueType  # 3
+    """Usage far below what was decided: no tokens at all, or under a twentieth
+    of the decided input tokens.
+    """
+    SETTLE_ANOMALY_KIND_LATE_ERROR: _SettleAnomalyKind.ValueType  # 4
+    """A provider error reported long after the decision (30 s by default)."""
+
+class SettleAnomalyKind(_SettleAnomalyKind, metaclass=_SettleAnomalyKindEnumTypeWrapper):
+    """SettleAnomalyKind names how a settle differs from its decision."""
+
+SETTLE_ANOMALY_KIND_UNSPECIFIED: SettleAnomalyKind.ValueType  # 0
+SETTLE_ANOMALY_KIND_MODEL_MISMATCH: SettleAnomalyKind.ValueType  # 1
+"""The settle reports another model than the decided effective model."""
+SETTLE_ANOMALY_KIND_USAGE_ABOVE_ESTIMATE: SettleAnomalyKind.ValueType  # 2
+"""Usage far above what was decided: cost above 2.5x the estimate, or more
+than twice the decided input tokens (plus 1,000).
+"""
+SETTLE_ANOMALY_KIND_USAGE_BELOW_ESTIMATE: SettleAnomalyKind.ValueType  # 3
+"""Usage far below what was decided: no tokens at all, or under a twentieth
+of the decided input tokens.
+"""
+SETTLE_ANOMALY_KIND_LATE_ERROR: SettleAnomalyKind.ValueType  # 4
+"""A provider error reported long after the decision (30 s by default)."""
+Global___SettleAnomalyKind: _TypeAlias = SettleAnomalyKind  # noqa: Y015
+
+@_typing.final
+class SettleAnomaly(_message.Message):
+    """SettleAnomaly is what a settle reported against what its Decide admitted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DECIDED_MODEL_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    DECIDED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    DECIDED_MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    SETTLE_DELAY_MILLIS_FIELD_NUMBER: _builtins.int
+    kind: Global___SettleAnomalyKind.ValueType
+    decided_model: _builtins.str
+    """The effective model the call was decided (and reserved) on."""
+    estimated_cost_nano_usd: _builtins.int
+    """The reservation: the call's worst-case cost at Decide."""
+    decided_input_tokens: _builtins.int
+    decided_max_output_tokens: _builtins.int
+    settle_delay_millis: _builtins.int
+    """Time from the decision to the settle."""
+    def __init__(
+        self,
+        *,
+        kind: Global___SettleAnomalyKind.ValueType = ...,
+        decided_model: _builtins.str = ...,
+        estimated_cost_nano_usd: _builtins.int = ...,
+        decided_input_tokens: _builtins.int = ...,
+        decided_max_output_tokens: _builtins.int = ...,
+        settle_delay_millis: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_input_tokens", b"decided_input_tokens", "decided_max_output_tokens", b"decided_max_output_tokens", "decided_model", b"decided_model", "estimated_cost_nano_usd", b"estimated_cost_nano_usd", "kind", b"kind", "settle_delay_millis", b"settle_delay_millis"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleAnomaly: _TypeAlias = SettleAnomaly  # noqa: Y015
 
 @_typing.final
 class PatternViolation(_message.Message):
@@ -122,6 +207,7 @@ class Violation(_message.Message):
     APPROVED_MODELS_FIELD_NUMBER: _builtins.int
     PERMITTED_ENVIRONMENTS_FIELD_NUMBER: _builtins.int
     THRESHOLD_CENTS_FIELD_NUMBER: _builtins.int
+    SETTLE_ANOMALY_FIELD_NUMBER: _builtins.int
     violation_id: _builtins.str
     """Derived from (call, policy): the same call never yields the same violation twice."""
     policy_type: Global___PolicyType.ValueType
@@ -162,6 +248,12 @@ class Violation(_message.Message):
 
     @_builtins.property
     def permitted_environments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def settle_anomaly(self) -> Global___SettleAnomaly:
+        """Set for POLICY_TYPE_SETTLE_ANOMALY. The settle's own report is in
+        effective_model and cost_nano_usd (what was counted).
+        """
+
     def __init__(
         self,
         *,
@@ -185,10 +277,11 @@ class Violation(_message.Message):
         approved_models: _abc.Iterable[_builtins.str] | None = ...,
         permitted_environments: _abc.Iterable[_builtins.str] | None = ...,
         threshold_cents: _builtins.int = ...,
+        settle_anomaly: Global___SettleAnomaly | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_time", b"call_time", "create_time", b"create_time", "pattern", b"pattern"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_time", b"call_time", "create_time", b"create_time", "pattern", b"pattern", "settle_anomaly", b"settle_anomaly"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_models", b"approved_models", "call_time", b"call_time", "cost_nano_usd", b"cost_nano_usd", "create_time", b"create_time", "cursor", b"cursor", "decision_id", b"decision_id", "effective_model", b"effective_model", "environment", b"environment", "key_fingerprint", b"key_fingerprint", "key_label", b"key_label", "message", b"message", "pattern", b"pattern", "permitted_environments", b"permitted_environments", "policy_type", b"policy_type", "policy_version", b"policy_version", "project", b"project", "requested_model", b"requested_model", "session_id", b"session_id", "threshold_cents", b"threshold_cents", "violation_id", b"violation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_models", b"approved_models", "call_time", b"call_time", "cost_nano_usd", b"cost_nano_usd", "create_time", b"create_time", "cursor", b"cursor", "decision_id", b"decision_id", "effective_model", b"effective_model", "environment", b"environment", "key_fingerprint", b"key_fingerprint", "key_label", b"key_label", "message", b"message", "pattern", b"pattern", "permitted_environments", b"permitted_environments", "policy_type", b"policy_type", "policy_version", b"policy_version", "project", b"project", "requested_model", b"requested_model", "session_id", b"session_id", "settle_anomaly", b"settle_anomaly", "threshold_cents", b"threshold_cents", "violation_id", b"violation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -179,7 +179,7 @@ async def save(request: Request, session: ConsoleSession) -> Response:
     form = await read_form(request, session.csrf_token)
     etag = (form.get("etag") or [""])[0]
     base = (form.get("base_version") or [""])[0]
-    base_version = int(base) if base.isdigit() and len(base) < 19 else 0
+    base_version = int(base) if base.isascii() and base.isdigit() and len(base) < 19 else 0
     backend = console_of(request).backend
     parsed = parse_policies_form(form)
     errors = parsed.errors

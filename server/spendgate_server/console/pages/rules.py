@@ -161,7 +161,7 @@ async def save(request: Request, session: ConsoleSession) -> Response:
         raise FormRefused("the form names an invalid project")
     etag = _first(form, "etag")
     base = _first(form, "base_version")
-    base_version = int(base) if base.isdigit() and len(base) < 19 else 0
+    base_version = int(base) if base.isascii() and base.isdigit() and len(base) < 19 else 0
     backend = console_of(request).backend
     config, errors = parse_rules_form(form)
     if config is not None:

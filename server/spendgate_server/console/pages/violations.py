@@ -73,6 +73,7 @@ TYPE_LABELS = {
     PolicyType.BANNED_PATTERNS: "Banned pattern",
     PolicyType.KEY_ENVIRONMENT_CHECK: "Key outside its environments",
     PolicyType.APPROVAL_REQUIRED_THRESHOLD: "Costly call to review",
+    PolicyType.SETTLE_ANOMALY: "Settle unlike its decision",
 }
 TYPE_CHOICES = tuple((t.key, TYPE_LABELS[t]) for t in PolicyType)
 

@@ -15,7 +15,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from spendgate_server.money import NANO_PER_USD, usd_to_nano
@@ -295,13 +295,22 @@ def parse_usd(key: str, value: Any, bad: Bad) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         bad(key, f"must be a number of US dollars, got {type(value).__name__}")
         return None
+    bound = f"must be between 0 and {MAX_USD_NANO // NANO_PER_USD}"
     try:
-        nano = usd_to_nano(Decimal(str(value)))
-    except (ArithmeticError, ValueError):  # InvalidOperation, and Overflow for 1e999999999
-        bad(key, f"must be a number of US dollars, got {value!r}")
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        bad(key, f"must be a number of US dollars, got {str(value)[:64]!r}")
         return None
+    if not amount.is_finite():
+        bad(key, f"{bound}, got {value}")
+        return None
+    try:
+        nano = usd_to_nano(amount)
+    except ValueError:
+        nano = -1  # far out of range (1e999999): refused before any arithmetic
     if not 0 <= nano <= MAX_USD_NANO:
-        bad(key, f"must be between 0 and {MAX_USD_NANO // NANO_PER_USD}, got {value}")
+        # A huge amount is not echoed whole: it may be thousands of digits.
+        bad(key, f"{bound}, got {value}" if len(str(value)) <= 32 else bound)
         return None
     return nano
 

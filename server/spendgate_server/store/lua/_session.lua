@@ -9,9 +9,14 @@
 --                                               q:<request_id> memo of an admitted decision
 --                                               m:<id> "<due ms>:<fingerprint>" of the dedup mark
 --                                                      <id>'s admission set (until settled or forgotten)
+--                                               a:<id> what Decide admitted (model, estimate, tokens;
+--                                                      store/base.py DecidedCall), kept until the id's
+--                                                      x: or d: record is forgotten
+--                                               k:<id> tombstone of a reserve cancelled before it ran
+--                                               p:<request_id> the memo was replayed to a client
 --   KEYS[2] sg:ses:{tenant:session}:exp  ZSET  member -> Unix ms when it falls due:
 --                                               r:<id> reservation expiry, f:<fingerprint> dedup expiry,
---                                               x:/d:/q: records to forget
+--                                               x:/d:/q:/k: records to forget
 -- Times come from the caller (ARGV), never from the Redis clock, so tests need no sleeping.
 
 local MAX_DUE_PER_CALL = 256
@@ -49,7 +54,11 @@ local function expire_due(hkey, zkey, now, forget_ms)
         redis.call('ZADD', zkey, now + forget_ms, 'x:' .. id)
       end
     elseif kind == 'x' then
-      redis.call('HDEL', hkey, member, 'm:' .. string.sub(member, 3))
+      redis.call('HDEL', hkey, member, 'm:' .. string.sub(member, 3), 'a:' .. string.sub(member, 3))
+    elseif kind == 'd' then
+      redis.call('HDEL', hkey, member, 'a:' .. string.sub(member, 3))
+    elseif kind == 'q' then
+      redis.call('HDEL', hkey, member, 'p:' .. string.sub(member, 3))
     elseif kind ~= 'f' then
       redis.call('HDEL', hkey, member)
     end

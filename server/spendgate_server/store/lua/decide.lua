@@ -18,14 +18,17 @@
 -- ARGV[14] budget_cap_nano_usd the session budget (-1 = off)
 -- ARGV[15] budget_strict       0|1: strict mode (else crossing)
 -- ARGV[16] budget_shadow       0|1: the budget only reports
+-- ARGV[17] decided             what Decide admitted, kept as a:<id> for Settle ('' = none)
 -- Reply: {status, spent, reserved, tools, blocked_rule, shadow_mask, memo}
---   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed)
+--   status 0 allowed (state recorded), 1 blocked (nothing changed), 2 replayed (nothing changed
+--   but the p: mark that a client now knows the reservation), 3 cancelled before it ran
+--   (a tombstone left by cancel.lua: nothing changed)
 --   blocked_rule: 2 session budget, 3 duplicate request, 4 tool-call limit (spendgate.v1.Rule)
 --   shadow_mask: 1 dedup, 2 tools, 4 budget fired in shadow mode
 local hkey, zkey = unpack(KEYS)
 local now_ms, reservation_id, estimate_nano_usd, reservation_ttl_ms, session_ttl_ms, request_id, memo,
   fingerprint, dedup_ttl_ms, dedup_shadow, tool_call_count, tool_cap, tool_shadow,
-  budget_cap_nano_usd, budget_strict, budget_shadow = unpack(ARGV)
+  budget_cap_nano_usd, budget_strict, budget_shadow, decided = unpack(ARGV)
 local now, id, estimate = num(now_ms), reservation_id, num(estimate_nano_usd)
 local reservation_ttl, session_ttl = num(reservation_ttl_ms), num(session_ttl_ms)
 local dedup_ttl, dedup_shadowed = num(dedup_ttl_ms), dedup_shadow == '1'
@@ -35,9 +38,14 @@ local budget_cap, strict, budget_shadowed = num(budget_cap_nano_usd), budget_str
 expire_due(hkey, zkey, now, session_ttl)
 local spent, reserved, tools = counters(hkey)
 
+if redis.call('HEXISTS', hkey, 'k:' .. id) == 1 then
+  return {3, spent, reserved, tools, 0, 0, ''}
+end
+
 if request_id ~= '' then
   local replay = redis.call('HGET', hkey, 'q:' .. request_id)
   if replay then
+    redis.call('HSET', hkey, 'p:' .. request_id, 1)
     return {2, spent, reserved, tools, 0, 0, replay}
   end
 end
@@ -78,6 +86,9 @@ end
 
 -- Admitted: record everything at once.
 redis.call('HSET', hkey, 'r:' .. id, estimate)
+if decided ~= '' then
+  redis.call('HSET', hkey, 'a:' .. id, decided)
+end
 redis.call('ZADD', zkey, now + reservation_ttl, 'r:' .. id)
 reserved = incr(hkey, 'reserved', estimate)
 tools = incr(hkey, 'tools', tool_count)

@@ -9,7 +9,8 @@
 -- ARGV[5] session_ttl_ms       idle sessions are forgotten after this
 -- ARGV[6] release_dedup        0|1: the provider refused the call; remove the dedup mark its
 --                              admission set, if no later admission renewed it
--- Reply: {status, cost, spent, reserved}
+-- Reply: {status, cost, spent, reserved, decided}
+--   decided: what Decide admitted (a:<id>, kept until the settle record is forgotten; '' if none)
 --   status 0 settled, 1 already settled (nothing changed), 2 unknown id (nothing changed)
 local hkey, zkey = unpack(KEYS)
 local now_ms, reservation_id, cost_nano_usd, settled_ttl_ms, session_ttl_ms, release_dedup = unpack(ARGV)
@@ -18,10 +19,11 @@ local settled_ttl, session_ttl = num(settled_ttl_ms), num(session_ttl_ms)
 
 expire_due(hkey, zkey, now, session_ttl)
 
+local decided = redis.call('HGET', hkey, 'a:' .. id) or ''
 local previous = redis.call('HGET', hkey, 'd:' .. id)
 if previous then
   local spent, reserved = counters(hkey)
-  return {1, num(previous), spent, reserved}
+  return {1, num(previous), spent, reserved, decided}
 end
 
 local open = redis.call('HGET', hkey, 'r:' .. id)
@@ -38,7 +40,7 @@ elseif expired then
   incr(hkey, 'spent', cost - num(expired))
 else
   local spent, reserved = counters(hkey)
-  return {2, 0, spent, reserved}
+  return {2, 0, spent, reserved, ''}
 end
 local mark = redis.call('HGET', hkey, 'm:' .. id)
 if mark then
@@ -56,4 +58,4 @@ redis.call('HSET', hkey, 'd:' .. id, cost)
 redis.call('ZADD', zkey, now + settled_ttl, 'd:' .. id)
 touch(hkey, zkey, session_ttl)
 local spent, reserved = counters(hkey)
-return {0, cost, spent, reserved}
+return {0, cost, spent, reserved, decided}
