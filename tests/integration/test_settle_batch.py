@@ -11,6 +11,7 @@ import pytest
 import redis
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
+from spendgate_server.store.keyspace import log_stream_key
 
 from tests.conftest import STORES
 from tests.processes import SpendgateServer
@@ -165,7 +166,8 @@ def test_settles_in_batches_and_decides_are_journaled_once(
         stub.Settle(settle("j1", reservations[1]))
     client = redis.Redis.from_url(redis_url)
     try:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange("sg:{journal:default}")  # type: ignore[assignment]  # sync client
+        stream = log_stream_key("journal", "default")
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]  # sync client
     finally:
         client.close()
     journaled = [entry for _id, entry in entries]
