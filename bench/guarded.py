@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench._stats import ratio, summarize
 
@@ -82,7 +82,37 @@ def _serve_provider() -> None:
 CLIENT_LEVERS = {
     "no_carry": "settles never ride along a Decide (each goes on the settle thread)",
     "no_batch": "the settle thread sends each settle alone (no SettleBatch)",
+    "no_rpc": "Decide and Settle answered in the client process, no network: what the wrapper and "
+    "its settle thread cost alone (the bound of a design deciding locally, docs/session-leases.md)",
 }
+
+
+class _LocalStub:
+    """Answers the DecisionService in-process: every call allowed, every settle applied."""
+
+    def __init__(self) -> None:
+        self._ids = iter(range(1, 2**62))
+
+    def Decide(self, request: Any, **_: Any) -> Any:  # gRPC method name
+        from spendgate.v1 import decision_pb2 as pb
+
+        return pb.DecideResponse(
+            verdict=pb.VERDICT_ALLOW,
+            effective_model=request.model,
+            decision_id=f"{next(self._ids):032x}",
+            reservation_id=f"{next(self._ids):032x}",
+            settle_results=[pb.SettleResult() for _ in request.settles],
+        )
+
+    def Settle(self, request: Any, **_: Any) -> Any:  # gRPC method name
+        from spendgate.v1 import decision_pb2 as pb
+
+        return pb.SettleResponse()
+
+    def SettleBatch(self, request: Any, **_: Any) -> Any:  # gRPC method name
+        from spendgate.v1 import decision_pb2 as pb
+
+        return pb.SettleBatchResponse(results=[pb.SettleResult() for _ in request.settles])
 
 
 def _wrapped(args: argparse.Namespace, variant: str) -> Any:
@@ -103,6 +133,8 @@ def _wrapped(args: argparse.Namespace, variant: str) -> Any:
             settler.carry_seconds = 0.0
         elif lever == "no_batch":
             settler.max_batch = 1
+        elif lever == "no_rpc":
+            wrapped._spendgate_gate.client._stub = cast(Any, _LocalStub())
         else:
             raise SystemExit(
                 f"bench.guarded: unknown client lever {lever!r}; known: {', '.join(CLIENT_LEVERS)}"
