@@ -14,7 +14,7 @@ if sys.argv[1:2] not in (["serve"], ["worker"]):
 import argparse
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -52,6 +52,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: {_one_line(message)} (see '{self.prog} --help')\n")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # argparse drops a value of "--" (its end-of-options marker), which left a list
+        # where a flag's text belongs (`--project=--`): refuse it as the bad value it is.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: '--' is not a value")
+        return super()._get_values(action, arg_strings)
 
 
 def _version() -> str:

@@ -13,9 +13,9 @@ import contextlib
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 from spendgate_server.errors import ConfigError, StoreUnavailable
+from spendgate_server.logging import redact_secrets
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
 from spendgate_server.store.breaker import CircuitBreakerStore
@@ -40,7 +40,6 @@ __all__ = [
     "open_keystore",
     "open_redis",
     "open_stores",
-    "redacted_url",
 ]
 
 # The `spendgate keys` CLI waits longer than a server would: it is a person, not a Decide.
@@ -231,15 +230,6 @@ def open_stores(settings: ServeSettings, *, role: str) -> Stores:
     return MemoryStores(settings)
 
 
-def redacted_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
-
-
 async def check_reachable(stores: Stores, settings: ServeSettings) -> None:
     """Refuse to start on a backend that does not answer.
 
@@ -249,7 +239,7 @@ async def check_reachable(stores: Stores, settings: ServeSettings) -> None:
     try:
         await stores.ping()
     except StoreUnavailable as exc:
-        raise ConfigError(f"--redis-url {redacted_url(settings.redis_url)} is unreachable: {exc}") from exc
+        raise ConfigError(f"--redis-url {redact_secrets(settings.redis_url)} is unreachable: {exc}") from exc
 
 
 @contextlib.asynccontextmanager

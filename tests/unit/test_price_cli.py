@@ -86,7 +86,7 @@ def test_override_from_the_config_file(capsys: pytest.CaptureFixture[str], tmp_p
         (
             ["no-such-model", "--unknown-model-price", "reject"],
             3,
-            "spendgate: no-such-model: no price is known for model 'no-such-model'; add a price override\n",
+            "spendgate: no price is known for model 'no-such-model'; add a price override\n",
         ),
         (
             ["claude-sonnet-4-5", "--input-tokens", "10", "--cache-read-tokens", "20"],

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
-import yaml
+import grpc
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import policy_pb2_grpc
 
-from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.config_cli import diff_lines
-from spendgate_server.admin.flags import count, seconds
-from spendgate_server.documents import read_document
-from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.admin.documents_cli import DocumentKind, add_document_arguments, run_document_command
+from spendgate_server.errors import ConfigError
 from spendgate_server.policy.policies import Policies, key_fingerprint, policies_from_dict, policies_to_dict
 from spendgate_server.rpc.alerts_wire import policies_to_proto
 from spendgate_server.rpc.validation import policies_from_proto
@@ -35,56 +31,65 @@ journal_prompts: false
 """
 
 
+class _Policies(DocumentKind):
+    help_texts = (
+        "print the current policies (YAML)",
+        "validate a YAML/JSON file (patterns compiled with RE2), then write it",
+        "list every change with its diff",
+    )
+    file_help = "YAML or JSON mapping of policies"
+    epilog = "policy file example:\n" + EXAMPLE
+    actor_help = "your name, recorded in the history (dev mode)"
+    unchanged = "(written, no policy changed)"
+    no_history = "no policy history"
+
+    def scope(self, args: argparse.Namespace) -> str:
+        return "policies"
+
+    def stub(self, channel: grpc.Channel) -> policy_pb2_grpc.PolicyServiceStub:
+        return policy_pb2_grpc.PolicyServiceStub(channel)
+
+    def parse(self, raw: Any, path: str) -> Policies:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of policies")
+        return policies_from_dict(raw)
+
+    def as_dict(self, document: Policies) -> dict[str, Any]:
+        return policies_to_dict(document)
+
+    def revision_dict(self, revision: ppb.PolicySet) -> dict[str, Any]:
+        return policies_to_dict(policies_from_proto(revision.policies))
+
+    def get(self, stub: Any, args: argparse.Namespace, **call: Any) -> ppb.PolicySet:
+        policy_set: ppb.PolicySet = stub.GetPolicies(ppb.GetPoliciesRequest(), **call).policy_set
+        return policy_set
+
+    def update(
+        self, stub: Any, args: argparse.Namespace, new: Policies, etag: str, **call: Any
+    ) -> ppb.PolicySet:
+        request = ppb.UpdatePoliciesRequest(policies=policies_to_proto(new), etag=etag)
+        policy_set: ppb.PolicySet = stub.UpdatePolicies(request, **call).policy_set
+        return policy_set
+
+    def history(
+        self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any
+    ) -> Sequence[ppb.PolicySet]:
+        request = ppb.ListPolicyRevisionsRequest(page_size=page_size)
+        revisions: Sequence[ppb.PolicySet] = stub.ListPolicyRevisions(request, **call).revisions
+        return revisions
+
+
+_KIND = _Policies()
+
+
 def add_policies_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``policies get|set|history|fingerprint``."""
     actions = parser.add_subparsers(dest="action", required=True)
-    for name, text in (
-        ("get", "print the current policies (YAML)"),
-        ("set", "validate a YAML/JSON file (patterns compiled with RE2), then write it"),
-        ("history", "list every change with its diff"),
-    ):
-        action = actions.add_parser(
-            name,
-            help=text,
-            epilog="policy file example:\n" + EXAMPLE,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add_connection_arguments(action)
-        action.add_argument("--actor", default="", help="your name, recorded in the history (dev mode)")
-        action.add_argument("--timeout", type=seconds, default=5.0, help="deadline of each call, in seconds")
-        if name == "set":
-            action.add_argument("file", help="YAML or JSON mapping of policies")
-            action.add_argument("--etag", default=None, help="expected etag (default: the one just read)")
-        if name == "history":
-            action.add_argument("--limit", type=count, default=20, help="at most this many changes")
+    add_document_arguments(actions, _KIND)
     actions.add_parser(
         "fingerprint",
         help="read a provider API key on stdin and print its fingerprint (for key_environment_check)",
     )
-
-
-def _read(path: str) -> dict[str, Any]:
-    raw = read_document(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of policies")
-    return raw
-
-
-def _parse_file(path: str) -> Policies:
-    try:
-        return policies_from_dict(_read(path))
-    except InvalidArgument as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-
-
-def _as_dict(policy_set: ppb.PolicySet) -> dict[str, Any]:
-    return policies_to_dict(policies_from_proto(policy_set.policies))
-
-
-def _when(policy_set: ppb.PolicySet) -> str:
-    if not policy_set.version:
-        return "never written"
-    return datetime.fromtimestamp(policy_set.update_time.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def run_policies_command(args: argparse.Namespace) -> int:
@@ -98,44 +103,4 @@ def run_policies_command(args: argparse.Namespace) -> int:
             raise ConfigError("no key on stdin: pipe the provider API key in (it is hashed, never sent)")
         print(key_fingerprint(key))
         return 0
-    # A bad file is refused before anything is sent.
-    new = _parse_file(args.file) if args.action == "set" else None
-    metadata = call_metadata(args, *((("x-spendgate-actor", args.actor),) if args.actor else ()))
-    with open_channel(args) as channel:
-        stub = policy_pb2_grpc.PolicyServiceStub(channel)
-        current = stub.GetPolicies(
-            ppb.GetPoliciesRequest(), timeout=args.timeout, metadata=metadata
-        ).policy_set
-        if args.action == "get":
-            print(
-                f"# policies, version {current.version}, etag {current.etag or '-'}, "
-                f"by {current.updated_by or '-'}, {_when(current)}"
-            )
-            rules = _as_dict(current)
-            print(yaml.safe_dump(rules, sort_keys=True).rstrip() if rules else "{}")
-            return 0
-        if new is not None:
-            changes = diff_lines(_as_dict(current), policies_to_dict(new))
-            if not changes and current.version:
-                print(f"no change to the policies (version {current.version})")
-                return 0
-            request = ppb.UpdatePoliciesRequest(
-                policies=policies_to_proto(new), etag=current.etag if args.etag is None else args.etag
-            )
-            written = stub.UpdatePolicies(request, timeout=args.timeout, metadata=metadata).policy_set
-            print(f"policies: version {current.version} -> {written.version} (etag {written.etag})")
-            print("\n".join(changes) if changes else "(written, no policy changed)")
-            return 0
-        response = stub.ListPolicyRevisions(
-            ppb.ListPolicyRevisionsRequest(page_size=min(max(args.limit, 1), 500)),
-            timeout=args.timeout,
-            metadata=metadata,
-        )
-        revisions = list(response.revisions)
-        for newer, older in itertools.zip_longest(revisions, revisions[1:]):
-            print(f"version {newer.version}  {_when(newer)}  by {newer.updated_by}")
-            for line in diff_lines(_as_dict(older) if older else {}, _as_dict(newer)):
-                print(f"  {line}")
-        if not revisions:
-            print("no policy history")
-        return 0
+    return run_document_command(_KIND, args)

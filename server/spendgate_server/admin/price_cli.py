@@ -178,7 +178,8 @@ def run_price_command(
     except InvalidArgument as exc:
         violation = exc.violations[0]
         if violation.field == "model":
-            print(f"spendgate: {args.model}: {violation.description}", file=sys.stderr)
+            # The description names the model quoted: a name may hold any character.
+            print(f"spendgate: {violation.description}", file=sys.stderr)
             return EXIT_UNPRICED
         print(f"spendgate: {violation.field}: {violation.description}", file=sys.stderr)
         return 2

@@ -456,12 +456,7 @@ class GrpcBackend:
 
     async def get_config(self, api_key: str, project: str) -> ConfigView:
         """The current config of the tenant (project '') or of a project."""
-        try:
-            response = await self._stub.GetConfig(
-                cpb.GetConfigRequest(project=project), timeout=self._timeout, metadata=self._metadata(api_key)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        response = await self._call(self._stub.GetConfig, cpb.GetConfigRequest(project=project), api_key)
         return _view(response.config)
 
     async def update_config(
@@ -471,82 +466,66 @@ class GrpcBackend:
         request = cpb.UpdateConfigRequest(
             project=project, enforcement_config=config_to_proto(config), etag=etag
         )
-        try:
-            response = await self._stub.UpdateConfig(
-                request, timeout=self._timeout, metadata=self._metadata(api_key)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
-        return _view(response.config)
+        return _view((await self._call(self._stub.UpdateConfig, request, api_key)).config)
 
     async def list_revisions(
         self, api_key: str, project: str, page_size: int, page_token: str
     ) -> RevisionPage:
         """One page of history, plus the revision before its last one (to diff that one too)."""
-        metadata = self._metadata(api_key)
-        try:
-            page = await self._stub.ListConfigRevisions(
-                cpb.ListConfigRevisionsRequest(project=project, page_size=page_size, page_token=page_token),
-                timeout=self._timeout,
-                metadata=metadata,
-            )
-            older = None
-            if page.next_page_token:
-                after = await self._stub.ListConfigRevisions(
-                    cpb.ListConfigRevisionsRequest(
-                        project=project, page_size=1, page_token=page.next_page_token
-                    ),
-                    timeout=self._timeout,
-                    metadata=metadata,
-                )
-                older = _view(after.revisions[0]) if after.revisions else None
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
-        return RevisionPage(tuple(_view(r) for r in page.revisions), page.next_page_token, older)
+        revisions, token, older = await self._revision_page(
+            self._stub.ListConfigRevisions,
+            lambda size, token: cpb.ListConfigRevisionsRequest(
+                project=project, page_size=size, page_token=token
+            ),
+            api_key,
+            page_size,
+            page_token,
+        )
+        return RevisionPage(
+            tuple(_view(r) for r in revisions), token, None if older is None else _view(older)
+        )
 
     async def get_policies(self, api_key: str) -> PolicyView:
         """The tenant's current policies."""
-        try:
-            response = await self._policies.GetPolicies(
-                ppb.GetPoliciesRequest(), timeout=self._timeout, metadata=self._metadata(api_key)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
+        response = await self._call(self._policies.GetPolicies, ppb.GetPoliciesRequest(), api_key)
         return _policy_view(response.policy_set)
 
     async def update_policies(self, api_key: str, policies: Policies, etag: str) -> PolicyView:
         """Compare-and-set: EditConflict on a stale ``etag``, InvalidInput (RE2's reasons too) if refused."""
         request = ppb.UpdatePoliciesRequest(policies=policies_to_proto(policies), etag=etag)
-        try:
-            response = await self._policies.UpdatePolicies(
-                request, timeout=self._timeout, metadata=self._metadata(api_key)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from exc
-        return _policy_view(response.policy_set)
+        return _policy_view((await self._call(self._policies.UpdatePolicies, request, api_key)).policy_set)
 
     async def list_policy_revisions(
         self, api_key: str, page_size: int, page_token: str
     ) -> PolicyRevisionPage:
         """One page of policy history, plus the revision before its last one (to diff that one too)."""
-        metadata = self._metadata(api_key)
+        revisions, token, older = await self._revision_page(
+            self._policies.ListPolicyRevisions,
+            lambda size, token: ppb.ListPolicyRevisionsRequest(page_size=size, page_token=token),
+            api_key,
+            page_size,
+            page_token,
+        )
+        views = tuple(_policy_view(r) for r in revisions)
+        return PolicyRevisionPage(views, token, None if older is None else _policy_view(older))
+
+    async def _call(self, method: Any, request: Any, api_key: str) -> Any:
+        """One unary call with the console's deadline and the caller's key; errors translated."""
         try:
-            page = await self._policies.ListPolicyRevisions(
-                ppb.ListPolicyRevisionsRequest(page_size=page_size, page_token=page_token),
-                timeout=self._timeout,
-                metadata=metadata,
-            )
-            older = None
-            if page.next_page_token:
-                after = await self._policies.ListPolicyRevisions(
-                    ppb.ListPolicyRevisionsRequest(page_size=1, page_token=page.next_page_token),
-                    timeout=self._timeout,
-                    metadata=metadata,
-                )
-                older = _policy_view(after.revisions[0]) if after.revisions else None
+            return await method(request, timeout=self._timeout, metadata=self._metadata(api_key))
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
-        return PolicyRevisionPage(tuple(_policy_view(r) for r in page.revisions), page.next_page_token, older)
+
+    async def _revision_page(
+        self, method: Any, request: Callable[[int, str], Any], api_key: str, page_size: int, page_token: str
+    ) -> tuple[Sequence[Any], str, Any]:
+        """A List*Revisions page: its revisions, next token, and the revision before its last (or None)."""
+        page = await self._call(method, request(page_size, page_token), api_key)
+        older = None
+        if page.next_page_token:
+            after = await self._call(method, request(1, page.next_page_token), api_key)
+            older = after.revisions[0] if after.revisions else None
+        return page.revisions, page.next_page_token, older
 
     async def list_violations(
         self, api_key: str, where: ViolationFilter, page_size: int, page_token: str, *, since_ms: int = 0

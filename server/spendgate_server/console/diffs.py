@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spendgate_server.admin.config_cli import diff_lines
+from spendgate_server.admin.documents_cli import diff_lines
 
 __all__ = ["DiffLine", "diff", "policy_diff"]
 

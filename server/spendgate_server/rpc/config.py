@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import grpc
 import structlog
-from google.protobuf import timestamp_pb2
 from spendgate.v1 import config_pb2 as cpb
 from spendgate.v1 import config_pb2_grpc
 
 from spendgate_server.engine.config import config_to_dict
 from spendgate_server.engine.pricing import PriceTable
 from spendgate_server.engine.remote_config import ConfigResolver, parse_stored
-from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError
+from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.rpc.auth import current_principal
-from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import config_from_proto, offset_page_from_proto, project_from_proto
+from spendgate_server.rpc.revisions import (
+    Context,
+    actor_of,
+    fail,
+    now_ms,
+    page_of,
+    page_request,
+    revision_fields,
+)
+from spendgate_server.rpc.validation import config_from_proto, project_from_proto
 from spendgate_server.rpc.wire import config_to_proto
 from spendgate_server.store.configs import StoredConfig
 
 __all__ = ["ConfigServicer"]
 
-Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("spendgate.config")
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 # A watch re-reads at least this often, so it converges even if every notice is lost.
 WATCH_RECHECK_SECONDS = 5.0
 
@@ -35,30 +38,9 @@ WATCH_RECHECK_SECONDS = 5.0
 def _config_message(project: str, stored: StoredConfig | None) -> cpb.Config:
     if stored is None:
         return cpb.Config(project=project)
-    message = cpb.Config(
-        project=project,
-        enforcement_config=config_to_proto(parse_stored(stored)),
-        version=stored.version,
-        etag=stored.etag,
-        updated_by=stored.updated_by,
+    return cpb.Config(
+        project=project, enforcement_config=config_to_proto(parse_stored(stored)), **revision_fields(stored)
     )
-    message.update_time.CopyFrom(
-        timestamp_pb2.Timestamp(
-            seconds=stored.update_time_ms // 1000, nanos=stored.update_time_ms % 1000 * 1_000_000
-        )
-    )
-    return message
-
-
-def _actor(context: Context) -> str:
-    """Who writes: the API key's name and id; in open dev mode, whoever the caller says."""
-    principal = current_principal()
-    if principal.key_id:
-        return f"{principal.name} ({principal.key_id})"
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-spendgate-actor" and isinstance(value, str):
-            return value[:128]
-    return "anonymous"
 
 
 class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
@@ -100,8 +82,8 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
                 project,
                 json.dumps(config_to_dict(config), sort_keys=True),
                 request.etag,
-                _actor(context),
-                time.time_ns() // 1_000_000,
+                actor_of(context),
+                now_ms(),
             )
         except Exception as exc:
             await self._fail(context, exc)
@@ -121,17 +103,13 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
     ) -> cpb.ListConfigRevisionsResponse:
         try:
             project = project_from_proto(request.project)
-            size, start = offset_page_from_proto(
-                request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
-            )
+            size, start = page_request(request)
             revisions = await self._store.history(current_principal().tenant, project)
         except Exception as exc:
             await self._fail(context, exc)
-        page = revisions[start : start + size]
-        more = start + size < len(revisions)
+        page, token = page_of(revisions, size, start)
         return cpb.ListConfigRevisionsResponse(
-            revisions=[_config_message(project, r) for r in page],
-            next_page_token=str(start + size) if more else "",
+            revisions=[_config_message(project, r) for r in page], next_page_token=token
         )
 
     async def WatchConfig(
@@ -154,7 +132,4 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
             await self._resolver.wait_for_change(current_principal().tenant, WATCH_RECHECK_SECONDS)
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
-        code, status = rpc_status(exc)
-        if not isinstance(exc, SpendgateError):
-            _log.error("internal_error", rpc="ConfigService", exc_info=exc)
-        await abort(context, code, status)
+        await fail(context, exc, _log, "ConfigService")

@@ -3,51 +3,37 @@
 from __future__ import annotations
 
 import json
-import time
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import grpc
 import structlog
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import policy_pb2_grpc
 
-from spendgate_server.errors import SpendgateError
 from spendgate_server.policy.policies import policies_to_dict
 from spendgate_server.policy.remote_policies import PolicyResolver, parse_stored_policies
-from spendgate_server.rpc.alerts_wire import policies_to_proto, timestamp
+from spendgate_server.rpc.alerts_wire import policies_to_proto
 from spendgate_server.rpc.auth import current_principal
-from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import offset_page_from_proto, policies_from_proto
+from spendgate_server.rpc.revisions import (
+    Context,
+    actor_of,
+    fail,
+    now_ms,
+    page_of,
+    page_request,
+    revision_fields,
+)
+from spendgate_server.rpc.validation import policies_from_proto
 from spendgate_server.store.policies import StoredPolicies
 
-__all__ = ["PolicyServicer", "actor_of"]
+__all__ = ["PolicyServicer"]
 
-Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("spendgate.policies")
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 
 
 def _policy_set(stored: StoredPolicies | None) -> ppb.PolicySet:
     if stored is None:
         return ppb.PolicySet(policies=ppb.Policies())
-    return ppb.PolicySet(
-        policies=policies_to_proto(parse_stored_policies(stored)),
-        version=stored.version,
-        etag=stored.etag,
-        updated_by=stored.updated_by,
-        update_time=timestamp(stored.update_time_ms),
-    )
-
-
-def actor_of(context: Context) -> str:
-    """Who writes: the API key's name and id; in open dev mode, whoever the caller says."""
-    principal = current_principal()
-    if principal.key_id:
-        return f"{principal.name} ({principal.key_id})"
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-spendgate-actor" and isinstance(value, str):
-            return value[:128]
-    return "anonymous"
+    return ppb.PolicySet(policies=policies_to_proto(parse_stored_policies(stored)), **revision_fields(stored))
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
@@ -75,7 +61,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 json.dumps(policies_to_dict(policies), sort_keys=True),
                 request.etag,
                 actor_of(context),
-                time.time_ns() // 1_000_000,
+                now_ms(),
             )
         except Exception as exc:
             await self._fail(context, exc)
@@ -88,16 +74,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self, request: ppb.ListPolicyRevisionsRequest, context: Context
     ) -> ppb.ListPolicyRevisionsResponse:
         try:
-            size, start = offset_page_from_proto(
-                request.page_size, request.page_token, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
-            )
+            size, start = page_request(request)
             revisions = await self._store.history(current_principal().tenant)
         except Exception as exc:
             await self._fail(context, exc)
-        page = revisions[start : start + size]
+        page, token = page_of(revisions, size, start)
         return ppb.ListPolicyRevisionsResponse(
-            revisions=[_policy_set(r) for r in page],
-            next_page_token=str(start + size) if start + size < len(revisions) else "",
+            revisions=[_policy_set(r) for r in page], next_page_token=token
         )
 
     async def GetPatternSet(
@@ -118,7 +101,4 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
-        code, status = rpc_status(exc)
-        if not isinstance(exc, SpendgateError):
-            _log.error("internal_error", rpc="PolicyService", exc_info=exc)
-        await abort(context, code, status)
+        await fail(context, exc, _log, "PolicyService")

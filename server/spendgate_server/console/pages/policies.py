@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from spendgate_server.console.backend import EditConflict, InvalidInput, PolicyRevisionPage, PolicyView
 from spendgate_server.console.diffs import DiffLine, policy_diff
+from spendgate_server.console.pages._documents import conflict_diffs, form_base, history_lines
 from spendgate_server.console.policies_form import (
     KEY_KINDS,
     FormErrors,
@@ -103,13 +104,12 @@ def html_id(name: str) -> str:
     return "f-" + name.replace("[", "-").replace("].", "-").replace("]", "").replace(".", "-")
 
 
-def history_lines(revisions: PolicyRevisionPage) -> list[tuple[PolicyView, list[DiffLine]]]:
-    """Each revision with its diff against the one before it (the first one against nothing)."""
-    olders: list[PolicyView | None] = [*revisions.revisions[1:], revisions.older][: len(revisions.revisions)]
-    return [
-        (revision, policy_diff(older.policies if older else {}, revision.policies))
-        for revision, older in zip(revisions.revisions, olders, strict=True)
-    ]
+def _history(page: PolicyRevisionPage) -> list[tuple[PolicyView, list[DiffLine]]]:
+    return history_lines(page, _policies, policy_diff)
+
+
+def _policies(view: PolicyView) -> dict[str, Any]:
+    return view.policies
 
 
 def _editor(
@@ -152,7 +152,7 @@ def _editor(
         "base_version": base_version,
         "conflict": conflict,
         "saved": request.query_params.get("saved", ""),
-        "history": history_lines(history),
+        "history": _history(history),
         "more_history": bool(history.next_page_token),
     }
     return render(request, "policies.html", context, status_code=status_code, session=session)
@@ -177,9 +177,7 @@ async def show(request: Request, session: ConsoleSession) -> Response:
 async def save(request: Request, session: ConsoleSession) -> Response:
     """POST /policies: compare-and-set; field errors from the service, a conflict, or back to the page."""
     form = await read_form(request, session.csrf_token)
-    etag = (form.get("etag") or [""])[0]
-    base = (form.get("base_version") or [""])[0]
-    base_version = int(base) if base.isascii() and base.isdigit() and len(base) < 19 else 0
+    etag, base_version = form_base(form)
     backend = console_of(request).backend
     parsed = parse_policies_form(form)
     errors = parsed.errors
@@ -221,15 +219,8 @@ async def _conflict(
     backend = console_of(request).backend
     stored = await backend.get_policies(session.api_key)
     lookback = await backend.list_policy_revisions(session.api_key, CONFLICT_LOOKBACK, "")
-    base: dict[str, Any] | None = {} if base_version == 0 else None
-    for revision in lookback.revisions:
-        if revision.version == base_version:
-            base = revision.policies
     _log.info("console_policies_conflict", key=session.key_label, stored=stored.version)
-    conflict = {
-        "theirs": policy_diff(base, stored.policies) if base is not None else None,
-        "mine": policy_diff(stored.policies, mine),
-    }
+    conflict = conflict_diffs(lookback, base_version, stored.policies, mine, _policies, policy_diff)
     recent = await backend.list_policy_revisions(session.api_key, RECENT_CHANGES, "")
     return _editor(
         request,
@@ -260,7 +251,7 @@ async def history(request: Request, session: ConsoleSession) -> Response:
         next_url = "/policies/history?" + urlencode({"page_token": revisions.next_page_token})
     context = {
         "title": "Policy history",
-        "history": history_lines(revisions),
+        "history": _history(revisions),
         "next_url": next_url,
     }
     return render(request, "policies_history.html", context, session=session)

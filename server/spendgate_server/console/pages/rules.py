@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from spendgate_server.console.backend import ConfigView, EditConflict, InvalidInput, RevisionPage
 from spendgate_server.console.diffs import DiffLine, diff
+from spendgate_server.console.pages._documents import conflict_diffs, form_base, history_lines
 from spendgate_server.console.rules_form import (
     RULE_SECTIONS,
     FormErrors,
@@ -75,13 +76,12 @@ def rules_url(project: str, **extra: str) -> str:
     return "/rules" + (f"?{urlencode(query)}" if query else "")
 
 
-def history_lines(page: RevisionPage) -> list[tuple[ConfigView, list[DiffLine]]]:
-    """Each revision with its diff against the one before it (the first one against nothing)."""
-    olders: list[ConfigView | None] = [*page.revisions[1:], page.older][: len(page.revisions)]
-    return [
-        (revision, diff(older.rules if older else {}, revision.rules))
-        for revision, older in zip(page.revisions, olders, strict=True)
-    ]
+def _history(page: RevisionPage) -> list[tuple[ConfigView, list[DiffLine]]]:
+    return history_lines(page, _rules, diff)
+
+
+def _rules(view: ConfigView) -> dict[str, Any]:
+    return view.rules
 
 
 def _editor(
@@ -119,7 +119,7 @@ def _editor(
         "base_version": base_version,
         "conflict": conflict,
         "saved": request.query_params.get("saved", ""),
-        "history": history_lines(history),
+        "history": _history(history),
         "more_history": bool(history.next_page_token),
         "rules_url": rules_url,
     }
@@ -159,9 +159,7 @@ async def save(request: Request, session: ConsoleSession) -> Response:
     project = _first(form, "project")
     if _project_error(project):
         raise FormRefused("the form names an invalid project")
-    etag = _first(form, "etag")
-    base = _first(form, "base_version")
-    base_version = int(base) if base.isascii() and base.isdigit() and len(base) < 19 else 0
+    etag, base_version = form_base(form)
     backend = console_of(request).backend
     config, errors = parse_rules_form(form)
     if config is not None:
@@ -201,16 +199,9 @@ async def _conflict(
 ) -> Response:
     backend = console_of(request).backend
     stored = await backend.get_config(session.api_key, project)
-    history = await backend.list_revisions(session.api_key, project, CONFLICT_LOOKBACK, "")
-    base: dict[str, Any] | None = {} if base_version == 0 else None
-    for revision in history.revisions:
-        if revision.version == base_version:
-            base = revision.rules
+    lookback = await backend.list_revisions(session.api_key, project, CONFLICT_LOOKBACK, "")
     _log.info("console_config_conflict", key=session.key_label, project=project, stored=stored.version)
-    conflict = {
-        "theirs": diff(base, stored.rules) if base is not None else None,
-        "mine": diff(stored.rules, mine),
-    }
+    conflict = conflict_diffs(lookback, base_version, stored.rules, mine, _rules, diff)
     recent = await backend.list_revisions(session.api_key, project, RECENT_CHANGES, "")
     return _editor(
         request,
@@ -247,7 +238,7 @@ async def history(request: Request, session: ConsoleSession) -> Response:
     context = {
         "title": f"History: project {project}" if project else "History: tenant",
         "project": project,
-        "history": history_lines(revisions),
+        "history": _history(revisions),
         "next_url": next_url,
         "rules_url": rules_url,
     }

@@ -33,6 +33,7 @@ __all__ = [
     "Effect",
     "FormChoice",
     "FormInput",
+    "IntegerRule",
     "RuleUnit",
     "Shadowed",
     "StatefulRule",
@@ -216,6 +217,55 @@ class RuleUnit(ABC):
     @abstractmethod
     def to_wire(self, config: Any) -> dict[str, Any]:
         """Keyword arguments of spendgate.v1.EnforcementConfig for this rule's fields."""
+
+
+class IntegerRule(RuleUnit):
+    """A rule set by one optional integer key, ``rule.key``, between ``low`` and ``high``.
+
+    The unit gives the bounds and which way is stricter; this class supplies parsing,
+    the user-facing and wire forms and the merge, so the unit keeps only its check.
+    Mix it in before ``StatelessRule`` or ``StatefulRule``.
+    """
+
+    low: ClassVar[int]
+    high: ClassVar[int]
+    # True: the lower value wins a merge (a cap); False: the higher one (a window).
+    lower_is_stricter: ClassVar[bool]
+    # The label of the key's one input in the console's rules form.
+    form_label: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A concrete unit's one input and wire field follow from its key.
+        if "rule" in cls.__dict__:
+            key = cls.rule.key
+            cls.form_inputs = (FormInput(key, cls.form_label, "Blank turns the rule off."),)
+            cls.wire_fields = ((key, key),)
+
+    def value(self, config: Any) -> int | None:
+        """The rule's integer in ``config``; None when the rule is off."""
+        value: int | None = getattr(config, self.key)
+        return value
+
+    def enabled(self, config: Any) -> bool:
+        return self.value(config) is not None
+
+    def parse(self, raw: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
+        return {self.key: parse_integer(raw, self.key, self.low, self.high, bad)}
+
+    def to_dict(self, config: Any) -> dict[str, Any]:
+        value = self.value(config)
+        return {} if value is None else {self.key: value}
+
+    def merge(self, mine: Any, theirs: Any, shadow: set[Rule]) -> dict[str, Any]:
+        tighter = min if self.lower_is_stricter else max
+        return pick_stricter(self.rule, mine, theirs, self.key, tighter, shadow)
+
+    def from_wire(self, message: Any, check: WireChecker, prefix: str) -> dict[str, Any]:
+        return {self.key: optional_int_from_wire(message, self.key, self.low, self.high, check, prefix)}
+
+    def to_wire(self, config: Any) -> dict[str, Any]:
+        return self.to_dict(config)
 
 
 class StatelessRule(RuleUnit):
