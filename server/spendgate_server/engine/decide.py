@@ -371,6 +371,19 @@ class DecisionEngine:
             resolved = await self._configs.load(call.tenant, call.project)
         if call.client_config is None:
             return resolved.config, resolved.version
+        downgrade = call.client_config.model_downgrade
+        if downgrade is not None and not self._prices.lookup(downgrade.fallback_model).known:
+            # As UpdateConfig refuses it: a fallback with no known price would be charged the
+            # never-undercount maximum, far above the model it was meant to save on.
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "enforcement_config.model_downgrade.fallback_model",
+                        f"no price is known for {downgrade.fallback_model!r}: "
+                        "a downgrade needs a priced fallback",
+                    )
+                ]
+            )
         return resolved.config.stricter(call.client_config), resolved.version
 
     async def decide(self, call: Call) -> Decision:
