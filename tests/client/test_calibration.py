@@ -8,6 +8,7 @@ chosen for each prompt.
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,8 +56,12 @@ def test_correction_stays_within_its_bounds(seen: list[tuple[int, float]], raw: 
     assert math.floor(raw * MIN_FACTOR) <= corrected <= math.ceil(raw * MAX_FACTOR)
 
 
-@given(observations, st.integers(min_value=0, max_value=10_000_000), st.integers(min_value=0, max_value=10_000))
-def test_correction_is_monotone_in_the_raw_estimate(seen: list[tuple[int, float]], raw: int, more: int) -> None:
+@given(
+    observations, st.integers(min_value=0, max_value=10_000_000), st.integers(min_value=0, max_value=10_000)
+)
+def test_correction_is_monotone_in_the_raw_estimate(
+    seen: list[tuple[int, float]], raw: int, more: int
+) -> None:
     """A larger raw estimate never gets a smaller corrected one."""
     calibrator = fed(seen)
     assert calibrator.correct(KEY, raw) <= calibrator.correct(KEY, raw + more)
@@ -67,8 +72,10 @@ def test_correction_is_monotone_in_the_raw_estimate(seen: list[tuple[int, float]
     st.lists(raws, min_size=MIN_CALLS, max_size=30),
     raws,
 )
-def test_stable_stream_is_within_the_margin_above_the_provider(ratio: float, stream: list[int], raw: int) -> None:
-    """Calibrated on a stream of one ratio, the estimate is never below the provider's count, and at most MARGIN above."""
+def test_stable_stream_is_within_the_margin_above_the_provider(
+    ratio: float, stream: list[int], raw: int
+) -> None:
+    """On a stream of one ratio the estimate is at or above the provider's count, at most MARGIN above."""
     calibrator = Calibrator()
     for earlier in stream:
         calibrator.observe(KEY, earlier, round(earlier * ratio))
@@ -83,7 +90,7 @@ def test_stable_stream_is_within_the_margin_above_the_provider(ratio: float, str
 
 @given(st.lists(ratios, min_size=1, max_size=WINDOW_CALLS), raws)
 def test_a_denser_request_raises_the_factor_at_once(history: list[float], raw: int) -> None:
-    """One request that tokenized denser than the raw estimate raises the next estimate from the next call on."""
+    """One request that tokenized denser than its raw estimate raises the very next estimate."""
     calibrator = Calibrator()
     for ratio in history:
         calibrator.observe(KEY, 10_000, round(10_000 * ratio))
@@ -92,7 +99,7 @@ def test_a_denser_request_raises_the_factor_at_once(history: list[float], raw: i
 
 
 def test_lowering_waits_for_min_calls_and_a_dense_call_leaves_the_window() -> None:
-    """The estimate is lowered only after MIN_CALLS agreeing calls; a dense outlier holds it up for WINDOW_CALLS calls."""
+    """Lowered only after MIN_CALLS agreeing calls; a dense outlier holds it up for WINDOW_CALLS calls."""
     calibrator = Calibrator()
     for _ in range(MIN_CALLS - 1):
         calibrator.observe(KEY, 1_000, 750)
@@ -215,10 +222,10 @@ async def make_client(
 
 
 async def create(client: Client, text: str) -> Any:
-    result = client.messages.create(
+    result: Any = client.messages.create(
         model="claude-test-big", max_tokens=100, messages=[{"role": "user", "content": text}]
     )
-    return await result if not isinstance(client, JournaledAnthropic) else result
+    return await result if inspect.isawaitable(result) else result
 
 
 def body(text: str) -> dict[str, Any]:
@@ -228,7 +235,7 @@ def body(text: str) -> dict[str, Any]:
 async def test_ceiling_stops_blocking_prose_under_it_after_a_few_calls(
     make_client: Callable[..., Client], fake: FakeProvider
 ) -> None:
-    """English prose billed at 75% of the raw estimate: blocked under token_ceiling at first, admitted after 3 calls."""
+    """Prose billed at 75% of its raw estimate: blocked under token_ceiling at first, admitted later."""
     big = PROSE * 40
     raw = prepare_anthropic(body(big)).input_tokens
     billed = round(raw * 0.75)
@@ -248,4 +255,5 @@ async def test_ceiling_stops_blocking_prose_under_it_after_a_few_calls(
     assert len(fake.requests) == MIN_CALLS + 1
     surface = JournaledAnthropic._spendgate_provider.routes["/v1/messages"].surface
     learned = client._spendgate_gate.calibrator.correct(f"{surface}|claude-test-big", raw)
-    assert billed <= learned <= billed * (1 + MARGIN) + 2
+    # Within a few percent above the provider's count (the small prompts' counts are rounded).
+    assert billed <= learned <= billed * 1.03

@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 from spendgate.v1 import decision_pb2 as pb
 
+from spendgate_client._calibrate import Calibrator, model_family, reported_input_tokens
 from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode, Usage
 from spendgate_client._config import enforcement_config_to_proto
-from spendgate_client._calibrate import Calibrator, model_family, reported_input_tokens
 from spendgate_client._estimate import MAX_INPUT_TOKENS, PreparedRequest
 from spendgate_client._policy import CallJournal, JournalSettings, PatternMatcher, prompt_text
 from spendgate_client._settler import Settler
@@ -152,8 +152,10 @@ class Gate:
         corrected = min(MAX_INPUT_TOKENS, self.calibrator.correct(key, request.input_tokens))
         return replace(request, input_tokens=corrected, raw_input_tokens=request.input_tokens)
 
-    def learn(self, route: Route, request: PreparedRequest, model: str, body: Mapping[str, Any], usage: Usage | None) -> None:
-        """Teach the calibrator what ``request`` (billed on ``model``) was billed; runs on the settle thread."""
+    def learn(
+        self, route: Route, request: PreparedRequest, model: str, body: Mapping[str, Any], usage: Usage | None
+    ) -> None:
+        """Teach the calibrator what ``request`` run on ``model`` was billed (on the settle thread)."""
         if usage is None or request.raw_input_tokens is None:
             return
         stream = body.get("_stream")
