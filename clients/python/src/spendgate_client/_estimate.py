@@ -27,6 +27,9 @@ canonical JSON of the body:
   - Context held by the provider (OpenAI ``previous_response_id`` or
     ``conversation``) is not visible here and not counted.
 
+  The wrappers correct this raw estimate by what settled calls were billed
+  (:mod:`spendgate_client._calibrate`); ``raw_input_tokens`` keeps the raw one.
+
 * a **tool-call count**: the tool results carried by the newest turn (the calls
   made since the model last answered), which the ``max_tool_calls`` rule counts.
 
