@@ -89,6 +89,16 @@ def _wrapper_line(document: dict[str, Any]) -> str:
     return f"client wrapper overhead: {w.get('status', 'missing')} {detail}".rstrip()
 
 
+def _estimate_lines(document: dict[str, Any]) -> list[str]:
+    e = document.get("estimate_error") or {}
+    if e.get("status") != "ok":
+        detail = e.get("note") or e.get("error") or ""
+        return [f"token estimate error: {e.get('status', 'missing')} {detail}".rstrip()]
+    from bench.estimate_error import table as estimate_table
+
+    return ["token estimate error (estimate / modelled provider count - 1):", estimate_table(e["figures"])]
+
+
 def _noisy_line(document: dict[str, Any]) -> str:
     n = document.get("noisy_neighbour") or {}
     if n.get("status") != "ok":
@@ -136,6 +146,7 @@ def table(document: dict[str, Any]) -> str:
     out += [*_guarded_lines(document), ""]
     out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
+    out += _estimate_lines(document)
     out.append(_noisy_line(document))
     return "\n".join(out)
 
@@ -156,6 +167,7 @@ def markdown(document: dict[str, Any]) -> str:
     out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append("")
+    out += [*_estimate_lines(document), ""]
     out.append(_noisy_line(document))
     return "\n".join(out)
 

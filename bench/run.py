@@ -13,7 +13,8 @@ load generator in its own process (bench/loadgen.py):
 
 for Decide, then Settle, then the guarded call (bench/guarded.py: a wrapped SDK
 against the plain SDK on a fake provider), then the client wrapper's own overhead
-(bench/wrapper_overhead.py when present), then the noisy-neighbour check
+(bench/wrapper_overhead.py when present), the token estimate's error before and after
+calibration (bench/estimate_error.py), then the noisy-neighbour check
 (bench/noisy.py: one tenant's heavy patterns and watch streams while another
 decides). Writes bench/results/latest.json and bench/results/latency_vs_load.png and
 prints the table.
@@ -518,6 +519,15 @@ def _wrapper_overhead() -> dict[str, Any]:
     return {"status": "ok", "figures": figures}
 
 
+def _estimate_error() -> dict[str, Any]:
+    from bench import estimate_error
+
+    try:
+        return {"status": "ok", "figures": estimate_error.measure()}
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def _noisy_neighbour(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     if args.no_noisy:
         return {"status": "skipped", "note": "--no-noisy"}
@@ -672,6 +682,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         api_keys = bench.api_keys
     log("wrapper overhead")
     wrapper = _wrapper_overhead()
+    log("token estimate error")
+    estimate = _estimate_error()
     log("noisy neighbour")
     noisy_neighbour = _noisy_neighbour(args, log)
     document: dict[str, Any] = {
@@ -691,6 +703,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "guarded_call": guarded_call,
         "overload": overload_run,
         "wrapper_overhead": wrapper,
+        "estimate_error": estimate,
         "noisy_neighbour": noisy_neighbour,
         "wall_seconds": time.monotonic() - started,
         # Other processes on the machine skew every figure; ratios less so (same run).
