@@ -183,7 +183,7 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
     client_config = (
         config_from_proto(request.enforcement_config, c) if request.HasField("enforcement_config") else None
     )
-    max_usage = _max_usage(c, request)
+    max_usage = _max_usage(c, request) if request.HasField("max_usage") else None
     c.raise_if_any()
     return Call(
         tenant=tenant,
@@ -202,12 +202,15 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
 
 def _max_usage(c: _Checker, request: pb.DecideRequest) -> Usage | None:
     """DecideRequest.max_usage when its counts are set (fields 1-4 alone mean nothing there), else None."""
-    if not request.HasField("max_usage") or not request.max_usage.counts:
+    if not request.max_usage.counts:
         return None
     m = request.max_usage
+    before = len(c.violations)
     _usage_counts(c, m.counts, "max_usage", MAX_BATCH_REQUESTS)
     if not _SERVICE_TIER.fullmatch(m.service_tier):
         c.bad("max_usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
+    if len(c.violations) > before:
+        return None  # the request is refused; a Usage of unknown keys cannot be built
     return Usage(counts=dict(m.counts), service_tier=m.service_tier)
 
 
