@@ -92,10 +92,6 @@ BOUNDS = {
         f"0-{MAX_OUTPUT_TOKENS}, anything else 0-{MAX_USAGE_COUNT}; no part above its total"
     ),
     "usage.service_tier": "0-32 characters of [A-Za-z0-9._-]",
-    "max_usage.counts": (
-        f"as usage.counts, each bound times {MAX_BATCH_REQUESTS} (a batch's worst case); "
-        "no part above its total"
-    ),
 }
 
 
