@@ -28,6 +28,7 @@ from spendgate_server.engine.rules import (
     StatefulRule,
     StoreView,
     unit_for,
+    usage_estimate,
 )
 from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound, StoreUnavailable
 from spendgate_server.store import (
@@ -114,6 +115,9 @@ class Call:
     request_id: str = ""
     client_config: EnforcementConfig | None = None
     project: str = ""
+    # The worst case in the units the endpoint bills (DecideRequest.max_usage); when set it
+    # prices the reservation, and input_tokens only feeds token_ceiling.
+    max_usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,12 +395,12 @@ class DecisionEngine:
         config, version = await self.effective_config(call)
         now_ms = self._clock()
         answer = _Answer(call, config, version, new_decision_id(now_ms))
+        if call.max_usage is None:
+            estimate = self._prices.lookup(call.model).estimate(call.input_tokens, call.max_output_tokens)
+        else:
+            estimate = usage_estimate(self._prices, call.model, call.max_usage)
         draft = Draft(
-            call.input_tokens,
-            call.max_output_tokens,
-            call.model,
-            self._prices.lookup(call.model).estimate(call.input_tokens, call.max_output_tokens),
-            self._prices,
+            call.input_tokens, call.max_output_tokens, call.model, estimate, self._prices, call.max_usage
         )
 
         for unit in STATELESS_RULES:
@@ -636,6 +640,9 @@ def request_digest(call: Call) -> str:
         call.project,
         client_config,
     ]
+    if call.max_usage is not None:
+        # Appended only when set, so the digests of memos stored before max_usage still match.
+        content.append([sorted(call.max_usage.counts.items()), call.max_usage.service_tier])
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
