@@ -372,7 +372,11 @@ class DecisionEngine:
         """The stricter of the server-side config and the call's own, key by key, and its version."""
         resolved = self._configs.cached(call.tenant, call.project)
         if resolved is None:
-            resolved = await self._configs.load(call.tenant, call.project)
+            try:
+                resolved = await self._configs.load(call.tenant, call.project)
+            except StoreUnavailable as exc:
+                # Before the atomic step: a Decide that fails here has written nothing.
+                raise StoreUnavailable(f"{exc}; nothing is reserved (the config could not be read)") from exc
         if call.client_config is None:
             return resolved.config, resolved.version
         downgrade = call.client_config.model_downgrade
