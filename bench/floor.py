@@ -30,7 +30,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class FloorServicer(decision_pb2_grpc.DecisionServiceServicer):
-    """Decide and Settle both do one EVALSHA of ``return 1`` and answer an empty message."""
+    """Every method does one EVALSHA of ``return 1`` and answers an empty message."""
 
     def __init__(self, client: aioredis.Redis, sha: str) -> None:
         self._client = client
@@ -47,6 +47,12 @@ class FloorServicer(decision_pb2_grpc.DecisionServiceServicer):
     ) -> pb.SettleResponse:  # gRPC method name
         await self._client.evalsha(self._sha, 0)
         return pb.SettleResponse()
+
+    async def SettleBatch(
+        self, request: pb.SettleBatchRequest, context: Context
+    ) -> pb.SettleBatchResponse:  # gRPC method name
+        await self._client.evalsha(self._sha, 0)
+        return pb.SettleBatchResponse()
 
 
 async def serve(redis_url: str, port: int) -> None:

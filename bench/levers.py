@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--blocked", action="store_true", help="workload: one session over its budget (for deny_cache)"
     )
+    p.add_argument("--rpc", choices=("decide", "settle"), default="decide", help="the call measured")
+    p.add_argument(
+        "--settle-count",
+        type=int,
+        default=6000,
+        help="settle: reservations made first per closed-loop run (the run lasts until they are settled)",
+    )
     args = p.parse_args(argv)
     args.variant = ""
 
@@ -75,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"round {rnd + 1}/{args.rounds}")
             # Rotate the order each round: whoever goes first meets a different machine state.
             order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
-            for key, figures in _sequential(bench, order, "decide", rounds=1, keep_samples=True).items():
+            for key, figures in _sequential(bench, order, args.rpc, rounds=1, keep_samples=True).items():
                 seq[key].extend(figures["samples_us"])
             for target in order:
-                closed[target.key].append(_closed(bench, target, "decide"))
+                count = args.settle_count if args.rpc == "settle" and target.client == "spendgate" else 0
+                closed[target.key].append(_closed(bench, target, args.rpc, count))
     results: dict[str, Any] = {}
     for t in targets:
         runs = closed[t.key]
@@ -99,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("levers-blocked.json" if args.blocked else "levers.json")).write_text(
-        json.dumps(_finite(document), indent=2) + "\n"
+    name = (
+        "levers-blocked.json"
+        if args.blocked
+        else "levers-settle.json"
+        if args.rpc == "settle"
+        else "levers.json"
     )
+    (args.out / name).write_text(json.dumps(_finite(document), indent=2) + "\n")
     print(table(results))
     return 0
 

@@ -81,16 +81,24 @@ def _settle_request(session_id: str, reservation_id: str) -> pb.SettleRequest:
 
 @dataclass
 class Recorder:
-    """Latencies (µs) of successful calls and the count of failed ones."""
+    """Latencies (µs) of successful calls; the count, status codes and latencies of failed ones."""
 
     samples_us: list[int] = field(default_factory=list)
     errors: int = 0
     first_error: str = ""
+    error_codes: dict[str, int] = field(default_factory=dict)
+    error_samples_us: list[int] = field(default_factory=list)
 
-    def error(self, exc: BaseException) -> None:
+    def error(self, exc: BaseException, latency_us: int | None = None) -> None:
         self.errors += 1
         if not self.first_error:
             self.first_error = f"{type(exc).__name__}: {exc}"[:300]
+        # The client wraps an outage in SpendgateUnavailable; the gRPC error is its cause.
+        cause = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+        code = cause.code().name if isinstance(cause, grpc.RpcError) else type(exc).__name__
+        self.error_codes[code] = self.error_codes.get(code, 0) + 1
+        if latency_us is not None:
+            self.error_samples_us.append(latency_us)
 
 
 def _multi_connection_options() -> list[tuple[str, Any]]:
@@ -371,7 +379,7 @@ async def run_open(
         try:
             await calls[i % len(calls)](i)
         except Exception as exc:  # count every failure, keep measuring
-            rec.error(exc)
+            rec.error(exc, (clock() - due_ns) // 1000)
             return
         rec.samples_us.append((clock() - due_ns) // 1000)
 
@@ -501,6 +509,7 @@ def _needed_reservations(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m bench.loadgen``; prints one JSON object."""
+    global BLOCKED, DEADLINE_SECONDS
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--target", required=True)
     parser.add_argument(
@@ -521,9 +530,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--blocked", action="store_true", help="one session, over its budget after the first call (spendgate)"
     )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=DEADLINE_SECONDS,
+        help="seconds each call may take (the clients' default is 0.25); late calls are errors",
+    )
     args = parser.parse_args(argv)
-    global BLOCKED
     BLOCKED = args.blocked
+    DEADLINE_SECONDS = args.deadline
     if args.rpc == "settle" and args.client == "spendgate" and args.mode == "closed" and not args.count:
         parser.error("--rpc settle --mode closed needs --count (the reservations are made first)")
     if args.mode == "open" and args.rate <= 0:
@@ -570,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
         "send_lag_us_p50": lags[len(lags) // 2] if lags else None,
         "send_lag_us_p99": lags[int(len(lags) * 0.99)] if lags else None,
         "samples_us": rec.samples_us,
+        "error_codes": rec.error_codes,
+        "error_samples_us": rec.error_samples_us,
     }
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

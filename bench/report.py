@@ -89,6 +89,16 @@ def _wrapper_line(document: dict[str, Any]) -> str:
     return f"client wrapper overhead: {w.get('status', 'missing')} {detail}".rstrip()
 
 
+def _estimate_lines(document: dict[str, Any]) -> list[str]:
+    e = document.get("estimate_error") or {}
+    if e.get("status") != "ok":
+        detail = e.get("note") or e.get("error") or ""
+        return [f"token estimate error: {e.get('status', 'missing')} {detail}".rstrip()]
+    from bench.estimate_error import table as estimate_table
+
+    return ["token estimate error (estimate / modelled provider count - 1):", estimate_table(e["figures"])]
+
+
 def _noisy_line(document: dict[str, Any]) -> str:
     n = document.get("noisy_neighbour") or {}
     if n.get("status") != "ok":
@@ -104,6 +114,26 @@ def _noisy_line(document: dict[str, Any]) -> str:
     )
 
 
+def _guarded_lines(document: dict[str, Any]) -> list[str]:
+    g = document.get("guarded_call") or {}
+    if g.get("status") != "ok":
+        detail = g.get("note") or g.get("error") or ""
+        return [f"guarded call: {g.get('status', 'missing')} {detail}".rstrip()]
+    from bench.guarded import table as guarded_table
+
+    return guarded_table(g["figures"]).splitlines()
+
+
+def _overload_lines(document: dict[str, Any]) -> list[str]:
+    o = document.get("overload") or {}
+    if o.get("status") != "ok":
+        detail = o.get("note") or o.get("error") or ""
+        return [f"overload: {o.get('status', 'missing')} {detail}".rstrip()]
+    from bench.overload import table as overload_table
+
+    return overload_table(o["figures"], o["keys"]).splitlines()
+
+
 def table(document: dict[str, Any]) -> str:
     """The figures for the terminal: each beside its ratio to the floor."""
     out = [_preamble(document), ""]
@@ -113,7 +143,10 @@ def table(document: dict[str, Any]) -> str:
         header, rows = _rows(document, rpc)
         header[0] = rpc.capitalize()
         out += [*_format(header, rows), ""]
+    out += [*_guarded_lines(document), ""]
+    out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
+    out += _estimate_lines(document)
     out.append(_noisy_line(document))
     return "\n".join(out)
 
@@ -130,8 +163,11 @@ def markdown(document: dict[str, Any]) -> str:
         out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         out += ["| " + " | ".join(r) + " |" for r in rows]
         out.append("")
+    out += [*_guarded_lines(document), ""]
+    out += [*_overload_lines(document), ""]
     out.append(_wrapper_line(document))
     out.append("")
+    out += [*_estimate_lines(document), ""]
     out.append(_noisy_line(document))
     return "\n".join(out)
 

@@ -11,8 +11,10 @@ load generator in its own process (bench/loadgen.py):
 3. open-loop latency at fixed fractions of the floor's capacity (scheduled sends,
    latency from the scheduled time);
 
-for Decide, then Settle, then the client wrapper's own overhead
-(bench/wrapper_overhead.py when present), then the noisy-neighbour check
+for Decide, then Settle, then the guarded call (bench/guarded.py: a wrapped SDK
+against the plain SDK on a fake provider), then the client wrapper's own overhead
+(bench/wrapper_overhead.py when present), the token estimate's error before and after
+calibration (bench/estimate_error.py), then the noisy-neighbour check
 (bench/noisy.py: one tenant's heavy patterns and watch streams while another
 decides). Writes bench/results/latest.json and bench/results/latency_vs_load.png and
 prints the table.
@@ -69,6 +71,7 @@ class Target:
     store: str = ""
     workers: int = 1
     variant: str = ""  # levers of bench.variants ("" = the server as it is)
+    flags: tuple[str, ...] = ()  # extra `spendgate serve` flags
 
     @property
     def connections(self) -> int:
@@ -156,6 +159,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     a("--no-plot", action="store_true", help="skip the PNG")
     a("--no-noisy", action="store_true", help="skip the noisy-neighbour check (bench/noisy.py)")
+    a("--no-guarded", action="store_true", help="skip the guarded call (bench/guarded.py)")
+    a("--no-overload", action="store_true", help="skip the 1.5x-capacity run (bench/overload.py)")
+    a(
+        "--guarded-count",
+        type=int,
+        default=int(_env_default("guarded_count", "1500")),
+        help="guarded call: sequential calls of each kind, plain and wrapped (env SG_BENCH_GUARDED_COUNT)",
+    )
     return p
 
 
@@ -165,6 +176,7 @@ def _apply_quick(args: argparse.Namespace) -> None:
     args.loads = "0.5,0.9"
     args.workers = "1"
     args.concurrency = 8
+    args.guarded_count = 60
 
 
 # --- running load generators -------------------------------------------------------------------
@@ -234,7 +246,9 @@ class Bench:
 
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
     samples = result.pop("samples_us")
+    error_samples = result.pop("error_samples_us", [])
     figures = {**result, **summarize(samples)}
+    figures["error_latency"] = summarize(error_samples)
     figures["throughput_rps"] = len(samples) / result["elapsed_s"] if result["elapsed_s"] else math.nan
     return figures
 
@@ -393,18 +407,21 @@ def _create_api_key(store_flag: list[str]) -> str:
 
 
 def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
+    """Start ``targets`` (and, the first time, redis-server and the API keys)."""
     procs, args = bench.procs, bench.args
-    bench.redis = procs.start_redis()
-    redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
     config = procs.tmp / "bench-config.yaml"
-    config.write_text(BENCH_CONFIG_YAML)
-    # Authentication on, as in production: one client key per store, sent by the client.
     keys_file = procs.tmp / "keys.json"
-    bench.api_keys = {
-        "redis": _create_api_key(["--redis-url", redis_url]),
-        "memory": _create_api_key(["--keys-file", str(keys_file)]),
-    }
-    bench.log(f"  auth: {'API keys' if all(bench.api_keys.values()) else 'open dev mode (no keys CLI)'}")
+    if bench.redis is None:
+        bench.redis = procs.start_redis()
+        redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
+        config.write_text(BENCH_CONFIG_YAML)
+        # Authentication on, as in production: one client key per store, sent by the client.
+        bench.api_keys = {
+            "redis": _create_api_key(["--redis-url", redis_url]),
+            "memory": _create_api_key(["--keys-file", str(keys_file)]),
+        }
+        bench.log(f"  auth: {'API keys' if all(bench.api_keys.values()) else 'open dev mode (no keys CLI)'}")
+    redis_url = f"redis://127.0.0.1:{bench.redis.port}/0"
     for target in targets:
         if target.client == "floor":
             argv = python_module("bench.floor", "--redis-url", redis_url, "--port", "0")
@@ -436,6 +453,7 @@ def _start_servers(bench: Bench, targets: Sequence[Target]) -> None:
         ]
         if target.store == "memory" and bench.api_keys["memory"]:
             argv += ["--keys-file", str(keys_file)]
+        argv += target.flags
         bench.servers[target.key] = procs.start_server(
             target.key, argv, port=port, ready_lines=target.workers
         )
@@ -501,6 +519,15 @@ def _wrapper_overhead() -> dict[str, Any]:
     return {"status": "ok", "figures": figures}
 
 
+def _estimate_error() -> dict[str, Any]:
+    from bench import estimate_error
+
+    try:
+        return {"status": "ok", "figures": estimate_error.measure()}
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
 def _noisy_neighbour(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     if args.no_noisy:
         return {"status": "skipped", "note": "--no-noisy"}
@@ -511,6 +538,56 @@ def _noisy_neighbour(args: argparse.Namespace, log: Callable[[str], None]) -> di
         return {"status": "ok", "figures": noisy.measure(log=log, **sizes)}
     except Exception as exc:  # one section's failure is reported, not fatal to the run
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _guarded(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    if args.no_guarded or "redis-w1" not in bench.servers:
+        return {"status": "skipped", "note": "--no-guarded or no redis-w1 server"}
+    from bench import guarded
+
+    quick = args.quick
+    try:
+        figures = guarded.measure(
+            bench.procs,
+            bench.servers["redis-w1"].target,
+            bench.servers["floor"].target,
+            bench.api_keys.get("redis", ""),
+            bench.log,
+            count=args.guarded_count,
+            rounds=1 if quick else 2,
+            closed_seconds=0.5 if quick else 3.0,
+            closed_rounds=1 if quick else 2,
+            server_cpu=bench.servers["redis-w1"].cpu_seconds,
+        )
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "figures": figures}
+
+
+def _overload(bench: Bench, decide: dict[str, Any]) -> dict[str, Any]:
+    args = bench.args
+    if args.no_overload or "redis-w1" not in bench.servers:
+        return {"status": "skipped", "note": "--no-overload or no redis-w1 server"}
+    from bench import overload
+
+    shipped = next(t for t in _targets(args) if t.key == "redis-w1")
+    unbounded = Target(
+        "redis-w1-unbounded", "no admission", "spendgate", "redis", 1, flags=overload.NO_ADMISSION
+    )
+    try:
+        _start_servers(bench, [unbounded])
+        figures = overload.measure(
+            bench,
+            [shipped, unbounded],
+            decide["redis-w1"]["closed"]["throughput_rps"],
+            bench.log,
+            seconds=1.0 if args.quick else 3.0,
+            repeats=1 if args.quick else 2,
+        )
+    except Exception as exc:  # one section's failure is reported, not fatal to the run
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "figures": figures, "keys": [shipped.key, unbounded.key]}
 
 
 def _run_rpc(bench: Bench, targets: Sequence[Target], rpc: str, capacity: float | None) -> dict[str, Any]:
@@ -597,10 +674,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         if not args.no_settle:
             log("Settle")
             settle = _run_rpc(bench, targets, "settle", decide["floor_capacity_rps"])
+        log("guarded call")
+        guarded_call = _guarded(bench)
+        log("overload")
+        overload_run = _overload(bench, decide)
         server_argv = {k: s.argv for k, s in bench.servers.items()}
         api_keys = bench.api_keys
     log("wrapper overhead")
     wrapper = _wrapper_overhead()
+    log("token estimate error")
+    estimate = _estimate_error()
     log("noisy neighbour")
     noisy_neighbour = _noisy_neighbour(args, log)
     document: dict[str, Any] = {
@@ -617,7 +700,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         "decide_ratios": _ratios(decide, targets),
         "settle": settle,
         "settle_ratios": _ratios(settle, targets) if settle else None,
+        "guarded_call": guarded_call,
+        "overload": overload_run,
         "wrapper_overhead": wrapper,
+        "estimate_error": estimate,
         "noisy_neighbour": noisy_neighbour,
         "wall_seconds": time.monotonic() - started,
         # Other processes on the machine skew every figure; ratios less so (same run).

@@ -151,6 +151,30 @@ def _memo_interceptors() -> None:
     memoized(status.DecodeErrorInterceptor)
 
 
+def _journal_pool() -> None:
+    from spendgate_server.store import redis_logs
+
+    original = redis_logs.RedisLogStore.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["hot_path"] = None
+        original(self, *args, **kwargs)
+
+    redis_logs.RedisLogStore.__init__ = init  # type: ignore[method-assign]
+
+
+def _no_group_commit() -> None:
+    from spendgate_server.policy import journal
+
+    original = journal.StoreJournal.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["group_commit"] = False
+        original(self, *args, **kwargs)
+
+    journal.StoreJournal.__init__ = init  # type: ignore[method-assign]
+
+
 def _asyncio_loop() -> None:
     import uvloop
 
@@ -209,6 +233,22 @@ LEVERS: dict[str, Lever] = {
     "opt_latency": Lever(
         "server channel arg grpc.optimization_target=latency",
         _server_option("grpc.optimization_target", "latency"),
+    ),
+    "journal_pool": Lever(
+        "journal appends through redis-py's pool instead of the pipelined hot-path connection",
+        _journal_pool,
+    ),
+    "no_group_commit": Lever(
+        "one journal append per settle (no group commit of the appends of one event-loop turn)",
+        _no_group_commit,
+    ),
+    "max_streams_64": Lever(
+        "server channel arg grpc.max_concurrent_streams=64: a connection's excess calls wait in the client",
+        _server_option("grpc.max_concurrent_streams", 64),
+    ),
+    "max_streams_256": Lever(
+        "server channel arg grpc.max_concurrent_streams=256",
+        _server_option("grpc.max_concurrent_streams", 256),
     ),
     "opt_throughput": Lever(
         "server channel arg grpc.optimization_target=throughput",

@@ -60,6 +60,7 @@ from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
 from spendgate_server.policy.violations import WatchLimits
+from spendgate_server.rpc.admission import Admission, AdmissionInterceptor, stream_options
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
@@ -218,6 +219,7 @@ def _server_options(settings: ServeSettings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", 30 * 1000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        *stream_options(settings.max_in_flight, settings.max_watch_streams_per_tenant),
     ]
     idle_ms = round(settings.connection_idle_seconds * 1000)
     if idle_ms:
@@ -365,7 +367,9 @@ async def _serve(
     )
     activity = SessionActivity(stores.insights)
 
-    interceptors = [AuthInterceptor(authenticator), DecodeErrorInterceptor()]
+    # Admission first: a call refused past capacity or past its deadline costs nothing more.
+    admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
+    interceptors = [admission, AuthInterceptor(authenticator), DecodeErrorInterceptor()]
     server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
         DecisionServicer(engine, metrics, activity), server

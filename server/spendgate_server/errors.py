@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ConfigError",
+    "DeadlineExceeded",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -58,6 +59,10 @@ class ResourceExhausted(SpendgateError):
     def __init__(self, quota: str, message: str) -> None:
         self.quota = quota
         super().__init__(message)
+
+
+class DeadlineExceeded(SpendgateError):
+    """The call's deadline has passed, or too little of it is left to answer in time; nothing was done."""
 
 
 class StoreUnavailable(SpendgateError):

@@ -337,6 +337,14 @@ FLAGS: tuple[Flag, ...] = (
         100_000_000,
         "distinct live sessions (used within --session-ttl-seconds) one tenant may hold; 0: no limit",
     ),
+    _int(
+        "max-in-flight",
+        _SERVE,
+        64,
+        0,
+        1_000_000,
+        "Decide/Settle calls served at once per worker; past it RESOURCE_EXHAUSTED at once (0: no bound)",
+    ),
     # --- console
     _text("host", _CONSOLE, "127.0.0.1", "address to bind"),
     _int("port", _CONSOLE, 8080, 0, 65535, "port to bind, 0 for any free port"),

@@ -94,6 +94,9 @@ class ServeSettings:
     max_watch_streams: int = 1024
     # Distinct live sessions per tenant (0: no limit).
     max_sessions_per_tenant: int = 100_000
+    # Decide/Settle calls served at once per process; past it RESOURCE_EXHAUSTED at once (0: no
+    # bound). About capacity x the wait accepted: ~3,000 calls/s per worker x 20 ms (rpc/admission.py).
+    max_in_flight: int = 64
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,4 +247,5 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_watch_streams_per_tenant=v.integer("max-watch-streams-per-tenant"),
         max_watch_streams=v.integer("max-watch-streams"),
         max_sessions_per_tenant=v.integer("max-sessions-per-tenant"),
+        max_in_flight=v.integer("max-in-flight"),
     )

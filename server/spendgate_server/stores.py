@@ -191,6 +191,7 @@ class RedisStores(Stores):
             self.connection.client,
             poll_seconds=self._settings.evaluator_poll_millis / 1000,
             owns_client=False,
+            hot_path=self.connection.hot_path,
         )
 
     @functools.cached_property

@@ -31,6 +31,7 @@ from spendgate_client import (
     SessionBudgetExceeded,
     Usage,
 )
+from spendgate_client._billing import prepare_anthropic_batch
 
 from tests.fake_provider import FakeProvider, new_session, session_spend
 from tests.fake_provider import Usage as Billed
@@ -556,6 +557,22 @@ async def test_anthropic_batch_costs_half(
     results = await resolve(client.messages.batches.results(batch.id))
     await drain(results)
     assert spent(server, client) == 1_050_000
+
+
+async def test_anthropic_batch_reserves_every_request_at_half_price(
+    make: Callable[..., Any], fake: FakeProvider, server: SpendgateServer
+) -> None:
+    """Ten requests of max_tokens 100 hold ten worst cases at the batch tier ($1.50 / $7.50 per MTok)."""
+    client = make("anthropic")
+    await resolve(client.messages.batches.create(requests=anthropic_requests(10)))
+    # What the wrapper sends as DecideRequest.max_usage for this body.
+    usage = prepare_anthropic_batch({"requests": anthropic_requests(10)}).max_usage
+    assert usage is not None and usage.service_tier == "batch"
+    assert usage.counts["output_tokens"] == 10 * 100
+    tokens_in = usage.counts["input_tokens"]
+    assert tokens_in > 0 and tokens_in % 10 == 0
+    # Unsettled until its results are read: the session holds the whole reservation.
+    assert session_spend(server.target, client.spendgate_session_id) == tokens_in * 1_500 + 1_000 * 7_500
 
 
 # --- free endpoints and unknown paths ---------------------------------------------------------

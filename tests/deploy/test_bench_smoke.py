@@ -30,7 +30,7 @@ def _numbers(value: Any) -> list[float]:
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_quick_bench_writes_results(tmp_path: Path) -> None:
-    """`python -m bench --quick` measures floor, Decide and Settle and writes JSON (and the plot)."""
+    """`python -m bench --quick` measures floor, Decide, Settle, the guarded call; writes JSON, plot."""
     plot = importlib.util.find_spec("matplotlib") is not None
     argv = [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)]
     if not plot:
@@ -51,6 +51,19 @@ def test_quick_bench_writes_results(tmp_path: Path) -> None:
     assert document["decide_ratios"]["redis-w1"]["sequential"]["p50"] > 0
     assert all(math.isfinite(n) for n in _numbers(document))
     assert document["wrapper_overhead"]["status"] in ("ok", "missing", "error")
+    guarded = document["guarded_call"]
+    assert guarded["status"] == "ok", guarded
+    assert guarded["figures"]["sequential"]["wrapped"]["ok"] == 60
+    assert guarded["figures"]["sequential_errors"] == {"plain": 0, "wrapped": 0, "floor": 0}
+    assert guarded["figures"]["settled"]["wrapped"] >= 60  # every wrapped call settled (and the warm-up's)
+    assert guarded["figures"]["closed"]["wrapped"]["runs"][0]["flushed"]
+    assert "Guarded call (JournaledAnthropic" in done.stdout
+    overload = document["overload"]
+    assert overload["status"] == "ok", overload
+    for key in ("redis-w1", "redis-w1-unbounded"):
+        run = overload["figures"][key]
+        assert run["ok"] + run["errors"] == int(overload["figures"]["offered_rps"] * 1.0)
+    assert "Overload: Decide at 1.5x capacity" in done.stdout
     noisy = document["noisy_neighbour"]
     assert noisy["status"] == "ok", noisy
     assert noisy["figures"]["calls"] == {"alone": 100, "noisy": 100}

@@ -9,6 +9,7 @@ from spendgate_server.policy.violations import PolicyType, Violation, ViolationF
 from spendgate_server.store.configs import MemoryConfigStore
 from spendgate_server.store.logs import LogStore, MemoryLogStore, entry_id_ms, parse_entry_id
 from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyConflict, PolicyStore
+from spendgate_server.store.redis import RedisConnection
 from spendgate_server.store.redis_configs import RedisConfigStore
 from spendgate_server.store.redis_logs import RedisLogStore
 
@@ -19,15 +20,24 @@ LOG = "journal"
 TTL = 3_600_000
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=[*STORES, pytest.param("redis-pipelined", marks=pytest.mark.redis)])
 async def logs(request: pytest.FixtureRequest) -> AsyncIterator[LogStore]:
-    """Each log store implementation, empty."""
+    """Each log store implementation, empty; Redis also with appends on the pipelined connection."""
+    connection = None
     if request.param == "memory":
         store: LogStore = MemoryLogStore()
-    else:
+    elif request.param == "redis":
         store = RedisLogStore.from_url(request.getfixturevalue("redis_url"), poll_seconds=0.01)
+    else:
+        connection = RedisConnection(request.getfixturevalue("redis_url"), timeout_seconds=2)
+        assert connection.hot_path is not None
+        store = RedisLogStore(
+            connection.client, poll_seconds=0.01, owns_client=False, hot_path=connection.hot_path
+        )
     yield store
     await store.close()
+    if connection is not None:
+        await connection.aclose()
 
 
 @pytest.fixture(params=STORES)

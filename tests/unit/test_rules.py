@@ -397,3 +397,13 @@ async def test_a_memo_without_a_digest_still_replays(engine: DecisionEngine, clo
         "big",
         300_000,
     )
+
+
+async def test_a_client_downgrade_to_an_unpriced_fallback_is_refused(engine: DecisionEngine) -> None:
+    """As UpdateConfig refuses it: a client's fallback with no known price is INVALID_ARGUMENT."""
+    config = EnforcementConfig(model_downgrade=ModelDowngrade(1_000, "unknown-model-x"))
+    with pytest.raises(InvalidArgument) as refused:
+        await engine.decide(call(100, 100, config=config))
+    [violation] = refused.value.violations
+    assert violation.field == "enforcement_config.model_downgrade.fallback_model"
+    assert "unknown-model-x" in violation.description

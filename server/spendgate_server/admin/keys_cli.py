@@ -21,8 +21,9 @@ from spendgate_server.store.keys import KeyStore, Scope, generate_key, new_key
 __all__ = ["FIRST_KEY_WARNING", "KeyStoreOpener", "add_keys_arguments", "run_keys_command"]
 
 FIRST_KEY_WARNING = (
-    "spendgate: warning: this is the first key in this key store: servers using it leave open "
-    "development mode within --key-reload-seconds (5), and from then on every call needs a key"
+    "spendgate: warning: this is the first key in this key store: servers that start from now on "
+    "require a key on every call; a server already running in open development mode stays open "
+    "until it is restarted"
 )
 
 

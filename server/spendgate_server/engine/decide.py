@@ -28,6 +28,7 @@ from spendgate_server.engine.rules import (
     StatefulRule,
     StoreView,
     unit_for,
+    usage_estimate,
 )
 from spendgate_server.errors import FieldViolation, InvalidArgument, NotFound, StoreUnavailable
 from spendgate_server.store import (
@@ -114,6 +115,9 @@ class Call:
     request_id: str = ""
     client_config: EnforcementConfig | None = None
     project: str = ""
+    # The worst case in the units the endpoint bills (DecideRequest.max_usage); when set it
+    # prices the reservation, and input_tokens only feeds token_ceiling.
+    max_usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,9 +372,26 @@ class DecisionEngine:
         """The stricter of the server-side config and the call's own, key by key, and its version."""
         resolved = self._configs.cached(call.tenant, call.project)
         if resolved is None:
-            resolved = await self._configs.load(call.tenant, call.project)
+            try:
+                resolved = await self._configs.load(call.tenant, call.project)
+            except StoreUnavailable as exc:
+                # Before the atomic step: a Decide that fails here has written nothing.
+                raise StoreUnavailable(f"{exc}; nothing is reserved (the config could not be read)") from exc
         if call.client_config is None:
             return resolved.config, resolved.version
+        downgrade = call.client_config.model_downgrade
+        if downgrade is not None and not self._prices.lookup(downgrade.fallback_model).known:
+            # As UpdateConfig refuses it: a fallback with no known price would be charged the
+            # never-undercount maximum, far above the model it was meant to save on.
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "enforcement_config.model_downgrade.fallback_model",
+                        f"no price is known for {downgrade.fallback_model!r}: "
+                        "a downgrade needs a priced fallback",
+                    )
+                ]
+            )
         return resolved.config.stricter(call.client_config), resolved.version
 
     async def decide(self, call: Call) -> Decision:
@@ -378,12 +399,12 @@ class DecisionEngine:
         config, version = await self.effective_config(call)
         now_ms = self._clock()
         answer = _Answer(call, config, version, new_decision_id(now_ms))
+        if call.max_usage is None:
+            estimate = self._prices.lookup(call.model).estimate(call.input_tokens, call.max_output_tokens)
+        else:
+            estimate = usage_estimate(self._prices, call.model, call.max_usage)
         draft = Draft(
-            call.input_tokens,
-            call.max_output_tokens,
-            call.model,
-            self._prices.lookup(call.model).estimate(call.input_tokens, call.max_output_tokens),
-            self._prices,
+            call.input_tokens, call.max_output_tokens, call.model, estimate, self._prices, call.max_usage
         )
 
         for unit in STATELESS_RULES:
@@ -623,6 +644,9 @@ def request_digest(call: Call) -> str:
         call.project,
         client_config,
     ]
+    if call.max_usage is not None:
+        # Appended only when set, so the digests of memos stored before max_usage still match.
+        content.append([sorted(call.max_usage.counts.items()), call.max_usage.service_tier])
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

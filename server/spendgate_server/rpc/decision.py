@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -10,19 +12,23 @@ import structlog
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
-from spendgate_server.engine.decide import DecisionEngine
+from spendgate_server.engine.decide import DecisionEngine, SettleCall, Settlement
 from spendgate_server.engine.insights import SessionActivity
-from spendgate_server.errors import SpendgateError, StoreUnavailable
+from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError, StoreUnavailable
 from spendgate_server.metrics import Metrics
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
 from spendgate_server.rpc.validation import call_from_proto, settle_from_proto
 from spendgate_server.rpc.wire import decision_to_proto
 
-__all__ = ["DecisionServicer"]
+__all__ = ["MAX_BATCH_SETTLES", "DecisionServicer"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("spendgate.servicer")
+
+# Settles in one SettleBatch or riding along one Decide. The client also keeps a batch's
+# bytes under the 64 KiB message limit (a settle may carry 32 KiB of prompt).
+MAX_BATCH_SETTLES = 64
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
@@ -37,15 +43,29 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
     async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
         started = time.perf_counter()
+        tenant = current_principal().tenant
+        riders: asyncio.Future[list[pb.SettleResult]] | None = None
+        if request.settles:
+            if len(request.settles) > MAX_BATCH_SETTLES:
+                await self._fail("Decide", context, _too_many("settles"))
+            # The settles that ride along go first: scheduled now, they reach the store (one
+            # pipelined write) before this decision's script, so the decision sees them.
+            riders = asyncio.gather(*(self._settle_one(s, tenant) for s in request.settles))
+            await asyncio.sleep(0)
         try:
-            call = call_from_proto(request, current_principal().tenant)
+            call = call_from_proto(request, tenant)
             decision = await self._engine.decide(call)
         except Exception as exc:
+            if riders is not None:
+                await riders  # applied or not, the client sends them again (settling is idempotent)
             await self._fail("Decide", context, exc)
         self._metrics.decided(decision, time.perf_counter() - started)
         if self._activity is not None:
             self._activity.decided(call.tenant, call.project, call.session_id, decision)
-        return decision_to_proto(decision)
+        response = decision_to_proto(decision)
+        if riders is not None:
+            response.settle_results.extend(await riders)
+        return response
 
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         started = time.perf_counter()
@@ -54,6 +74,35 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             settled = await self._engine.settle(settle)
         except Exception as exc:
             await self._fail("Settle", context, exc)
+        self._settled(settle, settled, started)
+        return _settle_response(settled)
+
+    async def SettleBatch(self, request: pb.SettleBatchRequest, context: Context) -> pb.SettleBatchResponse:
+        if not 1 <= len(request.settles) <= MAX_BATCH_SETTLES:
+            await self._fail("SettleBatch", context, _too_many("settles"))
+        tenant = current_principal().tenant
+        results = await self._settle_all(request.settles, tenant)
+        return pb.SettleBatchResponse(results=results)
+
+    async def _settle_all(self, requests: Sequence[pb.SettleRequest], tenant: str) -> list[pb.SettleResult]:
+        # Concurrently: their scripts leave in one pipelined write to the store.
+        return await asyncio.gather(*(self._settle_one(r, tenant) for r in requests))
+
+    async def _settle_one(self, request: pb.SettleRequest, tenant: str) -> pb.SettleResult:
+        """One settle of a batch: its result, or its failure as the status a lone Settle would get."""
+        started = time.perf_counter()
+        try:
+            settle = settle_from_proto(request, tenant)
+            settled = await self._engine.settle(settle)
+        except Exception as exc:
+            code, status = rpc_status(exc)
+            self._metrics.failed("Settle", code.name)
+            _log_failure("Settle", exc)
+            return pb.SettleResult(code=code.value[0], message=status.message)
+        self._settled(settle, settled, started)
+        return pb.SettleResult(settled=_settle_response(settled))
+
+    def _settled(self, settle: SettleCall, settled: Settlement, started: float) -> None:
         self._metrics.settled(
             settle.reservation_id, settled, not settle.provider_ok, time.perf_counter() - started
         )
@@ -61,17 +110,28 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             self._activity.settled(
                 settle.tenant, settle.session_id, settled.cost_nano_usd, settled.session_spend_nano_usd
             )
-        return pb.SettleResponse(
-            actual_cost_nano_usd=settled.cost_nano_usd,
-            session_spend_nano_usd=settled.session_spend_nano_usd,
-            already_settled=settled.already_settled,
-        )
 
     async def _fail(self, method: str, context: Context, exc: Exception) -> NoReturn:
         code, status = rpc_status(exc)
         self._metrics.failed(method, code.name)
-        if isinstance(exc, StoreUnavailable):
-            _log.warning("store_unavailable", rpc=method, error=str(exc))
-        elif not isinstance(exc, SpendgateError):
-            _log.error("internal_error", rpc=method, exc_info=exc)
+        _log_failure(method, exc)
         await abort(context, code, status)
+
+
+def _settle_response(settled: Settlement) -> pb.SettleResponse:
+    return pb.SettleResponse(
+        actual_cost_nano_usd=settled.cost_nano_usd,
+        session_spend_nano_usd=settled.session_spend_nano_usd,
+        already_settled=settled.already_settled,
+    )
+
+
+def _too_many(field: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, f"must hold 1-{MAX_BATCH_SETTLES} settles")])
+
+
+def _log_failure(method: str, exc: Exception) -> None:
+    if isinstance(exc, StoreUnavailable):
+        _log.warning("store_unavailable", rpc=method, error=str(exc))
+    elif not isinstance(exc, SpendgateError):
+        _log.error("internal_error", rpc=method, exc_info=exc)

@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from spendgate_server.errors import (
+    DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -83,6 +84,8 @@ def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
         code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"
         quota = error_details_pb2.QuotaFailure.Violation(subject=exc.quota, description=str(exc))
         details.append(_packed(error_details_pb2.QuotaFailure(violations=[quota])))
+    elif isinstance(exc, DeadlineExceeded):
+        code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"
     elif isinstance(exc, StoreUnavailable):
         code, reason = grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"
     else:

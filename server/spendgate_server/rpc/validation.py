@@ -67,6 +67,9 @@ MAX_PATTERN_MATCHES = 100
 # Usage counts that are neither input nor output tokens (seconds, characters, web searches, ...).
 MAX_USAGE_COUNT = 1_000_000_000
 _SERVICE_TIER = re.compile(r"[A-Za-z0-9._-]{0,32}")
+# DecideRequest.max_usage may be a whole batch's worst case: each count's bound is a call's
+# times the largest batch a provider takes (Anthropic Message Batches: 100,000 requests).
+MAX_BATCH_REQUESTS = 100_000
 MAX_PATTERN_OFFSET = 1 << 40
 
 BOUNDS = {
@@ -176,6 +179,7 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
     client_config = (
         config_from_proto(request.enforcement_config, c) if request.HasField("enforcement_config") else None
     )
+    max_usage = _max_usage(c, request) if request.HasField("max_usage") else None
     c.raise_if_any()
     return Call(
         tenant=tenant,
@@ -188,7 +192,22 @@ def call_from_proto(request: pb.DecideRequest, tenant: str) -> Call:
         request_id=request.request_id,
         client_config=client_config,
         project=request.project,
+        max_usage=max_usage,
     )
+
+
+def _max_usage(c: _Checker, request: pb.DecideRequest) -> Usage | None:
+    """DecideRequest.max_usage when its counts are set (fields 1-4 alone mean nothing there), else None."""
+    if not request.max_usage.counts:
+        return None
+    m = request.max_usage
+    before = len(c.violations)
+    _usage_counts(c, m.counts, "max_usage", MAX_BATCH_REQUESTS)
+    if not _SERVICE_TIER.fullmatch(m.service_tier):
+        c.bad("max_usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
+    if len(c.violations) > before:
+        return None  # the request is refused; a Usage of unknown keys cannot be built
+    return Usage(counts=dict(m.counts), service_tier=m.service_tier)
 
 
 def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
@@ -231,13 +250,17 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
     )
 
 
-def _usage_counts(c: _Checker, counts: Mapping[str, int]) -> None:
-    """Check Usage.counts: known keys, bounded counts, and no part above a total it belongs to."""
+def _usage_counts(c: _Checker, counts: Mapping[str, int], name: str = "usage", scale: int = 1) -> None:
+    """Check Usage.counts: known keys, bounded counts, and no part above a total it belongs to.
+
+    ``name`` is the Usage field (violations name ``<name>.counts[KEY]``); each count's
+    bound is multiplied by ``scale``.
+    """
     if len(counts) > len(USAGE_KEYS):
-        c.bad("usage.counts", f"at most {len(USAGE_KEYS)} keys, one per genai-prices usage key")
+        c.bad(f"{name}.counts", f"at most {len(USAGE_KEYS)} keys, one per genai-prices usage key")
         return
     for key, value in counts.items():
-        field = f"usage.counts[{key[:64]}]"
+        field = f"{name}.counts[{key[:64]}]"
         if key not in USAGE_KEYS:
             c.bad(
                 field,
@@ -245,7 +268,7 @@ def _usage_counts(c: _Checker, counts: Mapping[str, int]) -> None:
                 "cache_write_tokens, cache_write_1h_tokens, input_audio_tokens, web_searches, ...)",
             )
             continue
-        c.integer(field, value, 0, _count_bound(key))
+        c.integer(field, value, 0, _count_bound(key) * scale)
         for total in sorted(ANCESTORS[key].intersection(counts)):
             if counts[total] < value:
                 c.bad(field, f"{value} is more than {total} ({counts[total]}), which includes it")

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError, ResponseError
 from spendgate_server.errors import StoreUnavailable
 from spendgate_server.store.keyspace import log_marker_key, log_registry_key, log_stream_key
 from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
+from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
 __all__ = ["APPEND_SCRIPT", "RedisLogStore"]
@@ -67,8 +68,12 @@ class RedisLogStore(LogStore):
         poll_seconds: float = 0.1,
         *,
         owns_client: bool = True,
+        hot_path: PipelinedRedis | None = None,
     ) -> None:
         self._client = client
+        # When given, appends go over the pipelined connection the session scripts use
+        # (pipeline.py): the journal appends of a turn's settles then leave in their write.
+        self._hot_path = hot_path
         # False when the process's shared client was given: its owner closes it.
         self._owns_client = owns_client
         self._poll_seconds = poll_seconds
@@ -104,12 +109,16 @@ class RedisLogStore(LogStore):
         if not entries:
             return AppendResult(())
         stream = self.stream_key(log, tenant)
-        reply = await redis_call(
-            self._append(
-                keys=[stream, *(log_marker_key(log, tenant, uid, self._prefix) for uid, _ in entries)],
-                args=[max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)],
-            )
-        )
+        keys = [stream, *(log_marker_key(log, tenant, uid, self._prefix) for uid, _ in entries)]
+        args: list[int | str] = [max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)]
+        reply: list[Any]
+        if self._hot_path is not None:
+            try:
+                reply = await self._hot_path.run_script(APPEND_SCRIPT, keys, args)
+            except ScriptError as exc:
+                raise RuntimeError(str(exc)) from exc
+        else:
+            reply = await redis_call(self._append(keys=keys, args=args))
         if (log, tenant) not in self._registered:
             await redis_call(self._client.sadd(self._registry(log), tenant))
             self._registered.add((log, tenant))

@@ -26,6 +26,7 @@ from spendgate_client._client import (
     JournalContext,
     Settlement,
     Usage,
+    settle_refused,
     tls_credentials,
 )
 from spendgate_client._config import CONFIG_KEYS, enforcement_config_to_proto
@@ -79,6 +80,7 @@ __all__ = [
     "Usage",
     "enforcement_config_to_proto",
     "key_fingerprint",
+    "settle_refused",
     "tls_credentials",
 ]
 

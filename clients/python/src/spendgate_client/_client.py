@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
@@ -36,6 +36,7 @@ __all__ = [
     "DecisionClient",
     "FailMode",
     "JournalContext",
+    "SettleCarrier",
     "Settlement",
     "Usage",
     "tls_credentials",
@@ -76,6 +77,22 @@ _OUTAGE_CODES = frozenset(
     }
 )
 _SETTLE_ATTEMPTS = 3
+# SettleResult codes after which sending the same settle again cannot succeed (the rest are outages).
+_FINAL_SETTLE_CODES = frozenset(c.value[0] for c in grpc.StatusCode if c not in _OUTAGE_CODES) - {0}
+
+
+def settle_refused(result: pb.SettleResult) -> bool:
+    """True when the service refused this settle for good (bad input, unknown reservation):
+    sending it again cannot help. False when it was applied, or may be sent again."""
+    return result.code in _FINAL_SETTLE_CODES
+
+
+SettleCarrier = Callable[
+    [str], tuple[Sequence[pb.SettleRequest], Callable[[Sequence[pb.SettleResult] | None], None]] | None
+]
+"""Where a Decide finds settles to carry: given the session id, the settles to send along and
+the function to call with their results (one per settle, in order), or with None when the
+Decide failed or the server answered no results (then nothing is known of them)."""
 _SETTLE_VERDICTS = {
     "": pb.VERDICT_UNSPECIFIED,
     "allow": pb.VERDICT_ALLOW,
@@ -400,6 +417,26 @@ class _Base:
         self._metadata: tuple[tuple[str, str | bytes], ...] | None = (
             (("authorization", f"Bearer {key}"),) if key else None
         )
+        self._carrier: SettleCarrier | None = None
+
+    def carry_settles(self, carrier: SettleCarrier | None) -> None:
+        """Let each Decide carry settles of its session that ``carrier`` hands it (None: stop).
+
+        One RPC then does the work of two: the server applies the carried settles before
+        the decision (in the same Redis write) and reports each one's result.
+        """
+        self._carrier = carrier
+
+    def _riders(self, request: pb.DecideRequest) -> Callable[[Sequence[pb.SettleResult] | None], None] | None:
+        """Attach the settles to carry to ``request``; the function taking their results, or None."""
+        if self._carrier is None:
+            return None
+        carried = self._carrier(request.session_id)
+        if carried is None:
+            return None
+        settles, done = carried
+        request.settles.extend(settles)
+        return done
 
     @staticmethod
     def _decide_request(
@@ -529,12 +566,18 @@ class DecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        carried = self._riders(request)
+        results: Sequence[pb.SettleResult] | None = None
         try:
             response = self._stub.Decide(request, timeout=self.timeout, metadata=self._metadata)
+            results = response.settle_results
         except grpc.RpcError as error:
             if error.code() in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
+        finally:
+            if carried is not None:
+                carried(results)
         return _decision(response)
 
     def settle(
@@ -575,6 +618,31 @@ class DecisionClient(_Base):
             return _settlement(response)
         self._settle_lost(reservation_id)
         return None
+
+    def settle_batch(self, requests: Sequence[pb.SettleRequest]) -> Sequence[pb.SettleResult] | None:
+        """Send several settles in one SettleBatch (1-64, under the 64 KiB message limit).
+
+        One attempt: returns one result per request, in order (``code`` 0 when applied),
+        or None on an outage, when nothing is known of any of them (send them all again).
+
+        Raises:
+            NotImplementedError: the server predates SettleBatch (send them one by one).
+            SpendgateError: the service refused the batch itself (never retried).
+        """
+        try:
+            response = self._stub.SettleBatch(
+                pb.SettleBatchRequest(settles=requests), timeout=self.timeout * 4, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise NotImplementedError("the spendgate server has no SettleBatch") from error
+            if error.code() in _OUTAGE_CODES:
+                self.stats.add("settle_retries", len(requests))
+                return None
+            raise _caller_error(error) from error
+        if len(response.results) != len(requests):
+            return None
+        return response.results
 
     def close(self) -> None:
         """Close the channel."""
@@ -646,12 +714,18 @@ class AsyncDecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        carried = self._riders(request)
+        results: Sequence[pb.SettleResult] | None = None
         try:
             response = await self._get_stub().Decide(request, timeout=self.timeout, metadata=self._metadata)
+            results = response.settle_results
         except grpc.RpcError as error:
             if error.code() in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
+        finally:
+            if carried is not None:
+                carried(results)
         return _decision(response)
 
     async def settle(

@@ -27,6 +27,9 @@ canonical JSON of the body:
   - Context held by the provider (OpenAI ``previous_response_id`` or
     ``conversation``) is not visible here and not counted.
 
+  The wrappers correct this raw estimate by what settled calls were billed
+  (:mod:`spendgate_client._calibrate`); ``raw_input_tokens`` keeps the raw one.
+
 * a **tool-call count**: the tool results carried by the newest turn (the calls
   made since the model last answered), which the ``max_tool_calls`` rule counts.
 
@@ -99,6 +102,9 @@ class PreparedRequest:
         max_usage: the worst case in the units the endpoint bills (counts by genai-prices
             usage key) and its tier, for endpoints not billed as input and output tokens
             of a chat model; None where ``input_tokens`` x ``max_output_tokens`` says it all.
+        raw_input_tokens: the byte-count estimate before the wrapper's calibration
+            (:mod:`spendgate_client._calibrate`) corrected ``input_tokens``; None when
+            no correction was considered.
     """
 
     body: dict[str, Any]
@@ -108,6 +114,7 @@ class PreparedRequest:
     fingerprint: bytes
     tool_call_count: int
     max_usage: Usage | None = None
+    raw_input_tokens: int | None = None
 
 
 def _jsonable(value: Any) -> Any:

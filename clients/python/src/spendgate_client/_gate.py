@@ -19,15 +19,16 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 from spendgate.v1 import decision_pb2 as pb
 
+from spendgate_client._calibrate import Calibrator, model_family, reported_input_tokens
 from spendgate_client._client import AsyncDecisionClient, Decision, DecisionClient, FailMode, Usage
 from spendgate_client._config import enforcement_config_to_proto
-from spendgate_client._estimate import PreparedRequest
+from spendgate_client._estimate import MAX_INPUT_TOKENS, PreparedRequest
 from spendgate_client._policy import CallJournal, JournalSettings, PatternMatcher, prompt_text
 from spendgate_client._settler import Settler
 from spendgate_client._usage import Reading
@@ -130,12 +131,42 @@ class Gate:
             else None
         )
         self.settler = Settler(self.client)
+        if self.async_client is not None:
+            self.async_client.carry_settles(self.settler.carrier)
         # Environment, project and key label come from SPENDGATE_ENVIRONMENT, _PROJECT, _KEY_LABEL.
         self.journal = JournalSettings(project=project, matcher=PatternMatcher(self.client))
         # Calls settled by a later request, by the provider's id (response, batch, file).
         self._pending: OrderedDict[str, Call] = OrderedDict()
         self._pending_lock = threading.Lock()
         self._warned_paths: set[str] = set()
+        # Shared by the copies with_options makes; learns from this client's settled calls.
+        self.calibrator = Calibrator()
+
+    def calibrated(self, route: Route, request: PreparedRequest) -> PreparedRequest:
+        """``request`` with its input-token estimate corrected by what earlier calls were billed.
+
+        Only chat-shaped requests (no ``max_usage``) are corrected; the raw estimate is kept
+        in ``raw_input_tokens`` so the settle can learn from it.
+        """
+        if request.max_usage is not None or request.raw_input_tokens is not None:
+            return request
+        key = f"{route.surface}|{model_family(request.model)}"
+        corrected = min(MAX_INPUT_TOKENS, self.calibrator.correct(key, request.input_tokens))
+        return replace(request, input_tokens=corrected, raw_input_tokens=request.input_tokens)
+
+    def learn(
+        self, route: Route, request: PreparedRequest, model: str, body: Mapping[str, Any], usage: Usage | None
+    ) -> None:
+        """Teach the calibrator what ``request`` run on ``model`` was billed (on the settle thread)."""
+        if usage is None or request.raw_input_tokens is None:
+            return
+        stream = body.get("_stream")
+        if stream is not None and not getattr(stream, "complete", False):
+            return  # a stream closed early may report an input the wrapper estimated itself
+        reported = reported_input_tokens(
+            usage.counts, usage.input_tokens, usage.cache_read_input_tokens, usage.cache_write_input_tokens
+        )
+        self.calibrator.observe(f"{route.surface}|{model_family(model)}", request.raw_input_tokens, reported)
 
     def wait_for(self, key: str, call: Call) -> None:
         """Keep ``call`` until a later request about ``key`` settles it."""
@@ -610,8 +641,17 @@ class Call:
 
     def settle_body(self, body: Mapping[str, Any] | bytes) -> None:
         """Queue the settle of what ``body`` (a response body, parsed or not) reports."""
-        route, request = self.route, self.request
-        self.ticket.settle(Reading(lambda parsed: route.read(parsed, request), body))
+        route, request, ticket = self.route, self.request, self.ticket
+
+        def read(parsed: Mapping[str, Any]) -> Usage | None:
+            usage = route.read(parsed, request)
+            try:
+                ticket.gate.learn(route, request, ticket.model, parsed, usage)
+            except Exception:  # calibration must never cost a settle
+                _log.exception("spendgate: learning from the usage of %s failed", route.surface)
+            return usage
+
+        ticket.settle(Reading(read, body))
 
     def answer(self, response: Any, stream: bool, stream_cls: Any) -> None:
         """The provider answered 2xx with ``response`` (the SDK's HTTP response, before parsing)."""
@@ -707,6 +747,7 @@ def call_gated(
     ``api_key`` is the provider key the call is made with: only its fingerprint is reported.
     """
     request, observe = _send_body(provider, route, body, files, raw)
+    request = gate.calibrated(route, request)
     ticket = gate.decide(request, api_key, downgrade=route.downgrade)
     call = Call(ticket, route, request, observe, provider)
     token = _current.set(call)
@@ -732,6 +773,7 @@ async def acall_gated(
 ) -> Any:
     """The asyncio twin of :func:`call_gated`."""
     request, observe = _send_body(provider, route, body, files, raw)
+    request = gate.calibrated(route, request)
     ticket = await gate.adecide(request, api_key, downgrade=route.downgrade)
     call = Call(ticket, route, request, observe, provider)
     token = _current.set(call)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspendgate/v1/decision.proto\x12\x0cspendgate.v1\"D\n\x0eModelDowngrade\x12\x1a\n\x12threshold_nano_usd\x18\x01 \x01(\x03\x12\x16\n\x0e\x66\x61llback_model\x18\x02 \x01(\t\"\x83\x03\n\x11\x45nforcementConfig\x12\x1a\n\rtoken_ceiling\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12!\n\x14max_session_nano_usd\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12-\n\x0b\x62udget_mode\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.BudgetMode\x12\x1e\n\x11\x64\x65\x64up_ttl_seconds\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x0emax_tool_calls\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x35\n\x0fmodel_downgrade\x18\x06 \x01(\x0b\x32\x1c.spendgate.v1.ModelDowngrade\x12\x0e\n\x06shadow\x18\x07 \x01(\x08\x12(\n\x0cshadow_rules\x18\x08 \x03(\x0e\x32\x12.spendgate.v1.RuleB\x10\n\x0e_token_ceilingB\x17\n\x15_max_session_nano_usdB\x14\n\x12_dedup_ttl_secondsB\x11\n\x0f_max_tool_calls\"\x9b\x02\n\rDecideRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\x12\x17\n\x0ftool_call_count\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12;\n\x12\x65nforcement_config\x18\x08 \x01(\x0b\x32\x1f.spendgate.v1.EnforcementConfig\x12\x0f\n\x07project\x18\t \x01(\t\x12&\n\tmax_usage\x18\n \x01(\x0b\x32\x13.spendgate.v1.Usage\"\xe5\x03\n\x0e\x44\x65\x63ideResponse\x12&\n\x07verdict\x18\x01 \x01(\x0e\x32\x15.spendgate.v1.Verdict\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_model\x18\x02 \x01(\t\x12 \n\x04rule\x18\x03 \x01(\x0e\x32\x12.spendgate.v1.Rule\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x07 \x01(\x03\x12\x1e\n\x16session_spend_nano_usd\x18\x08 \x01(\x03\x12&\n\x19remaining_budget_nano_usd\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0e\x63onfig_version\x18\n \x01(\x03\x12\x13\n\x0bwould_block\x18\x0b \x01(\x08\x12(\n\x0cshadow_rules\x18\x0c \x03(\x0e\x32\x12.spendgate.v1.Rule\x12\x1e\n\x16settled_spend_nano_usd\x18\r \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x0e \x01(\x03\x12\x1a\n\x12unblocks_on_settle\x18\x0f \x01(\x08\x42\x1c\n\x1a_remaining_budget_nano_usd\"\xed\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x04 \x01(\x03\x12/\n\x06\x63ounts\x18\x05 \x03(\x0b\x32\x1f.spendgate.v1.Usage.CountsEntry\x12\x14\n\x0cservice_tier\x18\x06 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xb2\x03\n\rSettleRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.spendgate.v1.Usage\x12.\n\x07outcome\x18\x05 \x01(\x0e\x32\x1d.spendgate.v1.ProviderOutcome\x12\x17\n\x0frequested_model\x18\x06 \x01(\t\x12&\n\x07verdict\x18\x07 \x01(\x0e\x32\x15.spendgate.v1.Verdict\x12\x0f\n\x07project\x18\x08 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\t \x01(\t\x12\x11\n\tkey_label\x18\n \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x0b \x01(\t\x12\x13\n\x0bprompt_text\x18\x0c \x01(\t\x12\x18\n\x10prompt_truncated\x18\r \x01(\x08\x12\x1b\n\x13pattern_set_version\x18\x0e \x01(\x03\x12\x33\n\x0fpattern_matches\x18\x0f \x03(\x0b\x32\x1a.spendgate.v1.PatternMatch\"2\n\x0cPatternMatch\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"g\n\x0eSettleResponse\x12\x1c\n\x14\x61\x63tual_cost_nano_usd\x18\x01 \x01(\x03\x12\x1e\n\x16session_spend_nano_usd\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_settled\x18\x03 \x01(\x08*f\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x11\n\rVERDICT_BLOCK\x10\x02\x12\x1c\n\x18VERDICT_ALLOW_DOWNGRADED\x10\x03*\x9d\x01\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x16\n\x12RULE_TOKEN_CEILING\x10\x01\x12\x17\n\x13RULE_SESSION_BUDGET\x10\x02\x12\x1a\n\x16RULE_DUPLICATE_REQUEST\x10\x03\x12\x18\n\x14RULE_TOOL_CALL_LIMIT\x10\x04\x12\x18\n\x14RULE_MODEL_DOWNGRADE\x10\x05*[\n\nBudgetMode\x12\x1b\n\x17\x42UDGET_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UDGET_MODE_CROSSING\x10\x01\x12\x16\n\x12\x42UDGET_MODE_STRICT\x10\x02*h\n\x0fProviderOutcome\x12 \n\x1cPROVIDER_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13PROVIDER_OUTCOME_OK\x10\x01\x12\x1a\n\x16PROVIDER_OUTCOME_ERROR\x10\x02\x32\x9b\x01\n\x0f\x44\x65\x63isionService\x12\x43\n\x06\x44\x65\x63ide\x12\x1b.spendgate.v1.DecideRequest\x1a\x1c.spendgate.v1.DecideResponse\x12\x43\n\x06Settle\x12\x1b.spendgate.v1.SettleRequest\x1a\x1c.spendgate.v1.SettleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspendgate/v1/decision.proto\x12\x0cspendgate.v1\"D\n\x0eModelDowngrade\x12\x1a\n\x12threshold_nano_usd\x18\x01 \x01(\x03\x12\x16\n\x0e\x66\x61llback_model\x18\x02 \x01(\t\"\x83\x03\n\x11\x45nforcementConfig\x12\x1a\n\rtoken_ceiling\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12!\n\x14max_session_nano_usd\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12-\n\x0b\x62udget_mode\x18\x03 \x01(\x0e\x32\x18.spendgate.v1.BudgetMode\x12\x1e\n\x11\x64\x65\x64up_ttl_seconds\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x1b\n\x0emax_tool_calls\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x35\n\x0fmodel_downgrade\x18\x06 \x01(\x0b\x32\x1c.spendgate.v1.ModelDowngrade\x12\x0e\n\x06shadow\x18\x07 \x01(\x08\x12(\n\x0cshadow_rules\x18\x08 \x03(\x0e\x32\x12.spendgate.v1.RuleB\x10\n\x0e_token_ceilingB\x17\n\x15_max_session_nano_usdB\x14\n\x12_dedup_ttl_secondsB\x11\n\x0f_max_tool_calls\"\xc9\x02\n\rDecideRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x04 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\x0c\x12\x17\n\x0ftool_call_count\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12;\n\x12\x65nforcement_config\x18\x08 \x01(\x0b\x32\x1f.spendgate.v1.EnforcementConfig\x12\x0f\n\x07project\x18\t \x01(\t\x12&\n\tmax_usage\x18\n \x01(\x0b\x32\x13.spendgate.v1.Usage\x12,\n\x07settles\x18\x0b \x03(\x0b\x32\x1b.spendgate.v1.SettleRequest\"\x99\x04\n\x0e\x44\x65\x63ideResponse\x12&\n\x07verdict\x18\x01 \x01(\x0e\x32\x15.spendgate.v1.Verdict\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_model\x18\x02 \x01(\t\x12 \n\x04rule\x18\x03 \x01(\x0e\x32\x12.spendgate.v1.Rule\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x05 \x01(\t\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x1f\n\x17\x65stimated_cost_nano_usd\x18\x07 \x01(\x03\x12\x1e\n\x16session_spend_nano_usd\x18\x08 \x01(\x03\x12&\n\x19remaining_budget_nano_usd\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0e\x63onfig_version\x18\n \x01(\x03\x12\x13\n\x0bwould_block\x18\x0b \x01(\x08\x12(\n\x0cshadow_rules\x18\x0c \x03(\x0e\x32\x12.spendgate.v1.Rule\x12\x1e\n\x16settled_spend_nano_usd\x18\r \x01(\x03\x12\x19\n\x11reserved_nano_usd\x18\x0e \x01(\x03\x12\x1a\n\x12unblocks_on_settle\x18\x0f \x01(\x08\x12\x32\n\x0esettle_results\x18\x10 \x03(\x0b\x32\x1a.spendgate.v1.SettleResultB\x1c\n\x1a_remaining_budget_nano_usd\"\xed\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12 \n\x18\x63\x61\x63he_write_input_tokens\x18\x04 \x01(\x03\x12/\n\x06\x63ounts\x18\x05 \x03(\x0b\x32\x1f.spendgate.v1.Usage.CountsEntry\x12\x14\n\x0cservice_tier\x18\x06 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xb2\x03\n\rSettleRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.spendgate.v1.Usage\x12.\n\x07outcome\x18\x05 \x01(\x0e\x32\x1d.spendgate.v1.ProviderOutcome\x12\x17\n\x0frequested_model\x18\x06 \x01(\t\x12&\n\x07verdict\x18\x07 \x01(\x0e\x32\x15.spendgate.v1.Verdict\x12\x0f\n\x07project\x18\x08 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\t \x01(\t\x12\x11\n\tkey_label\x18\n \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x0b \x01(\t\x12\x13\n\x0bprompt_text\x18\x0c \x01(\t\x12\x18\n\x10prompt_truncated\x18\r \x01(\x08\x12\x1b\n\x13pattern_set_version\x18\x0e \x01(\x03\x12\x33\n\x0fpattern_matches\x18\x0f \x03(\x0b\x32\x1a.spendgate.v1.PatternMatch\"2\n\x0cPatternMatch\x12\x12\n\npattern_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"g\n\x0eSettleResponse\x12\x1c\n\x14\x61\x63tual_cost_nano_usd\x18\x01 \x01(\x03\x12\x1e\n\x16session_spend_nano_usd\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_settled\x18\x03 \x01(\x08\"B\n\x12SettleBatchRequest\x12,\n\x07settles\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.SettleRequest\"B\n\x13SettleBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.SettleResult\"\\\n\x0cSettleResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x07settled\x18\x03 \x01(\x0b\x32\x1c.spendgate.v1.SettleResponse*f\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x11\n\rVERDICT_BLOCK\x10\x02\x12\x1c\n\x18VERDICT_ALLOW_DOWNGRADED\x10\x03*\x9d\x01\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x16\n\x12RULE_TOKEN_CEILING\x10\x01\x12\x17\n\x13RULE_SESSION_BUDGET\x10\x02\x12\x1a\n\x16RULE_DUPLICATE_REQUEST\x10\x03\x12\x18\n\x14RULE_TOOL_CALL_LIMIT\x10\x04\x12\x18\n\x14RULE_MODEL_DOWNGRADE\x10\x05*[\n\nBudgetMode\x12\x1b\n\x17\x42UDGET_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42UDGET_MODE_CROSSING\x10\x01\x12\x16\n\x12\x42UDGET_MODE_STRICT\x10\x02*h\n\x0fProviderOutcome\x12 \n\x1cPROVIDER_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13PROVIDER_OUTCOME_OK\x10\x01\x12\x1a\n\x16PROVIDER_OUTCOME_ERROR\x10\x02\x32\xef\x01\n\x0f\x44\x65\x63isionService\x12\x43\n\x06\x44\x65\x63ide\x12\x1b.spendgate.v1.DecideRequest\x1a\x1c.spendgate.v1.DecideResponse\x12\x43\n\x06Settle\x12\x1b.spendgate.v1.SettleRequest\x1a\x1c.spendgate.v1.SettleResponse\x12R\n\x0bSettleBatch\x12 .spendgate.v1.SettleBatchRequest\x1a!.spendgate.v1.SettleBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGE_COUNTSENTRY']._loaded_options = None
   _globals['_USAGE_COUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_VERDICT']._serialized_start=2113
-  _globals['_VERDICT']._serialized_end=2215
-  _globals['_RULE']._serialized_start=2218
-  _globals['_RULE']._serialized_end=2375
-  _globals['_BUDGETMODE']._serialized_start=2377
-  _globals['_BUDGETMODE']._serialized_end=2468
-  _globals['_PROVIDEROUTCOME']._serialized_start=2470
-  _globals['_PROVIDEROUTCOME']._serialized_end=2574
+  _globals['_VERDICT']._serialized_start=2441
+  _globals['_VERDICT']._serialized_end=2543
+  _globals['_RULE']._serialized_start=2546
+  _globals['_RULE']._serialized_end=2703
+  _globals['_BUDGETMODE']._serialized_start=2705
+  _globals['_BUDGETMODE']._serialized_end=2796
+  _globals['_PROVIDEROUTCOME']._serialized_start=2798
+  _globals['_PROVIDEROUTCOME']._serialized_end=2902
   _globals['_MODELDOWNGRADE']._serialized_start=45
   _globals['_MODELDOWNGRADE']._serialized_end=113
   _globals['_ENFORCEMENTCONFIG']._serialized_start=116
   _globals['_ENFORCEMENTCONFIG']._serialized_end=503
   _globals['_DECIDEREQUEST']._serialized_start=506
-  _globals['_DECIDEREQUEST']._serialized_end=789
-  _globals['_DECIDERESPONSE']._serialized_start=792
-  _globals['_DECIDERESPONSE']._serialized_end=1277
-  _globals['_USAGE']._serialized_start=1280
-  _globals['_USAGE']._serialized_end=1517
-  _globals['_USAGE_COUNTSENTRY']._serialized_start=1472
-  _globals['_USAGE_COUNTSENTRY']._serialized_end=1517
-  _globals['_SETTLEREQUEST']._serialized_start=1520
-  _globals['_SETTLEREQUEST']._serialized_end=1954
-  _globals['_PATTERNMATCH']._serialized_start=1956
-  _globals['_PATTERNMATCH']._serialized_end=2006
-  _globals['_SETTLERESPONSE']._serialized_start=2008
-  _globals['_SETTLERESPONSE']._serialized_end=2111
-  _globals['_DECISIONSERVICE']._serialized_start=2577
-  _globals['_DECISIONSERVICE']._serialized_end=2732
+  _globals['_DECIDEREQUEST']._serialized_end=835
+  _globals['_DECIDERESPONSE']._serialized_start=838
+  _globals['_DECIDERESPONSE']._serialized_end=1375
+  _globals['_USAGE']._serialized_start=1378
+  _globals['_USAGE']._serialized_end=1615
+  _globals['_USAGE_COUNTSENTRY']._serialized_start=1570
+  _globals['_USAGE_COUNTSENTRY']._serialized_end=1615
+  _globals['_SETTLEREQUEST']._serialized_start=1618
+  _globals['_SETTLEREQUEST']._serialized_end=2052
+  _globals['_PATTERNMATCH']._serialized_start=2054
+  _globals['_PATTERNMATCH']._serialized_end=2104
+  _globals['_SETTLERESPONSE']._serialized_start=2106
+  _globals['_SETTLERESPONSE']._serialized_end=2209
+  _globals['_SETTLEBATCHREQUEST']._serialized_start=2211
+  _globals['_SETTLEBATCHREQUEST']._serialized_end=2277
+  _globals['_SETTLEBATCHRESPONSE']._serialized_start=2279
+  _globals['_SETTLEBATCHRESPONSE']._serialized_end=2345
+  _globals['_SETTLERESULT']._serialized_start=2347
+  _globals['_SETTLERESULT']._serialized_end=2439
+  _globals['_DECISIONSERVICE']._serialized_start=2905
+  _globals['_DECISIONSERVICE']._serialized_end=3144
 # @@protoc_insertion_point(module_scope)

@@ -250,6 +250,7 @@ class DecideRequest(_message.Message):
     ENFORCEMENT_CONFIG_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
     MAX_USAGE_FIELD_NUMBER: _builtins.int
+    SETTLES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The agent session the call belongs to: 1-128 characters of
     [A-Za-z0-9._:@/-]. Budgets, tool counts and dedup are per session.
@@ -285,6 +286,14 @@ class DecideRequest(_message.Message):
         max_output_tokens (which still feed token_ceiling); an older server ignores it.
         """
 
+    @_builtins.property
+    def settles(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleRequest]:
+        """Settles of earlier calls riding along (at most 64), applied as SettleBatch
+        applies them, before or together with this decision; their results are
+        DecideResponse.settle_results. A bad settle never fails the Decide. An older
+        server ignores them and answers no settle_results: send them again on their own.
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +307,11 @@ class DecideRequest(_message.Message):
         enforcement_config: Global___EnforcementConfig | None = ...,
         project: _builtins.str = ...,
         max_usage: Global___Usage | None = ...,
+        settles: _abc.Iterable[Global___SettleRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "max_usage", b"max_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "max_usage", b"max_usage", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "tool_call_count", b"tool_call_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_config", b"enforcement_config", "fingerprint", b"fingerprint", "input_tokens", b"input_tokens", "max_output_tokens", b"max_output_tokens", "max_usage", b"max_usage", "model", b"model", "project", b"project", "request_id", b"request_id", "session_id", b"session_id", "settles", b"settles", "tool_call_count", b"tool_call_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,6 +338,7 @@ class DecideResponse(_message.Message):
     SETTLED_SPEND_NANO_USD_FIELD_NUMBER: _builtins.int
     RESERVED_NANO_USD_FIELD_NUMBER: _builtins.int
     UNBLOCKS_ON_SETTLE_FIELD_NUMBER: _builtins.int
+    SETTLE_RESULTS_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     effective_model: _builtins.str
     """The model the call must run on (the requested one, or the fallback)."""
@@ -362,6 +373,10 @@ class DecideResponse(_message.Message):
     def shadow_rules(self) -> _containers.RepeatedScalarFieldContainer[Global___Rule.ValueType]:
         """The shadow-mode rules that fired."""
 
+    @_builtins.property
+    def settle_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleResult]:
+        """One result per DecideRequest.settles, in the same order."""
+
     def __init__(
         self,
         *,
@@ -380,10 +395,11 @@ class DecideResponse(_message.Message):
         settled_spend_nano_usd: _builtins.int = ...,
         reserved_nano_usd: _builtins.int = ...,
         unblocks_on_settle: _builtins.bool = ...,
+        settle_results: _abc.Iterable[Global___SettleResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "remaining_budget_nano_usd", b"remaining_budget_nano_usd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "config_version", b"config_version", "decision_id", b"decision_id", "effective_model", b"effective_model", "estimated_cost_nano_usd", b"estimated_cost_nano_usd", "reason", b"reason", "remaining_budget_nano_usd", b"remaining_budget_nano_usd", "reservation_id", b"reservation_id", "reserved_nano_usd", b"reserved_nano_usd", "rule", b"rule", "session_spend_nano_usd", b"session_spend_nano_usd", "settled_spend_nano_usd", b"settled_spend_nano_usd", "shadow_rules", b"shadow_rules", "unblocks_on_settle", b"unblocks_on_settle", "verdict", b"verdict", "would_block", b"would_block"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd", "config_version", b"config_version", "decision_id", b"decision_id", "effective_model", b"effective_model", "estimated_cost_nano_usd", b"estimated_cost_nano_usd", "reason", b"reason", "remaining_budget_nano_usd", b"remaining_budget_nano_usd", "reservation_id", b"reservation_id", "reserved_nano_usd", b"reserved_nano_usd", "rule", b"rule", "session_spend_nano_usd", b"session_spend_nano_usd", "settle_results", b"settle_results", "settled_spend_nano_usd", b"settled_spend_nano_usd", "shadow_rules", b"shadow_rules", "unblocks_on_settle", b"unblocks_on_settle", "verdict", b"verdict", "would_block", b"would_block"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__remaining_budget_nano_usd: _TypeAlias = _typing.Literal["remaining_budget_nano_usd"]  # noqa: Y015
     _WhichOneofArgType__remaining_budget_nano_usd: _TypeAlias = _typing.Literal["_remaining_budget_nano_usd", b"_remaining_budget_nano_usd"]  # noqa: Y015
@@ -614,3 +630,87 @@ class SettleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleResponse: _TypeAlias = SettleResponse  # noqa: Y015
+
+@_typing.final
+class SettleBatchRequest(_message.Message):
+    """SettleBatchRequest is several settles sent together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settles(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleRequest]:
+        """1-64 settles; the same reservation may appear more than once (settling is idempotent)."""
+
+    def __init__(
+        self,
+        *,
+        settles: _abc.Iterable[Global___SettleRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settles", b"settles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleBatchRequest: _TypeAlias = SettleBatchRequest  # noqa: Y015
+
+@_typing.final
+class SettleBatchResponse(_message.Message):
+    """SettleBatchResponse answers each settle of the batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleResult]:
+        """One result per SettleBatchRequest.settles, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SettleResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleBatchResponse: _TypeAlias = SettleBatchResponse  # noqa: Y015
+
+@_typing.final
+class SettleResult(_message.Message):
+    """SettleResult is the outcome of one settle sent in a batch or along with a Decide."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code) a lone Settle would have ended with:
+    0 (OK) when applied, or applied before (settled.already_settled). 3
+    (INVALID_ARGUMENT) and 5 (NOT_FOUND) are final; 14 (UNAVAILABLE) and others
+    mean it was not applied and may be sent again.
+    """
+    message: _builtins.str
+    """Why it failed, naming the field for bad input ("usage.input_tokens: ...")."""
+    @_builtins.property
+    def settled(self) -> Global___SettleResponse:
+        """What was counted, when code is 0."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        settled: Global___SettleResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settled", b"settled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleResult: _TypeAlias = SettleResult  # noqa: Y015

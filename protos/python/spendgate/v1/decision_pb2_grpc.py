@@ -46,6 +46,11 @@ class DecisionServiceStub:
                 request_serializer=spendgate_dot_v1_dot_decision__pb2.SettleRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_decision__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.SettleBatch = channel.unary_unary(
+                '/spendgate.v1.DecisionService/SettleBatch',
+                request_serializer=spendgate_dot_v1_dot_decision__pb2.SettleBatchRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_decision__pb2.SettleBatchResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -68,6 +73,16 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SettleBatch(self, request, context):
+        """SettleBatch applies several settles in one call, each as Settle would (and as
+        idempotent), each with its own result: one bad or unknown settle fails only
+        itself. A status on the call itself (UNAVAILABLE, DEADLINE_EXCEEDED, ...) says
+        nothing about which settles were applied: retry them all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +95,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=spendgate_dot_v1_dot_decision__pb2.SettleRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_decision__pb2.SettleResponse.SerializeToString,
+            ),
+            'SettleBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleBatch,
+                    request_deserializer=spendgate_dot_v1_dot_decision__pb2.SettleBatchRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_decision__pb2.SettleBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +158,33 @@ class DecisionService:
             '/spendgate.v1.DecisionService/Settle',
             spendgate_dot_v1_dot_decision__pb2.SettleRequest.SerializeToString,
             spendgate_dot_v1_dot_decision__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.DecisionService/SettleBatch',
+            spendgate_dot_v1_dot_decision__pb2.SettleBatchRequest.SerializeToString,
+            spendgate_dot_v1_dot_decision__pb2.SettleBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

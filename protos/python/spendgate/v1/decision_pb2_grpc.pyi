@@ -48,6 +48,12 @@ class DecisionServiceStub:
     """
     Settle: _grpc.UnaryUnaryMultiCallable[_decision_pb2.SettleRequest, _decision_pb2.SettleResponse]
     """Settle replaces a reservation with the call's actual cost. Idempotent."""
+    SettleBatch: _grpc.UnaryUnaryMultiCallable[_decision_pb2.SettleBatchRequest, _decision_pb2.SettleBatchResponse]
+    """SettleBatch applies several settles in one call, each as Settle would (and as
+    idempotent), each with its own result: one bad or unknown settle fails only
+    itself. A status on the call itself (UNAVAILABLE, DEADLINE_EXCEEDED, ...) says
+    nothing about which settles were applied: retry them all.
+    """
 
 @_typing.type_check_only
 class DecisionServiceAsyncStub(DecisionServiceStub):
@@ -62,6 +68,12 @@ class DecisionServiceAsyncStub(DecisionServiceStub):
     """
     Settle: _aio.UnaryUnaryMultiCallable[_decision_pb2.SettleRequest, _decision_pb2.SettleResponse]  # type: ignore[assignment]
     """Settle replaces a reservation with the call's actual cost. Idempotent."""
+    SettleBatch: _aio.UnaryUnaryMultiCallable[_decision_pb2.SettleBatchRequest, _decision_pb2.SettleBatchResponse]  # type: ignore[assignment]
+    """SettleBatch applies several settles in one call, each as Settle would (and as
+    idempotent), each with its own result: one bad or unknown settle fails only
+    itself. A status on the call itself (UNAVAILABLE, DEADLINE_EXCEEDED, ...) says
+    nothing about which settles were applied: retry them all.
+    """
 
 class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
     """DecisionService answers allow / block / downgrade before a provider call and
@@ -85,5 +97,17 @@ class DecisionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_decision_pb2.SettleResponse, _abc.Awaitable[_decision_pb2.SettleResponse]]:
         """Settle replaces a reservation with the call's actual cost. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def SettleBatch(
+        self,
+        request: _decision_pb2.SettleBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_decision_pb2.SettleBatchResponse, _abc.Awaitable[_decision_pb2.SettleBatchResponse]]:
+        """SettleBatch applies several settles in one call, each as Settle would (and as
+        idempotent), each with its own result: one bad or unknown settle fails only
+        itself. A status on the call itself (UNAVAILABLE, DEADLINE_EXCEEDED, ...) says
+        nothing about which settles were applied: retry them all.
+        """
 
 def add_DecisionServiceServicer_to_server(servicer: DecisionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

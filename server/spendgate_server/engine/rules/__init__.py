@@ -26,6 +26,7 @@ from spendgate_server.engine.rules._unit import (
     StatelessRule,
     StoreView,
     WireChecker,
+    usage_estimate,
 )
 from spendgate_server.engine.rules.dedup import DuplicateRequest
 from spendgate_server.engine.rules.model_downgrade import ModelDowngrade, ModelDowngradeRule
@@ -54,6 +55,7 @@ __all__ = [
     "WireChecker",
     "rules_table_markdown",
     "unit_for",
+    "usage_estimate",
 ]
 
 SESSION_BUDGET = SessionBudget()

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
+from spendgate_server.errors import FieldViolation, InvalidArgument
 from spendgate_server.money import NANO_PER_USD, usd_to_nano
 from spendgate_server.rule_codes import Rule
 
 if TYPE_CHECKING:
-    from spendgate_server.engine.pricing import PriceTable
+    from spendgate_server.engine.pricing import PriceTable, Usage
 
 __all__ = [
+    "MAX_ESTIMATE_NANO_USD",
     "MAX_USD_NANO",
     "Bad",
     "CallFacts",
@@ -44,11 +46,16 @@ __all__ = [
     "parse_integer",
     "parse_usd",
     "pick_stricter",
+    "usage_estimate",
     "usd_text",
 ]
 
 # The largest dollar amount a rule accepts: one million USD keeps sums exact in Lua doubles.
 MAX_USD_NANO = 1_000_000 * NANO_PER_USD
+# A priced max_usage (a large batch's worst case) can exceed any amount a rule accepts. It is
+# held at one nano-USD above them: every strict budget and downgrade threshold still fires,
+# and the store's sums stay exact.
+MAX_ESTIMATE_NANO_USD = MAX_USD_NANO + 1
 
 Bad = Callable[[str, str], None]
 """Records one bad field of a config: ``bad(key, description)``."""
@@ -146,6 +153,28 @@ class Draft:
     model: str
     estimate_nano_usd: int
     prices: PriceTable
+    # DecideRequest.max_usage: when set, the estimate is its price on ``model`` (usage_estimate).
+    max_usage: Usage | None = None
+
+
+def usage_estimate(prices: PriceTable, model: str, usage: Usage) -> int:
+    """A call's reservation from its ``max_usage``: the exact price of ``usage`` on ``model`` at
+    ``usage.service_tier``, in nano-USD, at most :data:`MAX_ESTIMATE_NANO_USD`.
+
+    Raises:
+        InvalidArgument: on ``model`` (unknown under the reject policy), or on
+            ``max_usage.counts`` when the counts contradict each other.
+    """
+    try:
+        cost = prices.cost(model, usage)
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            [
+                FieldViolation("max_usage.counts" if v.field == "usage.counts" else v.field, v.description)
+                for v in exc.violations
+            ]
+        ) from None
+    return min(cost, MAX_ESTIMATE_NANO_USD)
 
 
 @dataclass(frozen=True, slots=True)

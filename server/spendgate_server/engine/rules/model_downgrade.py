@@ -18,6 +18,7 @@ from spendgate_server.engine.rules._unit import (
     WireChecker,
     parse_usd,
     pick_stricter,
+    usage_estimate,
     usd_text,
 )
 from spendgate_server.money import format_usd
@@ -150,4 +151,7 @@ class ModelDowngradeRule(StatelessRule):
         # Looked up only when enforced: a shadowed downgrade never needs the fallback's price.
         pricing = draft.prices.lookup(fallback, "model_downgrade.fallback")
         draft.model = fallback
-        draft.estimate_nano_usd = pricing.estimate(draft.input_tokens, draft.max_output_tokens)
+        if draft.max_usage is None:
+            draft.estimate_nano_usd = pricing.estimate(draft.input_tokens, draft.max_output_tokens)
+        else:
+            draft.estimate_nano_usd = usage_estimate(draft.prices, fallback, draft.max_usage)
