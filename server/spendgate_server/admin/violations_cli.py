@@ -141,17 +141,18 @@ def _tail(stub: violation_pb2_grpc.ViolationServiceStub, args: argparse.Namespac
     The server recycles connections (max connection age), drains on restart, or is briefly
     down: each ends the stream, cleanly or with UNAVAILABLE. The watch is reopened after the
     last cursor seen, so nothing is missed or shown twice; a live tail first reads the newest
-    cursor, so a violation that lands while reconnecting is not lost either. After
+    cursor, so a violation that lands while reconnecting is not lost either. A server not
+    reached at the start ends the command at once. After
     :data:`RESUME_ATTEMPTS` reconnections with nothing received in between, the last error ends
     the command (its one line, exit 1); any other error ends it at once.
     """
+    # First contact, also the newest cursor: a server not reached at all ends the command at once,
+    # and a live tail resumes after this cursor, so nothing landing while it reconnects is lost.
+    newest = stub.ListViolations(
+        vpb.ListViolationsRequest(page_size=1), timeout=_NEWEST_TIMEOUT_SECONDS, metadata=call_metadata(args)
+    )
     cursor = "0" if args.from_start and not args.cursor else args.cursor
     if not cursor:
-        newest = stub.ListViolations(
-            vpb.ListViolationsRequest(page_size=1),
-            timeout=RESUME_MAX_DELAY_SECONDS,
-            metadata=call_metadata(args),
-        )
         # An empty feed: from its start, which is everything from now on.
         cursor = newest.violations[0].cursor if newest.violations else "0"
     seen = 0
