@@ -256,7 +256,10 @@ def test_one_tenants_many_streams_neither_kill_anothers_watcher_nor_take_the_poo
         set_policies(server.target, metadata, approved_models=["claude-test-big"])
 
     async def scenario() -> None:
-        channels = [grpc.aio.insecure_channel(server.target) for _ in range(4)]
+        # Four real connections (channels to one target share one by default): each stays
+        # within the streams one connection may carry (README, Overload).
+        local = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(server.target, options=local) for _ in range(4)]
         try:
             stubs = [violation_pb2_grpc.ViolationServiceStub(c) for c in channels]
             quiet_stream = stubs[0].WatchViolations(vpb.WatchViolationsRequest(), metadata=quiet)
