@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +43,21 @@ def stub(server: SpendgateServer) -> Iterator[decision_pb2_grpc.DecisionServiceS
     channel = grpc.insecure_channel(server.target)
     yield decision_pb2_grpc.DecisionServiceStub(channel)
     channel.close()
+
+
+@pytest.fixture(scope="module")
+def refusals_stub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[decision_pb2_grpc.DecisionServiceStub]:
+    """One server for the module's tests of refused calls: a refusal changes no state, and what
+    they do decide goes to a session of their own."""
+    config = tmp_path_factory.mktemp("refusals") / "spendgate.yaml"
+    config.write_text(CONFIG)
+    server = SpendgateServer.start("--config", str(config))
+    channel = grpc.insecure_channel(server.target)
+    yield decision_pb2_grpc.DecisionServiceStub(channel)
+    channel.close()
+    server.stop()
 
 
 def request(session: str = "s1", prompt: str = "p", **fields: Any) -> pb.DecideRequest:
@@ -156,27 +172,31 @@ def test_settle_is_idempotent_over_the_wire(stub: decision_pb2_grpc.DecisionServ
     ],
 )
 def test_bad_input_names_the_field(
-    stub: decision_pb2_grpc.DecisionServiceStub, fields: dict[str, Any], expected: str
+    refusals_stub: decision_pb2_grpc.DecisionServiceStub,
+    fields: dict[str, Any],
+    expected: str,
 ) -> None:
     """Each malformed field gets INVALID_ARGUMENT with a BadRequest naming it; the server keeps serving."""
     with pytest.raises(grpc.RpcError) as info:
-        stub.Decide(request(**fields))
+        refusals_stub.Decide(request(**fields))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert expected in bad_fields(info.value)
-    assert stub.Decide(request(session="after-bad-input")).verdict == pb.VERDICT_ALLOW
+    # A session of this case's own on the shared server (its budget and dedup window are fresh).
+    after = f"after-bad-input-{uuid.uuid4().hex}"
+    assert refusals_stub.Decide(request(session=after)).verdict == pb.VERDICT_ALLOW
 
 
-def test_bad_settle_names_the_field(stub: decision_pb2_grpc.DecisionServiceStub) -> None:
+def test_bad_settle_names_the_field(refusals_stub: decision_pb2_grpc.DecisionServiceStub) -> None:
     """Settle validates too: a malformed reservation id and an unspecified outcome are named."""
     with pytest.raises(grpc.RpcError) as info:
-        stub.Settle(pb.SettleRequest(session_id="s1", reservation_id="nope", model="big"))
+        refusals_stub.Settle(pb.SettleRequest(session_id="s1", reservation_id="nope", model="big"))
     assert {"reservation_id", "outcome"} <= set(bad_fields(info.value))
 
 
-def test_unknown_reservation_is_not_found(stub: decision_pb2_grpc.DecisionServiceStub) -> None:
+def test_unknown_reservation_is_not_found(refusals_stub: decision_pb2_grpc.DecisionServiceStub) -> None:
     """Settling a reservation that does not exist is NOT_FOUND."""
     with pytest.raises(grpc.RpcError) as info:
-        stub.Settle(
+        refusals_stub.Settle(
             pb.SettleRequest(
                 session_id="s1",
                 reservation_id="0" * 32,
@@ -187,10 +207,10 @@ def test_unknown_reservation_is_not_found(stub: decision_pb2_grpc.DecisionServic
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-def test_oversized_message_is_refused(stub: decision_pb2_grpc.DecisionServiceStub) -> None:
+def test_oversized_message_is_refused(refusals_stub: decision_pb2_grpc.DecisionServiceStub) -> None:
     """A request above the server's message size limit is refused before any work."""
     with pytest.raises(grpc.RpcError) as info:
-        stub.Decide(request(request_id="x" * 100_000))
+        refusals_stub.Decide(request(request_id="x" * 100_000))
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
