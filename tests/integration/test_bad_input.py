@@ -62,11 +62,19 @@ def invalid_fields(call: Callable[[], Any]) -> tuple[list[str], int]:
     return [v.field for v in request.field_violations], len(raw) * 4 // 3 + len(error.details() or "")
 
 
+@pytest.fixture(scope="module")
+def open_server() -> Iterator[SpendgateServer]:
+    """An open (loopback, no keys) memory-store server, one for the module: every case here is
+    refused, which changes nothing another case reads."""
+    server = SpendgateServer.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def channel(spendgate: Callable[..., SpendgateServer]) -> Iterator[grpc.Channel]:
-    """A channel to an open (loopback, no keys) memory-store server: every caller is admin."""
-    server = spendgate()
-    with grpc.insecure_channel(server.target) as opened:
+def channel(open_server: SpendgateServer) -> Iterator[grpc.Channel]:
+    """A channel to the open server: every caller is admin."""
+    with grpc.insecure_channel(open_server.target) as opened:
         yield opened
 
 
@@ -168,11 +176,9 @@ def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int, *wo
         assert word in lines[0], lines[0]
 
 
-def test_huge_dollar_amount_is_a_one_line_cli_error(
-    spendgate: Callable[..., SpendgateServer], tmp_path: Path
-) -> None:
+def test_huge_dollar_amount_is_a_one_line_cli_error(open_server: SpendgateServer, tmp_path: Path) -> None:
     """max_session_usd: 1e999999 (was a decimal.Overflow traceback): exit 2, naming the key and its bound."""
-    server = spendgate()
+    server = open_server
     rules = tmp_path / "rules.yaml"
     rules.write_text("max_session_usd: 1e999999\n")
     result = spendgate_cli("config", "set", str(rules), "--target", server.target)
@@ -212,10 +218,10 @@ def test_huge_dollar_amount_is_a_one_line_cli_error(
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_deeply_nested_documents_are_a_one_line_error(
-    spendgate: Callable[..., SpendgateServer], tmp_path: Path, suffix: str
+    open_server: SpendgateServer, tmp_path: Path, suffix: str
 ) -> None:
     """A document nested 5,000 deep (was RecursionError) in config set, policies set and serve --config."""
-    server = spendgate()
+    server = open_server
     deep = tmp_path / f"deep{suffix}"
     nested = "[" * DEEP + "]" * DEEP
     deep.write_text(
