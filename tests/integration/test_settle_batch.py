@@ -14,7 +14,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.store.keyspace import log_stream_key
 
 from tests.conftest import STORES
-from tests.processes import SpendgateServer
+from tests.processes import RedisServer, SpendgateServer
 
 CONFIG = """
 enforcement:
@@ -26,16 +26,23 @@ ESTIMATE = 1000 * 1000 + 500 * 2000  # input_tokens=1000, max_output_tokens=500 
 OK, INVALID_ARGUMENT, NOT_FOUND = 0, 3, 5
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(scope="module", params=STORES)
 def server(
-    request: pytest.FixtureRequest, spendgate: Callable[..., SpendgateServer], tmp_path: Path
-) -> SpendgateServer:
-    config = tmp_path / "spendgate.yaml"
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SpendgateServer]:
+    """One server per store for the module: each test decides and settles in sessions of its own.
+
+    The Redis-store one has a Redis of its own, which no other test empties under it.
+    """
+    config = tmp_path_factory.mktemp("settle-batch") / "spendgate.yaml"
     config.write_text(CONFIG)
-    if request.param == "redis":
-        redis_url = request.getfixturevalue("redis_url")
-        return spendgate("--config", str(config), "--store", "redis", "--redis-url", redis_url)
-    return spendgate("--config", str(config))
+    redis_server = RedisServer.start() if request.param == "redis" else None
+    store = ["--store", "redis", "--redis-url", redis_server.url] if redis_server else []
+    server = SpendgateServer.start("--config", str(config), *store)
+    yield server
+    server.stop()
+    if redis_server is not None:
+        redis_server.stop()
 
 
 @pytest.fixture
