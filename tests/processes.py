@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +142,27 @@ class SpendgateServer:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+@contextlib.contextmanager
+def server_on_store(store: str, *args: str) -> Iterator[SpendgateServer]:
+    """A ``spendgate serve`` on ``store`` (``memory``, or ``redis`` on a private redis-server of its
+    own), stopped on leaving.
+
+    For a module-scoped fixture whose tests use sessions of their own: one server start instead
+    of one per test, and no other test's ``redis_url`` (which empties the shared Redis) reaches it.
+    """
+    redis_server = RedisServer.start() if store == "redis" else None
+    try:
+        backend = ["--store", "redis", "--redis-url", redis_server.url] if redis_server else []
+        server = SpendgateServer.start(*backend, *args)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
 
 
 def restart_redis(server: RedisServer) -> RedisServer:

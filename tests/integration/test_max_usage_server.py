@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from spendgate_client import DecisionClient, InvalidRequest, Usage
 
-from tests.processes import SpendgateServer
+from tests.processes import server_on_store
 
 SONNET = "claude-sonnet-4-5"
 # One request of the batch: 1,000 input tokens, max_tokens 1,024; $0.01836 at standard prices.
@@ -21,15 +21,13 @@ REQUEST_IN, REQUEST_OUT = 1_000, 1_024
 REQUEST_NANO_USD = REQUEST_IN * 3_000 + REQUEST_OUT * 15_000
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def client(
-    request: pytest.FixtureRequest, spendgate: Callable[..., SpendgateServer]
-) -> Iterator[DecisionClient]:
-    if request.param == "memory":
-        server = spendgate()
-    else:
-        server = spendgate("--store", "redis", "--redis-url", request.getfixturevalue("redis_url"))
-    with DecisionClient(server.target, timeout=5, fail_mode="closed") as client:
+@pytest.fixture(scope="module", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def client(request: pytest.FixtureRequest) -> Iterator[DecisionClient]:
+    """A client of one server per store for the module: every test decides in fresh sessions."""
+    with (
+        server_on_store(request.param) as server,
+        DecisionClient(server.target, timeout=5, fail_mode="closed") as client,
+    ):
         yield client
 
 

@@ -14,7 +14,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.store.keyspace import log_stream_key
 
 from tests.conftest import STORES
-from tests.processes import RedisServer, SpendgateServer
+from tests.processes import SpendgateServer, server_on_store
 
 CONFIG = """
 enforcement:
@@ -30,19 +30,11 @@ OK, INVALID_ARGUMENT, NOT_FOUND = 0, 3, 5
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SpendgateServer]:
-    """One server per store for the module: each test decides and settles in sessions of its own.
-
-    The Redis-store one has a Redis of its own, which no other test empties under it.
-    """
+    """One server per store for the module: each test decides and settles in sessions of its own."""
     config = tmp_path_factory.mktemp("settle-batch") / "spendgate.yaml"
     config.write_text(CONFIG)
-    redis_server = RedisServer.start() if request.param == "redis" else None
-    store = ["--store", "redis", "--redis-url", redis_server.url] if redis_server else []
-    server = SpendgateServer.start("--config", str(config), *store)
-    yield server
-    server.stop()
-    if redis_server is not None:
-        redis_server.stop()
+    with server_on_store(request.param, "--config", str(config)) as server:
+        yield server
 
 
 @pytest.fixture
