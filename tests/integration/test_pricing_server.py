@@ -17,7 +17,7 @@ from genai_prices import Usage as GenaiUsage
 from genai_prices import calc_price
 from spendgate_client import DecisionClient, InvalidRequest, Usage
 
-from tests.processes import SpendgateServer, free_port
+from tests.processes import SpendgateServer, free_port, server_on_store
 
 NANO = 1_000_000_000
 
@@ -26,15 +26,13 @@ def usd(amount: str) -> int:
     return int(Decimal(amount) * NANO)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def client(
-    request: pytest.FixtureRequest, spendgate: Callable[..., SpendgateServer]
-) -> Iterator[DecisionClient]:
-    if request.param == "memory":
-        server = spendgate()
-    else:
-        server = spendgate("--store", "redis", "--redis-url", request.getfixturevalue("redis_url"))
-    with DecisionClient(server.target, timeout=5, fail_mode="closed") as client:
+@pytest.fixture(scope="module", params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def client(request: pytest.FixtureRequest) -> Iterator[DecisionClient]:
+    """A client of one server per store for the module: every test decides in fresh sessions."""
+    with (
+        server_on_store(request.param) as server,
+        DecisionClient(server.target, timeout=5, fail_mode="closed") as client,
+    ):
         yield client
 
 
