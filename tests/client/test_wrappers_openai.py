@@ -38,7 +38,7 @@ from tests.fake_provider import (
     new_session,
     session_spend,
 )
-from tests.processes import SpendgateServer
+from tests.processes import SpendgateServer, free_port
 
 Client = JournaledOpenAI | AsyncJournaledOpenAI
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
@@ -303,13 +303,13 @@ async def test_stream_abandoned_before_its_usage_leaves_the_reservation(
 async def test_decision_service_stopped(
     make_client: Callable[..., Client],
     fake: FakeProvider,
-    spendgate: Callable[..., SpendgateServer],
     fail_mode: str,
 ) -> None:
     """With spendgate stopped, fail_mode="open" sends the call and "closed" raises SpendgateUnavailable."""
-    stopped = spendgate()
-    stopped.stop()
-    client = make_client(spendgate_target=stopped.target, fail_mode=fail_mode, decide_timeout=0.5)
+    # The client is made after the stop, so a port nobody listens on is the same to it as a
+    # server that was started and stopped there, without a server start.
+    stopped = f"127.0.0.1:{free_port()}"
+    client = make_client(spendgate_target=stopped, fail_mode=fail_mode, decide_timeout=0.5)
     if fail_mode == "open":
         await drain(await chat(client, stream=True))
         assert len(fake.requests) == 1
