@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,9 +25,17 @@ from tests.processes import SpendgateServer, free_port
 FP = hashlib.sha256(b"request").digest()
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[SpendgateServer]:
+    """One server for the module: each test decides in sessions of its own."""
+    started = SpendgateServer.start()
+    yield started
+    started.stop()
+
+
 @pytest.fixture
-def client(spendgate: Callable[..., SpendgateServer]) -> Iterator[DecisionClient]:
-    with DecisionClient(spendgate().target, timeout=5) as c:
+def client(server: SpendgateServer) -> Iterator[DecisionClient]:
+    with DecisionClient(server.target, timeout=5) as c:
         yield c
 
 
@@ -46,7 +54,8 @@ def test_blocks_raise_typed_errors(
     error: type[EnforcementError],
 ) -> None:
     """raise_for_block raises the rule's own subclass, carrying rule, reason and decision id."""
-    decision = client.decide("s", "claude-sonnet-4-5", 100, 10, FP, enforcement_config=config, **kwargs)
+    session = f"blocks-{error.__name__}"
+    decision = client.decide(session, "claude-sonnet-4-5", 100, 10, FP, enforcement_config=config, **kwargs)
     with pytest.raises(error) as info:
         decision.raise_for_block()
     assert info.value.rule == error.rule and info.value.reason == decision.reason
@@ -85,9 +94,9 @@ def test_fail_closed_raises() -> None:
         c.decide("s", "m", 1, 1, FP)
 
 
-async def test_async_client_decides_and_settles(spendgate: Callable[..., SpendgateServer]) -> None:
+async def test_async_client_decides_and_settles(server: SpendgateServer) -> None:
     """The asyncio client decides and settles like the blocking one."""
-    client = AsyncDecisionClient(spendgate().target, timeout=5)
+    client = AsyncDecisionClient(server.target, timeout=5)
     try:
         decision = await client.decide("a", "claude-sonnet-4-5", 1000, 100, FP)
         settled = await client.settle(
