@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def test_no_keys_on_a_public_address_is_one_line_and_no_key_loss_event() -> None
 def test_a_host_that_cannot_be_bound_is_refused_as_such(host: str, why: str) -> None:
     """A --host that cannot be bound is refused for that, in one line naming --host, exit 2;
     never as "reachable from the network", whether keys exist or --insecure is given."""
-    for extra in ((), ("--insecure",)):
-        run = serve("--host", host, *extra)
+    # The two runs are independent: side by side, as most of each one's time is its start-up.
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda extra: serve("--host", host, *extra), [(), ("--insecure",)]))
+    for run in runs:
         lines = [line for line in run.stderr.splitlines() if line and not line.startswith("{")]
         assert run.returncode == 2, run.stderr
         assert len(lines) == 1, run.stderr
@@ -76,18 +79,22 @@ def serving_event(argv: list[str], log: Path) -> dict[str, object]:
 def test_the_serving_line_reports_the_metrics_port_actually_served(tmp_path: Path) -> None:
     """The default metrics port taken: metrics are off and `serving` says metrics_port 0, not
     9464; a free port given by flag is served and reported as itself."""
+    # No drain on SIGTERM (5 s by default): how the servers stop is not what is checked here.
     argv = [sys.executable, "-m", "spendgate_server", "serve", "--port", "0", "--log-format", "json"]
+    argv += ["--drain-seconds", "0"]
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with contextlib.suppress(OSError):  # already held by another process: taken all the same
         holder.bind(("127.0.0.1", DEFAULT_METRICS_PORT))
         holder.listen()
-    with holder:
-        taken = serving_event(argv, tmp_path / "taken.log")
+    port = free_port()
+    # Three independent servers, started side by side (none of the other two uses the default port).
+    with holder, ThreadPoolExecutor(3) as pool:
+        taken_run = pool.submit(serving_event, argv, tmp_path / "taken.log")
+        named_run = pool.submit(serving_event, [*argv, "--metrics-port", str(port)], tmp_path / "named.log")
+        off_run = pool.submit(serving_event, [*argv, "--metrics-port", "0"], tmp_path / "off.log")
+        taken, served, off = taken_run.result(), named_run.result(), off_run.result()
     assert taken["metrics_port"] == 0
     assert "metrics_off" in (tmp_path / "taken.log").read_text()
-    port = free_port()
-    served = serving_event([*argv, "--metrics-port", str(port)], tmp_path / "named.log")
     assert served["metrics_port"] == port
-    off = serving_event([*argv, "--metrics-port", "0"], tmp_path / "off.log")
     assert off["metrics_port"] == 0
