@@ -238,6 +238,10 @@ LEVERS: dict[str, Lever] = {
         "journal appends through redis-py's pool instead of the pipelined hot-path connection",
         _journal_pool,
     ),
+    "awaited_journal": Lever(
+        "each Settle awaits its journal append (no intent written with the settle script)",
+        flags=("--journal-intent-grace-seconds", "0"),
+    ),
     "no_group_commit": Lever(
         "one journal append per settle (no group commit of the appends of one event-loop turn)",
         _no_group_commit,

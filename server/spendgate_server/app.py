@@ -36,7 +36,7 @@ from spendgate.v1 import (
 
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, Alerts, build_alerts
 from spendgate_server.engine.anomalies import AnomalyThresholds
-from spendgate_server.engine.decide import DecisionEngine, EngineTimings
+from spendgate_server.engine.decide import DecisionEngine, EngineTimings, system_clock_ms
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.engine.pricing import PriceTable
@@ -59,6 +59,7 @@ from spendgate_server.lifecycle import (
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
+from spendgate_server.policy.journal_sweeper import JournalSweeper
 from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.admission import Admission, AdmissionInterceptor, stream_options
 from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
@@ -291,6 +292,8 @@ async def _until_stopped(
     await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
+    # Settles answered before their journal append: their appends end before the process does.
+    await alerts.journal.drain()
     await alerts.stop()
     raise Stopped
 
@@ -423,6 +426,15 @@ async def _serve(
                         run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
                     )
                 alerts.start(group, evaluate=settings.evaluator == "on", metrics=metrics)
+                if settings.journal_intent_grace_seconds:
+                    sweeper = JournalSweeper(
+                        alerts.journal,
+                        engine,
+                        grace_ms=settings.journal_intent_grace_seconds * 1000,
+                        interval_seconds=max(1.0, settings.journal_intent_grace_seconds / 2),
+                        clock=system_clock_ms,
+                    )
+                    group.create_task(run_part("the journal sweeper", sweeper.run(), returns=False))
                 _log.info(
                     "serving",
                     host=settings.host,

@@ -267,6 +267,15 @@ FLAGS: tuple[Flag, ...] = (
         "settled calls kept in each tenant's journal (older ones are trimmed)",
     ),
     _int(
+        "journal-intent-grace-seconds",
+        _SERVE,
+        30,
+        0,
+        600,
+        "a Settle is answered before its journal append, leaving an intent that a sweeper journals "
+        "after this long if the append never happened; 0: each Settle awaits its append",
+    ),
+    _int(
         "violations-max-entries",
         _SERVER,
         100_000,

@@ -78,6 +78,9 @@ class ServeSettings:
     redis_breaker_open_millis: int = 1000
     # Journal, policies and the alerts feed (each tenant's journal and feed keep this many entries).
     journal_max_entries: int = 100_000
+    # A Settle leaves a journal intent, swept after this long if its append never happened
+    # (policy/journal.py); 0: every Settle awaits its append.
+    journal_intent_grace_seconds: int = 30
     violations_max_entries: int = 100_000
     # "on": serve evaluates the journal itself (with Redis, the consumer group shares the work
     # with other servers and any `spendgate worker`); "off" leaves it to workers.
@@ -236,6 +239,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         redis_breaker_failures=v.integer("redis-breaker-failures"),
         redis_breaker_open_millis=v.integer("redis-breaker-open-millis"),
         journal_max_entries=v.integer("journal-max-entries"),
+        journal_intent_grace_seconds=v.integer("journal-intent-grace-seconds"),
         violations_max_entries=v.integer("violations-max-entries"),
         evaluator=v.text("evaluator"),
         evaluator_batch_size=v.integer("evaluator-batch-size"),

@@ -2,6 +2,11 @@
 
 The policy pipeline (policy/journal.py) implements :class:`Journal` over its log store;
 the engine knows only this interface, so the decision core never depends on the pipeline.
+
+A journal may also keep *intents* (:meth:`Journal.intend`): the engine starts writing
+the event, as far as it is known before the store's reply, together with the settle
+script, and once both are stored it answers the Settle and appends the final event in
+the background; an intent whose append never happened is finished by a sweeper.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 from spendgate_server.engine.anomalies import AnomalyKind, SettleAnomaly
 
-__all__ = ["CallContext", "Journal", "JournalEvent"]
+__all__ = ["CallContext", "Journal", "JournalEvent", "JournalIntent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,26 @@ class JournalEvent:
             raise ValueError(f"not a journal event: {exc}") from exc
 
 
+class JournalIntent(ABC):
+    """The intent of one settle's event, being written while the settle runs (Journal.intend)."""
+
+    @abstractmethod
+    async def recorded(self) -> bool:
+        """Wait for the intent's write: True when it is stored (the event may then be appended
+        after the Settle is answered), False when it failed (the caller awaits the append)."""
+
+    @abstractmethod
+    def commit(self, event: JournalEvent) -> None:
+        """Append the final ``event`` in the background; the append removes the intent.
+
+        If the append fails, or the process dies first, the intent stays for the sweeper.
+        """
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Remove the intent in the background, best effort: its settle changed nothing."""
+
+
 class Journal(ABC):
     """Where the engine records settled calls."""
 
@@ -97,3 +122,12 @@ class Journal(ABC):
         Raises:
             StoreUnavailable: not recorded; the caller fails so that the client retries.
         """
+
+    def intend(self, draft: JournalEvent, dedup_window_ms: int) -> JournalIntent | None:
+        """Start writing the intent of ``draft`` now, in the caller's event-loop turn.
+
+        ``draft`` is the event as known before the settle's store reply: the cost priced
+        from the reported usage and no anomalies. None when this journal keeps no intents:
+        the caller then awaits :meth:`append`.
+        """
+        return None

@@ -16,6 +16,7 @@ from spendgate_server.store.base import (
     SessionKey,
     SessionState,
     SettleOutcome,
+    SettleRecord,
     SettleRequest,
     Store,
 )
@@ -48,6 +49,13 @@ class InstrumentedStore(Store):
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
         return await self._timed("settle", lambda: self._inner.settle(request))
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        return await self._timed(
+            "settle_record", lambda: self._inner.settle_record(session, reservation_id, now_ms)
+        )
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
         return await self._timed("cancel", lambda: self._inner.cancel(request))
