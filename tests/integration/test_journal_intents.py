@@ -55,7 +55,7 @@ class KilledAfterReply(StoreJournal):
         super().__init__(logs, max_entries=10_000, journals_prompts=no_prompts, intents=True)
         self.lost: list[JournalEvent] = []
 
-    async def append(self, event: JournalEvent, dedup_window_ms: int) -> None:
+    def append_later(self, event: JournalEvent, dedup_window_ms: int) -> None:
         self.lost.append(event)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from spendgate_server.engine.anomalies import AnomalyKind, SettleAnomaly
@@ -64,12 +64,23 @@ class JournalEvent:
         return self.context.requested_model or self.effective_model
 
     def to_json(self) -> str:
-        """The stored form."""
-        raw = asdict(self)
-        raw["context"] = {k: v for k, v in raw["context"].items() if v not in ("", 0, False, ())}
-        if not raw["anomalies"]:
-            del raw["anomalies"]
-        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+        """The stored form: every field in order, the context without its empty fields, and
+        ``anomalies`` only when there are any.
+
+        Built field by field rather than with ``dataclasses.asdict``, which measured about
+        60 µs an event (its deep copy); every Settle serializes its event twice (the
+        intent, then the event).
+        """
+        raw: dict[str, Any] = {name: getattr(self, name) for name in _EVENT_FIELDS}
+        context = self.context
+        raw["context"] = {
+            name: value
+            for name in _CONTEXT_FIELDS
+            if (value := getattr(context, name)) not in ("", 0, False, ())
+        }
+        if self.anomalies:
+            raw["anomalies"] = [{name: getattr(a, name) for name in _ANOMALY_FIELDS} for a in self.anomalies]
+        return _ENCODER.encode(raw)
 
     @classmethod
     def from_json(cls, text: str) -> JournalEvent:
@@ -90,6 +101,12 @@ class JournalEvent:
             return cls(**raw, context=CallContext(**context), anomalies=anomalies)
         except (TypeError, KeyError) as exc:
             raise ValueError(f"not a journal event: {exc}") from exc
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(JournalEvent) if f.name not in ("context", "anomalies"))
+_CONTEXT_FIELDS = tuple(f.name for f in fields(CallContext))
+_ANOMALY_FIELDS = tuple(f.name for f in fields(SettleAnomaly))
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class JournalIntent(ABC):

@@ -49,6 +49,11 @@ JOURNAL_LOG = "journal"
 EVALUATOR_GROUP = "evaluators"
 # Events per store call of a group commit (the append script's keys: one marker per event).
 _MAX_BATCH = 64
+# How long an append made after its Settle's reply waits for others to share its store call.
+_DEFERRED_COMMIT_SECONDS = 0.005
+
+# (uid, payload, time ms, the appender waiting for it, or None after the reply)
+_Entry = tuple[str, str, int, "asyncio.Future[None] | None"]
 
 _log = structlog.get_logger("spendgate.journal")
 
@@ -63,6 +68,9 @@ class StoreJournal(Journal):
             any other tenant is dropped before it is stored.
         group_commit: appends of one event-loop turn share one store call per tenant.
         intents: keep intents (:meth:`intend`), so a Settle is answered before its append.
+        deferred_commit_seconds: how long an append after the reply waits for others of its
+            tenant to share its store call (the intent already makes it durable, so waiting
+            costs only journal latency; the evaluator polls every 200 ms anyway).
     """
 
     def __init__(
@@ -73,15 +81,20 @@ class StoreJournal(Journal):
         journals_prompts: Callable[[str], Awaitable[bool]],
         group_commit: bool = True,
         intents: bool = False,
+        deferred_commit_seconds: float = _DEFERRED_COMMIT_SECONDS,
     ) -> None:
         self._logs = logs
         self._max_entries = max_entries
         self._journals_prompts = journals_prompts
         self._group_commit = group_commit
         # Appends waiting for the next flush, by (tenant, dedup window): (uid, payload, time, waiter).
-        self._waiting: dict[tuple[str, int], list[tuple[str, str, int, asyncio.Future[None]]]] = {}
+        self._waiting: dict[tuple[str, int], list[_Entry]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         self._intents = intents
+        # Appends after the reply (no waiter), by (tenant, dedup window), and their flush timers.
+        self._deferred: dict[tuple[str, int], list[_Entry]] = {}
+        self._timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
+        self._deferred_seconds = deferred_commit_seconds
         # Intent writes, appends after the reply and intent removals, until they end (drain()).
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -105,7 +118,9 @@ class StoreJournal(Journal):
             self, draft, dedup_window_ms, self.spawn(self._put_intent(draft, dedup_window_ms))
         )
 
-    async def _put_intent(self, draft: JournalEvent, dedup_window_ms: int) -> bool:
+    async def _put_intent(self, draft: JournalEvent, dedup_window_ms: int) -> JournalEvent | None:
+        """Store ``draft``'s intent; the draft as stored (its prompt text only where journaled), or
+        None when it could not be stored."""
         try:
             event = await self._visible(draft)
             await self._logs.put_intent(
@@ -118,8 +133,29 @@ class StoreJournal(Journal):
             )
         except Exception as exc:  # any failure: the Settle awaits its append instead
             _log.warning("journal_intent_failed", decision_id=draft.decision_id, error=str(exc))
-            return False
-        return True
+            return None
+        return event
+
+    def append_later(self, event: JournalEvent, dedup_window_ms: int) -> None:
+        """Append ``event`` (already as it may be stored) within ``deferred_commit_seconds``,
+        in one store call with the other deferred appends of its tenant; a failure is logged
+        (the event's intent stays for the sweeper)."""
+        key = (event.tenant, dedup_window_ms)
+        batch = self._deferred.setdefault(key, [])
+        batch.append((event.decision_id, event.to_json(), event.time_ms, None))
+        if len(batch) >= _MAX_BATCH:
+            self._flush_deferred(key)
+        elif len(batch) == 1:
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(self._deferred_seconds, self._flush_deferred, key)
+
+    def _flush_deferred(self, key: tuple[str, int]) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._deferred.pop(key, [])
+        for start in range(0, len(batch), _MAX_BATCH):
+            self.spawn(self._commit(key, batch[start : start + _MAX_BATCH]))
 
     def spawn(self, work: Any) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends; :meth:`drain` waits for it."""
@@ -136,11 +172,14 @@ class StoreJournal(Journal):
 
     @property
     def in_background(self) -> int:
-        """How many intent writes, appends and removals are still running."""
-        return len(self._background)
+        """How many appends after the reply wait to be sent, plus the background writes running."""
+        return len(self._background) + sum(len(batch) for batch in self._deferred.values())
 
     async def drain(self) -> None:
-        """Wait for every background write to end (a stopping server: nothing is left half done)."""
+        """Send the deferred appends now and wait for every background write to end (a stopping
+        server: nothing is left half done)."""
+        for key in list(self._deferred):
+            self._flush_deferred(key)
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -175,24 +214,28 @@ class StoreJournal(Journal):
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    async def _commit(
-        self, key: tuple[str, int], batch: list[tuple[str, str, int, asyncio.Future[None]]]
-    ) -> None:
+    async def _commit(self, key: tuple[str, int], batch: list[_Entry]) -> None:
         tenant, dedup_window_ms = key
         try:
             await self._write(tenant, dedup_window_ms, [(uid, payload, ms) for uid, payload, ms, _ in batch])
         except asyncio.CancelledError:
             for *_, waiter in batch:
-                waiter.cancel()
+                if waiter is not None:
+                    waiter.cancel()
             raise
         except Exception as exc:
             # Each settle of the batch fails as its own append would have (UNAVAILABLE: retried).
             for *_, waiter in batch:
-                if not waiter.done():
+                if waiter is not None and not waiter.done():
                     waiter.set_exception(exc)
+            if any(waiter is None for *_, waiter in batch):
+                # Appends after the reply: their intents stay, and the sweeper journals them.
+                _log.warning(
+                    "journal_append_deferred_failed", tenant=tenant, events=len(batch), error=str(exc)
+                )
             return
         for *_, waiter in batch:
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
     async def _write(self, tenant: str, dedup_window_ms: int, entries: list[tuple[str, str, int]]) -> None:
@@ -210,7 +253,11 @@ class _StoreIntent(JournalIntent):
     """One settle's intent in a StoreJournal: its write, then its commit or its removal."""
 
     def __init__(
-        self, journal: StoreJournal, draft: JournalEvent, dedup_window_ms: int, write: asyncio.Task[bool]
+        self,
+        journal: StoreJournal,
+        draft: JournalEvent,
+        dedup_window_ms: int,
+        write: asyncio.Task[JournalEvent | None],
     ) -> None:
         self._journal = journal
         self._draft = draft
@@ -219,10 +266,16 @@ class _StoreIntent(JournalIntent):
 
     async def recorded(self) -> bool:
         # Shielded: a caller that gives up must not cancel the write (the intent is its safety).
-        return await asyncio.shield(self._write)
+        return await asyncio.shield(self._write) is not None
 
     def commit(self, event: JournalEvent) -> None:
-        self._journal.spawn(self._journal.append(event, self._window_ms))
+        stored = self._write.result()
+        if stored is None:
+            raise RuntimeError("commit of an intent that was not recorded")
+        if event.context.prompt_text and not stored.context.prompt_text:
+            # The tenant does not journal prompts (decided when the intent was written).
+            event = replace(event, context=stored.context)
+        self._journal.append_later(event, self._window_ms)
 
     def abandon(self) -> None:
         self._journal.spawn(self._remove())
