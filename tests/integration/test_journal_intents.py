@@ -325,3 +325,19 @@ async def test_an_intent_keeps_its_context_and_a_newer_settle_keeps_its_intent(r
     finally:
         await dead.close()
         await fresh.close()
+
+
+async def test_an_intent_that_is_not_this_tenants_event_is_dropped(server: Server) -> None:
+    """Unreadable, or naming another tenant or id: dropped after the grace, journaled nowhere."""
+    decision = await server.engine.decide(call("u", "s"))
+    settled = SettleCall("u", "s", decision.reservation_id, "big", Usage(9_000, 50), True)
+    await server.engine.settle(settled)
+    await server.journal.drain()
+    foreign = draft("u", "s", decision.reservation_id, START).to_json()  # another tenant's settled call
+    for uid, payload in (("x" * 32, "{not json"), (decision.reservation_id, foreign), ("y" * 32, foreign)):
+        await server.logs.put_intent(JOURNAL_LOG, "t", uid, payload, now_ms=START, ttl_ms=WINDOW_MS)
+    server.clock.advance(GRACE_MS)
+    assert await server.sweeper().sweep_once() == SweepResult(dropped=3)
+    assert await server.journaled("t") == []
+    assert len(await server.journaled("u")) == 1
+    assert await server.intents("t") == []

@@ -3,13 +3,15 @@
 With intents (the server's default, ``--journal-intent-grace-seconds`` above 0), a
 Settle costs one store round trip: the engine writes the event's *intent* (the event as
 known before the store's reply, in the tenant's log slot) in the same write as the settle
-script, answers once both are stored, and appends the final event in the background;
-the append removes the intent in the same atomic step. An intent still there after the
+script, answers once both are stored, and appends the final event in the background
+(within ``deferred_commit_seconds``, one store call for the tenant's appends of that
+moment); the append removes the intent in the same atomic step. An intent still there after the
 grace belongs to an append that never happened (its server died, or the append failed):
 the sweeper (policy/journal_sweeper.py) rebuilds the event from the intent and the
 store's settle record and appends it, or drops the intent when the store never settled
 the call. So nothing a Settle reply acknowledged is lost: before the reply, its event is
-either appended or recoverable from an intent. If the intent's write fails, the engine
+either appended or recoverable from an intent, for as long as the store keeps the settle's
+record (the settle window, an hour: some server must sweep within it). If the intent's write fails, the engine
 awaits the append as without intents. A server draining on SIGTERM awaits its background
 appends (:meth:`StoreJournal.drain`).
 

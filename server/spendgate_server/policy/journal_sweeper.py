@@ -38,7 +38,8 @@ _BATCH = 200
 
 @dataclass(frozen=True, slots=True)
 class SweepResult:
-    """What one round did: events appended from intents, and intents dropped."""
+    """What one round did: events appended from intents (added, or found already journaled),
+    and intents dropped."""
 
     journaled: int = 0
     dropped: int = 0
@@ -91,9 +92,11 @@ class JournalSweeper:
             unsettled: list[tuple[str, int]] = []
             for intent in intents:
                 try:
-                    draft = JournalEvent.from_json(intent.payload)
+                    draft: JournalEvent | None = JournalEvent.from_json(intent.payload)
                 except ValueError:
                     draft = None  # not an event (written by something else): nothing to append
+                if draft is not None and (draft.tenant, draft.decision_id) != (tenant, intent.uid):
+                    draft = None  # not this tenant's intent for this id: never journaled elsewhere
                 event = None if draft is None else await self._engine.recovered_event(draft)
                 if event is None:
                     unsettled.append((intent.uid, intent.time_ms))
