@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spendgate.v1 import decision_pb2 as pb
+from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.engine.anomalies import AnomalyKind
 from spendgate_server.engine.config import EnforcementConfig
-from spendgate_server.engine.decide import Call, DecisionEngine, EngineTimings, SettleCall, Settlement
+from spendgate_server.engine.decide import (
+    Call,
+    DecisionEngine,
+    EngineTimings,
+    SettleCall,
+    Settlement,
+    system_clock_ms,
+)
 from spendgate_server.engine.events import CallContext, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
@@ -28,12 +40,15 @@ from spendgate_server.errors import NotFound, StoreUnavailable
 from spendgate_server.policy.journal import JOURNAL_LOG, StoreJournal
 from spendgate_server.policy.journal_sweeper import JournalSweeper, SweepResult
 from spendgate_server.store import Store
+from spendgate_server.store.keyspace import log_intent_keys, log_stream_key
 from spendgate_server.store.logs import AppendResult, LogStore, MemoryLogStore
 from spendgate_server.store.memory import MemoryStore
 from spendgate_server.store.redis import RedisConnection, RedisStore
 from spendgate_server.store.redis_logs import RedisLogStore
 
 from tests.conftest import FakeClock
+from tests.integration.test_reliability import poll
+from tests.processes import SpendgateServer
 from tests.unit.test_rules import PRICES
 
 GRACE_MS = 30_000
@@ -341,3 +356,67 @@ async def test_an_intent_that_is_not_this_tenants_event_is_dropped(server: Serve
     assert await server.journaled("t") == []
     assert len(await server.journaled("u")) == 1
     assert await server.intents("t") == []
+
+
+SERVER_CONFIG = """
+prices:
+  big: {input_usd_per_mtok: 1, output_usd_per_mtok: 2}
+"""
+
+
+def test_a_server_journals_at_start_what_a_dead_one_left_and_leaves_no_intent(
+    redis_url: str, spendgate: Callable[..., SpendgateServer], tmp_path: Path
+) -> None:
+    """``spendgate serve`` sweeps when it starts: a call a killed server answered a minute ago
+    (past the 30 s grace) is journaled as that server would have; the server's own Settles
+    are journaled and leave no intent once it has stopped."""
+    clock = FakeClock(system_clock_ms() - 60_000)
+
+    async def killed_server() -> list[JournalEvent]:
+        dead = Server(redis_url, clock, journal=KilledAfterReply)
+        try:
+            decision = await dead.engine.decide(call("default", "s"))
+            await dead.engine.settle(
+                SettleCall("default", "s", decision.reservation_id, "big", Usage(9_000, 50), True)
+            )
+            assert isinstance(dead.journal, KilledAfterReply)
+            return dead.journal.lost
+        finally:
+            await dead.close()
+
+    lost = asyncio.run(killed_server())
+    client = redis.Redis.from_url(redis_url)
+    stream = log_stream_key(JOURNAL_LOG, "default")
+    times, _ = log_intent_keys(JOURNAL_LOG, "default")
+
+    def journaled() -> list[str]:
+        return [fields[b"p"].decode() for _, fields in client.xrange(stream)]
+
+    config = tmp_path / "spendgate.yaml"
+    config.write_text(SERVER_CONFIG)
+    server = spendgate("--store", "redis", "--redis-url", redis_url, "--config", str(config))
+    poll("the start-up sweep", lambda: len(journaled()) == 1)
+    assert journaled() == [e.to_json() for e in lost]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        decided = stub.Decide(
+            pb.DecideRequest(
+                session_id="s", model="big", input_tokens=100, max_output_tokens=50, fingerprint=b"f" * 32
+            )
+        )
+        stub.Settle(
+            pb.SettleRequest(
+                session_id="s",
+                reservation_id=decided.reservation_id,
+                model="big",
+                usage=pb.Usage(input_tokens=90, output_tokens=40),
+                outcome=pb.PROVIDER_OUTCOME_OK,
+            )
+        )
+    server.stop()
+    assert [JournalEvent.from_json(e).decision_id for e in journaled()] == [
+        lost[0].decision_id,
+        decided.reservation_id,
+    ]
+    assert client.zcard(times) == 0
+    client.close()
