@@ -390,7 +390,8 @@ def test_a_server_journals_at_start_what_a_dead_one_left_and_leaves_no_intent(
     times, _ = log_intent_keys(JOURNAL_LOG, "default")
 
     def journaled() -> list[str]:
-        return [fields[b"p"].decode() for _, fields in client.xrange(stream)]
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(stream)  # type: ignore[assignment]
+        return [fields[b"p"].decode() for _, fields in entries]
 
     config = tmp_path / "spendgate.yaml"
     config.write_text(SERVER_CONFIG)
