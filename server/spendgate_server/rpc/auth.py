@@ -20,10 +20,10 @@ import asyncio
 import hmac
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import structlog
@@ -34,11 +34,11 @@ from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, ke
 
 __all__ = [
     "DEV_PRINCIPAL",
-    "AuthInterceptor",
     "Authenticator",
     "Principal",
     "current_principal",
     "is_loopback",
+    "set_principal",
 ]
 
 _log = structlog.get_logger("spendgate.auth")
@@ -78,6 +78,11 @@ ADMIN_METHODS = frozenset(
 def current_principal() -> Principal:
     """The caller of the RPC being served."""
     return _current.get()
+
+
+def set_principal(principal: Principal) -> None:
+    """Make ``principal`` the caller of the RPC being served (rpc/guard.py, once authenticated)."""
+    _current.set(principal)
 
 
 def is_loopback(host: str) -> bool:
@@ -256,54 +261,6 @@ class Authenticator:
             self._last_logged[(reason, key_id)] = now
             _log.warning("auth_failed", reason=reason, key_id=key_id or None)
         return AuthError(code, reason, message)
-
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call and exposes the principal to the servicer (current_principal)."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        auth = self._auth
-
-        async def authenticated(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            try:
-                metadata = cast("Sequence[tuple[str, Any]] | None", context.invocation_metadata())
-                _current.set(auth.authenticate(metadata, method))
-            except AuthError as exc:
-                await context.abort(exc.code, str(exc))
-
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await authenticated(context)
-                return await inner(request, context)
-
-            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_unary=unary))
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                await authenticated(context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_stream=stream))
-        return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
 
 
 def check_exposure(host: str, has_keys: bool, insecure: bool) -> None:
