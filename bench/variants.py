@@ -37,8 +37,8 @@ def _no_metrics() -> None:
     metrics.Metrics.decided = lambda self, decision, seconds: None  # type: ignore[method-assign]
     metrics.Metrics.settled = lambda self, *args: None  # type: ignore[method-assign]
 
-    async def _timed(self: Any, op: str, call: Callable[[], Any]) -> Any:
-        return await call()
+    async def _timed(self: Any, children: Any, call: Any) -> Any:
+        return await call
 
     instrumented.InstrumentedStore._timed = _timed  # type: ignore[method-assign]
 
