@@ -75,6 +75,10 @@ ADMIN_METHODS = frozenset(
 )
 
 
+# Verified keys remembered between two loads of the key table (rpc/auth.py Authenticator).
+_MAX_VERIFIED = 1024
+
+
 def current_principal() -> Principal:
     """The caller of the RPC being served."""
     return _current.get()
@@ -127,6 +131,10 @@ class Authenticator:
         self._missing = False
         self._ignored_keys_logged = False
         self._last_logged: dict[tuple[str, str], float] = {}
+        # Keys presented and verified since the table was last loaded, as presented: the same
+        # string needs no parse, hash or compare again. Only valid, active keys get in, and each
+        # load empties it, so a revoked key is refused from the next load on, as before.
+        self._verified: dict[str, Principal] = {}
 
     @property
     def has_keys(self) -> bool:
@@ -158,6 +166,7 @@ class Authenticator:
         if first:
             self._open = self._allow_open_mode and not keys
         self._keys = keys
+        self._verified = {}
         if self._open:
             if keys and not self._ignored_keys_logged:
                 self._ignored_keys_logged = True
@@ -223,6 +232,24 @@ class Authenticator:
                 "",
                 "this server requires an API key: send it as 'authorization: Bearer sgk_…'",
             )
+        principal = self._verified.get(presented)
+        if principal is None:
+            principal = self._verify(presented)
+        if method in ADMIN_METHODS and principal.scope is not Scope.ADMIN:
+            raise self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "scope",
+                principal.key_id,
+                f"API key {principal.key_id} has the client scope; {method} needs an admin key",
+            )
+        return principal
+
+    def _verify(self, presented: str) -> Principal:
+        """The principal of a presented key checked against the key table (then remembered).
+
+        Raises:
+            AuthError: malformed, unknown or revoked (UNAUTHENTICATED).
+        """
         parsed = parse_key(presented)
         if parsed is None:
             raise self._refuse(
@@ -241,14 +268,11 @@ class Authenticator:
             raise self._refuse(
                 grpc.StatusCode.UNAUTHENTICATED, "revoked", key_id, f"API key {key_id} was revoked"
             )
-        if method in ADMIN_METHODS and record.scope is not Scope.ADMIN:
-            raise self._refuse(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "scope",
-                key_id,
-                f"API key {key_id} has the client scope; {method} needs an admin key",
-            )
-        return Principal(record.tenant, record.scope, key_id, record.name)
+        principal = Principal(record.tenant, record.scope, key_id, record.name)
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[presented] = principal
+        return principal
 
     def _refuse(self, code: grpc.StatusCode, reason: str, key_id: str, message: str) -> AuthError:
         if self._failures is not None:
