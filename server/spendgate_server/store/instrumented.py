@@ -61,7 +61,7 @@ class InstrumentedStore(Store):
         self, session: SessionKey, reservation_id: str, now_ms: int
     ) -> SettleRecord | None:
         return await self._timed(
-            "settle_record", lambda: self._inner.settle_record(session, reservation_id, now_ms)
+            self._op("settle_record"), self._inner.settle_record(session, reservation_id, now_ms)
         )
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
