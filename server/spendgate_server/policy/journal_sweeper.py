@@ -111,10 +111,13 @@ class JournalSweeper:
         return SweepResult(journaled, dropped)
 
     async def run(self) -> None:
-        """Sweep every ``interval_seconds`` until cancelled; a store outage skips a round."""
+        """Sweep every ``interval_seconds`` until cancelled; a failed round is logged and the
+        next one tries again (recovery must never take the decision service down with it)."""
         while True:
             try:
                 await self.sweep_once()
             except StoreUnavailable as exc:
                 _log.warning("journal_sweep_failed", error=str(exc))
+            except Exception as exc:  # a bug in one round: logged with its traceback, not fatal
+                _log.error("journal_sweep_failed", error=str(exc), exc_info=exc)
             await asyncio.sleep(self._interval_seconds)
