@@ -1,8 +1,12 @@
 """Admission control: past --max-in-flight, or too close to its deadline, a call is refused at once
-with a clear status, and the client's fail mode applies; nothing is refused below the bound."""
+with a clear status, and the client's fail mode applies; nothing is refused below the bound. The
+client bounds its own calls awaiting an answer (max_outstanding) and refuses past it, unsent."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,7 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from spendgate_client import DecisionClient, JournaledAnthropic, SpendgateUnavailable
+from hypothesis import given
+from hypothesis import strategies as st
+from spendgate_client import (
+    DEFAULT_MAX_OUTSTANDING,
+    AsyncDecisionClient,
+    DecisionClient,
+    JournaledAnthropic,
+    SpendgateUnavailable,
+)
+from spendgate_client._client import _Outstanding
 from spendgate_server.errors import DeadlineExceeded, ResourceExhausted
 from spendgate_server.rpc.admission import Admission, stream_options
 
@@ -193,3 +206,136 @@ def test_a_call_whose_deadline_cannot_be_met_is_refused_at_once(
         assert details.startswith("deadline too close to answer in time: ")
         assert not read_ledger(redis_server.port, "hurried").open  # nothing was started
         poll("the server to admit again", lambda: _admits(relaxed))
+
+
+# --- the client's own bound: past max_outstanding a call is not sent ------------------------------
+
+
+@pytest.fixture
+def stalled(spendgate: Callable[..., SpendgateServer]) -> Iterator[tuple[SpendgateServer, RedisServer]]:
+    """A server on a Redis that SIGSTOP can pause (by its PID): calls then wait on the store."""
+    redis_server = RedisServer.start()
+    server = spendgate(
+        *("--store", "redis", "--redis-url", redis_server.url),
+        # Calls wait for a paused Redis instead of failing, as on a store slower than the load.
+        *("--redis-timeout-millis", "60000", "--redis-breaker-failures", "0"),
+    )
+    yield server, redis_server
+    os.kill(redis_server.process.pid, signal.SIGCONT)
+    redis_server.stop()
+
+
+EXHAUSTED = (
+    "RESOURCE_EXHAUSTED: 2 calls to spendgate at {target} already await their answer "
+    "(max_outstanding=2): the service is slower than calls arrive"
+)
+
+
+@pytest.mark.redis
+def test_past_its_bound_the_client_refuses_at_once_and_the_fail_mode_applies(
+    stalled: tuple[SpendgateServer, RedisServer],
+) -> None:
+    """Two Decides wait on a paused Redis; the client's third is not sent: fail-closed raises
+    RESOURCE_EXHAUSTED naming max_outstanding, fail-open allows it, a Settle is retried and
+    given up; once Redis runs again the waiting calls are answered and the client sends again."""
+    server, redis_server = stalled
+    with (
+        DecisionClient(server.target, timeout=60, fail_mode="closed", max_outstanding=2) as closed,
+        DecisionClient(server.target, timeout=60, fail_mode="open", max_outstanding=2) as opened,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        assert closed.decide("warm", MODEL, 10, 10, uuid.uuid4().bytes).allowed
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        waiting = [
+            pool.submit(client.decide, "waiting", MODEL, 10, 10, uuid.uuid4().bytes)
+            for client in (closed, closed, opened, opened)
+        ]
+        poll("both clients to be at their bound", lambda: (closed.outstanding, opened.outstanding) == (2, 2))
+
+        with pytest.raises(SpendgateUnavailable) as refused:
+            closed.decide("third", MODEL, 10, 10, uuid.uuid4().bytes)
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        assert refused.value.__cause__ is None  # never sent: no gRPC error behind it
+        assert str(refused.value) == EXHAUSTED.format(target=server.target) + "; fail_mode is 'closed'"
+
+        allowed = opened.decide("third", MODEL, 10, 10, uuid.uuid4().bytes)
+        assert (allowed.allowed, allowed.fail_open, allowed.reservation_id) == (True, True, "")
+        assert allowed.reason == "fail open: spendgate RESOURCE_EXHAUSTED (client max_outstanding)"
+
+        # Settle is idempotent: each of its tries meets the bound, then it is given up.
+        assert closed.settle("third", "r-1", MODEL, input_tokens=1) is None
+        assert closed.stats.snapshot() == {
+            "decisions": 4,
+            "fail_open_allowances": 0,
+            "outstanding_refusals": 4,  # the Decide and the Settle's three tries
+            "settle_retries": 2,
+            "settle_failures": 1,
+        }
+        assert opened.stats.snapshot()["fail_open_allowances"] == 1
+        assert opened.stats.snapshot()["outstanding_refusals"] == 1
+
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert all(future.result().allowed and not future.result().fail_open for future in waiting)
+        assert (closed.outstanding, opened.outstanding) == (0, 0)
+        assert closed.decide("after", MODEL, 10, 10, uuid.uuid4().bytes).allowed
+    assert len(read_ledger(redis_server.port, "waiting").open) == 4  # the refused calls wrote nothing
+    assert not read_ledger(redis_server.port, "third").open
+
+
+@pytest.mark.redis
+async def test_the_async_client_counts_a_cancelled_call_as_ended(
+    stalled: tuple[SpendgateServer, RedisServer],
+) -> None:
+    """An awaiting Decide fills a bound of 1, so the next is refused; cancelling it frees the place."""
+    server, redis_server = stalled
+    client = AsyncDecisionClient(server.target, timeout=60, fail_mode="closed", max_outstanding=1)
+    try:
+        assert (await client.decide("warm", MODEL, 10, 10, uuid.uuid4().bytes)).allowed
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        waiting = asyncio.ensure_future(client.decide("waiting", MODEL, 10, 10, uuid.uuid4().bytes))
+        await asyncio.sleep(0)  # the task runs up to its first await: the call is sent
+        assert client.outstanding == 1
+        with pytest.raises(SpendgateUnavailable, match="max_outstanding=1") as refused:
+            await client.decide("next", MODEL, 10, 10, uuid.uuid4().bytes)
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert client.outstanding == 0
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert (await client.decide("next", MODEL, 10, 10, uuid.uuid4().bytes)).allowed
+        assert client.stats.snapshot()["outstanding_refusals"] == 1
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("bound", [-1, 1.5, True, "64"])
+def test_a_bound_that_is_no_count_is_refused_naming_it(bound: object) -> None:
+    """max_outstanding must be a whole number >= 0; anything else is a ValueError naming it."""
+    with pytest.raises(ValueError, match=r"^max_outstanding must be a whole number >= 0 \(0: no bound\)"):
+        DecisionClient("127.0.0.1:1", max_outstanding=bound)  # type: ignore[arg-type]
+
+
+def test_the_default_bound_is_the_servers() -> None:
+    """A client holds at most what one server worker serves at once (--max-in-flight's default)."""
+    from spendgate_server.settings import ServeSettings
+
+    assert DecisionClient("127.0.0.1:1").max_outstanding == DEFAULT_MAX_OUTSTANDING
+    assert AsyncDecisionClient("127.0.0.1:1").max_outstanding == DEFAULT_MAX_OUTSTANDING
+    assert ServeSettings.__dataclass_fields__["max_in_flight"].default == DEFAULT_MAX_OUTSTANDING
+
+
+@given(st.lists(st.booleans(), max_size=200), st.integers(0, 8))
+def test_the_count_never_passes_the_bound(steps: list[bool], bound: int) -> None:
+    """Against a reference count: enter succeeds exactly while below the bound, leave always frees."""
+    outstanding, model = _Outstanding(bound), 0
+    for enter in steps:
+        if enter:
+            expected = not bound or model < bound
+            assert outstanding.enter() is expected
+            model += expected
+        elif model:
+            outstanding.leave()
+            model -= 1
+        assert outstanding.count == model
+        assert not bound or model <= bound

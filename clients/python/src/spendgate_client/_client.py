@@ -29,6 +29,7 @@ from spendgate_client._errors import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_OUTSTANDING",
     "DEFAULT_TARGET",
     "AsyncDecisionClient",
     "ClientStats",
@@ -45,6 +46,12 @@ __all__ = [
 _log = logging.getLogger("spendgate_client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_OUTSTANDING = 64
+"""Calls one client has sent and not yet heard back from, at most: the server's own bound
+(``spendgate serve --max-in-flight``, 64 per worker). More could not be served at once
+anyway; they would only queue, in the server or in this client's channel (HTTP/2 lets a
+connection carry so many streams; gRPC holds the calls past that in the client), and
+come back late, when the fail mode can no longer help."""
 FailMode = Literal["open", "closed"]
 
 _RULE_KEYS = {
@@ -296,6 +303,7 @@ class ClientStats:
         self._lock = threading.Lock()
         self.decisions = 0
         self.fail_open_allowances = 0
+        self.outstanding_refusals = 0
         self.settle_retries = 0
         self.settle_failures = 0
 
@@ -396,6 +404,28 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
+class _Outstanding:
+    """Calls sent and not yet answered, up to a bound (thread-safe; 0: no bound)."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Count one more call; False (counting nothing) when ``bound`` are outstanding."""
+        with self._lock:
+            if self.bound and self.count >= self.bound:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        """A call counted by :meth:`enter` has ended, however it ended."""
+        with self._lock:
+            self.count -= 1
+
+
 class _Base:
     def __init__(
         self,
@@ -404,11 +434,16 @@ class _Base:
         timeout: float,
         fail_mode: FailMode,
         api_key: str | None,
+        max_outstanding: int,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(max_outstanding, bool) or not isinstance(max_outstanding, int) or max_outstanding < 0:
+            raise ValueError(
+                f"max_outstanding must be a whole number >= 0 (0: no bound), got {max_outstanding!r}"
+            )
         self.target = target or os.environ.get("SPENDGATE_TARGET") or DEFAULT_TARGET
         self.timeout = timeout
         self.fail_mode = fail_mode
@@ -418,6 +453,17 @@ class _Base:
             (("authorization", f"Bearer {key}"),) if key else None
         )
         self._carrier: SettleCarrier | None = None
+        self._outstanding = _Outstanding(max_outstanding)
+
+    @property
+    def outstanding(self) -> int:
+        """Calls this client has sent and not yet heard back from (at most ``max_outstanding``)."""
+        return self._outstanding.count
+
+    @property
+    def max_outstanding(self) -> int:
+        """The bound on :attr:`outstanding` (0: none)."""
+        return self._outstanding.bound
 
     def carry_settles(self, carrier: SettleCarrier | None) -> None:
         """Let each Decide carry settles of its session that ``carrier`` hands it (None: stop).
@@ -473,11 +519,30 @@ class _Base:
         code = error.code()
         if self.fail_mode == "closed":
             raise SpendgateUnavailable(
-                f"spendgate at {self.target} did not answer ({code.name}); fail_mode is 'closed'"
+                f"spendgate at {self.target} did not answer ({code.name}); fail_mode is 'closed'",
+                code.name,
             ) from error
         self.stats.add("fail_open_allowances")
         _log.warning("spendgate unreachable (%s); fail_mode='open' allows the call", code.name)
         return _fail_open_decision(model, f"fail open: spendgate {code.name}")
+
+    def _at_bound(self) -> str:
+        """Count a call refused here, at ``max_outstanding``, and say why."""
+        self.stats.add("outstanding_refusals")
+        bound = self._outstanding.bound
+        return (
+            f"RESOURCE_EXHAUSTED: {bound} calls to spendgate at {self.target} already await their "
+            f"answer (max_outstanding={bound}): the service is slower than calls arrive"
+        )
+
+    def _on_full(self, model: str) -> Decision:
+        """The fail mode applied to a Decide this client refused at ``max_outstanding``, unsent."""
+        why = self._at_bound()
+        if self.fail_mode == "closed":
+            raise SpendgateUnavailable(f"{why}; fail_mode is 'closed'", "RESOURCE_EXHAUSTED")
+        self.stats.add("fail_open_allowances")
+        _log.warning("spendgate overloaded (%s); fail_mode='open' allows the call", why)
+        return _fail_open_decision(model, "fail open: spendgate RESOURCE_EXHAUSTED (client max_outstanding)")
 
     def _settle_backoff(self, error: grpc.RpcError, attempt: int) -> float:
         """Seconds to wait before the next try of a Settle that failed with ``error``.
@@ -487,6 +552,10 @@ class _Base:
         """
         if error.code() not in _OUTAGE_CODES:
             raise _caller_error(error) from error
+        return self._retry_backoff(attempt)
+
+    def _retry_backoff(self, attempt: int) -> float:
+        """Seconds to wait before the next try of a Settle whose ``attempt`` met an outage."""
         if attempt + 1 < _SETTLE_ATTEMPTS:
             self.stats.add("settle_retries")
             return 0.05 * float(2**attempt)
@@ -508,6 +577,15 @@ class DecisionClient(_Base):
             (logged and counted); ``"closed"`` raises SpendgateUnavailable.
         api_key: spendgate API key (default env ``SPENDGATE_API_KEY``).
         credentials: TLS channel credentials; plaintext when None.
+        max_outstanding: calls (Decide, Settle, SettleBatch) sent and not yet answered,
+            at most (default :data:`DEFAULT_MAX_OUTSTANDING`, the server's own
+            ``--max-in-flight``; 0: no bound). One more is not sent: a Decide gets the
+            fail mode at once (``SpendgateUnavailable`` with ``code`` RESOURCE_EXHAUSTED
+            when closed), a Settle counts as an outage and is retried; counted in
+            ``stats.outstanding_refusals``.
+
+    Raises:
+        ValueError: ``fail_mode``, ``timeout`` or ``max_outstanding`` is out of range.
     """
 
     def __init__(
@@ -518,8 +596,11 @@ class DecisionClient(_Base):
         fail_mode: FailMode = "open",
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
-        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        super().__init__(
+            target, timeout=timeout, fail_mode=fail_mode, api_key=api_key, max_outstanding=max_outstanding
+        )
         options = _channel_options(self.target)
         self._channel = (
             grpc.secure_channel(self.target, credentials, options=options)
@@ -566,6 +647,8 @@ class DecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        if not self._outstanding.enter():
+            return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
         try:
@@ -576,6 +659,7 @@ class DecisionClient(_Base):
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
+            self._outstanding.leave()
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -610,12 +694,19 @@ class DecisionClient(_Base):
         """
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
+            if not self._outstanding.enter():
+                self._at_bound()
+                time.sleep(self._retry_backoff(attempt))
+                continue
             try:
                 response = self._stub.Settle(request, timeout=self.timeout * 4, metadata=self._metadata)
             except grpc.RpcError as error:
-                time.sleep(self._settle_backoff(error, attempt))
-                continue
-            return _settlement(response)
+                failure = error
+            else:
+                return _settlement(response)
+            finally:
+                self._outstanding.leave()
+            time.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
 
@@ -629,6 +720,10 @@ class DecisionClient(_Base):
             NotImplementedError: the server predates SettleBatch (send them one by one).
             SpendgateError: the service refused the batch itself (never retried).
         """
+        if not self._outstanding.enter():
+            self._at_bound()
+            self.stats.add("settle_retries", len(requests))
+            return None
         try:
             response = self._stub.SettleBatch(
                 pb.SettleBatchRequest(settles=requests), timeout=self.timeout * 4, metadata=self._metadata
@@ -640,6 +735,8 @@ class DecisionClient(_Base):
                 self.stats.add("settle_retries", len(requests))
                 return None
             raise _caller_error(error) from error
+        finally:
+            self._outstanding.leave()
         if len(response.results) != len(requests):
             return None
         return response.results
@@ -669,8 +766,11 @@ class AsyncDecisionClient(_Base):
         fail_mode: FailMode = "open",
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
-        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        super().__init__(
+            target, timeout=timeout, fail_mode=fail_mode, api_key=api_key, max_outstanding=max_outstanding
+        )
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._stub: decision_pb2_grpc.DecisionServiceAsyncStub | None = None
@@ -714,6 +814,8 @@ class AsyncDecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        if not self._outstanding.enter():
+            return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
         try:
@@ -724,6 +826,7 @@ class AsyncDecisionClient(_Base):
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
+            self._outstanding.leave()
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -742,14 +845,21 @@ class AsyncDecisionClient(_Base):
         """See DecisionClient.settle."""
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
+            if not self._outstanding.enter():
+                self._at_bound()
+                await asyncio.sleep(self._retry_backoff(attempt))
+                continue
             try:
                 response = await self._get_stub().Settle(
                     request, timeout=self.timeout * 4, metadata=self._metadata
                 )
             except grpc.RpcError as error:
-                await asyncio.sleep(self._settle_backoff(error, attempt))
-                continue
-            return _settlement(response)
+                failure = error
+            else:
+                return _settlement(response)
+            finally:
+                self._outstanding.leave()
+            await asyncio.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
 
