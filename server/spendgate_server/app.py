@@ -368,7 +368,9 @@ async def _serve(
     activity = SessionActivity(stores.insights)
 
     # Admission first: a call refused past capacity or past its deadline costs nothing more.
-    admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
+    admission = AdmissionInterceptor(
+        Admission(settings.max_in_flight, queue_target_percent=settings.queue_target_percent), metrics
+    )
     interceptors = [admission, AuthInterceptor(authenticator), DecodeErrorInterceptor()]
     server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(

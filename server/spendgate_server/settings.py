@@ -97,6 +97,9 @@ class ServeSettings:
     # Decide/Settle calls served at once per process; past it RESOURCE_EXHAUSTED at once (0: no
     # bound). About capacity x the wait accepted: ~3,000 calls/s per worker x 20 ms (rpc/admission.py).
     max_in_flight: int = 64
+    # Share of its timeout a call may wait before take-up while calls queue; once the queue
+    # stands, calls that waited longer are refused (rpc/admission.py; 0: off).
+    queue_target_percent: int = 20
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,4 +251,5 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_watch_streams=v.integer("max-watch-streams"),
         max_sessions_per_tenant=v.integer("max-sessions-per-tenant"),
         max_in_flight=v.integer("max-in-flight"),
+        queue_target_percent=v.integer("queue-target-percent"),
     )

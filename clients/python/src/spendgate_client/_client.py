@@ -83,7 +83,14 @@ _OUTAGE_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# Answers after which a client lowers its limit of calls outstanding (see _Outstanding).
+_OVERLOAD_CODES = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+)
+_BACKOFF = 0.5
 _SETTLE_ATTEMPTS = 3
+# The whole timeout of a hot call, in milliseconds (the server's rpc/admission.py reads it).
+_TIMEOUT_METADATA = "x-spendgate-timeout-ms"
 # SettleResult codes after which sending the same settle again cannot succeed (the rest are outages).
 _FINAL_SETTLE_CODES = frozenset(c.value[0] for c in grpc.StatusCode if c not in _OUTAGE_CODES) - {0}
 
@@ -405,25 +412,46 @@ def tls_credentials(
 
 
 class _Outstanding:
-    """Calls sent and not yet answered, up to a bound (thread-safe; 0: no bound)."""
+    """Calls sent and not yet answered, up to a limit that follows the answers (thread-safe).
+
+    The limit starts at ``bound`` (0: no bound, nothing adapts). It follows TCP's
+    congestion window (AIMD): an answer that says the service is overloaded or late
+    (:data:`_OVERLOAD_CODES`) multiplies it by :data:`_BACKOFF` (not below 1), once per
+    round (calls sent before the last decrease say nothing new); any other answer adds
+    ``1 / limit`` (about 1 per round of calls, not above ``bound``). When the server sheds
+    calls from a standing queue, or calls time out, its clients send fewer at once and
+    the queue they feed shrinks, where a fixed bound would refill it as fast as it is
+    shed; the calls past the limit are refused here, which costs the server nothing.
+    """
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
+        self.limit = float(bound)
         self.count = 0
+        self._decreases = 0
         self._lock = threading.Lock()
 
-    def enter(self) -> bool:
-        """Count one more call; False (counting nothing) when ``bound`` are outstanding."""
+    def enter(self) -> int | None:
+        """Count one more call and return its ticket for :meth:`leave`; None (counting nothing)
+        when the limit is reached."""
         with self._lock:
-            if self.bound and self.count >= self.bound:
-                return False
+            if self.bound and self.count + 1 > self.limit:
+                return None
             self.count += 1
-            return True
+            return self._decreases
 
-    def leave(self) -> None:
-        """A call counted by :meth:`enter` has ended, however it ended."""
+    def leave(self, ticket: int, status: grpc.StatusCode | None = None) -> None:
+        """The call :meth:`enter` gave ``ticket`` has ended, however it ended: with ``status``
+        when it was answered (or timed out), None when nothing was learnt (the caller cancelled)."""
         with self._lock:
             self.count -= 1
+            if not self.bound or status is None:
+                return
+            if status not in _OVERLOAD_CODES:
+                self.limit = min(float(self.bound), self.limit + 1.0 / self.limit)
+            elif ticket == self._decreases:
+                self.limit = max(1.0, self.limit * _BACKOFF)
+                self._decreases += 1
 
 
 class _Base:
@@ -452,6 +480,11 @@ class _Base:
         self._metadata: tuple[tuple[str, str | bytes], ...] | None = (
             (("authorization", f"Bearer {key}"),) if key else None
         )
+        # Each hot call also says its whole timeout: with what is left of it when the server takes
+        # the call up, the server knows how long it waited, and sheds calls from a standing queue.
+        auth = self._metadata or ()
+        self._decide_metadata = (*auth, (_TIMEOUT_METADATA, str(round(timeout * 1000))))
+        self._settle_metadata = (*auth, (_TIMEOUT_METADATA, str(round(timeout * 4000))))
         self._carrier: SettleCarrier | None = None
         self._outstanding = _Outstanding(max_outstanding)
 
@@ -464,6 +497,12 @@ class _Base:
     def max_outstanding(self) -> int:
         """The bound on :attr:`outstanding` (0: none)."""
         return self._outstanding.bound
+
+    @property
+    def outstanding_limit(self) -> float:
+        """The limit on :attr:`outstanding` now: ``max_outstanding``, lowered by answers that
+        said the service is overloaded and raised again by the others (see the class docs)."""
+        return self._outstanding.limit
 
     def carry_settles(self, carrier: SettleCarrier | None) -> None:
         """Let each Decide carry settles of its session that ``carrier`` hands it (None: stop).
@@ -527,12 +566,13 @@ class _Base:
         return _fail_open_decision(model, f"fail open: spendgate {code.name}")
 
     def _at_bound(self) -> str:
-        """Count a call refused here, at ``max_outstanding``, and say why."""
+        """Count a call refused here, at the limit of calls outstanding, and say why."""
         self.stats.add("outstanding_refusals")
-        bound = self._outstanding.bound
+        bound, limit, count = self._outstanding.bound, self._outstanding.limit, self._outstanding.count
+        lowered = f", lowered to {int(limit)} by answers saying it is overloaded" if limit < bound else ""
         return (
-            f"RESOURCE_EXHAUSTED: {bound} calls to spendgate at {self.target} already await their "
-            f"answer (max_outstanding={bound}): the service is slower than calls arrive"
+            f"RESOURCE_EXHAUSTED: {count} calls to spendgate at {self.target} already await their "
+            f"answer (max_outstanding={bound}{lowered}): the service is slower than calls arrive"
         )
 
     def _on_full(self, model: str) -> Decision:
@@ -582,7 +622,10 @@ class DecisionClient(_Base):
             ``--max-in-flight``; 0: no bound). One more is not sent: a Decide gets the
             fail mode at once (``SpendgateUnavailable`` with ``code`` RESOURCE_EXHAUSTED
             when closed), a Settle counts as an outage and is retried; counted in
-            ``stats.outstanding_refusals``.
+            ``stats.outstanding_refusals``. The limit in force (``outstanding_limit``)
+            adapts: answers saying the service is overloaded or late (RESOURCE_EXHAUSTED,
+            DEADLINE_EXCEEDED, UNAVAILABLE) halve it, once per round and not below 1;
+            other answers raise it by 1/limit, back up to ``max_outstanding``.
 
     Raises:
         ValueError: ``fail_mode``, ``timeout`` or ``max_outstanding`` is out of range.
@@ -647,19 +690,22 @@ class DecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
-        if not self._outstanding.enter():
+        if (ticket := self._outstanding.enter()) is None:
             return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
+        status: grpc.StatusCode | None = None
         try:
-            response = self._stub.Decide(request, timeout=self.timeout, metadata=self._metadata)
+            response = self._stub.Decide(request, timeout=self.timeout, metadata=self._decide_metadata)
+            status = grpc.StatusCode.OK
             results = response.settle_results
         except grpc.RpcError as error:
-            if error.code() in _OUTAGE_CODES:
+            status = error.code()
+            if status in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
-            self._outstanding.leave()
+            self._outstanding.leave(ticket, status)
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -694,18 +740,23 @@ class DecisionClient(_Base):
         """
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
-            if not self._outstanding.enter():
+            if (ticket := self._outstanding.enter()) is None:
                 self._at_bound()
                 time.sleep(self._retry_backoff(attempt))
                 continue
+            status: grpc.StatusCode | None = None
             try:
-                response = self._stub.Settle(request, timeout=self.timeout * 4, metadata=self._metadata)
+                response = self._stub.Settle(
+                    request, timeout=self.timeout * 4, metadata=self._settle_metadata
+                )
+                status = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 failure = error
+                status = error.code()
             else:
                 return _settlement(response)
             finally:
-                self._outstanding.leave()
+                self._outstanding.leave(ticket, status)
             time.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
@@ -720,23 +771,28 @@ class DecisionClient(_Base):
             NotImplementedError: the server predates SettleBatch (send them one by one).
             SpendgateError: the service refused the batch itself (never retried).
         """
-        if not self._outstanding.enter():
+        if (ticket := self._outstanding.enter()) is None:
             self._at_bound()
             self.stats.add("settle_retries", len(requests))
             return None
+        status: grpc.StatusCode | None = None
         try:
             response = self._stub.SettleBatch(
-                pb.SettleBatchRequest(settles=requests), timeout=self.timeout * 4, metadata=self._metadata
+                pb.SettleBatchRequest(settles=requests),
+                timeout=self.timeout * 4,
+                metadata=self._settle_metadata,
             )
+            status = grpc.StatusCode.OK
         except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+            status = error.code()
+            if status is grpc.StatusCode.UNIMPLEMENTED:
                 raise NotImplementedError("the spendgate server has no SettleBatch") from error
-            if error.code() in _OUTAGE_CODES:
+            if status in _OUTAGE_CODES:
                 self.stats.add("settle_retries", len(requests))
                 return None
             raise _caller_error(error) from error
         finally:
-            self._outstanding.leave()
+            self._outstanding.leave(ticket, status)
         if len(response.results) != len(requests):
             return None
         return response.results
@@ -814,19 +870,24 @@ class AsyncDecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
-        if not self._outstanding.enter():
+        if (ticket := self._outstanding.enter()) is None:
             return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
+        status: grpc.StatusCode | None = None
         try:
-            response = await self._get_stub().Decide(request, timeout=self.timeout, metadata=self._metadata)
+            response = await self._get_stub().Decide(
+                request, timeout=self.timeout, metadata=self._decide_metadata
+            )
+            status = grpc.StatusCode.OK
             results = response.settle_results
         except grpc.RpcError as error:
-            if error.code() in _OUTAGE_CODES:
+            status = error.code()
+            if status in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
-            self._outstanding.leave()
+            self._outstanding.leave(ticket, status)
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -845,20 +906,23 @@ class AsyncDecisionClient(_Base):
         """See DecisionClient.settle."""
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
-            if not self._outstanding.enter():
+            if (ticket := self._outstanding.enter()) is None:
                 self._at_bound()
                 await asyncio.sleep(self._retry_backoff(attempt))
                 continue
+            status: grpc.StatusCode | None = None
             try:
                 response = await self._get_stub().Settle(
-                    request, timeout=self.timeout * 4, metadata=self._metadata
+                    request, timeout=self.timeout * 4, metadata=self._settle_metadata
                 )
+                status = grpc.StatusCode.OK
             except grpc.RpcError as error:
                 failure = error
+                status = error.code()
             else:
                 return _settlement(response)
             finally:
-                self._outstanding.leave()
+                self._outstanding.leave(ticket, status)
             await asyncio.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
