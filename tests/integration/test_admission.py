@@ -119,8 +119,20 @@ def test_a_standing_queue_sheds_calls_past_their_target() -> None:
     assert admission.queued(0.050, timeout, now=0.160) is None  # exactly at its target: came through
     assert admission.queued(0.200, timeout, now=0.200) is None  # a new interval starts
     # The target is each call's own: 20% of a 5 s timeout is 1 s.
-    assert admission.queued(0.900, 5.0, now=10.0) is None
-    assert admission.queued(0.900, 5.0, now=20.0) is None
+    assert admission.queued(0.900, 5.0, now=0.210) is None
+    assert admission.queued(0.900, 5.0, now=0.300) is None
+
+
+def test_sparse_calls_that_each_waited_long_are_never_shed() -> None:
+    """An interval with no call taken up means the queue drained: a late call after it starts a new
+    interval instead of being shed, however many such calls came before."""
+    admission = Admission(64, queue_target_percent=20)
+    for second in range(10):
+        assert admission.queued(0.200, 0.250, now=float(second)) is None
+    # Dense ones are a standing queue: shed once it has stood for the interval.
+    assert admission.queued(0.200, 0.250, now=10.05) is None  # starts the interval
+    assert admission.queued(0.200, 0.250, now=10.10) is None
+    assert admission.queued(0.200, 0.250, now=10.16) is not None
 
 
 def test_no_target_sheds_nothing() -> None:

@@ -136,8 +136,10 @@ class Admission:
         self.service_seconds = initial_service_seconds
         self.queue_target_percent = queue_target_percent
         self.queue_interval_seconds = queue_interval_seconds
-        # When a call last came through within its target (None: none has waited past one yet).
+        # When a call last came through within its target (None: none has waited past one since
+        # the queue last drained), and when the last call with a sent timeout was taken up.
         self._short_at: float | None = None
+        self._last_at: float | None = None
 
     def queued(self, waited_seconds: float, timeout_seconds: float, now: float) -> ResourceExhausted | None:
         """Why a call with a timeout of ``timeout_seconds`` taken up at ``now`` (seconds, any
@@ -150,10 +152,15 @@ class Admission:
         that waited past their target are refused until one comes through within it. The
         clients take those refusals as a sign to send fewer calls at once (the Python
         client's ``max_outstanding`` limit), so the queue shrinks and admitted calls wait
-        about the target, not the deadline.
+        about the target, not the deadline. A whole interval with no call taken up means
+        the queue drained (a standing queue keeps the server taking calls up): sparse
+        calls that each waited long, say for a new connection, are never shed.
         """
         if not self.queue_target_percent:
             return None
+        if self._last_at is not None and now - self._last_at >= self.queue_interval_seconds:
+            self._short_at = None
+        self._last_at = now
         target = timeout_seconds * self.queue_target_percent / 100
         if waited_seconds <= target:
             self._short_at = now
