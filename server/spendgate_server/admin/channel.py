@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from spendgate_server.errors import ConfigError
+from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.store.keys import key_problem
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "add_connection_arguments",
     "call_metadata",
     "explain_rpc_error",
+    "flag_errors",
     "open_channel",
     "target_problem",
 ]
@@ -224,6 +226,28 @@ def explain_rpc_error(
     if code in _WORDED:
         return EXIT_FAILED, details
     return EXIT_FAILED, f"{code.name}: {details}"
+
+
+@contextmanager
+def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
+    """Run the service's own validation of request fields here, before anything is sent.
+
+    The CLI checks ids, etags, cursors and times with the functions the servicers use
+    (rpc/validation.py), so a flag is refused exactly when the service would refuse its
+    field, and with no server needed.
+
+    Args:
+        flags: Request field → the flag that set it, as for :func:`explain_rpc_error`.
+
+    Raises:
+        ConfigError: the validation refused a field; the message names its flag (exit 2).
+    """
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise ConfigError(
+            "; ".join(f"{_flag_of(v.field, flags)}: {v.description}" for v in exc.violations)
+        ) from exc
 
 
 def _flag_of(field: str, flags: Mapping[str, str]) -> str:

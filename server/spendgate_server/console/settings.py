@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from spendgate_server.errors import ConfigError
+from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.flags import FlagValues, add_flags
 from spendgate_server.rpc.auth import is_loopback
+from spendgate_server.rpc.validation import project_from_proto
 
 __all__ = ["ConsoleSettings", "add_console_arguments", "console_settings_from_args"]
-
-_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +112,10 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
             )
     projects = v.items("project")
     for project in projects:
-        if not _PROJECT.fullmatch(project):
-            raise ConfigError(f"{v.label('project')}: {project!r} is not 1-64 characters of [A-Za-z0-9._-]")
+        try:
+            project_from_proto(project)  # the service's rule for the field
+        except InvalidArgument as exc:
+            raise ConfigError(f"{v.label('project')}: {project!r} {exc.violations[0].description}") from exc
     return ConsoleSettings(
         host=host,
         port=v.integer("port"),

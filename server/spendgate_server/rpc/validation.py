@@ -29,6 +29,8 @@ __all__ = [
     "call_from_proto",
     "config_from_proto",
     "cursor_from_proto",
+    "etag_from_proto",
+    "filter_ids_from_proto",
     "offset_page_from_proto",
     "page_size_from_proto",
     "policies_from_proto",
@@ -52,6 +54,8 @@ _CURSOR = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_STREAM_ID_PART = 2**64 - 1
 # Offset page tokens (config and policy history): a position in a list of at most this many.
 _OFFSET_TOKEN = re.compile(r"[0-9]{1,9}")
+# Etags of config and policies are the version written (store/configs.py): a signed 64-bit counter.
+_ETAG = re.compile(r"[0-9]{1,19}")
 # google.protobuf.Timestamp's documented range ends at 9999-12-31T23:59:59Z; feeds begin at the epoch.
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 # A repeated enum field lists each value at most once in any sensible request; past this it is refused
@@ -86,6 +90,7 @@ BOUNDS = {
     "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
     "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
     "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
+    "etag": "empty (create), or the etag last read: the version number, up to 19 digits",
     "timestamp": f"seconds 0-{MAX_TIMESTAMP_SECONDS} (up to 9999-12-31) and nanos 0-999999999",
     "usage.counts": (
         f"genai-prices usage keys to counts: input tokens 0-{MAX_INPUT_TOKENS}, output tokens "
@@ -424,6 +429,35 @@ def time_range_from_proto(
     if until is not None and until <= since:
         raise InvalidArgument([FieldViolation("end_time", "must be after start_time")])
     return since, until
+
+
+def etag_from_proto(etag: str) -> str:
+    """Validate the etag of an update (AIP-154): empty to create, else an etag this service gave.
+
+    A malformed etag can never match, so it is refused as bad input rather than reported as
+    someone else's write (FAILED_PRECONDITION).
+
+    Raises:
+        InvalidArgument: naming ``etag``.
+    """
+    if etag and not _ETAG.fullmatch(etag):
+        raise InvalidArgument([FieldViolation("etag", f"must be {BOUNDS['etag']}")])
+    return etag
+
+
+def filter_ids_from_proto(session_id: str, project: str) -> tuple[str, str]:
+    """Validate the session and project of a filter (empty: any) by the rules Decide applies.
+
+    A filter no Decide could ever have recorded is refused rather than answered with nothing.
+
+    Raises:
+        InvalidArgument: naming ``session_id`` or ``project``.
+    """
+    c = _Checker()
+    c.name("session_id", session_id, required=False)
+    c.project("project", project)
+    c.raise_if_any()
+    return session_id, project
 
 
 def project_from_proto(project: str) -> str:
