@@ -12,7 +12,7 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,14 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from spendgate.v1 import config_pb2 as cpb
+from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc, violation_pb2_grpc
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import violation_pb2 as vpb
 from spendgate_server import cli
+from spendgate_server.engine.price_units import USAGE_KEYS
+from spendgate_server.errors import InvalidArgument
+from spendgate_server.rpc.validation import priced_usage, settle_from_proto
 
 from tests.processes import SpendgateServer, free_port
 
@@ -246,3 +250,69 @@ def test_violations_bad_session_as_a_process() -> None:
     """As a real process: one line on stderr, exit 2, no traceback."""
     result = run_process("violations", "list", "--session", "a{b}", "--target", f"127.0.0.1:{free_port()}")
     assert (result.returncode, result.stderr) == (2, f"spendgate: --session: {SESSION_RULE}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. spendgate price bounds the model, counts and tier as Settle does.
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        ([""], "spendgate: MODEL: must be 1-128 characters of [A-Za-z0-9._:@/+=-]"),
+        (["a b"], "spendgate: MODEL: must be 1-128 characters of [A-Za-z0-9._:@/+=-]"),
+        (["m" * 129], "spendgate: MODEL: must be 1-128 characters of [A-Za-z0-9._:@/+=-]"),
+        (
+            [MODEL, "--input-tokens", str(10**30)],
+            f"spendgate price: argument --input-tokens: is too large, got {10**30} (see 'spendgate price --help')",
+        ),
+        (
+            [MODEL, "--input-tokens", str(10**18), "--output-tokens", "1000001"],
+            f"spendgate: --input-tokens: must be between 0 and 10000000, got {10**18}; "
+            "--output-tokens: must be between 0 and 1000000, got 1000001",
+        ),
+        (
+            [MODEL, "--web-searches", str(10**9 + 1)],
+            "spendgate: --web-searches: must be between 0 and 1000000000, got 1000000001",
+        ),
+        ([MODEL, "--tier", "x" * 33], "spendgate: --tier: must be 0-32 characters of [A-Za-z0-9._-]"),
+    ],
+)
+def test_price_refuses_what_settle_refuses(argv: list[str], line: str) -> None:
+    """price: an empty or malformed model, absurd counts, a bad tier: one line, exit 2."""
+    assert_refused(run_cli("price", *argv), line)
+
+
+def test_price_takes_settles_largest_counts() -> None:
+    """At Settle's bounds exactly, price quotes: 10M input + 1M output tokens of Sonnet 4.5 is $75."""
+    run = run_cli("price", MODEL, "--input-tokens", "10000000", "--output-tokens", "1000000", "--json")
+    assert run.code == 0, run.stderr
+    # Past 200,000 input tokens the long-context rates apply: $6 and $22.50 per MTok.
+    assert '"cost_nano_usd": 82500000000' in run.stdout
+
+
+def test_price_bounds_are_settles_bounds() -> None:
+    """price and Settle judge every usage key alike, at its bound and one past it (one shared check)."""
+
+    def refused(check: Callable[[], object]) -> list[str]:
+        try:
+            check()
+        except InvalidArgument as exc:
+            return [v.field for v in exc.violations]
+        return []
+
+    for key in sorted(USAGE_KEYS):
+        for value in (10_000_000, 10_000_001, 1_000_000_001):
+            usage = pb.Usage(counts={key: value})
+            request = pb.SettleRequest(
+                session_id="s",
+                reservation_id="0" * 32,
+                model=MODEL,
+                usage=usage,
+                outcome=pb.PROVIDER_OUTCOME_OK,
+            )
+            by_settle = refused(lambda request=request: settle_from_proto(request, "t"))
+            by_price = refused(lambda key=key, value=value: priced_usage(MODEL, {key: value}, ""))
+            assert by_price == by_settle, (key, value)
+            if value > 1_000_000_000:  # past every count's bound
+                assert by_price == [f"usage.counts[{key}]"], key

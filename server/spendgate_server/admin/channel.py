@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.admin.flags import flag_of
+from spendgate_server.errors import ConfigError
 from spendgate_server.store.keys import key_problem
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "add_connection_arguments",
     "call_metadata",
     "explain_rpc_error",
-    "flag_errors",
     "open_channel",
     "target_problem",
 ]
@@ -209,7 +208,7 @@ def explain_rpc_error(
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations = _field_violations(exc)
         if violations and flags is not None:
-            return EXIT_BAD_INPUT, "; ".join(f"{_flag_of(field, flags)}: {why}" for field, why in violations)
+            return EXIT_BAD_INPUT, "; ".join(f"{flag_of(field, flags)}: {why}" for field, why in violations)
         return EXIT_BAD_INPUT, f"the service refused the request: {details}"
     if code is grpc.StatusCode.UNAVAILABLE and _error_reason(exc) == "STORE_UNAVAILABLE":
         # The server answered: telling the user it cannot be reached would send them to the network.
@@ -226,34 +225,3 @@ def explain_rpc_error(
     if code in _WORDED:
         return EXIT_FAILED, details
     return EXIT_FAILED, f"{code.name}: {details}"
-
-
-@contextmanager
-def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
-    """Run the service's own validation of request fields here, before anything is sent.
-
-    The CLI checks ids, etags, cursors and times with the functions the servicers use
-    (rpc/validation.py), so a flag is refused exactly when the service would refuse its
-    field, and with no server needed.
-
-    Args:
-        flags: Request field → the flag that set it, as for :func:`explain_rpc_error`.
-
-    Raises:
-        ConfigError: the validation refused a field; the message names its flag (exit 2).
-    """
-    try:
-        yield
-    except InvalidArgument as exc:
-        raise ConfigError(
-            "; ".join(f"{_flag_of(v.field, flags)}: {v.description}" for v in exc.violations)
-        ) from exc
-
-
-def _flag_of(field: str, flags: Mapping[str, str]) -> str:
-    if field in flags:
-        return flags[field]
-    for prefix, flag in flags.items():
-        if prefix.endswith(".") and field.startswith(prefix):
-            return f"{flag} {field.removeprefix(prefix)}"
-    return field

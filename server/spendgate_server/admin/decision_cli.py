@@ -14,8 +14,8 @@ from typing import Any
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
-from spendgate_server.admin.channel import add_connection_arguments, call_metadata, flag_errors, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.documents import parse_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rule_codes import Rule

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import grpc
 import yaml
 
-from spendgate_server.admin.channel import add_connection_arguments, call_metadata, flag_errors, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rpc.validation import etag_from_proto, project_from_proto

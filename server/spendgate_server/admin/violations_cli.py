@@ -13,8 +13,8 @@ from google.protobuf import json_format
 from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
-from spendgate_server.admin.channel import add_connection_arguments, call_metadata, flag_errors, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.errors import ConfigError
 from spendgate_server.policy.violations import PolicyType
 from spendgate_server.rpc.alerts_wire import timestamp

@@ -34,6 +34,7 @@ __all__ = [
     "offset_page_from_proto",
     "page_size_from_proto",
     "policies_from_proto",
+    "priced_usage",
     "project_from_proto",
     "session_id_from_proto",
     "settle_from_proto",
@@ -231,8 +232,7 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
     c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
     _usage_counts(c, u.counts)
-    if not _SERVICE_TIER.fullmatch(u.service_tier):
-        c.bad("usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
+    _service_tier(c, u.service_tier)
     if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
         c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
     context = _call_context(request, c)
@@ -253,6 +253,25 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
         context=context,
     )
+
+
+def priced_usage(model: str, counts: Mapping[str, int], service_tier: str) -> Usage:
+    """Validate what ``spendgate price`` quotes by the rules Settle applies to the same fields.
+
+    Raises:
+        InvalidArgument: naming ``model``, ``usage.counts[KEY]`` or ``usage.service_tier``.
+    """
+    c = _Checker()
+    c.model_name("model", model)
+    _usage_counts(c, counts)
+    _service_tier(c, service_tier)
+    c.raise_if_any()
+    return Usage(counts=dict(counts), service_tier=service_tier)
+
+
+def _service_tier(c: _Checker, tier: str, field: str = "usage.service_tier") -> None:
+    if not _SERVICE_TIER.fullmatch(tier):
+        c.bad(field, f"must be {BOUNDS['usage.service_tier']}")
 
 
 def _usage_counts(c: _Checker, counts: Mapping[str, int], name: str = "usage", scale: int = 1) -> None:
