@@ -22,8 +22,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from spendgate.v1 import config_pb2 as cpb
-from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc, violation_pb2_grpc
+from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import violation_pb2 as vpb
 from spendgate_server import cli
@@ -264,7 +264,8 @@ def test_violations_bad_session_as_a_process() -> None:
         (["m" * 129], "spendgate: MODEL: must be 1-128 characters of [A-Za-z0-9._:@/+=-]"),
         (
             [MODEL, "--input-tokens", str(10**30)],
-            f"spendgate price: argument --input-tokens: is too large, got {10**30} (see 'spendgate price --help')",
+            f"spendgate price: argument --input-tokens: is too large, got {10**30} "
+            "(see 'spendgate price --help')",
         ),
         (
             [MODEL, "--input-tokens", str(10**18), "--output-tokens", "1000001"],

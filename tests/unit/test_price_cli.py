@@ -96,7 +96,8 @@ def test_override_from_the_config_file(capsys: pytest.CaptureFixture[str], tmp_p
         (
             ["claude-sonnet-4-5", "--web-searches", "-1"],
             2,
-            "spendgate price: argument --web-searches: must be 0 or more, got -1 (see 'spendgate price --help')\n",
+            "spendgate price: argument --web-searches: must be 0 or more, got -1 "
+            "(see 'spendgate price --help')\n",
         ),
         (
             ["claude-sonnet-4-5", "--config", "/nonexistent/spendgate.yaml"],
