@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -312,8 +313,8 @@ def test_price_bounds_are_settles_bounds() -> None:
                 usage=usage,
                 outcome=pb.PROVIDER_OUTCOME_OK,
             )
-            by_settle = refused(lambda request=request: settle_from_proto(request, "t"))
-            by_price = refused(lambda key=key, value=value: priced_usage(MODEL, {key: value}, ""))
+            by_settle = refused(partial(settle_from_proto, request, "t"))
+            by_price = refused(partial(priced_usage, MODEL, {key: value}, ""))
             assert by_price == by_settle, (key, value)
             if value > 1_000_000_000:  # past every count's bound
                 assert by_price == [f"usage.counts[{key}]"], key
