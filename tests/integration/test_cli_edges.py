@@ -318,3 +318,65 @@ def test_price_bounds_are_settles_bounds() -> None:
             assert by_price == by_settle, (key, value)
             if value > 1_000_000_000:  # past every count's bound
                 assert by_price == [f"usage.counts[{key}]"], key
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Every host:port is checked at start.
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("127.0.0.1:99999", "the port must be in 1..65535, got 99999"),
+        ("127.0.0.1:http", "the port must be a number in 1..65535, got 'http'"),
+        ("localhost:0", "the port must be in 1..65535, got 0"),
+    ],
+)
+def test_console_bad_target_is_refused_at_start(target: str, problem: str) -> None:
+    """console --target with a port out of range or not a number: one line, exit 2, nothing served."""
+    result = run_process("console", "--port", "0", "--target", target)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"spendgate: --target (env SPENDGATE_CONSOLE_TARGET) {target}: {problem}\n"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "https://hooks.example:abc/", "http://h:0/"])
+def test_serve_bad_webhook_port_is_refused_at_start(tmp_path: Path, url: str) -> None:
+    """serve --webhook-url with a bad port: one line, exit 2 (not deliveries failing for ever)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    result = run_process(
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--webhook-url",
+        url,
+        "--webhook-secret-file",
+        str(secret),
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "spendgate: --webhook-url (env SPENDGATE_WEBHOOK_URL) must name a host and, if any, a port in "
+        f"1..65535, got {url!r}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["--port", "99999"],
+            "spendgate: --port (env SPENDGATE_PORT) must be an integer between 0 and 65535, got '99999'",
+        ),
+        (
+            ["--metrics-port", "http"],
+            "spendgate: --metrics-port (env SPENDGATE_METRICS_PORT) must be an integer between 0 and 65535, "
+            "got 'http'",
+        ),
+    ],
+)
+def test_serve_bad_ports_are_refused_at_start(argv: list[str], line: str) -> None:
+    """serve --port/--metrics-port out of range or not a number: one line, exit 2."""
+    result = run_process("serve", *argv)
+    assert (result.returncode, result.stderr) == (2, line + "\n")

@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_FAILED",
     "add_connection_arguments",
     "call_metadata",
+    "check_target",
     "explain_rpc_error",
     "open_channel",
     "target_problem",
@@ -114,14 +115,21 @@ def _read(flag: str, path: str) -> bytes | None:
     return data
 
 
-def _check(args: argparse.Namespace) -> None:
-    if not _TARGET.fullmatch(args.target):
-        raise ConfigError(
-            f"--target (or SPENDGATE_TARGET) must be host:port without spaces, got {args.target!r}"
-        )
-    problem = target_problem(args.target)
+def check_target(target: str, flag: str = "--target (or SPENDGATE_TARGET)") -> None:
+    """Refuse a gRPC target no connection can use: spaces, control characters, a bad port.
+
+    Raises:
+        ConfigError: naming ``flag`` and what is wrong.
+    """
+    if not _TARGET.fullmatch(target):
+        raise ConfigError(f"{flag} must be host:port without spaces, got {target!r}")
+    problem = target_problem(target)
     if problem:
-        raise ConfigError(f"--target (or SPENDGATE_TARGET) {args.target}: {problem}")
+        raise ConfigError(f"{flag} {target}: {problem}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    check_target(args.target)
     key = args.api_key = args.api_key.strip()
     if key:
         problem = key_problem(key)

@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from spendgate_server.admin.channel import check_target
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.flags import FlagValues, add_flags
 from spendgate_server.rpc.auth import is_loopback
@@ -110,6 +111,8 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
                 f"--host {host} with plain HTTP would send admin keys in clear: give --https-cert "
                 "and --https-key, an https:// --public-url (a TLS proxy), or --insecure"
             )
+    # Refused at start, not at the first sign-in: the admin CLIs' own check of --target.
+    check_target(v.raw("target"), v.label("target"))
     projects = v.items("project")
     for project in projects:
         try:

@@ -27,6 +27,7 @@ from spendgate_client._errors import (
     TokenCeilingExceeded,
     ToolCallLimitExceeded,
 )
+from spendgate_client._target import target_problem
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -410,6 +411,10 @@ class _Base:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.target = target or os.environ.get("SPENDGATE_TARGET") or DEFAULT_TARGET
+        problem = target_problem(self.target)
+        if problem:
+            # Refused here: a bad port fails every call, which fail_mode="open" would allow unguarded.
+            raise ValueError(f"spendgate target (or SPENDGATE_TARGET) {self.target!r}: {problem}")
         self.timeout = timeout
         self.fail_mode = fail_mode
         self.stats = ClientStats()
@@ -508,6 +513,10 @@ class DecisionClient(_Base):
             (logged and counted); ``"closed"`` raises SpendgateUnavailable.
         api_key: spendgate API key (default env ``SPENDGATE_API_KEY``).
         credentials: TLS channel credentials; plaintext when None.
+
+    Raises:
+        ValueError: a bad ``fail_mode`` or ``timeout``, or a target whose port is not a number
+            in 1..65535.
     """
 
     def __init__(
