@@ -176,10 +176,10 @@ def run_decide_command(args: argparse.Namespace) -> int:
         request.enforcement_config.CopyFrom(config)
     from spendgate_server.rpc.validation import call_from_proto
 
-    # The service's own validation, here: a bad id is exit 2 even with no server to ask.
-    with flag_errors(DECIDE_FLAGS):
-        call_from_proto(request, tenant="")
-    with open_channel(args) as channel:
+    with open_channel(args) as channel:  # checks the connection flags; connects at the first call
+        # The service's own validation, here: a bad id is exit 2 even with no server to ask.
+        with flag_errors(DECIDE_FLAGS):
+            call_from_proto(request, tenant="")
         response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
             request, timeout=args.timeout, metadata=call_metadata(args)
         )
@@ -211,9 +211,9 @@ def run_settle_command(args: argparse.Namespace) -> int:
     )
     from spendgate_server.rpc.validation import settle_from_proto
 
-    with flag_errors(SETTLE_FLAGS):
-        settle_from_proto(request, tenant="")
     with open_channel(args) as channel:
+        with flag_errors(SETTLE_FLAGS):
+            settle_from_proto(request, tenant="")
         response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(
             request, timeout=args.timeout, metadata=call_metadata(args)
         )
