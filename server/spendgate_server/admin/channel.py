@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from spendgate_server.admin.flags import flag_of
+from spendgate_server.admin.flags import EXIT_BAD_INPUT, EXIT_FAILED, flag_of
 from spendgate_server.errors import ConfigError
 from spendgate_server.store.keys import key_problem
 
@@ -28,8 +28,6 @@ __all__ = [
     "target_problem",
 ]
 
-EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
-EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
 
 # Refusals whose message the service words for people: shown as they are.
 _WORDED = frozenset(

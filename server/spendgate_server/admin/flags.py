@@ -13,7 +13,18 @@ from contextlib import contextmanager
 
 from spendgate_server.errors import ConfigError, InvalidArgument
 
-__all__ = ["MAX_TIMEOUT_SECONDS", "count", "flag_errors", "flag_of", "seconds"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "MAX_TIMEOUT_SECONDS",
+    "count",
+    "flag_errors",
+    "flag_of",
+    "seconds",
+]
+
+EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
+EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
 
 MAX_TIMEOUT_SECONDS = 3600.0
 _INT64_MAX = 2**63 - 1  # the wire's int64 fields: the server checks the real bounds
