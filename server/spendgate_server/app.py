@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import multiprocess
 from spendgate.v1 import (
     config_pb2,
@@ -61,12 +61,12 @@ from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
 from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.admission import Admission, AdmissionInterceptor, stream_options
-from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
+from spendgate_server.rpc.auth import Authenticator, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
+from spendgate_server.rpc.guard import Guard, GuardedServer
 from spendgate_server.rpc.policy import PolicyServicer
 from spendgate_server.rpc.session import SessionServicer
-from spendgate_server.rpc.status import DecodeErrorInterceptor
 from spendgate_server.rpc.violation import ViolationServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
@@ -369,26 +369,29 @@ async def _serve(
 
     # Admission first: a call refused past capacity or past its deadline costs nothing more.
     admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
-    interceptors = [admission, AuthInterceptor(authenticator), DecodeErrorInterceptor()]
-    server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
+    # Authentication and parsing wrap each handler once, at registration (rpc/guard.py).
+    server = grpc.aio.server(options=_server_options(settings), interceptors=[admission])
+    guarded = GuardedServer(server, Guard(authenticator)).as_server()
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(engine, metrics, activity), server
+        DecisionServicer(engine, metrics, activity), guarded
     )
-    config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
+    config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), guarded)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), guarded)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), guarded)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
         ViolationServicer(
             alerts.feed,
             WATCH_RECHECK_SECONDS,
             WatchLimits(settings.max_watch_streams_per_tenant, settings.max_watch_streams),
         ),
-        server,
+        guarded,
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    # As reflection.enable_server_reflection does, on the guarded registrar (not a grpc.aio.Server).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME]),
+        guarded,
     )
     try:
         address = f"{settings.host}:{settings.port}"
