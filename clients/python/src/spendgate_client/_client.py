@@ -27,6 +27,7 @@ from spendgate_client._errors import (
     TokenCeilingExceeded,
     ToolCallLimitExceeded,
 )
+from spendgate_client._target import target_problem
 
 __all__ = [
     "DEFAULT_MAX_OUTSTANDING",
@@ -473,6 +474,10 @@ class _Base:
                 f"max_outstanding must be a whole number >= 0 (0: no bound), got {max_outstanding!r}"
             )
         self.target = target or os.environ.get("SPENDGATE_TARGET") or DEFAULT_TARGET
+        problem = target_problem(self.target)
+        if problem:
+            # Refused here: a bad port fails every call, which fail_mode="open" would allow unguarded.
+            raise ValueError(f"spendgate target (or SPENDGATE_TARGET) {self.target!r}: {problem}")
         self.timeout = timeout
         self.fail_mode = fail_mode
         self.stats = ClientStats()
@@ -628,7 +633,8 @@ class DecisionClient(_Base):
             other answers raise it by 1/limit, back up to ``max_outstanding``.
 
     Raises:
-        ValueError: ``fail_mode``, ``timeout`` or ``max_outstanding`` is out of range.
+        ValueError: a bad ``fail_mode``, ``timeout`` or ``max_outstanding``, or a target
+            whose port is not a number in 1..65535.
     """
 
     def __init__(
