@@ -371,7 +371,9 @@ async def _serve(
     activity = SessionActivity(stores.insights)
 
     # Admission first: a call refused past capacity or past its deadline costs nothing more.
-    admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
+    admission = AdmissionInterceptor(
+        Admission(settings.max_in_flight, queue_target_percent=settings.queue_target_percent), metrics
+    )
     # Authentication and parsing wrap each handler once, at registration (rpc/guard.py).
     server = grpc.aio.server(options=_server_options(settings), interceptors=[admission])
     guarded = GuardedServer(server, Guard(authenticator)).as_server()
@@ -484,7 +486,45 @@ def run(settings: ServeSettings) -> int:
     return _supervise(settings)
 
 
+def _hold_port(settings: ServeSettings) -> socket.socket:
+    """Hold ``--host:--port`` for this supervisor's lifetime, so a second supervisor cannot join it.
+
+    Workers bind with SO_REUSEPORT, which lets any process of the same user bind the port
+    too: a second ``serve --workers`` on the same port would come up and take a share of
+    the first one's connections. The lock is an abstract Unix socket named after the
+    address (resolved, so ``localhost`` and ``127.0.0.1`` are one): bound by one process per
+    network namespace at a time, and freed by the kernel when the process ends, however
+    it ends. A lone server needs none: it binds without SO_REUSEPORT, so the port is its own.
+
+    Raises:
+        ConfigError: another supervisor holds the address (the port is taken).
+    """
+    try:
+        address = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][4][0]
+    except (OSError, UnicodeError):
+        address = settings.host  # the workers' own check says what is wrong with it
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0spendgate-serve:{address}:{settings.port}")
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(
+            f"--port {settings.port}: cannot bind {settings.host}: the port is taken by another "
+            "spendgate serve --workers on this host"
+        ) from exc
+    return lock
+
+
 def _supervise(settings: ServeSettings) -> int:
+    with _hold_port(settings):
+        return _supervise_workers(settings)
+
+
+def _supervise_workers(settings: ServeSettings) -> int:
     # Workers write metrics to files in this directory; this supervisor serves their sum.
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

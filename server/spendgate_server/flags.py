@@ -354,6 +354,16 @@ FLAGS: tuple[Flag, ...] = (
         1_000_000,
         "Decide/Settle calls served at once per worker; past it RESOURCE_EXHAUSTED at once (0: no bound)",
     ),
+    _int(
+        "queue-target-percent",
+        _SERVE,
+        20,
+        0,
+        100,
+        "share of its timeout a call may wait to be taken up while calls queue past capacity; once "
+        "none has come through within it for 100 ms, calls past it are refused RESOURCE_EXHAUSTED "
+        "(0: off; clients that send no timeout are never shed)",
+    ),
     # --- console
     _text("host", _CONSOLE, "127.0.0.1", "address to bind"),
     _int("port", _CONSOLE, 8080, 0, 65535, "port to bind, 0 for any free port"),

@@ -30,6 +30,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from spendgate_server.errors import ConfigError, SpendgateError
+from spendgate_server.logging import Outage
 from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, key_problem, parse_key
 
 __all__ = [
@@ -195,12 +196,15 @@ class Authenticator:
 
     async def run(self) -> None:
         """Reload the key table until cancelled: new and revoked keys take effect within the period."""
+        outage = Outage(_log, "key_reload_failed", "key_reload_restored")
         while True:
             await asyncio.sleep(self._reload_seconds)
             try:
                 await self.load()
             except SpendgateError as exc:
-                _log.warning("key_reload_failed", error=str(exc))
+                outage.failed(exc)
+            else:
+                outage.succeeded()
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, method: str) -> Principal:
         """The principal of a call, checked against the method's scope.
