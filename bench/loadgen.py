@@ -93,9 +93,15 @@ class Recorder:
         self.errors += 1
         if not self.first_error:
             self.first_error = f"{type(exc).__name__}: {exc}"[:300]
-        # The client wraps an outage in SpendgateUnavailable; the gRPC error is its cause.
+        # The client wraps an outage in SpendgateUnavailable; the gRPC error is its cause. A call
+        # the client refused itself (at max_outstanding, never sent) has none.
         cause = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
-        code = cause.code().name if isinstance(cause, grpc.RpcError) else type(exc).__name__
+        if isinstance(cause, grpc.RpcError):
+            code = cause.code().name
+        elif isinstance(getattr(exc, "code", None), str):
+            code = f"{exc.code} (client)"  # type: ignore[attr-defined]
+        else:
+            code = type(exc).__name__
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
         if latency_us is not None:
             self.error_samples_us.append(latency_us)
@@ -118,6 +124,13 @@ def _patch_client_for_connections(connections: int) -> None:
         return [*original(target), *_multi_connection_options()]
 
     _client._channel_options = options
+
+
+def _bound(args: argparse.Namespace) -> int:
+    """The client's ``max_outstanding``: --max-outstanding when given, else the client's default."""
+    from spendgate_client import DEFAULT_MAX_OUTSTANDING
+
+    return DEFAULT_MAX_OUTSTANDING if args.max_outstanding is None else int(args.max_outstanding)
 
 
 # --- calls -------------------------------------------------------------------------------------
@@ -191,7 +204,9 @@ def _sync_call(
 
     from spendgate_client import DecisionClient
 
-    client = DecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
+    client = DecisionClient(
+        args.target, timeout=DEADLINE_SECONDS, fail_mode="closed", max_outstanding=_bound(args)
+    )
     if args.rpc == "decide":
 
         def call(i: int) -> None:
@@ -279,7 +294,9 @@ def _async_calls(
         else:
             from spendgate_client import AsyncDecisionClient
 
-            client = AsyncDecisionClient(args.target, timeout=DEADLINE_SECONDS, fail_mode="closed")
+            client = AsyncDecisionClient(
+                args.target, timeout=DEADLINE_SECONDS, fail_mode="closed", max_outstanding=_bound(args)
+            )
             closers.append(client.close)
             calls.append(_spendgate_async_call(args, client, reservations))
 
@@ -526,6 +543,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="callers (closed)")
     parser.add_argument("--connections", type=int, default=1, help="channels, each its own TCP connection")
     parser.add_argument("--warmup", type=int, default=200, help="untimed calls first")
+    parser.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=None,
+        help="spendgate client: calls awaiting an answer, at most (0: no bound; default: the client's)",
+    )
     parser.add_argument("--tag", default=f"g{os.getpid()}", help="prefix of session ids and fingerprints")
     parser.add_argument(
         "--blocked", action="store_true", help="one session, over its budget after the first call (spendgate)"

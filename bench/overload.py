@@ -9,12 +9,21 @@ each server:
 * **goodput**: calls answered with a decision per second, as a fraction of capacity;
 * **latency of admitted calls** (answered with a decision), from the scheduled send
   time, so queueing cannot hide;
-* **refusals** by status code (RESOURCE_EXHAUSTED: past ``--max-in-flight``;
-  DEADLINE_EXCEEDED: the deadline passed) and how fast they came back: a refusal
-  the client hears at once lets its fail mode act at once.
+* **refusals** by status code (``RESOURCE_EXHAUSTED (client)``: the client's own
+  ``max_outstanding``, never sent; RESOURCE_EXHAUSTED: past ``--max-in-flight``;
+  DEADLINE_EXCEEDED: the deadline passed, or could not be met; UNAVAILABLE: a stream
+  the server refused) and how fast they came back: a refusal the client hears at once
+  lets its fail mode act at once.
 
-The server as shipped (``--max-in-flight 64``) runs beside the same server with the
-bound off (``--max-in-flight 0``), in alternating repeats.
+The server and client as shipped (``--max-in-flight 64``, ``--queue-target-percent 20``,
+``max_outstanding=64``) run beside the same server and client with every bound off
+(``--max-in-flight 0 --queue-target-percent 0``, ``max_outstanding=0``), in alternating
+repeats. ``--server-bounds-only`` adds the design before the client's bound (the
+server's in-flight and stream bounds, no queue shedding, clients unbounded);
+``--client-max-outstanding N`` the shipped server with clients bounded at N;
+``--queue-target-percent P`` servers shedding at P% (0: none); ``--clients N`` spreads
+the load over N clients, each on its own connection with its own bound (a fleet, where
+one client's bound alone cannot keep the server's queue short).
 
 ``python -m bench.overload`` runs it alone; ``make bench`` runs :func:`measure` on its
 redis-w1 server and one more started with the bound off.
@@ -26,13 +35,34 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NO_ADMISSION", "main", "measure"]
+__all__ = ["NO_ADMISSION", "Row", "main", "measure"]
 
 CLIENT_DEADLINE_SECONDS = 0.25  # DecisionClient's default timeout
-NO_ADMISSION = ("--max-in-flight", "0")
+NO_ADMISSION = ("--max-in-flight", "0", "--queue-target-percent", "0")
+# The server with its in-flight and stream bounds but no queue shedding, and a client with no bound.
+SERVER_BOUNDS_ONLY = ("--queue-target-percent", "0")
+NO_CLIENT_BOUND = ("--max-outstanding", "0")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a started server (bench.run.Target) and the load generator's extra flags."""
+
+    key: str
+    target: Any
+    client_flags: tuple[str, ...] = ()
+
+
+def _row(target: Any) -> Row:
+    if isinstance(target, Row):
+        return target
+    # The server with no bounds is measured with a client with none either: the service as it was.
+    unbounded = tuple(target.flags) in (NO_ADMISSION, SERVER_BOUNDS_ONLY)
+    return Row(target.key, target, NO_CLIENT_BOUND if unbounded else ())
 
 
 def measure(
@@ -45,8 +75,12 @@ def measure(
     seconds: float = 3.0,
     repeats: int = 2,
     deadline: float = CLIENT_DEADLINE_SECONDS,
+    clients: int = 0,
 ) -> dict[str, Any]:
-    """Open loop at ``factor`` x ``capacity_rps`` on each of ``targets`` (bench.run.Target).
+    """Open loop at ``factor`` x ``capacity_rps`` on each of ``targets`` (bench.run.Target or Row).
+
+    ``clients``: spread each run over this many clients, each on its own connection
+    (0: the target's own count, one per single-worker server).
 
     Returns, per target key: the kept repeat's figures (``goodput_rps``,
     ``goodput_of_capacity``, ``p50``/``p99``/``max`` ms of admitted calls,
@@ -60,11 +94,14 @@ def measure(
         "factor": factor,
         "offered_rps": rate,
         "deadline_s": deadline,
+        "clients": clients or None,
     }
-    tries: dict[str, list[dict[str, Any]]] = {t.key: [] for t in targets}
+    rows = [_row(t) for t in targets]
+    tries: dict[str, list[dict[str, Any]]] = {r.key: [] for r in rows}
     for rnd in range(repeats):
-        for target in targets if rnd % 2 == 0 else list(reversed(targets)):
-            log(f"  overload {target.key}: {rate:.0f}/s ({factor:g}x its capacity {capacity_rps:.0f}/s)")
+        for row in rows if rnd % 2 == 0 else list(reversed(rows)):
+            target = row.target
+            log(f"  overload {row.key}: {rate:.0f}/s ({factor:g}x its capacity {capacity_rps:.0f}/s)")
             cpu0 = bench.servers[target.key].cpu_seconds()
             result = bench.loadgen(
                 target,
@@ -77,7 +114,8 @@ def measure(
                 "--deadline",
                 str(deadline),
                 "--connections",
-                str(target.connections),
+                str(clients or target.connections),
+                *row.client_flags,
             )
             server_cpu = bench.servers[target.key].cpu_seconds() - cpu0
             figures = _figures(result)
@@ -88,7 +126,7 @@ def measure(
             )
             figures["goodput_rps"] = figures["ok"] / figures["elapsed_s"] if figures["elapsed_s"] else 0.0
             figures["goodput_of_capacity"] = figures["goodput_rps"] / capacity_rps
-            tries[target.key].append(figures)
+            tries[row.key].append(figures)
     for key, runs in tries.items():
         # The repeat with the most goodput: other work on the machine only ever takes some away.
         best = dict(max(runs, key=lambda r: r["goodput_rps"]))
@@ -109,9 +147,10 @@ def measure(
 
 def table(figures: dict[str, Any], keys: Sequence[str]) -> str:
     """The overload figures as lines for the terminal."""
+    spread = f", {figures['clients']} clients" if figures.get("clients") else ""
     lines = [
         f"Overload: Decide at {figures['factor']:g}x capacity ({figures['offered_rps']:.0f}/s offered, "
-        f"capacity {figures['capacity_rps']:.0f}/s), deadline {figures['deadline_s'] * 1000:.0f} ms",
+        f"capacity {figures['capacity_rps']:.0f}/s), deadline {figures['deadline_s'] * 1000:.0f} ms{spread}",
         f"  {'server':<22} {'goodput':>16} {'admitted p50/p99/max ms':>26} {'refused':>8} "
         f"{'refusal p50/p99 ms':>20}  codes",
     ]
@@ -143,6 +182,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--closed-seconds", type=float, default=3.0, help="closed-loop run that measures capacity")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-in-flight", default="", help="also run a server with this bound (e.g. 32)")
+    p.add_argument(
+        "--client-max-outstanding",
+        default="",
+        help="also run the shipped server with clients bounded at these (comma-separated; 0: none)",
+    )
+    p.add_argument(
+        "--queue-target-percent",
+        default="",
+        help="also run servers with these queue targets (comma-separated)",
+    )
+    p.add_argument(
+        "--server-bounds-only",
+        action="store_true",
+        help="also run the server with no queue shedding and clients with no bound (the design before)",
+    )
+    p.add_argument(
+        "--clients", type=int, default=0, help="spread the load over this many clients (connections)"
+    )
     p.add_argument("--variants", default="", help="also run servers with these bench.variants levers")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -160,6 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         bound = ("--max-in-flight", args.max_in_flight)
         key = f"redis-w1-max{args.max_in_flight}"
         targets.append(Target(key, "bound", "spendgate", "redis", 1, flags=bound))
+    for n in filter(None, args.queue_target_percent.split(",")):
+        flags = ("--queue-target-percent", n)
+        targets.append(Target(f"redis-w1-queue{n}pct", "queue target", "spendgate", "redis", 1, flags=flags))
+    if args.server_bounds_only:
+        targets.append(
+            Target("server-bounds-only", "bounds", "spendgate", "redis", 1, flags=SERVER_BOUNDS_ONLY)
+        )
+    rows: list[Any] = list(targets)
+    for n in filter(None, args.client_max_outstanding.split(",")):
+        rows.append(Row(f"redis-w1 client<={n}", shipped, ("--max-outstanding", n)))
     for lever in filter(None, args.variants.split(",")):
         targets.append(
             Target(
@@ -177,17 +244,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         capacity = _closed(bench, shipped, "decide")["throughput_rps"]
         figures = measure(
             bench,
-            targets,
+            rows,
             capacity,
             log,
             factor=args.factor,
             seconds=args.seconds,
             repeats=args.repeats,
             deadline=args.deadline,
+            clients=args.clients,
         )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
-    print(table(figures, [t.key for t in targets]))
+    print(table(figures, [r.key for r in rows]))
     return 0
 
 

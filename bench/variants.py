@@ -37,8 +37,8 @@ def _no_metrics() -> None:
     metrics.Metrics.decided = lambda self, decision, seconds: None  # type: ignore[method-assign]
     metrics.Metrics.settled = lambda self, *args: None  # type: ignore[method-assign]
 
-    async def _timed(self: Any, op: str, call: Callable[[], Any]) -> Any:
-        return await call()
+    async def _timed(self: Any, children: Any, call: Any) -> Any:
+        return await call
 
     instrumented.InstrumentedStore._timed = _timed  # type: ignore[method-assign]
 
@@ -46,10 +46,10 @@ def _no_metrics() -> None:
 def _no_auth() -> None:
     from spendgate_server.rpc import auth
 
-    async def intercept_service(self: Any, continuation: Any, details: Any) -> Any:
-        return await continuation(details)
+    def authenticate(self: Any, metadata: Any, method: str) -> auth.Principal:
+        return auth.DEV_PRINCIPAL
 
-    auth.AuthInterceptor.intercept_service = intercept_service  # type: ignore[method-assign,assignment]
+    auth.Authenticator.authenticate = authenticate  # type: ignore[method-assign]
 
 
 def _no_interceptors() -> None:
@@ -64,91 +64,37 @@ def _no_interceptors() -> None:
     grpc.aio.server = server
 
 
-@dataclass(frozen=True)
-class _Details:
-    method: str
-    invocation_metadata: tuple[tuple[str, str], ...]
+def _per_call_guard() -> None:
+    """Authentication and parsing applied on every call by a gRPC interceptor, as before rpc/guard.py.
 
-
-def _wrap_once() -> None:
-    """No per-call interceptor chain: each method's handler is wrapped by the interceptors once.
-
-    The server's interceptors (auth, decode errors) only depend on the method name, so
-    their wrapping is applied when handlers are registered (or first looked up, for
-    generic handlers) instead of on every call; behaviour is unchanged.
+    The handlers are registered unwrapped and one interceptor, after admission, wraps the
+    handler of each call with the server's Guard (the server then had two such interceptors).
     """
     import grpc
+    from spendgate_server.rpc import guard
 
-    original = grpc.aio.server
+    guards: list[Any] = []
 
-    def wrap(interceptors: list[Any], method: str, handler: Any) -> Any:
-        details = _Details(method, ())
-        for interceptor in reversed(interceptors):  # the first interceptor ends up outermost
+    class PerCallGuard(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            return guards[0].wrap(details.method, await continuation(details))
 
-            async def continuation(_details: Any, handler: Any = handler) -> Any:
-                return handler
-
-            coro = interceptor.intercept_service(continuation, details)
-            try:
-                coro.send(None)
-            except StopIteration as done:
-                handler = done.value
-            else:  # pragma: no cover - an interceptor that suspends cannot be hoisted
-                raise RuntimeError(f"{type(interceptor).__name__} suspends in intercept_service")
-        return handler
-
-    class Hoisted(grpc.GenericRpcHandler):
-        def __init__(self, inner: Any, interceptors: list[Any]) -> None:
-            self._inner, self._interceptors = inner, interceptors
-            self._cache: dict[str, Any] = {}
-
-        def service(self, details: Any) -> Any:
-            method = details.method
-            if method not in self._cache:
-                handler = self._inner.service(details)
-                self._cache[method] = None if handler is None else wrap(self._interceptors, method, handler)
-            return self._cache[method]
-
-    def server(*args: Any, **kwargs: Any) -> Any:
-        interceptors = list(kwargs.pop("interceptors", None) or ())
-        srv: Any = original(*args, **kwargs)
-        add_generic, add_registered = srv.add_generic_rpc_handlers, srv.add_registered_method_handlers
-
-        def add_generic_rpc_handlers(handlers: Any) -> None:
-            add_generic(tuple(Hoisted(h, interceptors) for h in handlers))
-
-        def add_registered_method_handlers(service: str, handlers: dict[str, Any]) -> None:
-            add_registered(
-                service, {k: wrap(interceptors, f"/{service}/{k}", h) for k, h in handlers.items()}
-            )
-
-        srv.add_generic_rpc_handlers = add_generic_rpc_handlers
-        srv.add_registered_method_handlers = add_registered_method_handlers
-        return srv
-
-    grpc.aio.server = server
-
-
-def _memo_interceptors() -> None:
-    from spendgate_server.rpc import auth, status
-
-    missing = object()
-
-    def memoized(cls: Any) -> None:
-        original = cls.intercept_service
-
-        async def intercept_service(self: Any, continuation: Any, details: Any) -> Any:
-            # The wrapped handler depends only on the method: build it once, not per call.
-            cache = self.__dict__.setdefault("_bench_memo", {})
-            handler = cache.get(details.method, missing)
-            if handler is missing:
-                handler = cache[details.method] = await original(self, continuation, details)
+    class Unguarded:
+        def wrap(self, method: str, handler: Any) -> Any:
             return handler
 
-        cls.intercept_service = intercept_service
+    original_server, original_init = grpc.aio.server, guard.GuardedServer.__init__
 
-    memoized(auth.AuthInterceptor)
-    memoized(status.DecodeErrorInterceptor)
+    def server(*args: Any, **kwargs: Any) -> Any:
+        kwargs["interceptors"] = [*(kwargs.get("interceptors") or ()), PerCallGuard()]
+        return original_server(*args, **kwargs)
+
+    def init(self: Any, srv: Any, server_guard: Any) -> None:
+        guards.append(server_guard)
+        original_init(self, srv, Unguarded())  # type: ignore[arg-type]
+
+    grpc.aio.server = server
+    guard.GuardedServer.__init__ = init  # type: ignore[method-assign,assignment]
 
 
 def _journal_pool() -> None:
@@ -212,22 +158,20 @@ LEVERS: dict[str, Lever] = {
         "cost of the circuit-breaker layer: --redis-breaker-failures 0",
         flags=("--redis-breaker-failures", "0"),
     ),
-    "no_auth": Lever("cost of the auth interceptor (key check per call) — for scale only", _no_auth),
+    "no_auth": Lever(
+        "cost of the key check per call (every caller is the dev principal) — for scale only", _no_auth
+    ),
     "no_interceptors": Lever(
-        "cost of gRPC server interceptors per call (auth and decode-error ones removed) — for scale only",
+        "cost of gRPC server interceptors per call (admission removed) — for scale only",
         _no_interceptors,
     ),
-    "memo_interceptors": Lever(
-        "interceptors build each method's wrapped handler once (cached by method), not per call",
-        _memo_interceptors,
+    "per_call_guard": Lever(
+        "auth and parsing wrapped per call by an interceptor, not once at registration (rpc/guard.py)",
+        _per_call_guard,
     ),
     "no_deny_cache": Lever(
         "no local deny cache: every call of a session out of budget asks the store",
         flags=("--deny-cache-millis", "0"),
-    ),
-    "wrap_once": Lever(
-        "auth and decode-error wrapping applied once per method at registration, no per-call interceptors",
-        _wrap_once,
     ),
     "asyncio_loop": Lever("the default asyncio loop instead of uvloop (what uvloop buys)", _asyncio_loop),
     "opt_latency": Lever(
@@ -237,6 +181,10 @@ LEVERS: dict[str, Lever] = {
     "journal_pool": Lever(
         "journal appends through redis-py's pool instead of the pipelined hot-path connection",
         _journal_pool,
+    ),
+    "awaited_journal": Lever(
+        "each Settle awaits its journal append (no intent written with the settle script)",
+        flags=("--journal-intent-grace-seconds", "0"),
     ),
     "no_group_commit": Lever(
         "one journal append per settle (no group commit of the appends of one event-loop turn)",

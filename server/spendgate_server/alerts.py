@@ -101,7 +101,10 @@ def build_alerts(settings: ServeSettings, stores: Stores) -> Alerts:
     logs = stores.logs
     policies = PolicyResolver(stores.policies, settings.config_poll_millis / 1000)
     journal = StoreJournal(
-        logs, max_entries=settings.journal_max_entries, journals_prompts=policies.journals_prompts
+        logs,
+        max_entries=settings.journal_max_entries,
+        journals_prompts=policies.journals_prompts,
+        intents=settings.journal_intent_grace_seconds > 0,
     )
     feed = ViolationFeed(
         logs, max_entries=settings.violations_max_entries, dedup_window_ms=VIOLATION_DEDUP_MS

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import multiprocess
 from spendgate.v1 import (
     config_pb2,
@@ -36,7 +36,7 @@ from spendgate.v1 import (
 
 from spendgate_server.alerts import WATCH_RECHECK_SECONDS, Alerts, build_alerts
 from spendgate_server.engine.anomalies import AnomalyThresholds
-from spendgate_server.engine.decide import DecisionEngine, EngineTimings
+from spendgate_server.engine.decide import DecisionEngine, EngineTimings, system_clock_ms
 from spendgate_server.engine.deny_cache import DenyCache
 from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.engine.pricing import PriceTable
@@ -59,14 +59,15 @@ from spendgate_server.lifecycle import (
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
+from spendgate_server.policy.journal_sweeper import JournalSweeper
 from spendgate_server.policy.violations import WatchLimits
 from spendgate_server.rpc.admission import Admission, AdmissionInterceptor, stream_options
-from spendgate_server.rpc.auth import Authenticator, AuthInterceptor, check_exposure, is_loopback
+from spendgate_server.rpc.auth import Authenticator, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
+from spendgate_server.rpc.guard import Guard, GuardedServer
 from spendgate_server.rpc.policy import PolicyServicer
 from spendgate_server.rpc.session import SessionServicer
-from spendgate_server.rpc.status import DecodeErrorInterceptor
 from spendgate_server.rpc.violation import ViolationServicer
 from spendgate_server.settings import ServeSettings
 from spendgate_server.store import Store
@@ -291,6 +292,8 @@ async def _until_stopped(
     await status.set(False)
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=settings.drain_seconds)
+    # Settles answered before their journal append: their appends end before the process does.
+    await alerts.journal.drain()
     await alerts.stop()
     raise Stopped
 
@@ -368,27 +371,32 @@ async def _serve(
     activity = SessionActivity(stores.insights)
 
     # Admission first: a call refused past capacity or past its deadline costs nothing more.
-    admission = AdmissionInterceptor(Admission(settings.max_in_flight), metrics)
-    interceptors = [admission, AuthInterceptor(authenticator), DecodeErrorInterceptor()]
-    server = grpc.aio.server(options=_server_options(settings), interceptors=interceptors)
-    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
-        DecisionServicer(engine, metrics, activity), server
+    admission = AdmissionInterceptor(
+        Admission(settings.max_in_flight, queue_target_percent=settings.queue_target_percent), metrics
     )
-    config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), server)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), server)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), server)
+    # Authentication and parsing wrap each handler once, at registration (rpc/guard.py).
+    server = grpc.aio.server(options=_server_options(settings), interceptors=[admission])
+    guarded = GuardedServer(server, Guard(authenticator)).as_server()
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(
+        DecisionServicer(engine, metrics, activity), guarded
+    )
+    config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigServicer(configs, prices), guarded)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(activity.store), guarded)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(alerts.policies), guarded)
     violation_pb2_grpc.add_ViolationServiceServicer_to_server(
         ViolationServicer(
             alerts.feed,
             WATCH_RECHECK_SECONDS,
             WatchLimits(settings.max_watch_streams_per_tenant, settings.max_watch_streams),
         ),
-        server,
+        guarded,
     )
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    # As reflection.enable_server_reflection does, on the guarded registrar (not a grpc.aio.Server).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME]),
+        guarded,
     )
     try:
         address = f"{settings.host}:{settings.port}"
@@ -423,6 +431,15 @@ async def _serve(
                         run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
                     )
                 alerts.start(group, evaluate=settings.evaluator == "on", metrics=metrics)
+                if settings.journal_intent_grace_seconds:
+                    sweeper = JournalSweeper(
+                        alerts.journal,
+                        engine,
+                        grace_ms=settings.journal_intent_grace_seconds * 1000,
+                        interval_seconds=max(1.0, settings.journal_intent_grace_seconds / 2),
+                        clock=system_clock_ms,
+                    )
+                    group.create_task(run_part("the journal sweeper", sweeper.run(), returns=False))
                 _log.info(
                     "serving",
                     host=settings.host,
@@ -469,7 +486,45 @@ def run(settings: ServeSettings) -> int:
     return _supervise(settings)
 
 
+def _hold_port(settings: ServeSettings) -> socket.socket:
+    """Hold ``--host:--port`` for this supervisor's lifetime, so a second supervisor cannot join it.
+
+    Workers bind with SO_REUSEPORT, which lets any process of the same user bind the port
+    too: a second ``serve --workers`` on the same port would come up and take a share of
+    the first one's connections. The lock is an abstract Unix socket named after the
+    address (resolved, so ``localhost`` and ``127.0.0.1`` are one): bound by one process per
+    network namespace at a time, and freed by the kernel when the process ends, however
+    it ends. A lone server needs none: it binds without SO_REUSEPORT, so the port is its own.
+
+    Raises:
+        ConfigError: another supervisor holds the address (the port is taken).
+    """
+    try:
+        address = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][4][0]
+    except (OSError, UnicodeError):
+        address = settings.host  # the workers' own check says what is wrong with it
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0spendgate-serve:{address}:{settings.port}")
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(
+            f"--port {settings.port}: cannot bind {settings.host}: the port is taken by another "
+            "spendgate serve --workers on this host"
+        ) from exc
+    return lock
+
+
 def _supervise(settings: ServeSettings) -> int:
+    with _hold_port(settings):
+        return _supervise_workers(settings)
+
+
+def _supervise_workers(settings: ServeSettings) -> int:
     # Workers write metrics to files in this directory; this supervisor serves their sum.
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -12,39 +12,72 @@ if sys.argv[1:2] not in (["serve"], ["worker"]):
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
-import grpc
-
-from spendgate_server.admin.channel import EXIT_BAD_INPUT, EXIT_FAILED, explain_rpc_error
-from spendgate_server.admin.config_cli import add_config_arguments, run_config_command
-from spendgate_server.admin.decision_cli import (
-    add_decide_arguments,
-    add_settle_arguments,
-    run_decide_command,
-    run_settle_command,
-)
-from spendgate_server.admin.keys_cli import add_keys_arguments, run_keys_command
-from spendgate_server.admin.migrate_cli import add_migrate_arguments, run_migrate_command
-from spendgate_server.admin.policy_cli import add_policies_arguments, run_policies_command
-from spendgate_server.admin.price_cli import add_price_arguments, run_price_command
-from spendgate_server.admin.violations_cli import add_violations_arguments, run_violations_command
-from spendgate_server.console import add_console_arguments, run_console_command
+# Only what every run needs is imported here: `spendgate --version` and `--help` must not pay
+# for the server stack (grpc, the stubs, the price catalogue: about a second). Each command's
+# module is imported when that command runs.
+from spendgate_server.admin.flags import EXIT_BAD_INPUT, EXIT_FAILED
 from spendgate_server.errors import ConfigError, InvalidArgument, StoreUnavailable
-from spendgate_server.logging import redact_secrets
-from spendgate_server.settings import (
-    add_serve_arguments,
-    add_worker_arguments,
-    load_config_file,
-    settings_from_args,
-)
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = ["main"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_INTERNAL = 70  # EX_SOFTWARE: an error nobody raised on purpose, a bug
+
+# Each command: its help line, and the module and function that declare its flags. Only the
+# command being run has its module imported (see the note on imports above).
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("run the Decide service", "spendgate_server.settings", "add_serve_arguments"),
+    "decide": ("ask for one decision", "spendgate_server.admin.decision_cli", "add_decide_arguments"),
+    "keys": ("create, list and revoke API keys", "spendgate_server.admin.keys_cli", "add_keys_arguments"),
+    "migrate-keys": (
+        "move Redis records to the current key schema",
+        "spendgate_server.admin.migrate_cli",
+        "add_migrate_arguments",
+    ),
+    "config": (
+        "read, change and audit the remote enforcement config",
+        "spendgate_server.admin.config_cli",
+        "add_config_arguments",
+    ),
+    "console": (
+        "serve the web console (sign in with an admin key)",
+        "spendgate_server.console",
+        "add_console_arguments",
+    ),
+    "policies": (
+        "read and change the org-wide policies",
+        "spendgate_server.admin.policy_cli",
+        "add_policies_arguments",
+    ),
+    "violations": (
+        "list or follow policy violations (the alerts feed)",
+        "spendgate_server.admin.violations_cli",
+        "add_violations_arguments",
+    ),
+    "worker": (
+        "evaluate journaled calls against the policies (redis store)",
+        "spendgate_server.settings",
+        "add_worker_arguments",
+    ),
+    "price": (
+        "show how a model name resolves, its rates and what a usage costs (runs locally)",
+        "spendgate_server.admin.price_cli",
+        "add_price_arguments",
+    ),
+    "settle": (
+        "report the real usage of an allowed call",
+        "spendgate_server.admin.decision_cli",
+        "add_settle_arguments",
+    ),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,45 +101,17 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line parser; only the command named in ``argv`` has its flags declared."""
     parser = _Parser(prog="spendgate", description="Block runaway LLM spend before it happens.")
     parser.add_argument("--version", action="version", version=f"spendgate {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the Decide service")
-    add_serve_arguments(serve)
-
-    decide = commands.add_parser("decide", help="ask for one decision")
-    add_decide_arguments(decide)
-
-    keys = commands.add_parser("keys", help="create, list and revoke API keys")
-    add_keys_arguments(keys)
-
-    migrate = commands.add_parser("migrate-keys", help="move Redis records to the current key schema")
-    add_migrate_arguments(migrate)
-
-    config = commands.add_parser("config", help="read, change and audit the remote enforcement config")
-    add_config_arguments(config)
-
-    console = commands.add_parser("console", help="serve the web console (sign in with an admin key)")
-    add_console_arguments(console)
-
-    policies = commands.add_parser("policies", help="read and change the org-wide policies")
-    add_policies_arguments(policies)
-
-    violations = commands.add_parser("violations", help="list or follow policy violations (the alerts feed)")
-    add_violations_arguments(violations)
-
-    worker = commands.add_parser("worker", help="evaluate journaled calls against the policies (redis store)")
-    add_worker_arguments(worker)
-
-    price = commands.add_parser(
-        "price", help="show how a model name resolves, its rates and what a usage costs (runs locally)"
-    )
-    add_price_arguments(price)
-
-    settle = commands.add_parser("settle", help="report the real usage of an allowed call")
-    add_settle_arguments(settle)
+    # The command is the first word that is not an option (the top level takes no option values).
+    named = next((word for word in argv if not word.startswith("-")), None)
+    for name, (text, module, declare) in _COMMANDS.items():
+        command = commands.add_parser(name, help=text)
+        if name == named:
+            getattr(importlib.import_module(module), declare)(command)
     return parser
 
 
@@ -117,6 +122,8 @@ def _one_line(text: str) -> str:
 
 def _fail(code: int, message: str) -> int:
     # Every failure is printed here: a URL's credentials never reach the terminal.
+    from spendgate_server.logging import redact_secrets
+
     print(f"spendgate: {_one_line(redact_secrets(message))}", file=sys.stderr)
     return code
 
@@ -145,46 +152,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     CLI or the service found it; 3 ``decide``: the call is blocked; 70 an internal error (a
     bug: ``SPENDGATE_DEBUG=1`` shows its traceback); 130 interrupted.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(words)
+    args = parser.parse_args(words)
     _check_text(parser, args)
     try:
-        if args.command == "serve":
-            from spendgate_server.app import run
-
-            code = run(settings_from_args(args))
-        elif args.command == "decide":
-            code = run_decide_command(args)
-        elif args.command == "config":
-            code = run_config_command(args)
-        elif args.command == "keys":
-            from spendgate_server.stores import open_keystore
-
-            code = run_keys_command(args, open_keystore)
-        elif args.command == "migrate-keys":
-            from spendgate_server.stores import open_redis
-
-            code = run_migrate_command(args, open_redis)
-        elif args.command == "policies":
-            code = run_policies_command(args)
-        elif args.command == "violations":
-            code = run_violations_command(args)
-        elif args.command == "worker":
-            from spendgate_server.worker import run_worker
-
-            code = run_worker(settings_from_args(args))
-        elif args.command == "console":
-            code = run_console_command(args)
-        elif args.command == "price":
-            code = run_price_command(args, lambda path: load_config_file(path)[1])
-        else:
-            code = run_settle_command(args)
+        code = _run(args)
     except (ConfigError, InvalidArgument) as exc:
         code = _fail(EXIT_BAD_INPUT, str(exc))
     except StoreUnavailable as exc:
         code = _fail(EXIT_FAILED, f"the store is unreachable: {exc}")
-    except grpc.RpcError as exc:
-        code = _fail(*explain_rpc_error(exc, args, getattr(args, "field_flags", None)))
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -193,11 +170,64 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + 13  # SIGPIPE, as shells report it
     except Exception as exc:
+        if _is_rpc_error(exc):
+            from spendgate_server.admin.channel import explain_rpc_error
+
+            code = _fail(*explain_rpc_error(exc, args, getattr(args, "field_flags", None)))
         # Servers keep their traceback for the logs; the client commands never show one.
-        if args.command in ("serve", "worker") or os.environ.get("SPENDGATE_DEBUG"):
+        elif args.command in ("serve", "worker") or os.environ.get("SPENDGATE_DEBUG"):
             raise
-        code = _fail(
-            EXIT_INTERNAL,
-            f"internal error, a bug (SPENDGATE_DEBUG=1 shows the traceback): {type(exc).__name__}: {exc}",
-        )
+        else:
+            code = _fail(
+                EXIT_INTERNAL,
+                f"internal error, a bug (SPENDGATE_DEBUG=1 shows the traceback): {type(exc).__name__}: {exc}",
+            )
     raise SystemExit(code)
+
+
+def _is_rpc_error(exc: Exception) -> TypeGuard[grpc.RpcError]:
+    """Whether ``exc`` is a failed gRPC call; without grpc imported, nothing can be one."""
+    module = sys.modules.get("grpc")
+    return module is not None and isinstance(exc, module.RpcError)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit code. Each branch imports what its command needs."""
+    command: str = args.command
+    if command in ("serve", "worker"):
+        from spendgate_server.settings import settings_from_args
+
+        settings = settings_from_args(args)
+        if command == "serve":
+            from spendgate_server.app import run
+
+            return run(settings)
+        from spendgate_server.worker import run_worker
+
+        return run_worker(settings)
+    if command == "keys":
+        from spendgate_server.admin.keys_cli import run_keys_command
+        from spendgate_server.stores import open_keystore
+
+        return run_keys_command(args, open_keystore)
+    if command == "migrate-keys":
+        from spendgate_server.admin.migrate_cli import run_migrate_command
+        from spendgate_server.stores import open_redis
+
+        return run_migrate_command(args, open_redis)
+    if command == "price":
+        from spendgate_server.admin.price_cli import run_price_command
+        from spendgate_server.settings import load_config_file
+
+        return run_price_command(args, lambda path: load_config_file(path)[1])
+    runners: dict[str, tuple[str, str]] = {
+        "decide": ("spendgate_server.admin.decision_cli", "run_decide_command"),
+        "settle": ("spendgate_server.admin.decision_cli", "run_settle_command"),
+        "config": ("spendgate_server.admin.config_cli", "run_config_command"),
+        "policies": ("spendgate_server.admin.policy_cli", "run_policies_command"),
+        "violations": ("spendgate_server.admin.violations_cli", "run_violations_command"),
+        "console": ("spendgate_server.console", "run_console_command"),
+    }
+    module, function = runners[command]
+    runner: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), function)
+    return runner(args)

@@ -267,6 +267,15 @@ FLAGS: tuple[Flag, ...] = (
         "settled calls kept in each tenant's journal (older ones are trimmed)",
     ),
     _int(
+        "journal-intent-grace-seconds",
+        _SERVE,
+        30,
+        0,
+        600,
+        "a Settle is answered before its journal append, leaving an intent that a sweeper journals "
+        "after this long if the append never happened; 0: each Settle awaits its append",
+    ),
+    _int(
         "violations-max-entries",
         _SERVER,
         100_000,
@@ -344,6 +353,16 @@ FLAGS: tuple[Flag, ...] = (
         0,
         1_000_000,
         "Decide/Settle calls served at once per worker; past it RESOURCE_EXHAUSTED at once (0: no bound)",
+    ),
+    _int(
+        "queue-target-percent",
+        _SERVE,
+        20,
+        0,
+        100,
+        "share of its timeout a call may wait to be taken up while calls queue past capacity; once "
+        "none has come through within it for 100 ms, calls past it are refused RESOURCE_EXHAUSTED "
+        "(0: off; clients that send no timeout are never shed)",
     ),
     # --- console
     _text("host", _CONSOLE, "127.0.0.1", "address to bind"),

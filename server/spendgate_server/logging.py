@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "redact_secrets"]
+__all__ = ["Outage", "configure_logging", "redact_secrets"]
 
 # scheme://userinfo@ : everything up to the last "@" before the path (a raw "@" in a password
 # stays inside the redacted part).
@@ -64,3 +65,66 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class Outage:
+    """The outage of one retrying loop, logged twice: when it starts and when it ends.
+
+    A loop that retries a store (a pub/sub listener, a poll, a flush, the evaluator) calls
+    :meth:`failed` on every failed try and :meth:`succeeded` on every good one. The first
+    failure logs ``lost`` (a warning, with the error); the retries that follow log it only
+    at debug level (with the running ``failures``); the first success after them logs
+    ``restored`` (info) with ``outage_seconds`` and ``failures``. So a Redis down for an
+    hour is two lines per loop, not one per retry.
+
+    Args:
+        logger: the loop's structlog logger.
+        lost: event of the outage's start (``config_pubsub_lost``).
+        restored: event of its end (``config_pubsub_restored``).
+        clock: monotonic seconds; injected in tests.
+        **context: fields added to both events.
+    """
+
+    def __init__(
+        self,
+        logger: Any,
+        lost: str,
+        restored: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        **context: Any,
+    ) -> None:
+        self._logger = logger
+        self._lost = lost
+        self._restored = restored
+        self._clock = clock
+        self._context = context
+        self._since: float | None = None
+        self.failures = 0
+
+    @property
+    def down(self) -> bool:
+        """Whether the last try failed."""
+        return self._since is not None
+
+    def failed(self, error: BaseException | str, **fields: Any) -> None:
+        """One failed try: logs ``lost`` if it is the first of an outage."""
+        self.failures += 1
+        if self._since is None:
+            self._since = self._clock()
+            self._logger.warning(self._lost, error=str(error), **self._context, **fields)
+        else:  # a retry within the outage: seen only at --log-level debug
+            self._logger.debug(
+                self._lost, error=str(error), failures=self.failures, **self._context, **fields
+            )
+
+    def succeeded(self) -> None:
+        """One good try: logs ``restored`` if it ends an outage."""
+        if self._since is None:
+            return
+        seconds = self._clock() - self._since
+        self._logger.info(
+            self._restored, outage_seconds=round(seconds, 3), failures=self.failures, **self._context
+        )
+        self._since = None
+        self.failures = 0

@@ -88,6 +88,10 @@ class Metrics:
             registry=r,
         )
         self.settles = Counter("spendgate_settles", "Settles by outcome.", ["outcome"], registry=r)
+        # The children every Settle counts into, looked up once (labels() locks and builds a key).
+        self._settle_outcomes = {
+            o: self.settles.labels(o) for o in ("settled", "released", "already_settled")
+        }
         self.settle_anomalies = Counter(
             "spendgate_settle_anomalies",
             "Settles unlike their decision (counted as reported, flagged on the alerts feed), by kind.",
@@ -148,9 +152,9 @@ class Metrics:
         """Record one Settle answered."""
         self.settle_seconds.observe(seconds)
         if settlement.already_settled:
-            self.settles.labels("already_settled").inc()
+            self._settle_outcomes["already_settled"].inc()
             return
-        self.settles.labels("released" if released else "settled").inc()
+        self._settle_outcomes["released" if released else "settled"].inc()
         for anomaly in settlement.anomalies:
             self.settle_anomalies.labels(anomaly.kind.key).inc()
         lag_ms = time.time_ns() // 1_000_000 - decision_id_time_ms(reservation_id)

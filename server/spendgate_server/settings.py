@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from spendgate_server.documents import read_document
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
@@ -78,6 +79,9 @@ class ServeSettings:
     redis_breaker_open_millis: int = 1000
     # Journal, policies and the alerts feed (each tenant's journal and feed keep this many entries).
     journal_max_entries: int = 100_000
+    # A Settle leaves a journal intent, swept after this long if its append never happened
+    # (policy/journal.py); 0: every Settle awaits its append.
+    journal_intent_grace_seconds: int = 30
     violations_max_entries: int = 100_000
     # "on": serve evaluates the journal itself (with Redis, the consumer group shares the work
     # with other servers and any `spendgate worker`); "off" leaves it to workers.
@@ -97,6 +101,9 @@ class ServeSettings:
     # Decide/Settle calls served at once per process; past it RESOURCE_EXHAUSTED at once (0: no
     # bound). About capacity x the wait accepted: ~3,000 calls/s per worker x 20 ms (rpc/admission.py).
     max_in_flight: int = 64
+    # Share of its timeout a call may wait before take-up while calls queue; once the queue
+    # stands, calls that waited longer are refused (rpc/admission.py; 0: off).
+    queue_target_percent: int = 20
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,9 +140,22 @@ def load_config_file(path: str) -> tuple[EnforcementConfig, dict[str, PriceOverr
 
 
 def _webhook_url(url: str) -> str:
-    if url and not url.startswith(("http://", "https://")):
+    if not url:
+        return url
+    if not url.startswith(("http://", "https://")):
         raise ConfigError(
             "--webhook-url (env SPENDGATE_WEBHOOK_URL) must be an http:// or https:// URL, "
+            f"got {redact_secrets(url)!r}"
+        )
+    parts = urlsplit(url)
+    try:
+        port = parts.port  # ValueError: not a number, or out of 0..65535
+    except ValueError:
+        port = 0
+    # Refused at start: a bad port would only show as failed deliveries, retried for ever.
+    if not parts.hostname or port == 0 or parts.netloc.endswith(":"):
+        raise ConfigError(
+            "--webhook-url (env SPENDGATE_WEBHOOK_URL) must name a host and, if any, a port in 1..65535, "
             f"got {redact_secrets(url)!r}"
         )
     return url
@@ -236,6 +256,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         redis_breaker_failures=v.integer("redis-breaker-failures"),
         redis_breaker_open_millis=v.integer("redis-breaker-open-millis"),
         journal_max_entries=v.integer("journal-max-entries"),
+        journal_intent_grace_seconds=v.integer("journal-intent-grace-seconds"),
         violations_max_entries=v.integer("violations-max-entries"),
         evaluator=v.text("evaluator"),
         evaluator_batch_size=v.integer("evaluator-batch-size"),
@@ -248,4 +269,5 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_watch_streams=v.integer("max-watch-streams"),
         max_sessions_per_tenant=v.integer("max-sessions-per-tenant"),
         max_in_flight=v.integer("max-in-flight"),
+        queue_target_percent=v.integer("queue-target-percent"),
     )

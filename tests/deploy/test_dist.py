@@ -28,8 +28,9 @@ from tests.processes import SpendgateServer
 ROOT = Path(__file__).resolve().parents[2]
 QUICK_START = re.compile(r"^### One line in your code.*?\n```python\n(.*?)```", re.MULTILINE | re.DOTALL)
 INSTALL_TIMEOUT_SECONDS = 600
-# claude-sonnet-4-5 at $3 / $15 per million input / output tokens (genai-prices), in nano-USD per token.
-SONNET_NANO_USD_PER_TOKEN = (3_000, 15_000)
+# claude-sonnet-5-5 (the README's model) at $2 / $10 per million input / output tokens (genai-prices),
+# in nano-USD per token.
+SONNET_NANO_USD_PER_TOKEN = (2_000, 10_000)
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
@@ -109,11 +110,11 @@ def test_fresh_venv_installs_the_wheels_and_runs_the_quick_start(
     run([pip, "install", "--quiet", requirement], tmp_path, timeout=INSTALL_TIMEOUT_SECONDS)
 
     assert run([python, "main.py"], app, env) == "".join(TEXT_PIECES) + "\n"
-    assert [r.model for r in fake.requests] == ["claude-sonnet-4-5"]
+    assert [r.model for r in fake.requests] == ["claude-sonnet-5-5"]
     with grpc.insecure_channel(server.target) as channel:
         after = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
             pb.DecideRequest(
-                session_id="my-session", model="claude-sonnet-4-5", input_tokens=1, fingerprint=bytes(16)
+                session_id="my-session", model="claude-sonnet-5-5", input_tokens=1, fingerprint=bytes(16)
             ),
             timeout=10,
         )

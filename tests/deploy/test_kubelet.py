@@ -113,7 +113,7 @@ def test_overlay_boots_as_a_kubelet_would_and_serves_an_authenticated_decide(
         job = yaml.safe_load((EXAMPLES / "decide-job.yaml").read_text())
         code, output = run_job(cluster, job)
         assert code == 0, output
-        assert output.startswith("ALLOW  rule=-  model=claude-sonnet-4-5  reason: allowed\n"), output
+        assert output.startswith("ALLOW  rule=-  model=claude-sonnet-5-5  reason: allowed\n"), output
 
         # Authentication is on in every pod, and the Secret's admin key is an admin of its tenant.
         for pod in servers:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from spendgate_client import DecisionClient
 
 from tests.processes import RedisServer, SpendgateServer, free_port
@@ -61,6 +63,17 @@ def test_health_follows_the_store(spendgate: Callable[..., SpendgateServer]) -> 
             assert client.decide("s", "claude-sonnet-4-5", 10, 10, b"0" * 32).allowed
     finally:
         redis_server.stop()
+
+
+def test_reflection_describes_the_services(spendgate: Callable[..., SpendgateServer]) -> None:
+    """Server reflection, registered with the other services, lists them and describes their messages."""
+    server = spendgate()
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        decide_request = DescriptorPool(database).FindMessageTypeByName("spendgate.v1.DecideRequest")
+    assert {"spendgate.v1.DecisionService", "grpc.health.v1.Health"} <= services
+    assert "session_id" in decide_request.fields_by_name
 
 
 def test_sigterm_drains_without_failing_calls(spendgate: Callable[..., SpendgateServer]) -> None:

@@ -20,6 +20,7 @@ from spendgate.v1 import config_pb2_grpc, decision_pb2_grpc
 from spendgate.v1 import decision_pb2 as pb
 from spendgate_server.store.keys import RedisKeyStore, Scope, new_key
 
+from tests.integration.test_reliability import poll
 from tests.processes import SpendgateServer
 
 pytestmark = pytest.mark.redis
@@ -124,6 +125,9 @@ def test_tenant_journal_deciding_on_session_beta_never_breaks_betas_settles(
             assert settled.actual_cost_nano_usd > 0 and not settled.already_settled
         journal_tenant_decides("after")
 
+        # Journaled just after each Settle's reply (its intent was stored with the settle).
+        stream = "sg:log:{journal:beta}"
+        poll("beta's journal", lambda: raw.type(stream) not in ("none", "stream") or raw.xlen(stream) >= 3)
         assert raw.type("sg:log:{journal:beta}") == "stream"
         assert raw.xlen("sg:log:{journal:beta}") == 3, "every beta settle was journaled"
         assert raw.type("sg:ses:{journal:beta}") == "hash"

@@ -104,6 +104,45 @@ async def test_budgets_hold_on_every_master(
         await store.close()
 
 
+async def test_journal_intents_and_settle_records_on_every_master(cluster: RedisClusterNodes) -> None:
+    """Tenants on all three masters: intents are written, found stale in one pipelined read across
+    the nodes, removed by appends and drops; a settle record is read from its session's node."""
+    from spendgate_server.store import ReserveRequest, SettleRecord, SettleRequest
+    from spendgate_server.store.keyspace import log_stream_key
+    from spendgate_server.store.logs import Intent
+    from spendgate_server.store.redis_logs import RedisLogStore
+
+    tenants = [f"intents-{uuid.uuid4().hex[:8]}-{i}" for i in range(12)]
+    assert len({cluster.master_of(log_stream_key("journal", t)).port for t in tenants}) == 3
+    logs = RedisLogStore.from_url(cluster.url)
+    store = RedisStore.from_url(cluster.url)
+    try:
+        for n, tenant in enumerate(tenants):
+            for uid in ("a", "b"):
+                await logs.put_intent(
+                    "journal", tenant, uid, f"{tenant}-{uid}", now_ms=1000 + n, ttl_ms=60_000
+                )
+        assert set(await logs.tenants("journal")) >= set(tenants)
+        stale = await logs.stale_intents("journal", tenants, before_ms=2000, count=10)
+        assert stale == {
+            t: [Intent("a", 1000 + n, f"{t}-a"), Intent("b", 1000 + n, f"{t}-b")]
+            for n, t in enumerate(tenants)
+        }
+        for n, tenant in enumerate(tenants):
+            await logs.append(
+                "journal", tenant, [("a", "event")], max_entries=10, unique_ttl_ms=60_000, now_ms=0
+            )
+            assert await logs.drop_intents("journal", tenant, [("b", 1000 + n)]) == 1
+        assert await logs.stale_intents("journal", tenants, before_ms=2000, count=10) == {}
+        session = SessionKey("default", SESSIONS[0])
+        await store.reserve(ReserveRequest(session, 0, "1" * 32, 500, 60_000, 3_600_000))
+        await store.settle(SettleRequest(session, 0, "1" * 32, 321, 60_000, 3_600_000))
+        assert await store.settle_record(session, "1" * 32, 0) == SettleRecord(321, None)
+    finally:
+        await logs.close()
+        await store.close()
+
+
 def test_master_failover_is_survived(spendgate: Callable[..., SpendgateServer], prices: str) -> None:
     """A killed master's sessions get only UNAVAILABLE until its replica takes over, then spend is intact."""
     cluster = RedisClusterNodes.start(masters=3, replicas=1)

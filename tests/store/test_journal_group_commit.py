@@ -127,3 +127,24 @@ async def test_group_commit_over_the_pipelined_connection(redis_url: str) -> Non
         assert await logs.tenants(JOURNAL_LOG) == ["t"]
     finally:
         await connection.aclose()
+
+
+async def test_appends_after_the_reply_wait_to_share_one_store_call() -> None:
+    """Appends made after their Settles were answered wait (here: an hour) to share one store
+    call per tenant; a full batch of 64 leaves at once; drain sends the rest without waiting."""
+    logs = Counted()
+    journal = StoreJournal(
+        logs, max_entries=1000, journals_prompts=no_prompts, intents=True, deferred_commit_seconds=3600
+    )
+    for i in range(70):
+        journal.append_later(event(i), WINDOW_MS)
+    journal.append_later(event(0, "u"), WINDOW_MS)
+    journal.append_later(event(0, "u"), WINDOW_MS)  # a retried settle: journaled once
+    assert journal.in_background == 1 + 8  # the full batch's store call, and 8 appends waiting
+    await asyncio.sleep(0)
+    assert logs.calls == [64]
+    await journal.drain()
+    assert sorted(logs.calls) == [2, 6, 64]
+    assert journal.in_background == 0
+    assert [e.decision_id for e in await stored(logs)] == [f"{i:032x}" for i in range(70)]
+    assert len(await stored(logs, "u")) == 1

@@ -24,6 +24,7 @@ from spendgate_server.store.keyspace import (
     encode,
     insights_key,
     live_sessions_key,
+    log_intent_keys,
     log_marker_key,
     log_registry_key,
     log_stream_key,
@@ -35,6 +36,7 @@ from spendgate_server.store.redis import session_keys
 RESERVED = sorted(
     {k.value for k in Kind}
     | {"sg", "exp", "h", "u", "top", "s", "ts", "tenants", "api-keys", "journal", "violations", "cfg"}
+    | {"i", "t"}
     | {"ins", "pol", "default", "webhook", "evaluator", "%", "%3A", "%7B", "{", "}", ":", "", "sg:ses"}
 )
 # What the service accepts (rpc/validation.py, store/keys.py), plus the delimiters.
@@ -58,6 +60,8 @@ def records(tenant: str, session: str, project: str, log: str, uid: str) -> dict
         ("log registry", log): log_registry_key(log),
         ("log stream", log, tenant): log_stream_key(log, tenant),
         ("log marker", log, tenant, uid): log_marker_key(log, tenant, uid),
+        ("log intent times", log, tenant): log_intent_keys(log, tenant)[0],
+        ("log intent payloads", log, tenant): log_intent_keys(log, tenant)[1],
         ("insights top", tenant): insights_key(tenant, "top"),
         ("live sessions", tenant): live_sessions_key(tenant),
         ("insights top of project", tenant, project): insights_key(tenant, "top", project),
@@ -90,7 +94,8 @@ def test_keys_of_different_records_never_coincide(
 @settings(max_examples=500, deadline=None)
 @given(ids.filter(bool), ids.filter(bool), ids, ids)
 def test_every_multi_key_step_is_single_slot(tenant: str, session: str, project: str, uid: str) -> None:
-    """A session's two keys, a config and its history, a stream and its markers: one hash slot each.
+    """A session's two keys, a config and its history, a stream, its markers and its intents: one
+    hash slot each.
 
     Tenants and session ids are never empty (the service refuses them), so no tag is empty.
     """
@@ -101,9 +106,9 @@ def test_every_multi_key_step_is_single_slot(tenant: str, session: str, project:
             config_history_key(prefix, tenant, project).encode()
         )
     for log in ("journal", "violations"):
-        assert key_slot(log_stream_key(log, tenant).encode()) == key_slot(
-            log_marker_key(log, tenant, uid).encode()
-        )
+        stream = key_slot(log_stream_key(log, tenant).encode())
+        assert stream == key_slot(log_marker_key(log, tenant, uid).encode())
+        assert [stream, stream] == [key_slot(k.encode()) for k in log_intent_keys(log, tenant)]
     top = key_slot(insights_key(tenant, "top").encode())
     assert top == key_slot(insights_key(tenant, "s", session).encode())
     assert top == key_slot(insights_key(tenant, "top", project).encode())
@@ -128,6 +133,7 @@ def test_accepted_ids_stay_readable() -> None:
     assert config_key(CONFIGS_PREFIX, "acme") == "sg:cfg:{acme}"
     assert config_history_key(POLICIES_PREFIX, "acme", "") == "sg:pol:{acme}:h:"
     assert log_stream_key("journal", "beta") == "sg:log:{journal:beta}"
+    assert log_intent_keys("journal", "beta") == ("sg:log:{journal:beta}:i:t", "sg:log:{journal:beta}:i")
     assert log_registry_key("violations") == "sg:logreg:{violations}"
     assert insights_key("acme", "top", "batch") == "sg:ins:{acme}:top:batch"
     assert live_sessions_key("acme") == "sg:live:{acme}"

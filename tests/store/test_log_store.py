@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from spendgate_server.policy.violations import PolicyType, Violation, ViolationFeed, ViolationFilter
 from spendgate_server.store.configs import MemoryConfigStore
-from spendgate_server.store.logs import LogStore, MemoryLogStore, entry_id_ms, parse_entry_id
+from spendgate_server.store.logs import Intent, LogStore, MemoryLogStore, entry_id_ms, parse_entry_id
 from spendgate_server.store.policies import POLICY_KEY_PREFIX, PolicyConflict, PolicyStore
 from spendgate_server.store.redis import RedisConnection
 from spendgate_server.store.redis_configs import RedisConfigStore
@@ -99,6 +99,71 @@ async def test_tenants_logs_are_separate(logs: LogStore) -> None:
     assert (await append(logs, "u", "x"))[0]
     assert [e.payload for e in await logs.after(LOG, "u", "0-0", 10)] == ["payload-x"]
     assert len(await logs.after(LOG, "t", "0-0", 10)) == 1
+
+
+async def intend(logs: LogStore, tenant: str, uid: str, at: int, payload: str = "") -> None:
+    await logs.put_intent(LOG, tenant, uid, payload or f"intent-{uid}", now_ms=at, ttl_ms=TTL)
+
+
+async def test_intents_are_listed_once_stale_oldest_first(logs: LogStore) -> None:
+    """An intent is stale once written before the bound; the oldest come first, at most count,
+    per tenant with any; a tenant with only intents is listed among the tenants."""
+    await intend(logs, "t", "b", NOW + 20)
+    await intend(logs, "t", "a", NOW + 10)
+    await intend(logs, "t", "c", NOW + 30)
+    await intend(logs, "u", "a", NOW + 40)
+    assert sorted(await logs.tenants(LOG)) == ["t", "u"]
+    assert await logs.stale_intents(LOG, ["t", "u"], before_ms=NOW + 10, count=10) == {}
+    assert await logs.stale_intents(LOG, ["t", "u", "v"], before_ms=NOW + 31, count=10) == {
+        "t": [
+            Intent("a", NOW + 10, "intent-a"),
+            Intent("b", NOW + 20, "intent-b"),
+            Intent("c", NOW + 30, "intent-c"),
+        ]
+    }
+    stale = await logs.stale_intents(LOG, ["t", "u"], before_ms=NOW + 41, count=2)
+    assert stale == {
+        "t": [Intent("a", NOW + 10, "intent-a"), Intent("b", NOW + 20, "intent-b")],
+        "u": [Intent("a", NOW + 40, "intent-a")],
+    }
+    assert await logs.stale_intents(LOG, [], before_ms=NOW + 41, count=2) == {}
+    assert await logs.stale_intents("violations", ["t"], before_ms=NOW + 41, count=2) == {}
+
+
+async def test_a_rewritten_intent_replaces_the_first(logs: LogStore) -> None:
+    """Writing a uid's intent again keeps one intent: the newer payload and time."""
+    await intend(logs, "t", "a", NOW, "first")
+    await intend(logs, "t", "a", NOW + 5, "second")
+    assert await logs.stale_intents(LOG, ["t"], before_ms=NOW + 100, count=10) == {
+        "t": [Intent("a", NOW + 5, "second")]
+    }
+
+
+async def test_an_append_removes_the_intents_of_its_uids(logs: LogStore) -> None:
+    """Appending a uid removes its intent, whether the entry is new or was appended before; other
+    uids' intents, and other tenants', stay."""
+    await append(logs, "t", "old")
+    for uid in ("old", "new", "other"):
+        await intend(logs, "t", uid, NOW)
+    await intend(logs, "u", "new", NOW)
+    assert await append(logs, "t", "old", "new") == ["", await logs.last_id(LOG, "t")]
+    assert await logs.stale_intents(LOG, ["t", "u"], before_ms=NOW + 1, count=10) == {
+        "t": [Intent("other", NOW, "intent-other")],
+        "u": [Intent("new", NOW, "intent-new")],
+    }
+
+
+async def test_drop_removes_only_the_intent_that_was_read(logs: LogStore) -> None:
+    """A drop names each intent by uid and time: one written since (a newer settle) is kept."""
+    await intend(logs, "t", "a", NOW)
+    await intend(logs, "t", "b", NOW)
+    await intend(logs, "t", "b", NOW + 7)  # rewritten after the sweeper read it at NOW
+    assert await logs.drop_intents(LOG, "t", [("a", NOW), ("b", NOW), ("gone", NOW)]) == 1
+    assert await logs.drop_intents(LOG, "t", []) == 0
+    assert await logs.drop_intents(LOG, "nobody", [("a", NOW)]) == 0
+    assert await logs.stale_intents(LOG, ["t"], before_ms=NOW + 100, count=10) == {
+        "t": [Intent("b", NOW + 7, "intent-b")]
+    }
 
 
 async def test_group_delivers_once_and_keeps_unacked_pending(logs: LogStore) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from spendgate_server.engine.config import Rule
 from spendgate_server.store import (
     BudgetCheck,
+    DecidedCall,
     DedupCheck,
     ReserveRequest,
     ReserveStatus,
     SessionKey,
+    SettleRecord,
     SettleRequest,
     SettleStatus,
     Store,
@@ -292,3 +294,22 @@ async def test_release_is_idempotent_and_other_fingerprints_stay(store: Store) -
         await store.reserve(reserve("3" * 32, dedup=other, now=NOW + 1))
     ).blocked_by is Rule.DUPLICATE_REQUEST
     assert (await store.reserve(reserve("4" * 32, dedup=mine, now=NOW + 1))).status is ReserveStatus.ALLOWED
+
+
+async def test_settle_record_holds_the_counted_cost_and_the_decision(store: Store) -> None:
+    """The record of a settle: the cost counted first (a repeat changes nothing) and what Decide
+    admitted; none for an id never settled, and none once the settle is forgotten."""
+    decided = DecidedCall("claude-sonnet-4-5", 900, 120, 64)
+    await store.reserve(reserve("1" * 32, 900, decided=decided))
+    await store.reserve(reserve("2" * 32, 300))
+    assert await store.settle_record(SESSION, "1" * 32, NOW) is None  # open, not settled
+    await store.settle(settle("1" * 32, 420))
+    await store.settle(settle("1" * 32, 999, now=NOW + 5))  # a repeat counts once
+    assert await store.settle_record(SESSION, "1" * 32, NOW + 10) == SettleRecord(420, decided)
+    await store.settle(settle("2" * 32, 0))
+    assert await store.settle_record(SESSION, "2" * 32, NOW + 10) == SettleRecord(0, None)
+    assert await store.settle_record(SESSION, "9" * 32, NOW + 10) is None
+    assert await store.settle_record(SessionKey("tenant-b", "session-1"), "1" * 32, NOW + 10) is None
+    # Forgotten with the settle record, by the first store step after the settle window.
+    await store.session_state(SESSION, NOW + RES_TTL + 1, SESSION_TTL)
+    assert await store.settle_record(SESSION, "1" * 32, NOW + RES_TTL + 1) is None

@@ -110,3 +110,28 @@ async def test_open_mode_not_allowed_and_no_keys_refuses() -> None:
     assert not auth.open_mode and auth.keys_missing
     assert registry.get_sample_value("missing") == 1
     assert refusal(auth, [], DECIDE).reason == "no_keys"
+
+
+async def test_a_verified_key_is_checked_again_after_each_load() -> None:
+    """A key that authenticated is remembered only until the next load: revoked or replaced, it is refused."""
+    store = ListKeyStore()
+    client_key, client = new_key("acme", Scope.CLIENT, "app", 0)
+    await store.add(client)
+    auth = Authenticator(store, allow_open_mode=False)
+    await auth.load()
+    for _ in range(2):  # verified, then remembered: the same answer both times
+        principal = auth.authenticate(bearer(client_key), DECIDE)
+        assert (principal.tenant, principal.scope, principal.key_id) == ("acme", Scope.CLIENT, client.key_id)
+        # The scope is checked per method, remembered or not.
+        assert refusal(auth, bearer(client_key)).code is grpc.StatusCode.PERMISSION_DENIED
+
+    await store.revoke(client.key_id, 1)
+    await auth.load()
+    assert refusal(auth, bearer(client_key), DECIDE).reason == "revoked"
+
+    store.records.clear()
+    other_key, other = new_key("acme", Scope.ADMIN, "ops", 0)
+    await store.add(other)
+    await auth.load()
+    assert refusal(auth, bearer(client_key), DECIDE).reason == "unknown"
+    assert auth.authenticate(bearer(other_key), UPDATE_CONFIG).scope is Scope.ADMIN

@@ -91,13 +91,13 @@ def test_override_from_the_config_file(capsys: pytest.CaptureFixture[str], tmp_p
         (
             ["claude-sonnet-4-5", "--input-tokens", "10", "--cache-read-tokens", "20"],
             2,
-            "spendgate: usage.counts: cache_read_tokens add up to more than input_tokens (10), "
-            "which includes them\n",
+            "spendgate: --cache-read-tokens: 20 is more than input_tokens (10), which includes it\n",
         ),
         (
             ["claude-sonnet-4-5", "--web-searches", "-1"],
             2,
-            "spendgate: --web-searches must be a count, 0 or more\n",
+            "spendgate price: argument --web-searches: must be 0 or more, got -1 "
+            "(see 'spendgate price --help')\n",
         ),
         (
             ["claude-sonnet-4-5", "--config", "/nonexistent/spendgate.yaml"],

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
+from spendgate_server.admin.flags import EXIT_BAD_INPUT, EXIT_FAILED, flag_of
 from spendgate_server.errors import ConfigError
 from spendgate_server.store.keys import key_problem
 
@@ -21,13 +22,12 @@ __all__ = [
     "EXIT_FAILED",
     "add_connection_arguments",
     "call_metadata",
+    "check_target",
     "explain_rpc_error",
     "open_channel",
     "target_problem",
 ]
 
-EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
-EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
 
 # Refusals whose message the service words for people: shown as they are.
 _WORDED = frozenset(
@@ -113,14 +113,21 @@ def _read(flag: str, path: str) -> bytes | None:
     return data
 
 
-def _check(args: argparse.Namespace) -> None:
-    if not _TARGET.fullmatch(args.target):
-        raise ConfigError(
-            f"--target (or SPENDGATE_TARGET) must be host:port without spaces, got {args.target!r}"
-        )
-    problem = target_problem(args.target)
+def check_target(target: str, flag: str = "--target (or SPENDGATE_TARGET)") -> None:
+    """Refuse a gRPC target no connection can use: spaces, control characters, a bad port.
+
+    Raises:
+        ConfigError: naming ``flag`` and what is wrong.
+    """
+    if not _TARGET.fullmatch(target):
+        raise ConfigError(f"{flag} must be host:port without spaces, got {target!r}")
+    problem = target_problem(target)
     if problem:
-        raise ConfigError(f"--target (or SPENDGATE_TARGET) {args.target}: {problem}")
+        raise ConfigError(f"{flag} {target}: {problem}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    check_target(args.target)
     key = args.api_key = args.api_key.strip()
     if key:
         problem = key_problem(key)
@@ -207,7 +214,7 @@ def explain_rpc_error(
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations = _field_violations(exc)
         if violations and flags is not None:
-            return EXIT_BAD_INPUT, "; ".join(f"{_flag_of(field, flags)}: {why}" for field, why in violations)
+            return EXIT_BAD_INPUT, "; ".join(f"{flag_of(field, flags)}: {why}" for field, why in violations)
         return EXIT_BAD_INPUT, f"the service refused the request: {details}"
     if code is grpc.StatusCode.UNAVAILABLE and _error_reason(exc) == "STORE_UNAVAILABLE":
         # The server answered: telling the user it cannot be reached would send them to the network.
@@ -224,12 +231,3 @@ def explain_rpc_error(
     if code in _WORDED:
         return EXIT_FAILED, details
     return EXIT_FAILED, f"{code.name}: {details}"
-
-
-def _flag_of(field: str, flags: Mapping[str, str]) -> str:
-    if field in flags:
-        return flags[field]
-    for prefix, flag in flags.items():
-        if prefix.endswith(".") and field.startswith(prefix):
-            return f"{flag} {field.removeprefix(prefix)}"
-    return field

@@ -15,7 +15,7 @@ from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.documents import parse_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rule_codes import Rule
@@ -174,7 +174,12 @@ def run_decide_command(args: argparse.Namespace) -> int:
     config = _client_config(args.config)
     if config is not None:
         request.enforcement_config.CopyFrom(config)
-    with open_channel(args) as channel:
+    from spendgate_server.rpc.validation import call_from_proto
+
+    with open_channel(args) as channel:  # checks the connection flags; connects at the first call
+        # The service's own validation, here: a bad id is exit 2 even with no server to ask.
+        with flag_errors(DECIDE_FLAGS):
+            call_from_proto(request, tenant="")
         response = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
             request, timeout=args.timeout, metadata=call_metadata(args)
         )
@@ -204,7 +209,11 @@ def run_settle_command(args: argparse.Namespace) -> int:
         usage=pb.Usage(input_tokens=args.input_tokens, output_tokens=args.output_tokens),
         outcome=pb.PROVIDER_OUTCOME_ERROR if args.provider_error else pb.PROVIDER_OUTCOME_OK,
     )
+    from spendgate_server.rpc.validation import settle_from_proto
+
     with open_channel(args) as channel:
+        with flag_errors(SETTLE_FLAGS):
+            settle_from_proto(request, tenant="")
         response = decision_pb2_grpc.DecisionServiceStub(channel).Settle(
             request, timeout=args.timeout, metadata=call_metadata(args)
         )

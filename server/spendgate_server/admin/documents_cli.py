@@ -19,9 +19,10 @@ import grpc
 import yaml
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
+from spendgate_server.rpc.validation import etag_from_proto, project_from_proto
 
 __all__ = ["DocumentKind", "add_document_arguments", "diff_lines", "run_document_command"]
 
@@ -134,7 +135,12 @@ def _when(revision: Any) -> str:
 
 def run_document_command(kind: DocumentKind, args: argparse.Namespace) -> int:
     """Run one ``get|set|history`` action on ``kind``; returns the exit code."""
-    # A bad file is refused before anything is sent.
+    # Bad flags and a bad file are refused before anything is sent.
+    with flag_errors({"project": "--project", "etag": "--etag"}):
+        if kind.scoped:
+            project_from_proto(args.project)
+        if args.action == "set" and args.etag is not None:
+            etag_from_proto(args.etag)
     new = _parse_file(kind, args.file) if args.action == "set" else None
     metadata = call_metadata(args, *((("x-spendgate-actor", args.actor),) if args.actor else ()))
     call: dict[str, Any] = {"timeout": args.timeout, "metadata": metadata}

@@ -8,8 +8,23 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
-__all__ = ["MAX_TIMEOUT_SECONDS", "count", "seconds"]
+from spendgate_server.errors import ConfigError, InvalidArgument
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "MAX_TIMEOUT_SECONDS",
+    "count",
+    "flag_errors",
+    "flag_of",
+    "seconds",
+]
+
+EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
+EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
 
 MAX_TIMEOUT_SECONDS = 3600.0
 _INT64_MAX = 2**63 - 1  # the wire's int64 fields: the server checks the real bounds
@@ -47,3 +62,35 @@ def seconds(text: str) -> float:
             f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g}, got {text}"
         )
     return value
+
+
+@contextmanager
+def flag_errors(flags: Mapping[str, str]) -> Iterator[None]:
+    """Run the service's own validation of request fields here, before anything is sent.
+
+    The CLI checks ids, etags, cursors and times with the functions the servicers use
+    (rpc/validation.py), so a flag is refused exactly when the service would refuse its
+    field, and with no server needed.
+
+    Args:
+        flags: Request field → the flag that set it, as for :func:`explain_rpc_error`.
+
+    Raises:
+        ConfigError: the validation refused a field; the message names its flag (exit 2).
+    """
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise ConfigError(
+            "; ".join(f"{flag_of(v.field, flags)}: {v.description}" for v in exc.violations)
+        ) from exc
+
+
+def flag_of(field: str, flags: Mapping[str, str]) -> str:
+    """The flag that set a request ``field`` (a key ending in ``.`` maps a prefix), else the field."""
+    if field in flags:
+        return flags[field]
+    for prefix, flag in flags.items():
+        if prefix.endswith(".") and field.startswith(prefix):
+            return f"{flag} {field.removeprefix(prefix)}"
+    return field

@@ -4,10 +4,10 @@ Runs locally, with the same catalogue, resolution rules, overrides (``--config``
 unknown-model policy as ``spendgate serve``: it shows which catalogue entry the name
 resolved to and by which rule, the rates of the tier, and the cost of the usage given.
 
-Exit codes: 0 when every dimension has a known price; 2 for a bad flag, bad counts or
-a bad ``--config``; 3 when the model, the tier or a usage unit has no known price (the
-cost shown is then the never-undercount maximum, or, with ``--unknown-model-price
-reject``, the refusal).
+Exit codes: 0 when every dimension has a known price; 2 for a bad flag, bad counts (the
+model, counts and tier are bounded as Settle bounds them) or a bad ``--config``; 3 when
+the model, the tier or a usage unit has no known price (the cost shown is then the
+never-undercount maximum, or, with ``--unknown-model-price reject``, the refusal).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from decimal import Decimal
 
 from genai_prices.units import UnitDef
 
+from spendgate_server.admin.flags import count, flag_errors
 from spendgate_server.engine.price_units import REGISTRY, USAGE_KEYS, PriceValue, unit_of_price_key
-from spendgate_server.engine.pricing import PriceOverride, PriceTable, Quote, UnknownModelPolicy, Usage
+from spendgate_server.engine.pricing import PriceOverride, PriceTable, Quote, UnknownModelPolicy
 from spendgate_server.errors import InvalidArgument
 from spendgate_server.money import NANO_PER_USD, format_usd
+from spendgate_server.rpc.validation import priced_usage
 
 __all__ = ["EXIT_UNPRICED", "add_price_arguments", "run_price_command"]
 
@@ -66,7 +68,7 @@ def add_price_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for key in REGISTRY.units:
         if key in USAGE_KEYS:
-            usage.add_argument(_flag(key), dest=f"usage_{key}", type=int, metavar="N")
+            usage.add_argument(_flag(key), dest=f"usage_{key}", type=count, metavar="N")
 
 
 def _per(unit: UnitDef) -> str:
@@ -167,14 +169,15 @@ def run_price_command(
     counts = {
         key: value for key in REGISTRY.units if (value := getattr(args, f"usage_{key}", None)) is not None
     }
-    negative = [key for key, value in counts.items() if value < 0]
-    if negative:
-        print(f"spendgate: {_flag(negative[0])} must be a count, 0 or more", file=sys.stderr)
-        return 2
+    # The bounds Settle applies to the same fields: a quote is of a usage a server would take.
+    fields = {"model": "MODEL", "usage.service_tier": "--tier"}
+    fields.update({f"usage.counts[{key}]": _flag(key) for key in counts})
+    with flag_errors(fields):
+        usage = priced_usage(args.model, counts or {"input_tokens": 0}, args.tier)
     overrides = load_prices(args.config) if args.config else {}
     table = PriceTable(overrides, UnknownModelPolicy(args.unknown_model_price))
     try:
-        quote = table.quote(args.model, Usage(counts=counts or {"input_tokens": 0}, service_tier=args.tier))
+        quote = table.quote(args.model, usage)
     except InvalidArgument as exc:
         violation = exc.violations[0]
         if violation.field == "model":

@@ -14,10 +14,11 @@ from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import count, seconds
+from spendgate_server.admin.flags import count, flag_errors, seconds
 from spendgate_server.errors import ConfigError
 from spendgate_server.policy.violations import PolicyType
 from spendgate_server.rpc.alerts_wire import timestamp
+from spendgate_server.rpc.validation import cursor_from_proto, filter_ids_from_proto, time_range_from_proto
 
 __all__ = ["add_violations_arguments", "format_violation", "run_violations_command"]
 
@@ -31,6 +32,15 @@ RESUME_FIRST_DELAY_SECONDS = 0.5
 RESUME_MAX_DELAY_SECONDS = 8.0
 RESUME_HEALTHY_SECONDS = 30.0
 _NEWEST_TIMEOUT_SECONDS = 10.0  # reading the newest cursor before a live tail
+# Request field → the flag that sets it, so a refusal names the flag to fix.
+_FLAGS = {
+    "session_id": "--session",
+    "project": "--project",
+    "cursor": "--cursor",
+    "start_time.": "--since",
+    "end_time.": "--until",
+    "end_time": "--until",
+}
 
 
 def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +59,7 @@ def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
         action.add_argument("--session", default="")
         action.add_argument("--project", default="")
         action.add_argument("--json", action="store_true", help="one JSON object per line")
+        action.set_defaults(field_flags=_FLAGS)
     listing.add_argument("--since", default="", help="found after: a duration ago (30m, 2h, 7d) or ISO time")
     listing.add_argument("--until", default="", help="found before: a duration ago or ISO time")
     listing.add_argument("--limit", type=count, default=50, help="at most this many (all pages)")
@@ -107,19 +118,28 @@ def _print(v: vpb.Violation, as_json: bool) -> None:
 def run_violations_command(args: argparse.Namespace) -> int:
     """Run one violations action; returns the exit code."""
     policy_type = _policy_type(args.type)
+    request = vpb.ListViolationsRequest(
+        policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
+        session_id=args.session,
+        project=args.project,
+        page_size=min(max(args.limit, 1), 500) if args.action == "list" else 1,
+    )
+    if args.action == "list" and args.since:
+        request.start_time.CopyFrom(timestamp(_when(args.since, "--since")))
+    if args.action == "list" and args.until:
+        request.end_time.CopyFrom(timestamp(_when(args.until, "--until")))
+    # What the service would refuse is refused here, by its own checks, before connecting.
+    with flag_errors(_FLAGS):
+        filter_ids_from_proto(request.session_id, request.project)
+        time_range_from_proto(
+            request.start_time if request.HasField("start_time") else None,
+            request.end_time if request.HasField("end_time") else None,
+        )
+        if args.action == "tail":
+            cursor_from_proto(args.cursor)
     with open_channel(args) as channel:
         stub = violation_pb2_grpc.ViolationServiceStub(channel)
         if args.action == "list":
-            request = vpb.ListViolationsRequest(
-                policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
-                session_id=args.session,
-                project=args.project,
-                page_size=min(max(args.limit, 1), 500),
-            )
-            if args.since:
-                request.start_time.CopyFrom(timestamp(_when(args.since, "--since")))
-            if args.until:
-                request.end_time.CopyFrom(timestamp(_when(args.until, "--until")))
             shown = 0
             while shown < args.limit:
                 page = stub.ListViolations(request, timeout=args.timeout, metadata=call_metadata(args))

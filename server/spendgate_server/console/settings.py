@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from spendgate_server.errors import ConfigError
+from spendgate_server.admin.channel import check_target
+from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.flags import FlagValues, add_flags
 from spendgate_server.rpc.auth import is_loopback
+from spendgate_server.rpc.validation import project_from_proto
 
 __all__ = ["ConsoleSettings", "add_console_arguments", "console_settings_from_args"]
-
-_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +111,14 @@ def console_settings_from_args(args: argparse.Namespace) -> ConsoleSettings:
                 f"--host {host} with plain HTTP would send admin keys in clear: give --https-cert "
                 "and --https-key, an https:// --public-url (a TLS proxy), or --insecure"
             )
+    # Refused at start, not at the first sign-in: the admin CLIs' own check of --target.
+    check_target(v.raw("target"), v.label("target"))
     projects = v.items("project")
     for project in projects:
-        if not _PROJECT.fullmatch(project):
-            raise ConfigError(f"{v.label('project')}: {project!r} is not 1-64 characters of [A-Za-z0-9._-]")
+        try:
+            project_from_proto(project)  # the service's rule for the field
+        except InvalidArgument as exc:
+            raise ConfigError(f"{v.label('project')}: {project!r} {exc.violations[0].description}") from exc
     return ConsoleSettings(
         host=host,
         port=v.integer("port"),

@@ -359,6 +359,11 @@ class DecisionEngine:
         return self._store
 
     @property
+    def timings(self) -> EngineTimings:
+        """The lifetimes this engine applies (the journal's dedup window is ``settled_ttl_ms``)."""
+        return self._timings
+
+    @property
     def canceller(self) -> ReserveCanceller:
         """Cancels the reserves of Decides answered UNAVAILABLE (cancellations.py)."""
         return self._canceller
@@ -547,6 +552,15 @@ class DecisionEngine:
             self._deny.forget(settle.tenant, settle.session_id)
         t = self._timings
         now_ms = self._clock()
+        # The journal's intent is written in this turn, so on the pipelined connection it leaves
+        # in the settle script's write: both stores overlap, one round trip. If the settle fails
+        # (or its caller gives up), the intent stays: the sweeper journals the call if the store
+        # applied the settle after all, and drops the intent if it did not.
+        intent = (
+            None
+            if self._journal is None
+            else self._journal.intend(_journal_event(settle, cost, now_ms), t.settled_ttl_ms)
+        )
         outcome = await self._store.settle(
             SettleRequest(
                 session=SessionKey(settle.tenant, settle.session_id),
@@ -561,6 +575,8 @@ class DecisionEngine:
             )
         )
         if outcome.status is SettleStatus.UNKNOWN:
+            if intent is not None:
+                intent.abandon()
             raise NotFound(
                 "reservation_id",
                 f"no reservation {settle.reservation_id!r} in session {settle.session_id!r} "
@@ -569,18 +585,61 @@ class DecisionEngine:
         already = outcome.status is SettleStatus.ALREADY_SETTLED
         # A repeated settle is compared too (a retried settle repeats the first report), so a
         # server dying between its settle and its journal append loses no flag.
-        anomalies = self._anomalies(settle, outcome.decided, outcome.cost_nano_usd, now_ms)
+        event = self._settled_event(settle, outcome.cost_nano_usd, outcome.decided, now_ms)
         if self._journal is not None:
             # Also when already settled: the append is idempotent per decision id, so a settle
             # retried because a server died between its settle and its append is journaled then.
-            event = _journal_event(settle, outcome.cost_nano_usd, now_ms, anomalies)
-            await self._journal.append(event, t.settled_ttl_ms)
+            if intent is not None and await intent.recorded():
+                # The intent is stored: the reply need not wait for the append (the sweeper
+                # finishes it if this process dies first).
+                intent.commit(event)
+            else:
+                await self._journal.append(event, t.settled_ttl_ms)
         return Settlement(
             outcome.cost_nano_usd,
             outcome.spent_nano_usd + outcome.reserved_nano_usd,
             already,
-            () if already else anomalies,
+            () if already else event.anomalies,
         )
+
+    async def recovered_event(self, draft: JournalEvent) -> JournalEvent | None:
+        """The journal event of a settle whose append may never have happened, from its intent.
+
+        ``draft`` is the intent (the event as known before the store's reply, see
+        :meth:`Journal.intend`). The store's settle record gives the cost it counted and
+        what Decide admitted; the event is then built as :meth:`settle` builds it, the
+        anomalies judged at the settle's own time. None when the store has no settle of
+        the decision (the settle never ran, found no reservation, or is forgotten).
+
+        Raises:
+            StoreUnavailable: the store did not answer.
+        """
+        session = SessionKey(draft.tenant, draft.session_id)
+        record = await self._store.settle_record(session, draft.decision_id, self._clock())
+        if record is None:
+            return None
+        settle = SettleCall(
+            tenant=draft.tenant,
+            session_id=draft.session_id,
+            reservation_id=draft.decision_id,
+            model=draft.effective_model,
+            usage=Usage(
+                draft.input_tokens,
+                draft.output_tokens,
+                draft.cache_read_input_tokens,
+                draft.cache_write_input_tokens,
+            ),
+            provider_ok=draft.provider_ok,
+            context=draft.context,
+        )
+        return self._settled_event(settle, record.cost_nano_usd, record.decided, draft.time_ms)
+
+    def _settled_event(
+        self, settle: SettleCall, cost: int, decided: DecidedCall | None, now_ms: int
+    ) -> JournalEvent:
+        """The journal event of ``settle`` counted at ``cost``, with its anomalies against ``decided``."""
+        anomalies = self._anomalies(settle, decided, cost, now_ms)
+        return _journal_event(settle, cost, now_ms, anomalies)
 
     def _anomalies(
         self, settle: SettleCall, decided: DecidedCall | None, cost: int, now_ms: int

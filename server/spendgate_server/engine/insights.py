@@ -15,6 +15,7 @@ import structlog
 
 from spendgate_server.engine.decide import Clock, Decision, system_clock_ms
 from spendgate_server.errors import SpendgateError
+from spendgate_server.logging import Outage
 from spendgate_server.store.insights import MINUTE_MS, InsightsStore, SessionDelta
 
 __all__ = ["MAX_PENDING_SESSIONS", "SessionActivity"]
@@ -32,6 +33,8 @@ class SessionActivity:
         self._clock = clock
         self._pending: dict[str, dict[str, SessionDelta]] = defaultdict(dict)
         self._size = 0
+        # A store outage is logged when it starts and when it ends, not at every flush.
+        self._outage = Outage(_log, "insights_flush_failed", "insights_flush_restored")
 
     def _delta(self, tenant: str, session_id: str) -> SessionDelta | None:
         sessions = self._pending[tenant]
@@ -71,11 +74,15 @@ class SessionActivity:
         """Send everything buffered to the store (kept for the next try if that fails)."""
         pending, self._pending, self._size = self._pending, defaultdict(dict), 0
         now = self._clock()
+        failed = False
         for tenant, deltas in pending.items():
             try:
                 await self.store.record(tenant, deltas, now)
             except SpendgateError as exc:
-                _log.warning("insights_flush_failed", tenant=tenant, error=str(exc))
+                failed = True
+                self._outage.failed(exc, tenant=tenant)
+        if pending and not failed:
+            self._outage.succeeded()
 
     async def run(self, interval_seconds: float = 1.0) -> None:
         """Flush periodically until cancelled, then once more."""

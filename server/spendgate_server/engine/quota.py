@@ -28,6 +28,7 @@ from collections import OrderedDict
 import structlog
 
 from spendgate_server.errors import ResourceExhausted, SpendgateError, StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.store.session_registry import SessionRegistry
 
 __all__ = ["IN_FLIGHT_PER_TENANT", "REGISTRY_RETRY_MS", "SessionQuota"]
@@ -62,6 +63,8 @@ class SessionQuota:
         self._counts: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Logged when the registry stops answering and when it answers again, not per call.
+        self._outage = Outage(_log, "session_registry_unavailable", "session_registry_restored")
         # Far from the limit by this much, a new session is registered in the background.
         self._margin = max(IN_FLIGHT_PER_TENANT, limit // 10)
         self._registry_down_until_ms = 0
@@ -107,10 +110,9 @@ class SessionQuota:
         except StoreUnavailable as exc:
             self._registry_down_until_ms = now_ms + REGISTRY_RETRY_MS
             self.unchecked += 1
-            _log.warning(
-                "session_registry_unavailable", error=str(exc), admitted_unchecked_ms=REGISTRY_RETRY_MS
-            )
+            self._outage.failed(exc, admitted_unchecked_ms=REGISTRY_RETRY_MS)
             return
+        self._outage.succeeded()
         self._counts[tenant] = admission.live_sessions
         if not admission.admitted:
             raise ResourceExhausted(
@@ -141,12 +143,13 @@ class SessionQuota:
         except SpendgateError as exc:
             # Unregistered: its next call checks again.
             self._known.pop((tenant, session_id), None)
-            _log.warning("session_registration_failed", tenant=tenant, error=str(exc))
+            self._outage.failed(exc, tenant=tenant)
             return
         finally:
             self._in_flight[tenant] -= 1
             if not self._in_flight[tenant]:
                 del self._in_flight[tenant]
+        self._outage.succeeded()
         self._counts[tenant] = admission.live_sessions
         if not admission.admitted:
             self._known.pop((tenant, session_id), None)

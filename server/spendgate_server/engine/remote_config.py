@@ -18,6 +18,7 @@ import structlog
 
 from spendgate_server.engine.config import EnforcementConfig, parse_enforcement_config
 from spendgate_server.errors import StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.store.configs import ConfigStore, MemoryConfigStore, StoredConfig
 
 __all__ = ["ConfigResolver", "ResolvedConfig", "follow_changes", "parse_stored"]
@@ -159,12 +160,15 @@ async def follow_changes(
     """
 
     async def poll() -> None:
+        outage = Outage(_log, f"{what}_poll_failed", f"{what}_poll_restored")
         while True:
             await asyncio.sleep(poll_interval_seconds)
             try:
                 await poll_once()
             except StoreUnavailable as exc:
-                _log.warning(f"{what}_poll_failed", error=str(exc))
+                outage.failed(exc)
+            else:
+                outage.succeeded()
 
     async with asyncio.TaskGroup() as group:
         group.create_task(listen(invalidate))

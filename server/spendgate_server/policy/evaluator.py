@@ -40,6 +40,7 @@ from typing import Protocol
 import structlog
 
 from spendgate_server.errors import StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.metrics import Metrics
 from spendgate_server.policy.checks import evaluate
 from spendgate_server.policy.journal import EVALUATOR_GROUP, JOURNAL_LOG, JournalEvent
@@ -334,6 +335,7 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         next_metrics = 0.0
         failures = 0
+        outage = Outage(_log, "evaluator_round_failed", "evaluator_round_restored")
         task = asyncio.current_task()
         while not self._stopping:
             if task is not None and task.cancelling():
@@ -346,10 +348,11 @@ class Evaluator:
                     await self.refresh_metrics()
                     next_metrics = loop.time() + self._timings.metrics_interval_seconds
                 failures = 0
+                outage.succeeded()
             except (StoreUnavailable, BrokenProcessPool) as exc:
                 # An outage passes, and a dead evaluation process is replaced: back off, keep evaluating.
                 failures += 1
-                _log.warning("evaluator_round_failed", error=str(exc), failures=failures)
+                outage.failed(exc)
                 await asyncio.sleep(min(self._timings.idle_poll_seconds * 2**failures, 5.0))
                 continue
             if not done:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import structlog
 
 from spendgate_server.errors import StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.policy.violations import VIOLATIONS_LOG, WEBHOOK_GROUP, Violation
 from spendgate_server.store.logs import LogEntry, LogStore
 
@@ -204,12 +205,14 @@ class WebhookSink:
 
     async def run(self) -> None:
         """Deliver until :meth:`stop` or cancellation; store outages are logged and retried."""
+        outage = Outage(_log, "webhook_round_failed", "webhook_round_restored")
         while not self._stopping:
             try:
                 done = await self.run_once()
+                outage.succeeded()
             except StoreUnavailable as exc:
                 # An outage passes; anything else ends the process running the sink (lifecycle.py).
-                _log.warning("webhook_round_failed", error=str(exc))
+                outage.failed(exc)
                 done = 0
             if not done and not self._stopping:
                 await asyncio.sleep(self._idle_poll)

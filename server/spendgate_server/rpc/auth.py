@@ -20,25 +20,26 @@ import asyncio
 import hmac
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import structlog
 from prometheus_client import Counter, Gauge
 
 from spendgate_server.errors import ConfigError, SpendgateError
+from spendgate_server.logging import Outage
 from spendgate_server.store.keys import ApiKey, KeyStore, Scope, hash_secret, key_problem, parse_key
 
 __all__ = [
     "DEV_PRINCIPAL",
-    "AuthInterceptor",
     "Authenticator",
     "Principal",
     "current_principal",
     "is_loopback",
+    "set_principal",
 ]
 
 _log = structlog.get_logger("spendgate.auth")
@@ -75,9 +76,18 @@ ADMIN_METHODS = frozenset(
 )
 
 
+# Verified keys remembered between two loads of the key table (rpc/auth.py Authenticator).
+_MAX_VERIFIED = 1024
+
+
 def current_principal() -> Principal:
     """The caller of the RPC being served."""
     return _current.get()
+
+
+def set_principal(principal: Principal) -> None:
+    """Make ``principal`` the caller of the RPC being served (rpc/guard.py, once authenticated)."""
+    _current.set(principal)
 
 
 def is_loopback(host: str) -> bool:
@@ -122,6 +132,10 @@ class Authenticator:
         self._missing = False
         self._ignored_keys_logged = False
         self._last_logged: dict[tuple[str, str], float] = {}
+        # Keys presented and verified since the table was last loaded, as presented: the same
+        # string needs no parse, hash or compare again. Only valid, active keys get in, and each
+        # load empties it, so a revoked key is refused from the next load on, as before.
+        self._verified: dict[str, Principal] = {}
 
     @property
     def has_keys(self) -> bool:
@@ -153,6 +167,7 @@ class Authenticator:
         if first:
             self._open = self._allow_open_mode and not keys
         self._keys = keys
+        self._verified = {}
         if self._open:
             if keys and not self._ignored_keys_logged:
                 self._ignored_keys_logged = True
@@ -181,12 +196,15 @@ class Authenticator:
 
     async def run(self) -> None:
         """Reload the key table until cancelled: new and revoked keys take effect within the period."""
+        outage = Outage(_log, "key_reload_failed", "key_reload_restored")
         while True:
             await asyncio.sleep(self._reload_seconds)
             try:
                 await self.load()
             except SpendgateError as exc:
-                _log.warning("key_reload_failed", error=str(exc))
+                outage.failed(exc)
+            else:
+                outage.succeeded()
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, method: str) -> Principal:
         """The principal of a call, checked against the method's scope.
@@ -218,6 +236,24 @@ class Authenticator:
                 "",
                 "this server requires an API key: send it as 'authorization: Bearer sgk_…'",
             )
+        principal = self._verified.get(presented)
+        if principal is None:
+            principal = self._verify(presented)
+        if method in ADMIN_METHODS and principal.scope is not Scope.ADMIN:
+            raise self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "scope",
+                principal.key_id,
+                f"API key {principal.key_id} has the client scope; {method} needs an admin key",
+            )
+        return principal
+
+    def _verify(self, presented: str) -> Principal:
+        """The principal of a presented key checked against the key table (then remembered).
+
+        Raises:
+            AuthError: malformed, unknown or revoked (UNAUTHENTICATED).
+        """
         parsed = parse_key(presented)
         if parsed is None:
             raise self._refuse(
@@ -236,14 +272,11 @@ class Authenticator:
             raise self._refuse(
                 grpc.StatusCode.UNAUTHENTICATED, "revoked", key_id, f"API key {key_id} was revoked"
             )
-        if method in ADMIN_METHODS and record.scope is not Scope.ADMIN:
-            raise self._refuse(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "scope",
-                key_id,
-                f"API key {key_id} has the client scope; {method} needs an admin key",
-            )
-        return Principal(record.tenant, record.scope, key_id, record.name)
+        principal = Principal(record.tenant, record.scope, key_id, record.name)
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[presented] = principal
+        return principal
 
     def _refuse(self, code: grpc.StatusCode, reason: str, key_id: str, message: str) -> AuthError:
         if self._failures is not None:
@@ -256,54 +289,6 @@ class Authenticator:
             self._last_logged[(reason, key_id)] = now
             _log.warning("auth_failed", reason=reason, key_id=key_id or None)
         return AuthError(code, reason, message)
-
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call and exposes the principal to the servicer (current_principal)."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        auth = self._auth
-
-        async def authenticated(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            try:
-                metadata = cast("Sequence[tuple[str, Any]] | None", context.invocation_metadata())
-                _current.set(auth.authenticate(metadata, method))
-            except AuthError as exc:
-                await context.abort(exc.code, str(exc))
-
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await authenticated(context)
-                return await inner(request, context)
-
-            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_unary=unary))
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                await authenticated(context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_stream=stream))
-        return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
 
 
 def check_exposure(host: str, has_keys: bool, insecure: bool) -> None:

@@ -24,7 +24,7 @@ from spendgate_server.rpc.revisions import (
     page_request,
     revision_fields,
 )
-from spendgate_server.rpc.validation import config_from_proto, project_from_proto
+from spendgate_server.rpc.validation import config_from_proto, etag_from_proto, project_from_proto
 from spendgate_server.rpc.wire import config_to_proto
 from spendgate_server.store.configs import StoredConfig
 
@@ -81,7 +81,7 @@ class ConfigServicer(config_pb2_grpc.ConfigServiceServicer):
                 current_principal().tenant,
                 project,
                 json.dumps(config_to_dict(config), sort_keys=True),
-                request.etag,
+                etag_from_proto(request.etag),
                 actor_of(context),
                 now_ms(),
             )

@@ -22,7 +22,7 @@ from spendgate_server.rpc.revisions import (
     page_request,
     revision_fields,
 )
-from spendgate_server.rpc.validation import policies_from_proto
+from spendgate_server.rpc.validation import etag_from_proto, policies_from_proto
 from spendgate_server.store.policies import StoredPolicies
 
 __all__ = ["PolicyServicer"]
@@ -59,7 +59,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             stored = await self._store.put(
                 tenant,
                 json.dumps(policies_to_dict(policies), sort_keys=True),
-                request.etag,
+                etag_from_proto(request.etag),
                 actor_of(context),
                 now_ms(),
             )

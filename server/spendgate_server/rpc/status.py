@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from spendgate_server.errors import (
@@ -21,7 +19,7 @@ from spendgate_server.errors import (
 )
 from spendgate_server.store.configs import ConfigConflict
 
-__all__ = ["DOMAIN", "DecodeErrorInterceptor", "abort", "rpc_status"]
+__all__ = ["DOMAIN", "abort", "rpc_status"]
 
 DOMAIN = "spendgate.dev"
 # The message travels in a trailer, and again inside the Status with the BadRequest in
@@ -105,52 +103,3 @@ async def abort(
         code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
     )
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
-
-
-class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Answers bytes that are not a valid request message with INVALID_ARGUMENT.
-
-    grpc would otherwise report its own deserialisation failure as UNKNOWN; here the
-    handler receives raw bytes and parses them itself.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
-        handler: Any = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
-        parse = handler.request_deserializer
-
-        async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return parse(raw)
-            except DecodeError:
-                violation = FieldViolation("request", "is not a valid protobuf message of the request type")
-                await abort(context, *rpc_status(InvalidArgument([violation])))
-
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                return await inner(await decoded(raw, context), context)
-
-            return cast(
-                "grpc.RpcMethodHandler[Any, Any]",
-                handler._replace(unary_unary=unary, request_deserializer=None),
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                async for item in inner_stream(await decoded(raw, context), context):
-                    yield item
-
-            return cast(
-                "grpc.RpcMethodHandler[Any, Any]",
-                handler._replace(unary_stream=stream, request_deserializer=None),
-            )
-        return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)

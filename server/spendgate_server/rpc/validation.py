@@ -29,9 +29,12 @@ __all__ = [
     "call_from_proto",
     "config_from_proto",
     "cursor_from_proto",
+    "etag_from_proto",
+    "filter_ids_from_proto",
     "offset_page_from_proto",
     "page_size_from_proto",
     "policies_from_proto",
+    "priced_usage",
     "project_from_proto",
     "session_id_from_proto",
     "settle_from_proto",
@@ -52,6 +55,8 @@ _CURSOR = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_STREAM_ID_PART = 2**64 - 1
 # Offset page tokens (config and policy history): a position in a list of at most this many.
 _OFFSET_TOKEN = re.compile(r"[0-9]{1,9}")
+# Etags of config and policies are the version written (store/configs.py): a signed 64-bit counter.
+_ETAG = re.compile(r"[0-9]{1,19}")
 # google.protobuf.Timestamp's documented range ends at 9999-12-31T23:59:59Z; feeds begin at the epoch.
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 # A repeated enum field lists each value at most once in any sensible request; past this it is refused
@@ -86,6 +91,7 @@ BOUNDS = {
     "key_label": "empty, or 1-64 characters of [A-Za-z0-9._:@/-]",
     "environment": "empty, or 1-32 characters of [A-Za-z0-9._-]",
     "cursor": "a Violation.cursor: <milliseconds>-<sequence>",
+    "etag": "empty (create), or the etag last read: the version number, up to 19 digits",
     "timestamp": f"seconds 0-{MAX_TIMESTAMP_SECONDS} (up to 9999-12-31) and nanos 0-999999999",
     "usage.counts": (
         f"genai-prices usage keys to counts: input tokens 0-{MAX_INPUT_TOKENS}, output tokens "
@@ -226,8 +232,7 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         c.integer(f"usage.{field}", getattr(u, field), 0, MAX_INPUT_TOKENS)
     c.integer("usage.output_tokens", u.output_tokens, 0, MAX_OUTPUT_TOKENS)
     _usage_counts(c, u.counts)
-    if not _SERVICE_TIER.fullmatch(u.service_tier):
-        c.bad("usage.service_tier", f"must be {BOUNDS['usage.service_tier']}")
+    _service_tier(c, u.service_tier)
     if request.outcome not in (pb.PROVIDER_OUTCOME_OK, pb.PROVIDER_OUTCOME_ERROR):
         c.bad("outcome", "must be PROVIDER_OUTCOME_OK or PROVIDER_OUTCOME_ERROR")
     context = _call_context(request, c)
@@ -248,6 +253,25 @@ def settle_from_proto(request: pb.SettleRequest, tenant: str) -> SettleCall:
         provider_ok=request.outcome == pb.PROVIDER_OUTCOME_OK,
         context=context,
     )
+
+
+def priced_usage(model: str, counts: Mapping[str, int], service_tier: str) -> Usage:
+    """Validate what ``spendgate price`` quotes by the rules Settle applies to the same fields.
+
+    Raises:
+        InvalidArgument: naming ``model``, ``usage.counts[KEY]`` or ``usage.service_tier``.
+    """
+    c = _Checker()
+    c.model_name("model", model)
+    _usage_counts(c, counts)
+    _service_tier(c, service_tier)
+    c.raise_if_any()
+    return Usage(counts=dict(counts), service_tier=service_tier)
+
+
+def _service_tier(c: _Checker, tier: str, field: str = "usage.service_tier") -> None:
+    if not _SERVICE_TIER.fullmatch(tier):
+        c.bad(field, f"must be {BOUNDS['usage.service_tier']}")
 
 
 def _usage_counts(c: _Checker, counts: Mapping[str, int], name: str = "usage", scale: int = 1) -> None:
@@ -424,6 +448,35 @@ def time_range_from_proto(
     if until is not None and until <= since:
         raise InvalidArgument([FieldViolation("end_time", "must be after start_time")])
     return since, until
+
+
+def etag_from_proto(etag: str) -> str:
+    """Validate the etag of an update (AIP-154): empty to create, else an etag this service gave.
+
+    A malformed etag can never match, so it is refused as bad input rather than reported as
+    someone else's write (FAILED_PRECONDITION).
+
+    Raises:
+        InvalidArgument: naming ``etag``.
+    """
+    if etag and not _ETAG.fullmatch(etag):
+        raise InvalidArgument([FieldViolation("etag", f"must be {BOUNDS['etag']}")])
+    return etag
+
+
+def filter_ids_from_proto(session_id: str, project: str) -> tuple[str, str]:
+    """Validate the session and project of a filter (empty: any) by the rules Decide applies.
+
+    A filter no Decide could ever have recorded is refused rather than answered with nothing.
+
+    Raises:
+        InvalidArgument: naming ``session_id`` or ``project``.
+    """
+    c = _Checker()
+    c.name("session_id", session_id, required=False)
+    c.project("project", project)
+    c.raise_if_any()
+    return session_id, project
 
 
 def project_from_proto(project: str) -> str:

@@ -23,7 +23,12 @@ from spendgate_server.policy.violations import (
 from spendgate_server.rpc.alerts_wire import violation_to_proto
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
-from spendgate_server.rpc.validation import cursor_from_proto, page_size_from_proto, time_range_from_proto
+from spendgate_server.rpc.validation import (
+    cursor_from_proto,
+    filter_ids_from_proto,
+    page_size_from_proto,
+    time_range_from_proto,
+)
 
 __all__ = ["ViolationServicer"]
 
@@ -39,6 +44,7 @@ RESPONSE_CACHE_SIZE = 4096
 def _filter(policy_type: int, session_id: str, project: str) -> ViolationFilter:
     if policy_type and policy_type not in PolicyType._value2member_map_:
         raise InvalidArgument([FieldViolation("policy_type", f"unknown PolicyType value {policy_type}")])
+    filter_ids_from_proto(session_id, project)
     return ViolationFilter(PolicyType(policy_type) if policy_type else None, session_id, project)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "SessionKey",
     "SessionState",
     "SettleOutcome",
+    "SettleRecord",
     "SettleRequest",
     "SettleStatus",
     "Store",
@@ -177,6 +178,19 @@ class SettleOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleRecord:
+    """What the store kept of a settle: the cost it counted and what Decide admitted.
+
+    Kept for ``SettleRequest.settled_ttl_ms`` after the settle (the window in which a
+    repeated settle is recognised), so a journal event whose append never happened can
+    be rebuilt from it.
+    """
+
+    cost_nano_usd: int
+    decided: DecidedCall | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequest:
     """Undo a reserve whose answer its caller never heard, or make sure it never applies.
 
@@ -260,6 +274,18 @@ class Store(ABC):
         the actual cost. With ``release_dedup`` the dedup mark the reservation's
         admission set is removed too, unless a later admission has renewed it.
         """
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        """The record of ``reservation_id``'s settle; None when it was never settled (or is forgotten).
+
+        A read: nothing changes.
+
+        Raises:
+            StoreUnavailable: the store did not answer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read settle records")
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
         """Undo a reserve whose answer was never heard, or make sure it changes nothing when it runs.

@@ -34,6 +34,7 @@ from spendgate_server.store.base import (
     SessionKey,
     SessionState,
     SettleOutcome,
+    SettleRecord,
     SettleRequest,
     Store,
 )
@@ -180,6 +181,11 @@ class CircuitBreakerStore(Store):
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
         return await self._guarded(lambda: self._inner.settle(request))
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        return await self._guarded(lambda: self._inner.settle_record(session, reservation_id, now_ms))
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
         return await self._guarded(lambda: self._inner.cancel(request))

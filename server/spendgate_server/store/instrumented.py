@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from prometheus_client import Counter, Histogram
@@ -16,6 +16,7 @@ from spendgate_server.store.base import (
     SessionKey,
     SessionState,
     SettleOutcome,
+    SettleRecord,
     SettleRequest,
     Store,
 )
@@ -32,31 +33,47 @@ class InstrumentedStore(Store):
         self._inner = inner
         self._seconds = seconds
         self._errors = errors
+        # Each operation's labelled children, looked up once: labels() takes a lock and builds
+        # a key on every call, and reserve and settle run on every Decide and Settle.
+        self._reserve = self._op("reserve")
+        self._settle = self._op("settle")
 
-    async def _timed(self, op: str, call: Callable[[], Awaitable[_T]]) -> _T:
+    def _op(self, op: str) -> tuple[Histogram, Counter]:
+        return self._seconds.labels(op), self._errors.labels(op)
+
+    async def _timed(self, children: tuple[Histogram, Counter], call: Awaitable[_T]) -> _T:
         started = time.perf_counter()
         try:
-            return await call()
+            return await call
         except Exception:
-            self._errors.labels(op).inc()
+            children[1].inc()
             raise
         finally:
-            self._seconds.labels(op).observe(time.perf_counter() - started)
+            children[0].observe(time.perf_counter() - started)
 
     async def reserve(self, request: ReserveRequest) -> ReserveOutcome:
-        return await self._timed("reserve", lambda: self._inner.reserve(request))
+        return await self._timed(self._reserve, self._inner.reserve(request))
 
     async def settle(self, request: SettleRequest) -> SettleOutcome:
-        return await self._timed("settle", lambda: self._inner.settle(request))
+        return await self._timed(self._settle, self._inner.settle(request))
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        return await self._timed(
+            self._op("settle_record"), self._inner.settle_record(session, reservation_id, now_ms)
+        )
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
-        return await self._timed("cancel", lambda: self._inner.cancel(request))
+        return await self._timed(self._op("cancel"), self._inner.cancel(request))
 
     async def session_state(self, session: SessionKey, now_ms: int, session_ttl_ms: int) -> SessionState:
-        return await self._timed("state", lambda: self._inner.session_state(session, now_ms, session_ttl_ms))
+        return await self._timed(
+            self._op("state"), self._inner.session_state(session, now_ms, session_ttl_ms)
+        )
 
     async def ping(self) -> None:
-        await self._timed("ping", self._inner.ping)
+        await self._timed(self._op("ping"), self._inner.ping())
 
     async def close(self) -> None:
         await self._inner.close()

@@ -167,8 +167,10 @@ class KeyStore(ABC):
         """Mark a key revoked; servers stop accepting it at their next reload.
 
         Raises:
-            ConfigError: no key has this id.
+            ConfigError: ``key_id`` is not a key id, or no key has it.
         """
+        if not _KEY_ID.fullmatch(key_id):
+            raise ConfigError(f"{key_id!r} is not a key id: the 8 lowercase hex digits after 'sgk_'")
         key = (await self.all()).get(key_id)
         if key is None:
             raise ConfigError(f"no key with id {key_id!r} (see 'spendgate keys list')")

@@ -13,7 +13,7 @@ A key reads ``<namespace>:<kind>:{<id>[:<id>...]}[:<part>...]``:
 - The ids inside ``{...}`` are the Redis Cluster hash tag, and they are chosen so
   every multi-key step is single-slot: a session's hash and expiry zset share
   ``{tenant:session}``; a config's hash and histories share ``{tenant}``; a log
-  stream and its unique-id markers share ``{log:tenant}``; a tenant's insights share
+  stream, its unique-id markers and its intents share ``{log:tenant}``; a tenant's insights share
   ``{tenant}``.
 
 Ids made of the characters the service accepts (rpc/validation.py) are encoded as
@@ -41,6 +41,7 @@ __all__ = [
     "encode",
     "insights_key",
     "live_sessions_key",
+    "log_intent_keys",
     "log_marker_key",
     "log_registry_key",
     "log_stream_key",
@@ -57,7 +58,7 @@ class Kind(enum.StrEnum):
     SESSION = "ses"  # a session's state: hash + expiry zset
     CONFIG = "cfg"  # a tenant's remote configs: hash + one history list per project
     POLICIES = "pol"  # a tenant's policies: stored like configs, under their own kind
-    LOG = "log"  # a tenant's log (journal, violations): stream + unique-id markers
+    LOG = "log"  # a tenant's log (journal, violations): stream + unique-id markers + intents
     LOG_REGISTRY = "logreg"  # the tenants that have a given log: set
     INSIGHTS = "ins"  # a tenant's session insights: rankings, summaries, series
     LIVE_SESSIONS = "live"  # a tenant's live sessions, for its session quota: sorted set
@@ -125,6 +126,13 @@ def log_stream_key(log: str, tenant: str, namespace: str = NAMESPACE) -> str:
 def log_marker_key(log: str, tenant: str, unique_id: str, namespace: str = NAMESPACE) -> str:
     """The marker of one appended unique id; same slot as its stream."""
     return record_key(f"{namespace}:{Kind.LOG}", (log, tenant), "u", unique_id)
+
+
+def log_intent_keys(log: str, tenant: str, namespace: str = NAMESPACE) -> tuple[str, str]:
+    """The intents of a tenant's ``log``: a sorted set (unique id -> time written, Unix ms) and a
+    hash (unique id -> payload); same slot as its stream, so an append can remove them."""
+    hkey = record_key(f"{namespace}:{Kind.LOG}", (log, tenant), "i")
+    return hkey + ":t", hkey
 
 
 def log_registry_key(log: str, namespace: str = NAMESPACE) -> str:

@@ -7,6 +7,11 @@ touches one slot and Redis Cluster works. Entries carry a caller-chosen unique i
 which makes a retried append harmless. Positions (``entry_id``) are Redis stream
 ids, ``<milliseconds>-<sequence>``, increasing within a tenant's log.
 
+An *intent* is a payload written under a uid before its entry can be appended (the
+journal writes one with each settle, before the settle's final event is known): an
+append of that uid removes it in the same atomic step, so an intent left behind marks
+an append that never happened (its writer died), for a sweeper to finish or drop.
+
 Consumer groups give at-least-once processing: an entry read by a consumer stays
 pending until acknowledged, and an entry pending longer than an idle bound (its
 consumer died) can be claimed by another.
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "AppendResult",
+    "Intent",
     "LogEntry",
     "LogStore",
     "MemoryLogStore",
@@ -54,6 +60,15 @@ class LogEntry:
     """One entry: its position in the tenant's log and the payload appended."""
 
     entry_id: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A payload waiting for its append: its uid, when it was written (Unix ms) and the payload."""
+
+    uid: str
+    time_ms: int
     payload: str
 
 
@@ -87,8 +102,32 @@ class LogStore(ABC):
 
         The log keeps its newest ``max_entries`` entries (older ones are trimmed,
         pending or not). ``now_ms`` is the caller's clock (the memory store's ids and
-        expiry use it; Redis uses its own clock for ids).
+        expiry use it; Redis uses its own clock for ids). The intent of every uid given is
+        removed in the same step, whether its entry was new or not.
         """
+
+    @abstractmethod
+    async def put_intent(
+        self, log: str, tenant: str, uid: str, payload: str, *, now_ms: int, ttl_ms: int
+    ) -> None:
+        """Record (or replace) ``uid``'s intent, written at ``now_ms``; the tenant joins :meth:`tenants`.
+
+        Redis forgets a tenant's intents ``ttl_ms`` after the last one was written.
+
+        Raises:
+            StoreUnavailable: not recorded.
+        """
+
+    @abstractmethod
+    async def stale_intents(
+        self, log: str, tenants: Sequence[str], *, before_ms: int, count: int
+    ) -> dict[str, list[Intent]]:
+        """Per tenant with any, up to ``count`` of its intents written before ``before_ms``, oldest first."""
+
+    @abstractmethod
+    async def drop_intents(self, log: str, tenant: str, intents: Sequence[tuple[str, int]]) -> int:
+        """Remove each ``(uid, time_ms)`` intent that is still the one written at ``time_ms``
+        (a newer write of the uid is kept); returns how many were removed."""
 
     @abstractmethod
     async def tenants(self, log: str) -> list[str]:
@@ -165,6 +204,7 @@ class _Log:
     uids: dict[str, tuple[str, int]] = field(default_factory=dict)
     groups: dict[str, _Group] = field(default_factory=dict)
     last: tuple[int, int] = (0, 0)
+    intents: dict[str, Intent] = field(default_factory=dict)
 
 
 class MemoryLogStore(LogStore):
@@ -197,6 +237,8 @@ class MemoryLogStore(LogStore):
     ) -> AppendResult:
         part = self._log(log, tenant)
         ids: list[str] = []
+        for uid, _ in entries:
+            part.intents.pop(uid, None)
         for uid, payload in entries:
             seen = part.uids.get(uid)
             if seen is not None and seen[1] > now_ms:
@@ -220,6 +262,37 @@ class MemoryLogStore(LogStore):
 
     async def tenants(self, log: str) -> list[str]:
         return list(self._tenants.get(log, []))
+
+    async def put_intent(
+        self, log: str, tenant: str, uid: str, payload: str, *, now_ms: int, ttl_ms: int
+    ) -> None:
+        # The intents of this process's logs die with it, as its logs do: no expiry needed.
+        self._log(log, tenant).intents[uid] = Intent(uid, now_ms, payload)
+
+    async def stale_intents(
+        self, log: str, tenants: Sequence[str], *, before_ms: int, count: int
+    ) -> dict[str, list[Intent]]:
+        out: dict[str, list[Intent]] = {}
+        for tenant in tenants:
+            part = self._logs.get((log, tenant))
+            if part is None:
+                continue
+            stale = sorted(
+                (i for i in part.intents.values() if i.time_ms < before_ms), key=lambda i: i.time_ms
+            )
+            if stale:
+                out[tenant] = stale[:count]
+        return out
+
+    async def drop_intents(self, log: str, tenant: str, intents: Sequence[tuple[str, int]]) -> int:
+        part = self._logs.get((log, tenant))
+        dropped = 0
+        for uid, time_ms in intents:
+            found = part.intents.get(uid) if part is not None else None
+            if part is not None and found is not None and found.time_ms == time_ms:
+                del part.intents[uid]
+                dropped += 1
+        return dropped
 
     def _group(self, part: _Log, group: str) -> _Group:
         found = part.groups.get(group)

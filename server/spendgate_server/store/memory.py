@@ -21,6 +21,7 @@ from spendgate_server.store.base import (
     SessionKey,
     SessionState,
     SettleOutcome,
+    SettleRecord,
     SettleRequest,
     SettleStatus,
     Store,
@@ -184,6 +185,14 @@ class MemoryStore(Store):
         s.schedule(now + request.settled_ttl_ms, "d", rid)
         s.idle_until_ms = now + request.session_ttl_ms
         return SettleOutcome(SettleStatus.SETTLED, cost, s.spent, s.reserved, decided)
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        s = self._sessions.get(session)
+        if s is None or s.idle_until_ms <= now_ms or reservation_id not in s.settled:
+            return None
+        return SettleRecord(s.settled[reservation_id], s.decided.get(reservation_id))
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
         now = request.now_ms

@@ -53,6 +53,7 @@ from spendgate_server.store.base import (
     SessionKey,
     SessionState,
     SettleOutcome,
+    SettleRecord,
     SettleRequest,
     SettleStatus,
     Store,
@@ -438,6 +439,18 @@ class RedisStore(Store):
         reply = await self._run(self._settle, request.session, SETTLE.args(request))
         status, cost, spent, reserved, decided = reply
         return SettleOutcome(SettleStatus(status), cost, spent, reserved, DecidedCall.decode(decided))
+
+    async def settle_record(
+        self, session: SessionKey, reservation_id: str, now_ms: int
+    ) -> SettleRecord | None:
+        # A plain read of the session hash's d:<id> and a:<id> fields (lua/_session.lua).
+        hkey = session_keys(session, self._prefix)[0]
+        cost, decided = await redis_call(
+            self._client.hmget(hkey, [f"d:{reservation_id}", f"a:{reservation_id}"])
+        )
+        if cost is None:
+            return None
+        return SettleRecord(int(cost), DecidedCall.decode(decided) if decided is not None else None)
 
     async def cancel(self, request: CancelRequest) -> CancelStatus:
         (status,) = await self._run(self._cancel, request.session, CANCEL.args(request))

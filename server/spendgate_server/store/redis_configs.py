@@ -8,6 +8,7 @@ from importlib import resources
 import structlog
 from redis.exceptions import RedisError
 
+from spendgate_server.logging import Outage
 from spendgate_server.store.configs import (
     HISTORY_LENGTH,
     ChangeListener,
@@ -82,10 +83,13 @@ class RedisConfigStore(ConfigStore):
 
     async def listen(self, on_change: ChangeListener) -> None:
         attempt = 0
+        what = "config" if self._prefix == CONFIGS_PREFIX else "policies"
+        outage = Outage(_log, f"{what}_pubsub_lost", f"{what}_pubsub_restored")
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANGES_CHANNEL)
+                outage.succeeded()
                 # Notices sent while we were not subscribed are lost: treat every tenant as changed.
                 on_change("*")
                 attempt = 0
@@ -96,7 +100,7 @@ class RedisConfigStore(ConfigStore):
             except (RedisError, OSError) as exc:
                 delay = _RECONNECT_SECONDS[min(attempt, len(_RECONNECT_SECONDS) - 1)]
                 attempt += 1
-                _log.warning("config_pubsub_lost", error=str(exc), retry_seconds=delay)
+                outage.failed(exc, retry_seconds=delay)
                 await asyncio.sleep(delay)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py

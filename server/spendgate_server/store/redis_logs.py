@@ -1,9 +1,11 @@
 """Logs in Redis Streams: one stream per (log, tenant) under its own hash tag.
 
-Keys (store/keyspace.py): ``sg:log:{<log>:<tenant>}`` (the stream) and
-``sg:log:{<log>:<tenant>}:u:<uid>`` (one marker per unique id, expiring) share a hash
-tag, so the append script is single-slot. ``sg:logreg:{<log>}`` (a set, its own slot)
-lists the tenants, written once per tenant per process after its first append.
+Keys (store/keyspace.py): ``sg:log:{<log>:<tenant>}`` (the stream),
+``sg:log:{<log>:<tenant>}:u:<uid>`` (one marker per unique id, expiring) and
+``sg:log:{<log>:<tenant>}:i`` / ``:i:t`` (the intents: payloads by uid, and uids by the
+time they were written) share a hash tag, so every script is single-slot.
+``sg:logreg:{<log>}`` (a set, its own slot) lists the tenants, written once per tenant
+per process with its first intent or after its first append.
 """
 
 from __future__ import annotations
@@ -15,31 +17,67 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from spendgate_server.errors import StoreUnavailable
-from spendgate_server.store.keyspace import log_marker_key, log_registry_key, log_stream_key
-from spendgate_server.store.logs import AppendResult, LogEntry, LogStore, entry_id_ms, parse_entry_id
+from spendgate_server.store.keyspace import log_intent_keys, log_marker_key, log_registry_key, log_stream_key
+from spendgate_server.store.logs import AppendResult, Intent, LogEntry, LogStore, entry_id_ms, parse_entry_id
 from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
-__all__ = ["APPEND_SCRIPT", "RedisLogStore"]
+__all__ = ["APPEND_SCRIPT", "DROP_INTENTS_SCRIPT", "INTENT_SCRIPT", "RedisLogStore"]
 
 _T = TypeVar("_T")
 
 APPEND_SCRIPT = """
--- log_append: append the entries whose unique id was not seen; keep the newest N.
--- KEYS[1] the stream   KEYS[2..n+1] one marker key per entry (same hash tag)
--- ARGV[1] max entries (exact trim)   ARGV[2] marker ttl ms   ARGV[3..n+2] payloads
+-- log_append: append the entries whose unique id was not seen; keep the newest N; remove
+-- the intent of every entry given (appended now or before).
+-- KEYS[1] the stream   KEYS[2] intent times (zset)   KEYS[3] intent payloads (hash)
+-- KEYS[4..n+3] one marker key per entry (same hash tag)
+-- ARGV[1] max entries (exact trim)   ARGV[2] marker ttl ms
+-- ARGV[3..n+2] payloads   ARGV[n+3..2n+2] unique ids
 -- Reply: per entry, its new stream id, or "" when its marker existed (nothing added)
 local out = {}
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+local n = #KEYS - 3
+for i = 1, n do
+  local marker, uid = KEYS[i + 3], ARGV[n + 2 + i]
+  if redis.call('EXISTS', marker) == 1 then
     out[#out + 1] = ''
   else
-    local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'p', ARGV[i + 1])
-    redis.call('SET', KEYS[i], id, 'PX', ARGV[2])
+    local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'p', ARGV[i + 2])
+    redis.call('SET', marker, id, 'PX', ARGV[2])
     out[#out + 1] = id
   end
+  redis.call('ZREM', KEYS[2], uid)
+  redis.call('HDEL', KEYS[3], uid)
 end
 return out
+"""
+
+INTENT_SCRIPT = """
+-- log_intent: record (or replace) the intent of one unique id.
+-- KEYS[1] intent times (zset)   KEYS[2] intent payloads (hash)   (the stream's hash tag)
+-- ARGV[1] unique id   ARGV[2] time written, Unix ms   ARGV[3] payload   ARGV[4] ttl ms
+-- Reply: 1
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+DROP_INTENTS_SCRIPT = """
+-- log_drop_intents: remove intents still written at the time given (a newer write is kept).
+-- KEYS[1] intent times (zset)   KEYS[2] intent payloads (hash)
+-- ARGV[2i-1] unique id   ARGV[2i] the time it was written, Unix ms
+-- Reply: how many were removed
+local dropped = 0
+for i = 1, #ARGV, 2 do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if at and tonumber(at) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    dropped = dropped + 1
+  end
+end
+return dropped
 """
 
 
@@ -79,6 +117,8 @@ class RedisLogStore(LogStore):
         self._poll_seconds = poll_seconds
         self._prefix = key_prefix
         self._append = client.register_script(APPEND_SCRIPT)
+        self._intent = client.register_script(INTENT_SCRIPT)
+        self._drop_intents = client.register_script(DROP_INTENTS_SCRIPT)
         self._registered: set[tuple[str, str]] = set()
         self._groups: set[tuple[str, str, str]] = set()
 
@@ -109,20 +149,83 @@ class RedisLogStore(LogStore):
         if not entries:
             return AppendResult(())
         stream = self.stream_key(log, tenant)
-        keys = [stream, *(log_marker_key(log, tenant, uid, self._prefix) for uid, _ in entries)]
-        args: list[int | str] = [max_entries, max(unique_ttl_ms, 1), *(payload for _, payload in entries)]
-        reply: list[Any]
+        keys = [
+            stream,
+            *log_intent_keys(log, tenant, self._prefix),
+            *(log_marker_key(log, tenant, uid, self._prefix) for uid, _ in entries),
+        ]
+        args: list[int | str] = [
+            max_entries,
+            max(unique_ttl_ms, 1),
+            *(payload for _, payload in entries),
+            *(uid for uid, _ in entries),
+        ]
+        reply: list[Any] = await self._script(APPEND_SCRIPT, self._append, keys, args)
+        await self._register(log, tenant)
+        return AppendResult(tuple(_text(r) for r in reply))
+
+    async def _script(self, source: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a log script: over the pipelined connection when there is one, else the pool."""
         if self._hot_path is not None:
             try:
-                reply = await self._hot_path.run_script(APPEND_SCRIPT, keys, args)
+                return await self._hot_path.run_script(source, keys, args)
             except ScriptError as exc:
                 raise RuntimeError(str(exc)) from exc
-        else:
-            reply = await redis_call(self._append(keys=keys, args=args))
+        return await redis_call(script(keys=keys, args=args))
+
+    async def _register(self, log: str, tenant: str) -> None:
         if (log, tenant) not in self._registered:
             await redis_call(self._client.sadd(self._registry(log), tenant))
             self._registered.add((log, tenant))
-        return AppendResult(tuple(_text(r) for r in reply))
+
+    async def put_intent(
+        self, log: str, tenant: str, uid: str, payload: str, *, now_ms: int, ttl_ms: int
+    ) -> None:
+        keys = list(log_intent_keys(log, tenant, self._prefix))
+        write = self._script(INTENT_SCRIPT, self._intent, keys, [uid, now_ms, payload, max(ttl_ms, 1)])
+        if (log, tenant) in self._registered:
+            await write
+            return
+        # The tenant's first intent in this process: a sweeper finds intents through the registry,
+        # so it is written too (concurrently: a registry in its own slot, one round trip).
+        await asyncio.gather(write, self._register(log, tenant))
+
+    async def stale_intents(
+        self, log: str, tenants: Sequence[str], *, before_ms: int, count: int
+    ) -> dict[str, list[Intent]]:
+        # One pipelined command per tenant (per node on a cluster): cheap when there is nothing to do.
+        keys = [log_intent_keys(log, tenant, self._prefix) for tenant in tenants]
+        pipe = self._client.pipeline(transaction=False)
+        for times, _ in keys:
+            pipe.zrangebyscore(times, "-inf", f"({before_ms}", start=0, num=count, withscores=True)
+        found = [
+            (tenant, [(_text(uid), int(at)) for uid, at in due], payloads)
+            for tenant, due, (_, payloads) in zip(
+                tenants, await redis_call(pipe.execute()), keys, strict=True
+            )
+            if due
+        ]
+        if not found:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for _, due, payloads in found:
+            pipe.hmget(payloads, [uid for uid, _ in due])
+        out: dict[str, list[Intent]] = {}
+        for (tenant, due, _), values in zip(found, await redis_call(pipe.execute()), strict=True):
+            # A payload gone meanwhile was appended (or dropped) between the two reads.
+            intents = [
+                Intent(uid, at, _text(v)) for (uid, at), v in zip(due, values, strict=True) if v is not None
+            ]
+            if intents:
+                out[tenant] = intents
+        return out
+
+    async def drop_intents(self, log: str, tenant: str, intents: Sequence[tuple[str, int]]) -> int:
+        if not intents:
+            return 0
+        keys = list(log_intent_keys(log, tenant, self._prefix))
+        args = [part for uid, time_ms in intents for part in (uid, time_ms)]
+        return int(await self._script(DROP_INTENTS_SCRIPT, self._drop_intents, keys, args))
 
     async def tenants(self, log: str) -> list[str]:
         members = await redis_call(self._client.smembers(self._registry(log)))

@@ -17,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from spendgate_client._client import (
+    DEFAULT_MAX_OUTSTANDING,
     DEFAULT_TARGET,
     AsyncDecisionClient,
     ClientStats,
@@ -57,6 +58,7 @@ _WRAPPERS = {
 
 __all__ = [
     "CONFIG_KEYS",
+    "DEFAULT_MAX_OUTSTANDING",
     "DEFAULT_TARGET",
     "AsyncDecisionClient",
     "AsyncJournaledAnthropic",

@@ -27,8 +27,10 @@ from spendgate_client._errors import (
     TokenCeilingExceeded,
     ToolCallLimitExceeded,
 )
+from spendgate_client._target import target_problem
 
 __all__ = [
+    "DEFAULT_MAX_OUTSTANDING",
     "DEFAULT_TARGET",
     "AsyncDecisionClient",
     "ClientStats",
@@ -45,6 +47,12 @@ __all__ = [
 _log = logging.getLogger("spendgate_client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_OUTSTANDING = 64
+"""Calls one client has sent and not yet heard back from, at most: the server's own bound
+(``spendgate serve --max-in-flight``, 64 per worker). More could not be served at once
+anyway; they would only queue, in the server or in this client's channel (HTTP/2 lets a
+connection carry so many streams; gRPC holds the calls past that in the client), and
+come back late, when the fail mode can no longer help."""
 FailMode = Literal["open", "closed"]
 
 _RULE_KEYS = {
@@ -76,7 +84,14 @@ _OUTAGE_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# Answers after which a client lowers its limit of calls outstanding (see _Outstanding).
+_OVERLOAD_CODES = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+)
+_BACKOFF = 0.5
 _SETTLE_ATTEMPTS = 3
+# The whole timeout of a hot call, in milliseconds (the server's rpc/admission.py reads it).
+_TIMEOUT_METADATA = "x-spendgate-timeout-ms"
 # SettleResult codes after which sending the same settle again cannot succeed (the rest are outages).
 _FINAL_SETTLE_CODES = frozenset(c.value[0] for c in grpc.StatusCode if c not in _OUTAGE_CODES) - {0}
 
@@ -296,6 +311,7 @@ class ClientStats:
         self._lock = threading.Lock()
         self.decisions = 0
         self.fail_open_allowances = 0
+        self.outstanding_refusals = 0
         self.settle_retries = 0
         self.settle_failures = 0
 
@@ -396,6 +412,49 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
+class _Outstanding:
+    """Calls sent and not yet answered, up to a limit that follows the answers (thread-safe).
+
+    The limit starts at ``bound`` (0: no bound, nothing adapts). It follows TCP's
+    congestion window (AIMD): an answer that says the service is overloaded or late
+    (:data:`_OVERLOAD_CODES`) multiplies it by :data:`_BACKOFF` (not below 1), once per
+    round (calls sent before the last decrease say nothing new); any other answer adds
+    ``1 / limit`` (about 1 per round of calls, not above ``bound``). When the server sheds
+    calls from a standing queue, or calls time out, its clients send fewer at once and
+    the queue they feed shrinks, where a fixed bound would refill it as fast as it is
+    shed; the calls past the limit are refused here, which costs the server nothing.
+    """
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.limit = float(bound)
+        self.count = 0
+        self._decreases = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> int | None:
+        """Count one more call and return its ticket for :meth:`leave`; None (counting nothing)
+        when the limit is reached."""
+        with self._lock:
+            if self.bound and self.count + 1 > self.limit:
+                return None
+            self.count += 1
+            return self._decreases
+
+    def leave(self, ticket: int, status: grpc.StatusCode | None = None) -> None:
+        """The call :meth:`enter` gave ``ticket`` has ended, however it ended: with ``status``
+        when it was answered (or timed out), None when nothing was learnt (the caller cancelled)."""
+        with self._lock:
+            self.count -= 1
+            if not self.bound or status is None:
+                return
+            if status not in _OVERLOAD_CODES:
+                self.limit = min(float(self.bound), self.limit + 1.0 / self.limit)
+            elif ticket == self._decreases:
+                self.limit = max(1.0, self.limit * _BACKOFF)
+                self._decreases += 1
+
+
 class _Base:
     def __init__(
         self,
@@ -404,12 +463,21 @@ class _Base:
         timeout: float,
         fail_mode: FailMode,
         api_key: str | None,
+        max_outstanding: int,
     ) -> None:
         if fail_mode not in ("open", "closed"):
             raise ValueError(f"fail_mode must be 'open' or 'closed', got {fail_mode!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(max_outstanding, bool) or not isinstance(max_outstanding, int) or max_outstanding < 0:
+            raise ValueError(
+                f"max_outstanding must be a whole number >= 0 (0: no bound), got {max_outstanding!r}"
+            )
         self.target = target or os.environ.get("SPENDGATE_TARGET") or DEFAULT_TARGET
+        problem = target_problem(self.target)
+        if problem:
+            # Refused here: a bad port fails every call, which fail_mode="open" would allow unguarded.
+            raise ValueError(f"spendgate target (or SPENDGATE_TARGET) {self.target!r}: {problem}")
         self.timeout = timeout
         self.fail_mode = fail_mode
         self.stats = ClientStats()
@@ -417,7 +485,29 @@ class _Base:
         self._metadata: tuple[tuple[str, str | bytes], ...] | None = (
             (("authorization", f"Bearer {key}"),) if key else None
         )
+        # Each hot call also says its whole timeout: with what is left of it when the server takes
+        # the call up, the server knows how long it waited, and sheds calls from a standing queue.
+        auth = self._metadata or ()
+        self._decide_metadata = (*auth, (_TIMEOUT_METADATA, str(round(timeout * 1000))))
+        self._settle_metadata = (*auth, (_TIMEOUT_METADATA, str(round(timeout * 4000))))
         self._carrier: SettleCarrier | None = None
+        self._outstanding = _Outstanding(max_outstanding)
+
+    @property
+    def outstanding(self) -> int:
+        """Calls this client has sent and not yet heard back from (at most ``max_outstanding``)."""
+        return self._outstanding.count
+
+    @property
+    def max_outstanding(self) -> int:
+        """The bound on :attr:`outstanding` (0: none)."""
+        return self._outstanding.bound
+
+    @property
+    def outstanding_limit(self) -> float:
+        """The limit on :attr:`outstanding` now: ``max_outstanding``, lowered by answers that
+        said the service is overloaded and raised again by the others (see the class docs)."""
+        return self._outstanding.limit
 
     def carry_settles(self, carrier: SettleCarrier | None) -> None:
         """Let each Decide carry settles of its session that ``carrier`` hands it (None: stop).
@@ -473,11 +563,31 @@ class _Base:
         code = error.code()
         if self.fail_mode == "closed":
             raise SpendgateUnavailable(
-                f"spendgate at {self.target} did not answer ({code.name}); fail_mode is 'closed'"
+                f"spendgate at {self.target} did not answer ({code.name}); fail_mode is 'closed'",
+                code.name,
             ) from error
         self.stats.add("fail_open_allowances")
         _log.warning("spendgate unreachable (%s); fail_mode='open' allows the call", code.name)
         return _fail_open_decision(model, f"fail open: spendgate {code.name}")
+
+    def _at_bound(self) -> str:
+        """Count a call refused here, at the limit of calls outstanding, and say why."""
+        self.stats.add("outstanding_refusals")
+        bound, limit, count = self._outstanding.bound, self._outstanding.limit, self._outstanding.count
+        lowered = f", lowered to {int(limit)} by answers saying it is overloaded" if limit < bound else ""
+        return (
+            f"RESOURCE_EXHAUSTED: {count} calls to spendgate at {self.target} already await their "
+            f"answer (max_outstanding={bound}{lowered}): the service is slower than calls arrive"
+        )
+
+    def _on_full(self, model: str) -> Decision:
+        """The fail mode applied to a Decide this client refused at ``max_outstanding``, unsent."""
+        why = self._at_bound()
+        if self.fail_mode == "closed":
+            raise SpendgateUnavailable(f"{why}; fail_mode is 'closed'", "RESOURCE_EXHAUSTED")
+        self.stats.add("fail_open_allowances")
+        _log.warning("spendgate overloaded (%s); fail_mode='open' allows the call", why)
+        return _fail_open_decision(model, "fail open: spendgate RESOURCE_EXHAUSTED (client max_outstanding)")
 
     def _settle_backoff(self, error: grpc.RpcError, attempt: int) -> float:
         """Seconds to wait before the next try of a Settle that failed with ``error``.
@@ -487,6 +597,10 @@ class _Base:
         """
         if error.code() not in _OUTAGE_CODES:
             raise _caller_error(error) from error
+        return self._retry_backoff(attempt)
+
+    def _retry_backoff(self, attempt: int) -> float:
+        """Seconds to wait before the next try of a Settle whose ``attempt`` met an outage."""
         if attempt + 1 < _SETTLE_ATTEMPTS:
             self.stats.add("settle_retries")
             return 0.05 * float(2**attempt)
@@ -508,6 +622,19 @@ class DecisionClient(_Base):
             (logged and counted); ``"closed"`` raises SpendgateUnavailable.
         api_key: spendgate API key (default env ``SPENDGATE_API_KEY``).
         credentials: TLS channel credentials; plaintext when None.
+        max_outstanding: calls (Decide, Settle, SettleBatch) sent and not yet answered,
+            at most (default :data:`DEFAULT_MAX_OUTSTANDING`, the server's own
+            ``--max-in-flight``; 0: no bound). One more is not sent: a Decide gets the
+            fail mode at once (``SpendgateUnavailable`` with ``code`` RESOURCE_EXHAUSTED
+            when closed), a Settle counts as an outage and is retried; counted in
+            ``stats.outstanding_refusals``. The limit in force (``outstanding_limit``)
+            adapts: answers saying the service is overloaded or late (RESOURCE_EXHAUSTED,
+            DEADLINE_EXCEEDED, UNAVAILABLE) halve it, once per round and not below 1;
+            other answers raise it by 1/limit, back up to ``max_outstanding``.
+
+    Raises:
+        ValueError: a bad ``fail_mode``, ``timeout`` or ``max_outstanding``, or a target
+            whose port is not a number in 1..65535.
     """
 
     def __init__(
@@ -518,8 +645,11 @@ class DecisionClient(_Base):
         fail_mode: FailMode = "open",
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
-        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        super().__init__(
+            target, timeout=timeout, fail_mode=fail_mode, api_key=api_key, max_outstanding=max_outstanding
+        )
         options = _channel_options(self.target)
         self._channel = (
             grpc.secure_channel(self.target, credentials, options=options)
@@ -566,16 +696,22 @@ class DecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        if (ticket := self._outstanding.enter()) is None:
+            return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
+        status: grpc.StatusCode | None = None
         try:
-            response = self._stub.Decide(request, timeout=self.timeout, metadata=self._metadata)
+            response = self._stub.Decide(request, timeout=self.timeout, metadata=self._decide_metadata)
+            status = grpc.StatusCode.OK
             results = response.settle_results
         except grpc.RpcError as error:
-            if error.code() in _OUTAGE_CODES:
+            status = error.code()
+            if status in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
+            self._outstanding.leave(ticket, status)
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -610,12 +746,24 @@ class DecisionClient(_Base):
         """
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
-            try:
-                response = self._stub.Settle(request, timeout=self.timeout * 4, metadata=self._metadata)
-            except grpc.RpcError as error:
-                time.sleep(self._settle_backoff(error, attempt))
+            if (ticket := self._outstanding.enter()) is None:
+                self._at_bound()
+                time.sleep(self._retry_backoff(attempt))
                 continue
-            return _settlement(response)
+            status: grpc.StatusCode | None = None
+            try:
+                response = self._stub.Settle(
+                    request, timeout=self.timeout * 4, metadata=self._settle_metadata
+                )
+                status = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                failure = error
+                status = error.code()
+            else:
+                return _settlement(response)
+            finally:
+                self._outstanding.leave(ticket, status)
+            time.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
 
@@ -629,17 +777,28 @@ class DecisionClient(_Base):
             NotImplementedError: the server predates SettleBatch (send them one by one).
             SpendgateError: the service refused the batch itself (never retried).
         """
+        if (ticket := self._outstanding.enter()) is None:
+            self._at_bound()
+            self.stats.add("settle_retries", len(requests))
+            return None
+        status: grpc.StatusCode | None = None
         try:
             response = self._stub.SettleBatch(
-                pb.SettleBatchRequest(settles=requests), timeout=self.timeout * 4, metadata=self._metadata
+                pb.SettleBatchRequest(settles=requests),
+                timeout=self.timeout * 4,
+                metadata=self._settle_metadata,
             )
+            status = grpc.StatusCode.OK
         except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+            status = error.code()
+            if status is grpc.StatusCode.UNIMPLEMENTED:
                 raise NotImplementedError("the spendgate server has no SettleBatch") from error
-            if error.code() in _OUTAGE_CODES:
+            if status in _OUTAGE_CODES:
                 self.stats.add("settle_retries", len(requests))
                 return None
             raise _caller_error(error) from error
+        finally:
+            self._outstanding.leave(ticket, status)
         if len(response.results) != len(requests):
             return None
         return response.results
@@ -669,8 +828,11 @@ class AsyncDecisionClient(_Base):
         fail_mode: FailMode = "open",
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     ) -> None:
-        super().__init__(target, timeout=timeout, fail_mode=fail_mode, api_key=api_key)
+        super().__init__(
+            target, timeout=timeout, fail_mode=fail_mode, api_key=api_key, max_outstanding=max_outstanding
+        )
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._stub: decision_pb2_grpc.DecisionServiceAsyncStub | None = None
@@ -714,16 +876,24 @@ class AsyncDecisionClient(_Base):
             max_usage,
         )
         self.stats.add("decisions")
+        if (ticket := self._outstanding.enter()) is None:
+            return self._on_full(model)
         carried = self._riders(request)
         results: Sequence[pb.SettleResult] | None = None
+        status: grpc.StatusCode | None = None
         try:
-            response = await self._get_stub().Decide(request, timeout=self.timeout, metadata=self._metadata)
+            response = await self._get_stub().Decide(
+                request, timeout=self.timeout, metadata=self._decide_metadata
+            )
+            status = grpc.StatusCode.OK
             results = response.settle_results
         except grpc.RpcError as error:
-            if error.code() in _OUTAGE_CODES:
+            status = error.code()
+            if status in _OUTAGE_CODES:
                 return self._on_outage(error, model)
             raise _caller_error(error) from error
         finally:
+            self._outstanding.leave(ticket, status)
             if carried is not None:
                 carried(results)
         return _decision(response)
@@ -742,14 +912,24 @@ class AsyncDecisionClient(_Base):
         """See DecisionClient.settle."""
         request = _settle_request(session_id, reservation_id, model, usage, provider_ok, journal, keywords)
         for attempt in range(_SETTLE_ATTEMPTS):
+            if (ticket := self._outstanding.enter()) is None:
+                self._at_bound()
+                await asyncio.sleep(self._retry_backoff(attempt))
+                continue
+            status: grpc.StatusCode | None = None
             try:
                 response = await self._get_stub().Settle(
-                    request, timeout=self.timeout * 4, metadata=self._metadata
+                    request, timeout=self.timeout * 4, metadata=self._settle_metadata
                 )
+                status = grpc.StatusCode.OK
             except grpc.RpcError as error:
-                await asyncio.sleep(self._settle_backoff(error, attempt))
-                continue
-            return _settlement(response)
+                failure = error
+                status = error.code()
+            else:
+                return _settlement(response)
+            finally:
+                self._outstanding.leave(ticket, status)
+            await asyncio.sleep(self._settle_backoff(failure, attempt))
         self._settle_lost(reservation_id)
         return None
 

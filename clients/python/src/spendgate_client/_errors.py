@@ -80,7 +80,17 @@ class ToolCallLimitExceeded(EnforcementError):
 
 
 class SpendgateUnavailable(SpendgateError):
-    """The decision service could not be reached in time and ``fail_mode`` is ``"closed"``."""
+    """The decision service could not be reached in time and ``fail_mode`` is ``"closed"``.
+
+    Attributes:
+        code: the gRPC status name of the outage (``"UNAVAILABLE"``, ``"DEADLINE_EXCEEDED"``,
+            ``"RESOURCE_EXHAUSTED"``, ...); ``"RESOURCE_EXHAUSTED"`` with no ``__cause__``
+            when the client refused the call itself, at its ``max_outstanding`` bound.
+    """
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class InvalidRequest(SpendgateError, ValueError):

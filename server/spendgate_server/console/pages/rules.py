@@ -8,7 +8,6 @@ replacing their version is a deliberate second save.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -33,6 +32,8 @@ from spendgate_server.console.rules_form import (
 )
 from spendgate_server.console.sessions import ConsoleSession
 from spendgate_server.console.web import FormRefused, NavItem, console_of, page, read_form, render
+from spendgate_server.errors import InvalidArgument
+from spendgate_server.rpc.validation import project_from_proto
 
 __all__ = ["NAV", "ROUTES"]
 
@@ -43,7 +44,6 @@ RECENT_CHANGES = 5
 HISTORY_PAGE_SIZE = 20
 # How far back a conflict looks for the version the editor started from.
 CONFLICT_LOOKBACK = 50
-_PROJECT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PROJECT_BOUND = "1-64 characters of letters, digits, '.', '_' or '-'"
 # Where the error summary's links lead, and what they call each field.
 FIELD_IDS = {
@@ -67,7 +67,11 @@ def _first(form: Mapping[str, Sequence[str]], name: str) -> str:
 
 
 def _project_error(project: str) -> str:
-    return "" if not project or _PROJECT.fullmatch(project) else f"A project name is {PROJECT_BOUND}."
+    try:
+        project_from_proto(project)  # the service's rule, worded for the page
+    except InvalidArgument:
+        return f"A project name is {PROJECT_BOUND}."
+    return ""
 
 
 def rules_url(project: str, **extra: str) -> str:

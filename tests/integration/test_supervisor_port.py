@@ -1,0 +1,79 @@
+"""Two ``serve --workers N`` supervisors on one port: the second is refused at start.
+
+Workers bind with SO_REUSEPORT, so without a lock the second supervisor's workers would
+join the first one's port. Each supervisor holds an abstract Unix socket named after its
+address for its lifetime; the kernel frees it when the supervisor ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.processes import RedisServer, SpendgateServer, free_port
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer.start()
+    yield server
+    server.stop()
+
+
+def test_second_supervisor_on_a_port_exits_2(
+    spendgate: Callable[..., SpendgateServer], redis_server: RedisServer
+) -> None:
+    """The second supervisor: exit 2 and one line saying the port is taken; the first keeps serving."""
+    port = free_port()
+    argv = ("--workers", "2", "--store", "redis", "--redis-url", redis_server.url)
+    first = spendgate(*argv, port=port)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spendgate_server",
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")},
+    )
+    assert second.returncode == 2
+    reasons = [line for line in second.stderr.splitlines() if not line.startswith("{")]
+    assert reasons == [
+        f"spendgate: --port {port}: cannot bind 127.0.0.1: the port is taken by another spendgate serve "
+        "--workers on this host"
+    ]
+    assert first.process.poll() is None
+
+    # The lock lives as long as its supervisor: once the first has stopped, the port is free again.
+    first.stop()
+    third = spendgate(*argv, port=port)
+    assert third.port == port
+
+
+def test_localhost_and_its_address_are_one_port(
+    spendgate: Callable[..., SpendgateServer], redis_server: RedisServer
+) -> None:
+    """A supervisor on --host localhost holds 127.0.0.1 too: the lock is named after the resolved address."""
+    port = free_port()
+    argv = ("--workers", "2", "--store", "redis", "--redis-url", redis_server.url)
+    spendgate(*argv, "--host", "127.0.0.1", port=port)
+    second = subprocess.run(
+        [sys.executable, "-m", "spendgate_server", "serve", "--port", str(port), "--metrics-port", "0", *argv,
+         "--host", "localhost"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert second.returncode == 2
+    assert "the port is taken by another spendgate serve --workers" in second.stderr
