@@ -17,10 +17,12 @@ DEADLINE_SECONDS = 30.0
 # `spendgate violations tail` with its reconnection backoff shortened (the same attempts, each
 # delay a hundredth): a server down for good ends it in well under a second instead of ~40 s of
 # waiting. Only where the server never comes back; the restart case keeps the real backoff.
+# The CLI module first: it silences grpc's own logging before grpc is imported, as the command does.
 SHORT_BACKOFF = (
+    "from spendgate_server.cli import main; "
     "from spendgate_server.admin import violations_cli as tail; "
     "tail.RESUME_FIRST_DELAY_SECONDS /= 100; tail.RESUME_MAX_DELAY_SECONDS /= 100; "
-    "from spendgate_server.cli import main; main()"
+    "main()"
 )
 
 
