@@ -380,3 +380,23 @@ def test_serve_bad_ports_are_refused_at_start(argv: list[str], line: str) -> Non
     """serve --port/--metrics-port out of range or not a number: one line, exit 2."""
     result = run_process("serve", *argv)
     assert (result.returncode, result.stderr) == (2, line + "\n")
+
+
+@pytest.mark.parametrize("command", ["config", "policies"])
+def test_a_stale_etag_fails_even_when_nothing_changed(
+    server: SpendgateServer, tmp_path: Path, command: str
+) -> None:
+    """set --etag 0 with the current etag 1 and the same content: the stale etag's refusal, exit 1."""
+    path = tmp_path / "doc.yaml"
+    project = ["--project", "stale-same"] if command == "config" else []
+    path.write_text("token_ceiling: 4000\n" if command == "config" else "approved_models: [gpt-4o-mini]\n")
+    target = ["--target", server.target, *project]
+    first = run_cli(command, "set", str(path), *target)
+    assert first.code == 0, first.stderr
+    header = run_cli(command, "get", *target).stdout.splitlines()[0]
+    current = int(header.split(", etag ")[1].split(",")[0])  # 1 on a fresh server: the issue's case
+    stale = run_cli(command, "set", str(path), "--etag", str(current - 1), *target)
+    assert stale.code == 1 and len(stale.error_lines) == 1, stale.stdout
+    assert "etag mismatch" in stale.stderr and f"current etag {current}" in stale.stderr
+    same = run_cli(command, "set", str(path), "--etag", str(current), *target)
+    assert same.code == 0 and same.stdout.startswith("no change to the"), same.stderr

@@ -158,10 +158,11 @@ def run_document_command(kind: DocumentKind, args: argparse.Namespace) -> int:
             return 0
         if new is not None:
             changes = diff_lines(kind.revision_dict(current), kind.as_dict(new))
-            if not changes and current.version:
+            etag = current.etag if args.etag is None else args.etag
+            # A stale --etag is refused by the service whether or not the content changed (AIP-154).
+            if not changes and current.version and etag == current.etag:
                 print(f"no change to the {scope} (version {current.version})")
                 return 0
-            etag = current.etag if args.etag is None else args.etag
             written = kind.update(stub, args, new, etag, **call)
             print(f"{scope}: version {current.version} -> {written.version} (etag {written.etag})")
             print("\n".join(changes) if changes else kind.unchanged)
