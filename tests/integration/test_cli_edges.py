@@ -197,6 +197,23 @@ def test_malformed_flags_are_refused_before_connecting(argv: list[str], line: st
     assert_refused(run_cli(*argv, "--target", f"127.0.0.1:{free_port()}"), line)
 
 
+def test_the_largest_stream_id_is_a_cursor_the_cli_accepts() -> None:
+    """--cursor 18446744073709551615-18446744073709551615 (was exit 2) passes the check: the call is made."""
+    target = f"127.0.0.1:{free_port()}"
+    run = run_cli("violations", "tail", "--cursor", f"{2**64 - 1}-{2**64 - 1}", "--target", target)
+    assert run.code == 1 and len(run.error_lines) == 1, run.stderr
+    assert run.error_lines[0].startswith(f"spendgate: cannot reach spendgate at {target}")
+
+
+def test_from_start_and_cursor_together_are_refused() -> None:
+    """--from-start --cursor 1-0 (was accepted, the cursor silently ignored): exit 2 naming both flags."""
+    run = run_cli(
+        "violations", "tail", "--from-start", "--cursor", "1-0", "--target", f"127.0.0.1:{free_port()}"
+    )
+    assert run.code == 2 and len(run.error_lines) == 1 and run.stdout == "", run.stderr
+    assert "argument --cursor: not allowed with argument --from-start" in run.error_lines[0]
+
+
 def test_keys_revoke_malformed_id_is_named(tmp_path: Path) -> None:
     """keys revoke <not a key id>: exit 2 saying what a key id is."""
     run = run_cli("keys", "revoke", "x{y}", "--keys-file", str(tmp_path / "keys.json"))

@@ -64,8 +64,10 @@ def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--until", default="", help="found before: a duration ago or ISO time")
     listing.add_argument("--limit", type=count, default=50, help="at most this many (all pages)")
     listing.add_argument("--timeout", type=seconds, default=10.0, help="deadline of each call, in seconds")
-    tail.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
-    tail.add_argument("--from-start", action="store_true", help="every retained violation, then live")
+    # Both say where to start: given together, argparse refuses them in one line (exit 2).
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
+    start.add_argument("--from-start", action="store_true", help="every retained violation, then live")
     tail.add_argument("--count", type=count, default=0, help="exit after this many violations")
 
 
@@ -171,7 +173,7 @@ def _tail(stub: violation_pb2_grpc.ViolationServiceStub, args: argparse.Namespac
     newest = stub.ListViolations(
         vpb.ListViolationsRequest(page_size=1), timeout=_NEWEST_TIMEOUT_SECONDS, metadata=call_metadata(args)
     )
-    cursor = "0" if args.from_start and not args.cursor else args.cursor
+    cursor = "0" if args.from_start else args.cursor
     if not cursor:
         # An empty feed: from its start, which is everything from now on.
         cursor = newest.violations[0].cursor if newest.violations else "0"
