@@ -565,7 +565,13 @@ def test_any_words_fuzz(world: World, argv: list[str]) -> None:
     [
         ('{"token_ceilng": 100}', "--config token_ceilng: unknown key"),
         ('{"max_session_usd": -1}', "--config max_session_usd: must be between 0"),
-        ('{"token_ceiling": "100"}', "--config token_ceiling: must be an integer, got str"),
+        (
+            '{"token_ceiling": "100"}',
+            "--config token_ceiling: must be an integer, got the text '100' (write the number in "
+            "digits, not as text or in exponent form)",
+        ),
+        ('{"token_ceiling": "many"}', "--config token_ceiling: must be an integer, got the text 'many'"),
+        ('{"token_ceiling": 1.5}', "--config token_ceiling: must be an integer, got float"),
         ('{"budget_mode": "lenient"}', "--config budget_mode: must be 'crossing' or 'strict'"),
         ('{"shadow": "yes"}', "--config shadow: must be true, false or a list of rule keys"),
         ('{"shadow": [["token_ceiling"]]}', "--config shadow: must be true, false or a list"),
@@ -607,6 +613,8 @@ def test_decide_config_reads_a_file(world: World, tmp_path: Path, name: str, tex
         ("[" * 40 + "]" * 40, "nested deeper than"),
         ("token_ceilng: 5\n", "--config token_ceilng: unknown key"),
         ("- 1\n", "--config must be a JSON object"),
+        # YAML 1.1 reads 1e20 as text: the line says so instead of naming a Python type.
+        ("token_ceiling: 1e20\n", "--config token_ceiling: must be an integer, got the text '1e20' (write"),
     ],
 )
 def test_decide_config_file_is_read_within_bounds(
