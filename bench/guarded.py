@@ -180,6 +180,11 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
     calls: dict[str, Callable[[int], object]] = {"plain": sdk_call(plain, "p")}
     calls.update({name: sdk_call(client, f"{args.tag}-{name}") for name, client in wrapped.items()})
     calls["floor"] = floor
+    # The Decide RPC inside each wrapped call, timed where the wrapper makes it: with the
+    # settles it carries, it shows how much of the added latency is the RPC.
+    decide_us: dict[str, list[int]] = {name: [] for name in wrapped}
+    for name, client in wrapped.items():
+        _time_decides(client._spendgate_gate.client, decide_us[name])
     samples: dict[str, list[int]] = {name: [] for name in calls}
     errors = {name: 0 for name in calls}
     first_error = ""
@@ -189,6 +194,8 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
             call(1_000_000 + i)
     for client in wrapped.values():
         client.spendgate_flush(DEADLINE_SECONDS)
+    for timed in decide_us.values():
+        timed.clear()
     names = list(calls)
     n = 0
     for block in range(math.ceil(args.count / args.block)):
@@ -213,6 +220,7 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
     settlers = {name: client._spendgate_gate.settler for name, client in wrapped.items()}
     result = {
         "samples_us": samples,
+        "decide_us": decide_us,
         "errors": errors,
         "first_error": first_error,
         "settled": {name: s.settled for name, s in settlers.items()},
@@ -224,6 +232,21 @@ def _run_seq(args: argparse.Namespace) -> dict[str, Any]:
     plain.close()
     close_floor()
     return result
+
+
+def _time_decides(client: Any, into: list[int]) -> None:
+    """Record, in ``into``, the µs of each ``client.decide`` (the sync DecisionClient's)."""
+    decide = client.decide
+    clock = time.perf_counter_ns
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = clock()
+        try:
+            return decide(*args, **kwargs)
+        finally:
+            into.append((clock() - t0) // 1000)
+
+    client.decide = timed
 
 
 def _run_closed(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,6 +388,7 @@ def measure(
     variants = ["", *levers]
     wrapped = [_name(v) for v in variants]
     merged: dict[str, list[int]] = {name: [] for name in ("plain", *wrapped, "floor")}
+    decides: dict[str, list[int]] = {name: [] for name in wrapped}
     errors = {name: 0 for name in merged}
     settled = dict.fromkeys(wrapped, 0)
     carried = dict.fromkeys(wrapped, 0)
@@ -387,6 +411,8 @@ def measure(
             f"g{rnd}-{os.getpid()}-{time.monotonic_ns()}",
             *variant_args,
         )
+        for name in wrapped:
+            decides[name].extend(result["decide_us"][name])
         for name in merged:
             merged[name].extend(result["samples_us"][name])
             errors[name] += result["errors"][name]
@@ -396,6 +422,7 @@ def measure(
         if result["first_error"]:
             log(f"  ! guarded call sequential: {result['first_error']}")
     seq = {name: {**summarize(samples), "ok": len(samples)} for name, samples in merged.items()}
+    decide_in_wrapper = {name: summarize(samples) for name, samples in decides.items() if samples}
     added = {name: {k: seq[name][k] - seq["plain"][k] for k in ("p50", "p90", "p99")} for name in wrapped}
     kinds = [("plain", ""), *((name, v) for name, v in zip(wrapped, variants, strict=True))]
     closed: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in kinds}
@@ -436,6 +463,7 @@ def measure(
         "settled": settled,
         "carried": carried,
         "added_ms": added,
+        "decide_in_wrapper": decide_in_wrapper,
         "added_over_floor": {
             name: {k: ratio(added[name][k], seq["floor"][k]) for k in ("p50", "p99")} for name in wrapped
         },
@@ -466,6 +494,11 @@ def table(figures: dict[str, Any]) -> str:
             share = figures["closed_ratio"].get(name)
             row += f" {rps:>13.0f}" + (f" ({_x(share)} plain)" if share is not None else "")
         lines.append(row)
+    for name, decide in figures.get("decide_in_wrapper", {}).items():
+        lines.append(
+            f"  {name + ': its Decide RPC':<32} {decide['p50']:>10.3f} {decide['p99']:>10.3f}"
+            "   (inside the wrapped call, carrying the previous call's settle when one is due)"
+        )
     return "\n".join(lines)
 
 

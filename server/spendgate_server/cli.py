@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StoreUnavailable as exc:
         code = _fail(EXIT_FAILED, f"the store is unreachable: {exc}")
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
+        # Ctrl-C ends any command at once, a call in flight included (grpc checks for signals
+        # while it waits); the line says why it stopped, as every other failure does.
+        code = _fail(EXIT_INTERRUPTED, "interrupted")
     except BrokenPipeError:
         # The reader went away (`spendgate violations list | head`): stop quietly, and keep
         # the interpreter from reporting the failed flush of stdout at exit.

@@ -248,6 +248,25 @@ def test_cli_policies_and_violations(server: SpendgateServer, tmp_path: Path) ->
     assert fingerprint.stdout.strip() == key_fingerprint(SECRET) and SECRET not in fingerprint.stdout
 
 
+def test_cli_violations_list_limit(server: SpendgateServer) -> None:
+    """--limit 0 (was "no violations") is one page of the server's default size; N shows N; -1 exits 2."""
+    target = ("--target", server.target)
+    set_policies(server.target, approved_models=["claude-test-big"])
+    session = new_session()
+    decisions = {call(server.target, session, model="claude-test-small") for _ in range(3)}
+    wait_for(server.target, 3)
+
+    def shown(*flags: str) -> list[str]:
+        listed = cli("violations", "list", "--json", *flags, *target)
+        assert listed.returncode == 0, listed.stderr
+        return [json.loads(line)["decision_id"] for line in listed.stdout.splitlines()]
+
+    assert set(shown("--limit", "0")) == decisions and len(shown("--limit", "0")) == 3
+    assert len(shown("--limit", "2")) == 2 and set(shown("--limit", "2")) < decisions
+    refused = cli("violations", "list", "--limit", "-1", *target)
+    assert refused.returncode == 2 and "argument --limit: must be 0 or more, got -1" in refused.stderr
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spendgate_server", *args],

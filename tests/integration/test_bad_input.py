@@ -129,7 +129,7 @@ def test_out_of_range_timestamps_are_invalid_argument(
 
 @pytest.mark.redis
 def test_cursors_redis_would_refuse_are_invalid_argument(redis_channel: grpc.Channel) -> None:
-    """A 20-digit cursor (was UNAVAILABLE "Invalid stream ID"), and the edge ids, name their field."""
+    """A 20-digit cursor (was UNAVAILABLE "Invalid stream ID"), past 2**64 - 1, names its field."""
     feed = violation_pb2_grpc.ViolationServiceStub(redis_channel)
     max_part = 2**64 - 1
     for token in ("99999999999999999999-0", f"{max_part + 1}-0", "0-0", "1-2-3", "²-0"):
@@ -139,7 +139,7 @@ def test_cursors_redis_would_refuse_are_invalid_argument(redis_channel: grpc.Cha
     def first_watched(cursor: str) -> vpb.WatchViolationsResponse:
         return next(iter(feed.WatchViolations(vpb.WatchViolationsRequest(cursor=cursor))))
 
-    for cursor in ("99999999999999999999-0", f"0-{max_part + 1}", f"{max_part}-{max_part}"):
+    for cursor in ("99999999999999999999-0", f"0-{max_part + 1}", f"{max_part + 1}-{max_part + 1}"):
         fields, _ = invalid_fields(partial(first_watched, cursor))
         assert fields == ["cursor"]
     # The largest ids Redis accepts as these bounds are answered, with nothing found.

@@ -565,7 +565,13 @@ def test_any_words_fuzz(world: World, argv: list[str]) -> None:
     [
         ('{"token_ceilng": 100}', "--config token_ceilng: unknown key"),
         ('{"max_session_usd": -1}', "--config max_session_usd: must be between 0"),
-        ('{"token_ceiling": "100"}', "--config token_ceiling: must be an integer, got str"),
+        (
+            '{"token_ceiling": "100"}',
+            "--config token_ceiling: must be an integer, got the text '100' (write the number in "
+            "digits, not as text or in exponent form)",
+        ),
+        ('{"token_ceiling": "many"}', "--config token_ceiling: must be an integer, got the text 'many'"),
+        ('{"token_ceiling": 1.5}', "--config token_ceiling: must be an integer, got float"),
         ('{"budget_mode": "lenient"}', "--config budget_mode: must be 'crossing' or 'strict'"),
         ('{"shadow": "yes"}', "--config shadow: must be true, false or a list of rule keys"),
         ('{"shadow": [["token_ceiling"]]}', "--config shadow: must be true, false or a list"),
@@ -581,6 +587,55 @@ def test_decide_bad_config_is_one_line_exit_2(world: World, config: str, named: 
     )
     assert run.code == 2 and run.error_lines == [run.error_lines[0]]
     assert named in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "prefix"),
+    [
+        ("rules.yaml", "token_ceiling: 10\n", ""),
+        ("rules.json", '{"token_ceiling": 10}', "@"),
+        ("rules.yml", "enforcement:\n  token_ceiling: 10\n", "@"),
+    ],
+)
+def test_decide_config_reads_a_file(world: World, tmp_path: Path, name: str, text: str, prefix: str) -> None:
+    """--config names a YAML or JSON file (as a path or @path), as the README says: its rules apply."""
+    path = tmp_path / name
+    path.write_text(text)
+    argv = ["--target", world.open_target, "--session", f"file-{name}", "--model", MODEL, "--json"]
+    run = run_cli("decide", *argv, "--input-tokens", "100", "--config", f"{prefix}{path}")
+    assert run.code == 3, run.stderr
+    assert json.loads(run.stdout)["rule"] == "token_ceiling"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[" * 40 + "]" * 40, "nested deeper than"),
+        ("token_ceilng: 5\n", "--config token_ceilng: unknown key"),
+        ("- 1\n", "--config must be a JSON object"),
+        # YAML 1.1 reads 1e20 as text: the line says so instead of naming a Python type.
+        ("token_ceiling: 1e20\n", "--config token_ceiling: must be an integer, got the text '1e20' (write"),
+    ],
+)
+def test_decide_config_file_is_read_within_bounds(
+    world: World, tmp_path: Path, text: str, named: str
+) -> None:
+    """A config file is read by the bounded document reader: too deep, or wrong, is exit 2, one line."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    argv = ["--target", world.unreachable_target, "--session", "s", "--model", MODEL]
+    run = run_cli("decide", *argv, "--config", f"@{path}")
+    assert run.code == 2 and len(run.error_lines) == 1, run.stderr
+    assert named in run.stderr
+
+
+def test_decide_config_names_a_missing_file(world: World) -> None:
+    """Text that is not inline JSON names a file: a missing one is exit 2 naming it."""
+    run = run_cli("decide", "--target", world.unreachable_target, "--session", "s", "--model", MODEL,
+                  "--config", "@no-such-rules.yaml")  # fmt: skip
+    assert run.code == 2
+    missing = "spendgate: --config: cannot read no-such-rules.yaml: No such file or directory"
+    assert run.error_lines == [missing]
 
 
 @pytest.mark.parametrize(

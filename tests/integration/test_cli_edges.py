@@ -197,6 +197,23 @@ def test_malformed_flags_are_refused_before_connecting(argv: list[str], line: st
     assert_refused(run_cli(*argv, "--target", f"127.0.0.1:{free_port()}"), line)
 
 
+def test_the_largest_stream_id_is_a_cursor_the_cli_accepts() -> None:
+    """--cursor 18446744073709551615-18446744073709551615 (was exit 2) passes the check: the call is made."""
+    target = f"127.0.0.1:{free_port()}"
+    run = run_cli("violations", "tail", "--cursor", f"{2**64 - 1}-{2**64 - 1}", "--target", target)
+    assert run.code == 1 and len(run.error_lines) == 1, run.stderr
+    assert run.error_lines[0].startswith(f"spendgate: cannot reach spendgate at {target}")
+
+
+def test_from_start_and_cursor_together_are_refused() -> None:
+    """--from-start --cursor 1-0 (was accepted, the cursor silently ignored): exit 2 naming both flags."""
+    run = run_cli(
+        "violations", "tail", "--from-start", "--cursor", "1-0", "--target", f"127.0.0.1:{free_port()}"
+    )
+    assert run.code == 2 and len(run.error_lines) == 1 and run.stdout == "", run.stderr
+    assert "argument --cursor: not allowed with argument --from-start" in run.error_lines[0]
+
+
 def test_keys_revoke_malformed_id_is_named(tmp_path: Path) -> None:
     """keys revoke <not a key id>: exit 2 saying what a key id is."""
     run = run_cli("keys", "revoke", "x{y}", "--keys-file", str(tmp_path / "keys.json"))
@@ -380,3 +397,23 @@ def test_serve_bad_ports_are_refused_at_start(argv: list[str], line: str) -> Non
     """serve --port/--metrics-port out of range or not a number: one line, exit 2."""
     result = run_process("serve", *argv)
     assert (result.returncode, result.stderr) == (2, line + "\n")
+
+
+@pytest.mark.parametrize("command", ["config", "policies"])
+def test_a_stale_etag_fails_even_when_nothing_changed(
+    server: SpendgateServer, tmp_path: Path, command: str
+) -> None:
+    """set --etag 0 with the current etag 1 and the same content: the stale etag's refusal, exit 1."""
+    path = tmp_path / "doc.yaml"
+    project = ["--project", "stale-same"] if command == "config" else []
+    path.write_text("token_ceiling: 4000\n" if command == "config" else "approved_models: [gpt-4o-mini]\n")
+    target = ["--target", server.target, *project]
+    first = run_cli(command, "set", str(path), *target)
+    assert first.code == 0, first.stderr
+    header = run_cli(command, "get", *target).stdout.splitlines()[0]
+    current = int(header.split(", etag ")[1].split(",")[0])  # 1 on a fresh server: the issue's case
+    stale = run_cli(command, "set", str(path), "--etag", str(current - 1), *target)
+    assert stale.code == 1 and len(stale.error_lines) == 1, stale.stdout
+    assert "etag mismatch" in stale.stderr and f"current etag {current}" in stale.stderr
+    same = run_cli(command, "set", str(path), "--etag", str(current), *target)
+    assert same.code == 0 and same.stdout.startswith("no change to the"), same.stderr

@@ -338,6 +338,24 @@ def test_cli_set_prints_the_diff_and_history(cli_target: str, tmp_path: Path) ->
     assert "token_ceiling: 4000" in got and "version 2" in got
 
 
+def test_cli_history_limit(cli_target: str, tmp_path: Path) -> None:
+    """--limit 0 (was one entry) is one page of the server's default size; N shows N; -1 exits 2."""
+    rules = tmp_path / "r.yaml"
+    for tool_calls in (3, 4, 5):
+        rules.write_text(f"max_tool_calls: {tool_calls}\n")
+        assert cli("set", str(rules), "--target", cli_target).returncode == 0
+
+    def versions(*flags: str) -> list[str]:
+        out = cli("history", *flags, "--target", cli_target)
+        assert out.returncode == 0, out.stderr
+        return [line.split()[1] for line in out.stdout.splitlines() if line.startswith("version ")]
+
+    assert versions("--limit", "0") == ["3", "2", "1"]
+    assert versions("--limit", "2") == ["3", "2"]
+    refused = cli("history", "--limit", "-1", "--target", cli_target)
+    assert refused.returncode == 2 and "argument --limit: must be 0 or more, got -1" in refused.stderr
+
+
 def test_cli_rejects_a_bad_file_before_writing(cli_target: str, tmp_path: Path) -> None:
     """A bad file is refused with every bad key named, exit 2, and nothing is written."""
     bad = tmp_path / "bad.yaml"

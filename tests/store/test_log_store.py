@@ -229,6 +229,14 @@ async def test_ranges_and_cursors(logs: LogStore) -> None:
     await logs.wait(LOG, "t", ids[1], 5.0)  # entries exist after it: returns at once
 
 
+async def test_nothing_follows_the_largest_stream_id(logs: LogStore) -> None:
+    """after(18446744073709551615-18446744073709551615) is empty (Redis refuses that XRANGE start)."""
+    await append(logs, "t", "a")
+    largest = f"{2**64 - 1}-{2**64 - 1}"
+    assert await logs.after(LOG, "t", largest, 10) == []
+    assert [e.payload for e in await logs.after(LOG, "t", f"{2**64 - 1}-0", 10)] == []
+
+
 # --- policies -------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from spendgate_server.errors import ConfigError, FieldViolation, InvalidArgument
 from spendgate_server.money import usd_to_nano
 from spendgate_server.policy.policies import policies_from_dict
 from spendgate_server.rpc.status import rpc_status
+from spendgate_server.rpc.validation import cursor_from_proto
 
 POLICY_KEYS = (
     "approved_models",
@@ -146,3 +147,21 @@ def test_yaml_module_parses_json_documents_the_same() -> None:
     """The YAML path also reads JSON files, so a document's format does not change what it means."""
     text = json.dumps({"enforcement": {"token_ceiling": 10, "shadow": ["token_ceiling"]}})
     assert parse_document(text, "doc") == yaml.safe_load(text) == json.loads(text)
+
+
+@given(st.integers(min_value=0, max_value=2**65), st.integers(min_value=0, max_value=2**65))
+def test_a_cursor_is_accepted_exactly_when_it_is_a_stream_id(ms: int, seq: int) -> None:
+    """<ms>-<seq> is a feed cursor exactly when both parts are below 2**64, the largest id included."""
+    cursor = f"{ms}-{seq}"
+    if ms < 2**64 and seq < 2**64:
+        assert cursor_from_proto(cursor) == cursor
+    else:
+        with pytest.raises(InvalidArgument) as info:
+            cursor_from_proto(cursor)
+        assert [v.field for v in info.value.violations] == ["cursor"]
+
+
+def test_the_largest_stream_id_is_a_cursor() -> None:
+    """18446744073709551615-18446744073709551615 (was refused) is the largest valid cursor."""
+    largest = "18446744073709551615-18446744073709551615"
+    assert cursor_from_proto(largest) == largest

@@ -58,6 +58,16 @@ def test_json_quote(capsys: pytest.CaptureFixture[str]) -> None:
     assert quote["rates"]["input_mtok"] == "$0.625/MTok"
 
 
+def test_json_names_the_standard_tier_as_the_text_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json listed the default tier as "" while the text said "standard": both say "standard"."""
+    code, out, _ = run(capsys, "gpt-5", "--json")
+    quote = json.loads(out)
+    assert code == 0 and quote["tier"] == "standard" and "" not in quote["tiers"]
+    assert quote["tiers"][:2] == ["standard", "batch"]
+    _, text, _ = run(capsys, "gpt-5")
+    assert f"priced tiers: {', '.join(quote['tiers'])})" in text
+
+
 def test_unknown_tier_exits_3_and_says_what_was_charged(capsys: pytest.CaptureFixture[str]) -> None:
     """Anthropic's priority tier has no catalogue price: the maximum is shown, and the exit code says so."""
     code, out, _ = run(capsys, "claude-sonnet-4-5", "--tier", "priority", "--input-tokens", "1000")

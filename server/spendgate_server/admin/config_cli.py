@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -63,11 +62,13 @@ class _Config(DocumentKind):
         return config
 
     def history(
-        self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any
-    ) -> Sequence[cpb.Config]:
-        request = cpb.ListConfigRevisionsRequest(project=args.project, page_size=page_size)
-        revisions: Sequence[cpb.Config] = stub.ListConfigRevisions(request, **call).revisions
-        return revisions
+        self, stub: Any, args: argparse.Namespace, page_size: int, page_token: str, **call: Any
+    ) -> cpb.ListConfigRevisionsResponse:
+        request = cpb.ListConfigRevisionsRequest(
+            project=args.project, page_size=page_size, page_token=page_token
+        )
+        response: cpb.ListConfigRevisionsResponse = stub.ListConfigRevisions(request, **call)
+        return response
 
 
 _KIND = _Config()

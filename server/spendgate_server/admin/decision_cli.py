@@ -16,7 +16,7 @@ from spendgate.v1 import decision_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
 from spendgate_server.admin.flags import count, flag_errors, seconds
-from spendgate_server.documents import parse_document
+from spendgate_server.documents import parse_document, read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rule_codes import Rule
 
@@ -71,7 +71,8 @@ def add_decide_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default="",
-        help="client enforcement_config as JSON, e.g. '{\"token_ceiling\": 500}'",
+        help="client enforcement_config: inline JSON, e.g. '{\"token_ceiling\": 500}', or a YAML or "
+        "JSON file (@rules.yaml or rules.yaml; the rule keys, or a mapping with 'enforcement:')",
     )
     parser.add_argument("--timeout", type=seconds, default=2.0, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print the decision as one JSON object")
@@ -103,9 +104,17 @@ def _client_config(text: str) -> pb.EnforcementConfig | None:
     from spendgate_server.engine.config import parse_enforcement_config
     from spendgate_server.rpc.wire import config_to_proto
 
-    raw = parse_document(text, "--config", json_only=True)
+    if text.lstrip().startswith(("{", "[")):  # inline JSON; anything else names a file
+        raw = parse_document(text, "--config", json_only=True)
+    else:
+        # A file, read within the bounds every config file is read within.
+        raw = read_document(text.removeprefix("@"), "--config")
+        if isinstance(raw, dict) and set(raw) == {"enforcement"}:
+            raw = raw["enforcement"] or {}
     if not isinstance(raw, dict):
-        raise ConfigError("--config must be a JSON object, e.g. '{\"token_ceiling\": 500}'")
+        raise ConfigError(
+            "--config must be a JSON object, e.g. '{\"token_ceiling\": 500}', or a file of one mapping"
+        )
     try:
         return config_to_proto(parse_enforcement_config(raw, prefix="--config "))
     except InvalidArgument as exc:

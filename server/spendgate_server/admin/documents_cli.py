@@ -11,7 +11,7 @@ import argparse
 import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -19,14 +19,15 @@ import grpc
 import yaml
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import count, flag_errors, seconds
+from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, seconds
 from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rpc.validation import etag_from_proto, project_from_proto
 
 __all__ = ["DocumentKind", "add_document_arguments", "diff_lines", "run_document_command"]
 
-# The server's largest page; history asks for at most this many revisions in one call.
+# The server's largest page; history asks for at most this many revisions in one call and
+# follows next_page_token for more.
 _MAX_PAGE_SIZE = 500
 
 
@@ -83,8 +84,10 @@ class DocumentKind(ABC):
         """Write ``new`` if the current etag is ``etag``; the written revision."""
 
     @abstractmethod
-    def history(self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any) -> Sequence[Any]:
-        """The newest ``page_size`` revisions, newest first."""
+    def history(
+        self, stub: Any, args: argparse.Namespace, page_size: int, page_token: str, **call: Any
+    ) -> Any:
+        """One page of revisions, newest first: the response (``revisions``, ``next_page_token``)."""
 
 
 def add_document_arguments(actions: Any, kind: DocumentKind) -> None:
@@ -103,7 +106,7 @@ def add_document_arguments(actions: Any, kind: DocumentKind) -> None:
             action.add_argument("file", help=kind.file_help)
             action.add_argument("--etag", default=None, help="expected etag (default: the one just read)")
         if name == "history":
-            action.add_argument("--limit", type=count, default=20, help="at most this many changes")
+            action.add_argument("--limit", type=count, default=20, help=LIMIT_HELP)
 
 
 def diff_lines(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
@@ -158,15 +161,25 @@ def run_document_command(kind: DocumentKind, args: argparse.Namespace) -> int:
             return 0
         if new is not None:
             changes = diff_lines(kind.revision_dict(current), kind.as_dict(new))
-            if not changes and current.version:
+            etag = current.etag if args.etag is None else args.etag
+            # A stale --etag is refused by the service whether or not the content changed (AIP-154).
+            if not changes and current.version and etag == current.etag:
                 print(f"no change to the {scope} (version {current.version})")
                 return 0
-            etag = current.etag if args.etag is None else args.etag
             written = kind.update(stub, args, new, etag, **call)
             print(f"{scope}: version {current.version} -> {written.version} (etag {written.etag})")
             print("\n".join(changes) if changes else kind.unchanged)
             return 0
-        revisions = list(kind.history(stub, args, min(max(args.limit, 1), _MAX_PAGE_SIZE), **call))
+        revisions: list[Any] = []
+        token = ""
+        while True:
+            # --limit 0 is one page of the server's default size (AIP-158 page_size 0).
+            want = args.limit - len(revisions)
+            page = kind.history(stub, args, min(want, _MAX_PAGE_SIZE) if args.limit else 0, token, **call)
+            revisions += page.revisions[:want] if args.limit else page.revisions
+            token = page.next_page_token
+            if not args.limit or len(revisions) >= args.limit or not token:
+                break
         for newer, older in itertools.zip_longest(revisions, revisions[1:]):
             print(f"version {newer.version}  {_when(newer)}  by {newer.updated_by}")
             for line in diff_lines(kind.revision_dict(older) if older else {}, kind.revision_dict(newer)):

@@ -16,6 +16,7 @@ from spendgate_server.errors import ConfigError, InvalidArgument
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
+    "LIMIT_HELP",
     "MAX_TIMEOUT_SECONDS",
     "count",
     "flag_errors",
@@ -27,6 +28,8 @@ EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or fa
 EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
 
 MAX_TIMEOUT_SECONDS = 3600.0
+# Every list command's --limit (a count: negative is refused at parse, exit 2).
+LIMIT_HELP = "at most this many, over as many pages as it takes; 0: one page of the server's default size"
 _INT64_MAX = 2**63 - 1  # the wire's int64 fields: the server checks the real bounds
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -72,11 +71,11 @@ class _Policies(DocumentKind):
         return policy_set
 
     def history(
-        self, stub: Any, args: argparse.Namespace, page_size: int, **call: Any
-    ) -> Sequence[ppb.PolicySet]:
-        request = ppb.ListPolicyRevisionsRequest(page_size=page_size)
-        revisions: Sequence[ppb.PolicySet] = stub.ListPolicyRevisions(request, **call).revisions
-        return revisions
+        self, stub: Any, args: argparse.Namespace, page_size: int, page_token: str, **call: Any
+    ) -> ppb.ListPolicyRevisionsResponse:
+        request = ppb.ListPolicyRevisionsRequest(page_size=page_size, page_token=page_token)
+        response: ppb.ListPolicyRevisionsResponse = stub.ListPolicyRevisions(request, **call)
+        return response
 
 
 _KIND = _Policies()

@@ -101,6 +101,11 @@ def _rates(prices: Mapping[str, PriceValue]) -> dict[str, str]:
     }
 
 
+def _tier_name(tier: str) -> str:
+    """The tier's name in both outputs: the default tier ("" in the price data) is "standard"."""
+    return tier or "standard"
+
+
 def _as_json(model: str, quote: Quote, counts: Mapping[str, int]) -> str:
     p = quote.pricing
     return json.dumps(
@@ -109,9 +114,9 @@ def _as_json(model: str, quote: Quote, counts: Mapping[str, int]) -> str:
             "resolved": p.entry or p.name,
             "rule": p.rule,
             "known": p.known,
-            "tier": quote.tier,
+            "tier": _tier_name(quote.tier),
             "tier_known": quote.tier_known,
-            "tiers": list(p.tiers),
+            "tiers": [_tier_name(t) for t in p.tiers],
             "rates": _rates(quote.card.prices),
             "usage": dict(counts),
             "lines": [{"key": k, "count": n, "cost_nano_usd": c} for k, n, c in quote.lines],
@@ -130,9 +135,9 @@ def _as_text(model: str, quote: Quote, counts: Mapping[str, int]) -> str:
         out.append(f"resolved  {p.entry or p.name}  (rule: {p.rule})")
     else:
         out.append("resolved  nothing: no override or catalogue entry; charged the never-undercount maximum")
-    tiers = ", ".join(t or "standard" for t in p.tiers)
+    tiers = ", ".join(_tier_name(t) for t in p.tiers)
     if quote.tier_known:
-        out.append(f"tier      {quote.tier or 'standard'}  (priced tiers: {tiers})")
+        out.append(f"tier      {_tier_name(quote.tier)}  (priced tiers: {tiers})")
     else:
         out.append(
             f"tier      {quote.tier}: no known price (priced tiers: {tiers}); charged the "

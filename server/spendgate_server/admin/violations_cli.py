@@ -14,7 +14,7 @@ from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import count, flag_errors, seconds
+from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, seconds
 from spendgate_server.errors import ConfigError
 from spendgate_server.policy.violations import PolicyType
 from spendgate_server.rpc.alerts_wire import timestamp
@@ -31,6 +31,7 @@ RESUME_ATTEMPTS = 8
 RESUME_FIRST_DELAY_SECONDS = 0.5
 RESUME_MAX_DELAY_SECONDS = 8.0
 RESUME_HEALTHY_SECONDS = 30.0
+_MAX_PAGE_SIZE = 500  # the server's largest page of violations
 _NEWEST_TIMEOUT_SECONDS = 10.0  # reading the newest cursor before a live tail
 # Request field → the flag that sets it, so a refusal names the flag to fix.
 _FLAGS = {
@@ -62,10 +63,12 @@ def add_violations_arguments(parser: argparse.ArgumentParser) -> None:
         action.set_defaults(field_flags=_FLAGS)
     listing.add_argument("--since", default="", help="found after: a duration ago (30m, 2h, 7d) or ISO time")
     listing.add_argument("--until", default="", help="found before: a duration ago or ISO time")
-    listing.add_argument("--limit", type=count, default=50, help="at most this many (all pages)")
+    listing.add_argument("--limit", type=count, default=50, help=LIMIT_HELP)
     listing.add_argument("--timeout", type=seconds, default=10.0, help="deadline of each call, in seconds")
-    tail.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
-    tail.add_argument("--from-start", action="store_true", help="every retained violation, then live")
+    # Both say where to start: given together, argparse refuses them in one line (exit 2).
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--cursor", default="", help="resume after this cursor (printed with each violation)")
+    start.add_argument("--from-start", action="store_true", help="every retained violation, then live")
     tail.add_argument("--count", type=count, default=0, help="exit after this many violations")
 
 
@@ -122,7 +125,7 @@ def run_violations_command(args: argparse.Namespace) -> int:
         policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
         session_id=args.session,
         project=args.project,
-        page_size=min(max(args.limit, 1), 500) if args.action == "list" else 1,
+        page_size=min(args.limit, _MAX_PAGE_SIZE) if args.action == "list" else 1,
     )
     if args.action == "list" and args.since:
         request.start_time.CopyFrom(timestamp(_when(args.since, "--since")))
@@ -141,12 +144,13 @@ def run_violations_command(args: argparse.Namespace) -> int:
         stub = violation_pb2_grpc.ViolationServiceStub(channel)
         if args.action == "list":
             shown = 0
-            while shown < args.limit:
+            while True:
                 page = stub.ListViolations(request, timeout=args.timeout, metadata=call_metadata(args))
-                for violation in page.violations[: args.limit - shown]:
+                # --limit 0 is one page of the server's default size (AIP-158 page_size 0).
+                for violation in page.violations[: args.limit - shown] if args.limit else page.violations:
                     _print(violation, args.json)
                     shown += 1
-                if not page.next_page_token:
+                if not args.limit or shown >= args.limit or not page.next_page_token:
                     break
                 request.page_token = page.next_page_token
             if not shown and not args.json:
@@ -171,7 +175,7 @@ def _tail(stub: violation_pb2_grpc.ViolationServiceStub, args: argparse.Namespac
     newest = stub.ListViolations(
         vpb.ListViolationsRequest(page_size=1), timeout=_NEWEST_TIMEOUT_SECONDS, metadata=call_metadata(args)
     )
-    cursor = "0" if args.from_start and not args.cursor else args.cursor
+    cursor = "0" if args.from_start else args.cursor
     if not cursor:
         # An empty feed: from its start, which is everything from now on.
         cursor = newest.violations[0].cursor if newest.violations else "0"

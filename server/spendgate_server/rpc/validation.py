@@ -367,19 +367,13 @@ def policies_from_proto(policies: ppb.Policies) -> Policies:
     return domain
 
 
-def _is_cursor(text: str, *, after: bool) -> bool:
-    """``<ms>-<seq>`` of ASCII digits, each part within an unsigned 64-bit integer (a stream id).
-
-    A cursor is an exclusive bound, and Redis refuses an interval that starts after the
-    largest id (``after``: entries after the cursor) or ends before the smallest (a page
-    token: entries before it).
-    """
+def _stream_id(text: str) -> tuple[int, int] | None:
+    """``<ms>-<seq>`` of ASCII digits, each part below 2**64 (every valid Redis stream id), else None."""
     match = _CURSOR.fullmatch(text)
     if match is None:
-        return False
+        return None
     parts = (int(match.group(1)), int(match.group(2)))
-    edge = (_MAX_STREAM_ID_PART, _MAX_STREAM_ID_PART) if after else (0, 0)
-    return max(parts) <= _MAX_STREAM_ID_PART and parts != edge
+    return parts if max(parts) <= _MAX_STREAM_ID_PART else None
 
 
 def page_size_from_proto(page_size: int, page_token: str, *, default: int, maximum: int) -> int:
@@ -390,7 +384,8 @@ def page_size_from_proto(page_size: int, page_token: str, *, default: int, maxim
     """
     c = _Checker()
     c.integer("page_size", page_size, 0, maximum)
-    if page_token and not _is_cursor(page_token, after=False):
+    # A page token is an exclusive upper bound this server gave: never 0-0, before which nothing is.
+    if page_token and _stream_id(page_token) in (None, (0, 0)):
         c.bad("page_token", "not a token from a previous page")
     c.raise_if_any()
     return page_size or default
@@ -416,10 +411,13 @@ def offset_page_from_proto(page_size: int, page_token: str, *, default: int, max
 def cursor_from_proto(cursor: str, field: str = "cursor") -> str:
     """Validate a feed cursor: empty, "0" (the start) or a Violation.cursor.
 
+    Every valid stream id is accepted, the largest too (nothing follows it; the store
+    answers such a cursor with no entries). The CLI's ``--cursor`` is checked here as well.
+
     Raises:
         InvalidArgument: naming ``field``.
     """
-    if cursor and cursor != "0" and not _is_cursor(cursor, after=True):
+    if cursor and cursor != "0" and _stream_id(cursor) is None:
         raise InvalidArgument([FieldViolation(field, f'must be empty, "0" or {BOUNDS["cursor"]}')])
     return cursor
 

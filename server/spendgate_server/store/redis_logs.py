@@ -25,6 +25,8 @@ from spendgate_server.store.redis import RedisClient, connect, redis_call
 __all__ = ["APPEND_SCRIPT", "DROP_INTENTS_SCRIPT", "INTENT_SCRIPT", "RedisLogStore"]
 
 _T = TypeVar("_T")
+# The largest stream id: each part an unsigned 64-bit integer.
+_LAST_ID = (2**64 - 1, 2**64 - 1)
 
 APPEND_SCRIPT = """
 -- log_append: append the entries whose unique id was not seen; keep the newest N; remove
@@ -302,6 +304,8 @@ class RedisLogStore(LogStore):
         return min(candidates) if candidates else None
 
     async def after(self, log: str, tenant: str, cursor: str, count: int) -> list[LogEntry]:
+        if parse_entry_id(cursor) == _LAST_ID:
+            return []  # nothing follows the largest id, and XRANGE refuses an interval starting after it
         stream = self.stream_key(log, tenant)
         return _entries(await redis_call(self._client.xrange(stream, min=f"({cursor}", max="+", count=count)))
 

@@ -361,12 +361,25 @@ def parse_integer(raw: Mapping[str, Any], key: str, low: int, high: int, bad: Ba
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        bad(key, f"must be an integer, got {type(value).__name__}")
+        bad(key, f"must be an integer, got {_described(value)}")
         return None
     if not low <= value <= high:
         bad(key, f"must be between {low} and {high}, got {value}")
         return None
     return value
+
+
+def _described(value: Any) -> str:
+    """A wrong value as a refusal names it: text quoted (cut to 40 characters), else its type."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    shown = value if len(value) <= 40 else value[:40] + "…"
+    try:
+        float(value)
+    except ValueError:
+        return f"the text {shown!r}"
+    # YAML 1.1 reads 1e20 (no dot, no sign on the exponent) as a string, not a number.
+    return f"the text {shown!r} (write the number in digits, not as text or in exponent form)"
 
 
 def parse_usd(key: str, value: Any, bad: Bad) -> int | None:
