@@ -702,7 +702,8 @@ async def test_backend_policies_feed_and_sessions_against_a_real_server(server: 
         assert problem.field == "policies.banned_patterns[0].pattern" and "RE2 refuses" in problem.description
         first = await backend.update_policies("", Policies(approved_models=("claude-test-big",)), "")
         with pytest.raises(EditConflict):
-            await backend.update_policies("", Policies(), "stale")
+            # Well formed but not the current etag (a malformed one is INVALID_ARGUMENT instead).
+            await backend.update_policies("", Policies(), str(first.version + 1))
         assert (await backend.get_policies("")).policies == {"approved_models": ["claude-test-big"]}
         history = await backend.list_policy_revisions("", 5, "")
         assert [r.version for r in history.revisions] == [first.version] and history.older is None
