@@ -744,10 +744,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+
+
 def _finite(value: Any) -> Any:
     # JSON has no NaN: a figure that could not be measured (no samples) is null.
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    # Paths inside the checkout are recorded relative to it: the results are committed, and
+    # where one machine keeps its checkout says nothing about the figures.
+    if isinstance(value, str) and value.startswith(_CHECKOUT):
+        return "." + value[len(_CHECKOUT) :]
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
