@@ -164,13 +164,17 @@ async def test_a_dead_receiver_never_blocks_the_evaluator(logs: LogStore, receiv
     webhook = sink(logs, receiver.url, Delays())
     task = asyncio.create_task(webhook.run())
     evaluator = Evaluator(logs, feed, policies, consumer="e", timings=EvaluatorTimings(claim_idle_ms=0))
-    for n in range(20):
-        event = JournalEvent(f"{n:032x}", "acme", "s", 1, "bad", True, 1, 1, 0, 0, 1, CallContext())
-        await journal.append(event, 60_000)
-        assert await evaluator.run_once() == 1
-        # Wait until the sink is stuck on the first violation (the receiver runs on its own thread).
-        while n == 0 and not receiver.received:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+    try:
+        for n in range(20):
+            event = JournalEvent(f"{n:032x}", "acme", "s", 1, "bad", True, 1, 1, 0, 0, 1, CallContext())
+            await journal.append(event, 60_000)
+            assert await evaluator.run_once() == 1
+            # Wait until the sink is stuck on the first violation (the receiver runs on its own thread).
+            while n == 0 and not receiver.received:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+    finally:
+        # Its evaluation child process ends with it (left open, it outlived the test run).
+        await evaluator.close()
     assert len(await feed.after("acme", "0-0", 100)) == 20
     webhook.stop()
     await asyncio.wait_for(task, 10)
