@@ -8,16 +8,9 @@ the same values with INVALID_ARGUMENT naming the field.
 
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -27,11 +20,11 @@ from spendgate.v1 import config_pb2_grpc, policy_pb2_grpc, violation_pb2_grpc
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import policy_pb2 as ppb
 from spendgate.v1 import violation_pb2 as vpb
-from spendgate_server import cli
 from spendgate_server.engine.price_units import USAGE_KEYS
 from spendgate_server.errors import InvalidArgument
 from spendgate_server.rpc.validation import priced_usage, settle_from_proto
 
+from tests.integration.test_cli import Run, run_cli, spendgate_process
 from tests.processes import SpendgateServer, free_port
 
 MODEL = "claude-sonnet-4-5"
@@ -39,44 +32,6 @@ SESSION_RULE = "must be 1-128 characters of [A-Za-z0-9._:@/+=-]"
 ETAG_REFUSED = (
     "spendgate: --etag: must be empty (create), or the etag last read: the version number, up to 19 digits"
 )
-
-
-@dataclass
-class Run:
-    """What one run of the command did."""
-
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return self.stderr.strip().splitlines()
-
-
-def run_cli(*argv: str) -> Run:
-    """``spendgate *argv`` through its main, SystemExit and both streams captured."""
-    out, err = io.StringIO(), io.StringIO()
-    code: Any = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            cli.main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return Run(code if isinstance(code, int) else 1, out.getvalue(), err.getvalue())
-
-
-def run_process(*argv: str) -> subprocess.CompletedProcess[str]:
-    """``spendgate *argv`` as a real process, with no SPENDGATE_* variable of the caller's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "GRPC_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "spendgate_server", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
 
 
 def assert_refused(run: Run, line: str) -> None:
@@ -222,7 +177,9 @@ def test_keys_revoke_malformed_id_is_named(tmp_path: Path) -> None:
 
 def test_malformed_etag_as_a_process(rules: Path) -> None:
     """As a real process: one line on stderr, exit 2, no traceback."""
-    result = run_process("config", "set", str(rules), "--etag", "x{y", "--target", f"127.0.0.1:{free_port()}")
+    result = spendgate_process(
+        "config", "set", str(rules), "--etag", "x{y", "--target", f"127.0.0.1:{free_port()}"
+    )
     assert result.returncode == 2
     assert result.stderr == ETAG_REFUSED + "\n"
 
@@ -266,7 +223,9 @@ def test_service_refuses_a_filter_no_decide_could_record(server: SpendgateServer
 
 def test_violations_bad_session_as_a_process() -> None:
     """As a real process: one line on stderr, exit 2, no traceback."""
-    result = run_process("violations", "list", "--session", "a{b}", "--target", f"127.0.0.1:{free_port()}")
+    result = spendgate_process(
+        "violations", "list", "--session", "a{b}", "--target", f"127.0.0.1:{free_port()}"
+    )
     assert (result.returncode, result.stderr) == (2, f"spendgate: --session: {SESSION_RULE}\n")
 
 
@@ -351,7 +310,7 @@ def test_price_bounds_are_settles_bounds() -> None:
 )
 def test_console_bad_target_is_refused_at_start(target: str, problem: str) -> None:
     """console --target with a port out of range or not a number: one line, exit 2, nothing served."""
-    result = run_process("console", "--port", "0", "--target", target)
+    result = spendgate_process("console", "--port", "0", "--target", target)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"spendgate: --target (env SPENDGATE_CONSOLE_TARGET) {target}: {problem}\n"
 
@@ -361,7 +320,7 @@ def test_serve_bad_webhook_port_is_refused_at_start(tmp_path: Path, url: str) ->
     """serve --webhook-url with a bad port: one line, exit 2 (not deliveries failing for ever)."""
     secret = tmp_path / "secret"
     secret.write_text("s" * 32)
-    result = run_process(
+    result = spendgate_process(
         "serve",
         "--port",
         "0",
@@ -395,7 +354,7 @@ def test_serve_bad_webhook_port_is_refused_at_start(tmp_path: Path, url: str) ->
 )
 def test_serve_bad_ports_are_refused_at_start(argv: list[str], line: str) -> None:
     """serve --port/--metrics-port out of range or not a number: one line, exit 2."""
-    result = run_process("serve", *argv)
+    result = spendgate_process("serve", *argv)
     assert (result.returncode, result.stderr) == (2, line + "\n")
 
 
