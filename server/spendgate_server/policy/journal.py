@@ -91,13 +91,13 @@ class StoreJournal(Journal):
         self._group_commit = group_commit
         # Appends waiting for the next flush, by (tenant, dedup window): (uid, payload, time, waiter).
         self._waiting: dict[tuple[str, int], list[_Entry]] = {}
-        self._flushes: set[asyncio.Task[None]] = set()
         self._intents = intents
         # Appends after the reply (no waiter), by (tenant, dedup window), and their flush timers.
         self._deferred: dict[tuple[str, int], list[_Entry]] = {}
         self._timers: dict[tuple[str, int], asyncio.TimerHandle] = {}
         self._deferred_seconds = deferred_commit_seconds
-        # Intent writes, appends after the reply and intent removals, until they end (drain()).
+        # Group commits, intent writes, appends after the reply and intent removals, until they
+        # end (drain()).
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -155,9 +155,7 @@ class StoreJournal(Journal):
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        batch = self._deferred.pop(key, [])
-        for start in range(0, len(batch), _MAX_BATCH):
-            self.spawn(self._commit(key, batch[start : start + _MAX_BATCH]))
+        self._commit_in_batches(key, self._deferred.pop(key, []))
 
     def spawn(self, work: Any) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends; :meth:`drain` waits for it."""
@@ -208,13 +206,12 @@ class StoreJournal(Journal):
         await waiter
 
     def _flush(self, key: tuple[str, int]) -> None:
-        batch = self._waiting.pop(key, [])
+        self._commit_in_batches(key, self._waiting.pop(key, []))
+
+    def _commit_in_batches(self, key: tuple[str, int], batch: list[_Entry]) -> None:
+        """Commit ``batch`` in the background, at most ``_MAX_BATCH`` events per store call."""
         for start in range(0, len(batch), _MAX_BATCH):
-            task = asyncio.get_running_loop().create_task(
-                self._commit(key, batch[start : start + _MAX_BATCH])
-            )
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            self.spawn(self._commit(key, batch[start : start + _MAX_BATCH]))
 
     async def _commit(self, key: tuple[str, int], batch: list[_Entry]) -> None:
         tenant, dedup_window_ms = key
