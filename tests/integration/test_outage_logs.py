@@ -18,13 +18,14 @@ from spendgate.v1 import decision_pb2_grpc
 from tests.processes import RedisServer, SpendgateServer
 
 # The loops a Redis-backed server runs, each named by its outage event's prefix.
-LOOPS = ("config_pubsub", "policies_pubsub", "config_poll", "evaluator_round", "key_reload")
+LOOPS = ("config_pubsub", "policies_pubsub", "config_poll", "evaluator_round", "key_reload", "journal_sweep")
 LOST = {
     "config_pubsub": "config_pubsub_lost",
     "policies_pubsub": "policies_pubsub_lost",
     "config_poll": "config_poll_failed",
     "evaluator_round": "evaluator_round_failed",
     "key_reload": "key_reload_failed",
+    "journal_sweep": "journal_sweep_failed",
 }
 RESTORED = {loop: f"{loop}_restored" for loop in LOOPS}
 DEADLINE_SECONDS = 60.0
@@ -49,6 +50,8 @@ def test_each_loop_logs_an_outage_once_and_its_end_once(spendgate: Callable[...,
         server = spendgate(
             *("--store", "redis", "--redis-url", redis_server.url, "--log-level", "debug"),
             *("--config-poll-millis", "50", "--key-reload-seconds", "0.1", "--evaluator-poll-millis", "10"),
+            # The journal sweeper then runs every second (its floor).
+            *("--journal-intent-grace-seconds", "1"),
         )
         # One decision, so the default tenant's config is cached and polled.
         with grpc.insecure_channel(server.target) as channel:

@@ -26,6 +26,7 @@ import structlog
 from spendgate_server.engine.decide import DecisionEngine
 from spendgate_server.engine.events import JournalEvent
 from spendgate_server.errors import StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.policy.journal import JOURNAL_LOG, StoreJournal
 
 __all__ = ["JournalSweeper", "SweepResult"]
@@ -113,11 +114,14 @@ class JournalSweeper:
     async def run(self) -> None:
         """Sweep every ``interval_seconds`` until cancelled; a failed round is logged and the
         next one tries again (recovery must never take the decision service down with it)."""
+        # A store outage is logged when it starts and when it ends, as every retrying loop does.
+        outage = Outage(_log, "journal_sweep_failed", "journal_sweep_restored")
         while True:
             try:
                 await self.sweep_once()
+                outage.succeeded()
             except StoreUnavailable as exc:
-                _log.warning("journal_sweep_failed", error=str(exc))
+                outage.failed(exc, retry_seconds=self._interval_seconds)
             except Exception as exc:  # a bug in one round: logged with its traceback, not fatal
                 _log.error("journal_sweep_failed", error=str(exc), exc_info=exc)
             await asyncio.sleep(self._interval_seconds)
