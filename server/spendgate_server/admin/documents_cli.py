@@ -11,7 +11,7 @@ import argparse
 import itertools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -19,16 +19,12 @@ import grpc
 import yaml
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, seconds
+from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, limited, seconds
 from spendgate_server.documents import read_document
 from spendgate_server.errors import ConfigError, InvalidArgument
 from spendgate_server.rpc.validation import etag_from_proto, project_from_proto
 
 __all__ = ["DocumentKind", "add_document_arguments", "diff_lines", "run_document_command"]
-
-# The server's largest page; history asks for at most this many revisions in one call and
-# follows next_page_token for more.
-_MAX_PAGE_SIZE = 500
 
 
 class DocumentKind(ABC):
@@ -170,16 +166,12 @@ def run_document_command(kind: DocumentKind, args: argparse.Namespace) -> int:
             print(f"{scope}: version {current.version} -> {written.version} (etag {written.etag})")
             print("\n".join(changes) if changes else kind.unchanged)
             return 0
-        revisions: list[Any] = []
-        token = ""
-        while True:
-            # --limit 0 is one page of the server's default size (AIP-158 page_size 0).
-            want = args.limit - len(revisions)
-            page = kind.history(stub, args, min(want, _MAX_PAGE_SIZE) if args.limit else 0, token, **call)
-            revisions += page.revisions[:want] if args.limit else page.revisions
-            token = page.next_page_token
-            if not args.limit or len(revisions) >= args.limit or not token:
-                break
+
+        def history_page(page_size: int, page_token: str) -> tuple[Sequence[Any], str]:
+            page = kind.history(stub, args, page_size, page_token, **call)
+            return page.revisions, page.next_page_token
+
+        revisions: list[Any] = list(limited(args.limit, history_page))
         for newer, older in itertools.zip_longest(revisions, revisions[1:]):
             print(f"version {newer.version}  {_when(newer)}  by {newer.updated_by}")
             for line in diff_lines(kind.revision_dict(older) if older else {}, kind.revision_dict(newer)):

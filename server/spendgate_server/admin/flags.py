@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 from spendgate_server.errors import ConfigError, InvalidArgument
 
@@ -17,12 +18,16 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "LIMIT_HELP",
+    "MAX_PAGE_SIZE",
     "MAX_TIMEOUT_SECONDS",
     "count",
     "flag_errors",
     "flag_of",
+    "limited",
     "seconds",
 ]
+
+_Item = TypeVar("_Item")
 
 EXIT_FAILED = 1  # the service (or store) could not be reached, or refused or failed the call
 EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service found it
@@ -30,6 +35,27 @@ EXIT_BAD_INPUT = 2  # a bad flag, value or file, whether the CLI or the service 
 MAX_TIMEOUT_SECONDS = 3600.0
 # Every list command's --limit (a count: negative is refused at parse, exit 2).
 LIMIT_HELP = "at most this many, over as many pages as it takes; 0: one page of the server's default size"
+# The servers' largest page (of revisions, of violations): a longer --limit takes several calls.
+MAX_PAGE_SIZE = 500
+
+
+def limited(limit: int, fetch: Callable[[int, str], tuple[Sequence[_Item], str]]) -> Iterator[_Item]:
+    """The items of a paged list as ``--limit`` means them (:data:`LIMIT_HELP`).
+
+    ``fetch(page_size, page_token)`` asks for one page and returns its items and its
+    ``next_page_token`` (AIP-158). ``limit`` items at most, over as many pages as it takes;
+    ``limit`` 0 is one page of the server's default size (``page_size`` 0).
+    """
+    token, taken = "", 0
+    while True:
+        items, token = fetch(min(limit - taken, MAX_PAGE_SIZE) if limit else 0, token)
+        for item in items[: limit - taken] if limit else items:
+            taken += 1
+            yield item
+        if not limit or taken >= limit or not token:
+            return
+
+
 _INT64_MAX = 2**63 - 1  # the wire's int64 fields: the server checks the real bounds
 
 

@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -14,7 +15,7 @@ from spendgate.v1 import violation_pb2 as vpb
 from spendgate.v1 import violation_pb2_grpc
 
 from spendgate_server.admin.channel import add_connection_arguments, call_metadata, open_channel
-from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, seconds
+from spendgate_server.admin.flags import LIMIT_HELP, count, flag_errors, limited, seconds
 from spendgate_server.errors import ConfigError
 from spendgate_server.policy.violations import PolicyType
 from spendgate_server.rpc.alerts_wire import timestamp
@@ -31,7 +32,6 @@ RESUME_ATTEMPTS = 8
 RESUME_FIRST_DELAY_SECONDS = 0.5
 RESUME_MAX_DELAY_SECONDS = 8.0
 RESUME_HEALTHY_SECONDS = 30.0
-_MAX_PAGE_SIZE = 500  # the server's largest page of violations
 _NEWEST_TIMEOUT_SECONDS = 10.0  # reading the newest cursor before a live tail
 # Request field → the flag that sets it, so a refusal names the flag to fix.
 _FLAGS = {
@@ -125,7 +125,8 @@ def run_violations_command(args: argparse.Namespace) -> int:
         policy_type=policy_type,  # type: ignore[arg-type]  # PolicyType values are the wire codes
         session_id=args.session,
         project=args.project,
-        page_size=min(args.limit, _MAX_PAGE_SIZE) if args.action == "list" else 1,
+        # A tail reads the newest cursor first (one violation); a list's pages are sized by --limit.
+        page_size=0 if args.action == "list" else 1,
     )
     if args.action == "list" and args.since:
         request.start_time.CopyFrom(timestamp(_when(args.since, "--since")))
@@ -143,16 +144,16 @@ def run_violations_command(args: argparse.Namespace) -> int:
     with open_channel(args) as channel:
         stub = violation_pb2_grpc.ViolationServiceStub(channel)
         if args.action == "list":
-            shown = 0
-            while True:
+
+            def violations_page(page_size: int, page_token: str) -> tuple[Sequence[vpb.Violation], str]:
+                request.page_size, request.page_token = page_size, page_token
                 page = stub.ListViolations(request, timeout=args.timeout, metadata=call_metadata(args))
-                # --limit 0 is one page of the server's default size (AIP-158 page_size 0).
-                for violation in page.violations[: args.limit - shown] if args.limit else page.violations:
-                    _print(violation, args.json)
-                    shown += 1
-                if not args.limit or shown >= args.limit or not page.next_page_token:
-                    break
-                request.page_token = page.next_page_token
+                return page.violations, page.next_page_token
+
+            shown = 0
+            for violation in limited(args.limit, violations_page):
+                _print(violation, args.json)
+                shown += 1
             if not shown and not args.json:
                 print("no violations", file=sys.stderr)
             return 0
