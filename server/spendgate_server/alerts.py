@@ -2,19 +2,22 @@
 
 the process's stores (stores.py: log store and policy store) → policy resolver →
 journal (for the engine), violations feed (for the servicer), evaluator and
-webhook sink (background tasks).
+webhook sink (background tasks, or one child process: see :meth:`Alerts.start`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.connection
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from spendgate_server.lifecycle import run_part
+from spendgate_server.lifecycle import ChildProcess, run_part
 from spendgate_server.metrics import Metrics
-from spendgate_server.policy.evaluator import Evaluator, EvaluatorTimings, default_consumer_name
+from spendgate_server.policy.evaluator import Evaluation, Evaluator, EvaluatorTimings, default_consumer_name
 from spendgate_server.policy.journal import StoreJournal
 from spendgate_server.policy.remote_policies import PolicyResolver
 from spendgate_server.policy.violations import ViolationFeed
@@ -23,7 +26,7 @@ from spendgate_server.settings import ServeSettings
 from spendgate_server.store.logs import LogStore
 from spendgate_server.stores import Stores
 
-__all__ = ["VIOLATION_DEDUP_MS", "Alerts", "build_alerts"]
+__all__ = ["GAUGES", "VIOLATION_DEDUP_MS", "Alerts", "EvaluatorChild", "build_alerts"]
 
 _log = structlog.get_logger("spendgate.alerts")
 
@@ -32,6 +35,11 @@ _log = structlog.get_logger("spendgate.alerts")
 VIOLATION_DEDUP_MS = 7 * 24 * 3600 * 1000
 # How long a watcher waits between checks for new violations when nothing is appended.
 WATCH_RECHECK_SECONDS = 5.0
+# The message an evaluator child sends its server: ("gauges", pending entries, lag in seconds).
+GAUGES = "gauges"
+
+EvaluatorChild = Callable[[ServeSettings, multiprocessing.connection.Connection], None]
+"""The entry point of the evaluator's child process: ``(settings, channel to the server)``."""
 
 
 @dataclass
@@ -45,17 +53,48 @@ class Alerts:
     feed: ViolationFeed
     evaluator: Evaluator | None = None
     webhook: WebhookSink | None = None
-    # The evaluator and the webhook sink, when running.
+    # The child process running the evaluator and the webhook sink, when they run in one.
+    process: ChildProcess | None = None
+    # The evaluator and the webhook sink (or their child process), when running.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def start(self, group: asyncio.TaskGroup, *, evaluate: bool, metrics: Metrics | None = None) -> None:
+    def start(
+        self,
+        group: asyncio.TaskGroup,
+        *,
+        evaluate: bool,
+        metrics: Metrics | None = None,
+        child: EvaluatorChild | None = None,
+        gauges: Callable[[int, float], None] | None = None,
+        evaluation: Evaluation | None = None,
+    ) -> None:
         """Follow policy changes; with ``evaluate``, also run the evaluator and the webhook sink.
 
         Each runs as a part of ``group`` (lifecycle.py): if one fails, the process ends.
+
+        Args:
+            group: the process's task group.
+            evaluate: run the evaluator (and the webhook sink, with ``--webhook-url``).
+            metrics: where the evaluator's gauges go.
+            child: run them instead in a child process, ``child(settings, channel)``
+                (``spendgate serve --store redis``: worker.run_evaluation_child, which runs
+                what ``spendgate worker`` runs), with its own store connections, so this
+                event loop (which answers Decide) reads no journal. The child's gauges
+                reach ``metrics`` through the channel; a child killed by a signal is
+                started again, one that fails ends this process with its reason
+                (lifecycle.ChildProcess).
+            gauges: also given the evaluator's (pending, lag) (the child's channel).
+            evaluation: where the evaluator applies the policies (default: a child process
+                of its own; a child of ``serve`` evaluates inline, it is that process).
         """
         s = self.settings
         group.create_task(run_part("the policy watcher", self.policies.run(), returns=False))
         if not evaluate:
+            return
+        if child is not None:
+            self.process = ChildProcess("the evaluator", child, (s,), self._gauges_received(metrics))
+            self.tasks.append(group.create_task(run_part("the evaluator process", self.process.run())))
+            _log.info("evaluator_process_starting", webhook=bool(s.webhook_url))
             return
         consumer = default_consumer_name()
         self.evaluator = Evaluator(
@@ -69,6 +108,8 @@ class Alerts:
                 idle_poll_seconds=s.evaluator_poll_millis / 1000,
             ),
             metrics=metrics,
+            evaluation=evaluation,
+            gauges=gauges,
         )
         self.tasks.append(group.create_task(run_part("the evaluator", self.evaluator.run())))
         if s.webhook_url:
@@ -89,11 +130,24 @@ class Alerts:
 
         What is still running then is cancelled with the rest of the task group.
         """
-        for part in (self.evaluator, self.webhook):
+        for part in (self.evaluator, self.webhook, self.process):
             if part is not None:
                 part.stop()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=grace_seconds)
+
+    @staticmethod
+    def _gauges_received(metrics: Metrics | None) -> Callable[[Any], None]:
+        def received(message: Any) -> None:
+            match message:
+                case (str() as kind, int() as pending, float() as lag) if kind == GAUGES:
+                    if metrics is not None:
+                        metrics.evaluator_pending.set(pending)
+                        metrics.journal_lag.set(lag)
+                case _:
+                    _log.warning("evaluator_process_message_unknown", message=repr(message)[:200])
+
+        return received
 
 
 def build_alerts(settings: ServeSettings, stores: Stores) -> Alerts:

@@ -74,6 +74,7 @@ from spendgate_server.store import Store
 from spendgate_server.store.instrumented import InstrumentedStore
 from spendgate_server.store.keys import KeyStore, Scope, install_key
 from spendgate_server.stores import Stores, check_reachable, open_stores
+from spendgate_server.worker import run_evaluation_child
 
 __all__ = ["build_engine", "run", "serve"]
 
@@ -430,7 +431,14 @@ async def _serve(
                     group.create_task(
                         run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
                     )
-                alerts.start(group, evaluate=settings.evaluator == "on", metrics=metrics)
+                # Redis: the evaluator runs in a child process (worker.py); the memory store's
+                # journal lives in this process, so it is evaluated here.
+                alerts.start(
+                    group,
+                    evaluate=settings.evaluator == "on",
+                    metrics=metrics,
+                    child=run_evaluation_child if settings.store == "redis" else None,
+                )
                 if settings.journal_intent_grace_seconds:
                     sweeper = JournalSweeper(
                         alerts.journal,

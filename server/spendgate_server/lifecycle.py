@@ -8,6 +8,11 @@ group: the other parts are cancelled, and the process exits with :data:`EXIT_FAI
 (or :data:`EXIT_CONFIG` when the cause is a setting) after printing
 ``spendgate: <reason>`` on stderr. Nothing is left running without its gRPC port.
 
+A part may be a child process (:class:`ChildProcess`: the evaluator of ``serve --store
+redis``): it is killed by PID when its part stops, replaced when a signal killed it,
+and ends the process with its own reason when it exited with one. The child ends
+itself when this process dies, however it dies (:func:`parent_gone`).
+
 Two guards keep the exit prompt whatever a library does: a part that swallows its
 cancellation (redis-py commands under Python 3.11 can: ``asyncio.wait_for`` there
 drops a cancel that arrives as the command completes) is cancelled again until it
@@ -18,11 +23,16 @@ ends, and once a process has decided to end, a watchdog thread ends it after
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -33,11 +43,15 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "UNWIND_SECONDS",
+    "ChildFailed",
+    "ChildProcess",
     "PartFailed",
     "Stopped",
     "arm_exit_deadline",
     "fatal_reason",
+    "parent_gone",
     "report_once",
+    "run_child",
     "run_part",
     "run_process",
     "set_reporter",
@@ -276,3 +290,213 @@ def run_process(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
         report_once(*_failure)
         return _failure[0]
     return EXIT_OK
+
+
+# A child killed by a signal again and again (out of memory at each start) is restarted
+# at most this often, so its restarts cannot take the server's CPU.
+_RESTART_MAX_SECONDS = 30.0
+# A child that lived this long before it was killed is restarted at once.
+_RESTART_RESET_SECONDS = 60.0
+# How long a child told to stop (or whose part is cancelled) may take before SIGKILL.
+_CHILD_STOP_SECONDS = 1.0
+_REASON = "reason"
+
+
+class ChildFailed(SpendgateError):
+    """A :class:`ChildProcess` ended by itself; the text is its reason line."""
+
+
+class ChildProcess:
+    """A part of this process that runs in a child process of its own, spawned when :meth:`run` starts.
+
+    The child is ``target(*args, channel)``: ``channel`` is the sending end of a pipe to
+    this process; a child started with :func:`run_child` sends its fatal reason there,
+    and may send anything else for ``on_message`` (which runs on this event loop).
+    How the child ends decides what this part does, as the ``--workers`` supervisor does
+    for its workers:
+
+    - killed by a signal (SIGKILL, the OOM killer): it is started again, with one
+      warning line ``child_process_died``; the restarts back off (up to 30 s) while it
+      keeps dying young;
+    - exited with :data:`EXIT_FAILED` or :data:`EXIT_CONFIG`: :meth:`run` raises with
+      the child's reason, so the part fails and the process ends with that reason;
+    - exited any other way while not asked to stop: the part fails too.
+
+    :meth:`stop` sends SIGTERM to the child's PID and lets :meth:`run` return once it
+    has ended; a cancelled :meth:`run` (the process is ending) sends SIGTERM, then
+    SIGKILL after a second. The child ends by itself if this process dies
+    (:func:`parent_gone`), so it never outlives it.
+
+    Args:
+        name: names the child in log lines (``the evaluator``).
+        target: the child's entry point (a module-level function: the child is spawned).
+        args: its arguments before the channel (picklable).
+        on_message: what to do with a message that is not a reason.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: Callable[..., None],
+        args: tuple[Any, ...] = (),
+        on_message: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._target = target
+        self._args = args
+        self._on_message = on_message
+        # spawn, not fork: gRPC's threads must not be forked.
+        self._context = multiprocessing.get_context("spawn")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._stopping = False
+        self._stop_requested: asyncio.Event | None = None
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's PID (None before it starts and after it ended)."""
+        process = self._process
+        return process.pid if process is not None and process.exitcode is None else None
+
+    async def run(self) -> None:
+        """Run the child until :meth:`stop`, restarting it when a signal kills it.
+
+        Raises:
+            ChildFailed: the child exited with a reason (its line, without ``spendgate:``),
+                or exited while not asked to stop.
+            ConfigError: the child exited with :data:`EXIT_CONFIG` (its reason), so this
+                process exits with that code too.
+        """
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        delay = 0.0
+        while not self._stopping:
+            started = loop.time()
+            exitcode, reason = await self._run_once()
+            if self._stopping:
+                return
+            if exitcode >= 0:  # it said why (EXIT_FAILED, EXIT_CONFIG), or ended unasked
+                text = reason.removeprefix("spendgate: ") if reason else f"its process exited {exitcode}"
+                raise ConfigError(text) if exitcode == EXIT_CONFIG else ChildFailed(text)
+            lived = loop.time() - started
+            delay = 0.0 if lived >= _RESTART_RESET_SECONDS else min(max(1.0, 2 * delay), _RESTART_MAX_SECONDS)
+            self.restarts += 1
+            _log.warning(
+                "child_process_died",
+                child=self.name,
+                signal=signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else -exitcode,
+                action=f"restarted in {delay:g} s",
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+
+    async def _run_once(self) -> tuple[int, str | None]:
+        """Start the child and wait for its end; returns its exit code and its reason, if it sent one."""
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=self._target, args=(*self._args, send), name=self.name)
+        process.start()
+        send.close()
+        # Held until the child is reaped: the process object keeps open the pipe whose EOF
+        # tells the child that this process has died.
+        self._process = process
+        reason: list[str] = []
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def read() -> None:
+            try:
+                while receive.poll():
+                    self._received(receive.recv(), reason)
+            except (EOFError, OSError):
+                loop.remove_reader(receive.fileno())
+
+        def exited() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(receive.fileno(), read)
+        loop.add_reader(process.sentinel, exited)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(process.sentinel)
+            with contextlib.suppress(OSError):
+                loop.remove_reader(receive.fileno())
+            if process.exitcode is None and not ended.done():
+                # Cancelled: the process is ending; the child's batch stays pending, claimed later.
+                self._terminate(process)
+            process.join()
+            with contextlib.suppress(EOFError, OSError):
+                while receive.poll():
+                    self._received(receive.recv(), reason)
+            receive.close()
+            self._process = None
+        assert process.exitcode is not None
+        return process.exitcode, reason[-1] if reason else None
+
+    def _received(self, message: Any, reason: list[str]) -> None:
+        if isinstance(message, tuple) and len(message) == 3 and message[0] == _REASON:
+            reason.append(str(message[2]))
+        elif self._on_message is not None:
+            self._on_message(message)
+
+    def _terminate(self, process: multiprocessing.process.BaseProcess) -> None:
+        assert process.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(_CHILD_STOP_SECONDS)
+        if process.exitcode is None:
+            _log.error("child_process_killed", child=self.name, after_seconds=_CHILD_STOP_SECONDS)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Send SIGTERM to the child (by PID): it finishes what it is doing; :meth:`run` then returns."""
+        self._stopping = True
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        process = self._process
+        if process is not None and process.pid is not None and process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+
+
+def run_child(
+    channel: multiprocessing.connection.Connection,
+    main: Callable[[], Coroutine[Any, Any, None]],
+    niceness: int = 0,
+) -> NoReturn:
+    """The body of a :class:`ChildProcess`: run ``main()`` with :func:`run_process` and exit with its code.
+
+    The fatal reason goes to the parent through ``channel``; SIGINT is ignored (a
+    terminal's Ctrl-C reaches the whole process group, and the parent decides when its
+    children stop); the child runs ``niceness`` steps nicer than its parent.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A platform that refuses nice() still runs the child, at the parent's priority.
+    with contextlib.suppress(OSError):
+        os.nice(niceness)
+    set_reporter(lambda code, line: channel.send((_REASON, code, line)))
+    sys.exit(run_process(main))
+
+
+def parent_gone(on_gone: Callable[[], None]) -> None:
+    """Call ``on_gone`` (on this event loop) once the process that spawned this one has ended.
+
+    The parent holds the writing end of a pipe it opened when it spawned this child
+    (multiprocessing's parent sentinel); the kernel closes it when the parent ends, even
+    by SIGKILL, and the reading end then turns readable. A process not started by
+    multiprocessing has nothing to watch.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    loop = asyncio.get_running_loop()
+    sentinel = parent.sentinel
+
+    def ended() -> None:
+        loop.remove_reader(sentinel)
+        _log.warning("parent_process_ended", parent_pid=parent.pid, action="stopping")
+        on_gone()
+
+    loop.add_reader(sentinel, ended)

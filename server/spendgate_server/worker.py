@@ -4,25 +4,30 @@ It takes its subset of the flag table (flags.py): the store, evaluator, webhook,
 and log flags, with the same SPENDGATE_* variables as ``spendgate serve``, so one
 environment configures both. Any number of workers share the work through Redis
 consumer groups; one that dies leaves its entries to the others.
+
+``spendgate serve --store redis --evaluator on`` runs the same worker as a child process
+(:func:`run_evaluation_child`), so the event loop that answers Decide reads no journal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.connection
 import signal
 from collections.abc import Callable
 
 import structlog
 
-from spendgate_server.alerts import Alerts, build_alerts
+from spendgate_server.alerts import GAUGES, Alerts, build_alerts
 from spendgate_server.errors import ConfigError
-from spendgate_server.lifecycle import Stopped, run_part, run_process, watch_thread
+from spendgate_server.lifecycle import Stopped, parent_gone, run_child, run_part, run_process, watch_thread
 from spendgate_server.logging import configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
+from spendgate_server.policy.evaluator import EVALUATION_NICENESS, InlineEvaluation
 from spendgate_server.settings import ServeSettings
 from spendgate_server.stores import check_reachable, open_stores
 
-__all__ = ["run_worker", "work"]
+__all__ = ["run_evaluation_child", "run_worker", "work"]
 
 _log = structlog.get_logger("spendgate.worker")
 
@@ -34,11 +39,25 @@ async def _until_stopped(stop: asyncio.Event, alerts: Alerts) -> None:
     raise Stopped
 
 
-async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = None) -> None:
+async def work(
+    settings: ServeSettings,
+    on_ready: Callable[[], None] | None = None,
+    *,
+    server: multiprocessing.connection.Connection | None = None,
+) -> None:
     """Evaluate journals until SIGTERM/SIGINT, then finish the batch in progress and stop.
 
     The evaluator, the webhook sink, the policy watcher and the metrics endpoint run in one
     task group (lifecycle.py): the first to fail ends the process with its reason.
+
+    Args:
+        settings: the flags (the store, evaluator, webhook, metrics and log ones count).
+        on_ready: called once every part runs.
+        server: the channel to the ``spendgate serve`` this worker is the child of
+            (:func:`run_evaluation_child`). Such a worker serves no metrics (its gauges go
+            to the server), does not check Redis first (the server did; an outage now is
+            retried, not fatal), evaluates inline (it is the server's low-priority
+            process), answers SIGTERM but not SIGINT, and stops once the server has ended.
 
     Raises:
         ConfigError: not the redis store, Redis unreachable, the metrics port taken.
@@ -50,23 +69,34 @@ async def work(settings: ServeSettings, on_ready: Callable[[], None] | None = No
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A server's child leaves SIGINT to the server (a terminal's Ctrl-C reaches both).
+    for sig in (signal.SIGTERM,) if server else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stores = open_stores(settings, role="worker")
+    if server is not None:
+        parent_gone(stop.set)
+    stores = open_stores(settings, role="evaluator" if server else "worker")
     try:
-        await check_reachable(stores, settings)
-        metrics = Metrics()
-        metrics_thread = (
-            serve_metrics(
-                settings.metrics_port, settings.host, metrics.registry, required=settings.metrics_port_named
-            )
-            if settings.metrics_port
-            else None
-        )
+        metrics, metrics_thread = None, None
+        if server is None:
+            await check_reachable(stores, settings)
+            metrics = Metrics()
+            if settings.metrics_port:
+                metrics_thread = serve_metrics(
+                    settings.metrics_port,
+                    settings.host,
+                    metrics.registry,
+                    required=settings.metrics_port_named,
+                )
         alerts = build_alerts(settings, stores)
         try:
             async with asyncio.TaskGroup() as group:
-                alerts.start(group, evaluate=True, metrics=metrics)
+                alerts.start(
+                    group,
+                    evaluate=True,
+                    metrics=metrics,
+                    gauges=(lambda pending, lag: server.send((GAUGES, pending, lag))) if server else None,
+                    evaluation=InlineEvaluation() if server else None,
+                )
                 if metrics_thread is not None:
                     group.create_task(
                         run_part("the metrics endpoint", watch_thread(metrics_thread), returns=False)
@@ -89,3 +119,18 @@ def run_worker(settings: ServeSettings) -> int:
     """Run :func:`work` to its end; returns the exit code (lifecycle.py), the reason on stderr."""
     configure_logging(settings.log_format, settings.log_level)
     return run_process(lambda: work(settings))
+
+
+def run_evaluation_child(settings: ServeSettings, server: multiprocessing.connection.Connection) -> None:
+    """The evaluator of ``spendgate serve --store redis``: :func:`work` in a child process of the server.
+
+    Spawned by the server once it serves (alerts.py, lifecycle.ChildProcess), at
+    policy/evaluator.py's EVALUATION_NICENESS: it reads the journals, evaluates, stores
+    the violations, acknowledges, and posts to the webhook, with its own Redis
+    connections, so the server's event loop spends nothing on them. ``server`` carries
+    its gauges and its fatal reason to the server. Its log lines carry ``process: evaluator``.
+    """
+    configure_logging(settings.log_format, settings.log_level)
+    # Its lines share the server's stream: each says which process wrote it.
+    structlog.contextvars.bind_contextvars(process="evaluator")
+    run_child(server, lambda: work(settings, server=server), EVALUATION_NICENESS)

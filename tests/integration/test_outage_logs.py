@@ -28,6 +28,12 @@ LOST = {
     "journal_sweep": "journal_sweep_failed",
 }
 RESTORED = {loop: f"{loop}_restored" for loop in LOOPS}
+# Where each loop runs: the evaluator in the server's child process (``process: evaluator`` on
+# its lines); the policies are followed by both processes.
+RUNS_IN: dict[str, tuple[str, ...]] = {
+    loop: ("evaluator",) if loop == "evaluator_round" else ("serve",) for loop in LOOPS
+}
+RUNS_IN["policies_pubsub"] = ("serve", "evaluator")
 DEADLINE_SECONDS = 60.0
 
 
@@ -41,6 +47,23 @@ def wait_for(server: SpendgateServer, done: Callable[[list[dict[str, object]]], 
 
 def counts(events: list[dict[str, object]], level: str) -> Counter[str]:
     return Counter(str(e["event"]) for e in events if e.get("level") == level)
+
+
+def by_process(events: list[dict[str, object]]) -> dict[str, list[dict[str, object]]]:
+    """The server's lines and its evaluator child's (``process: evaluator``), apart: each process
+    runs its own loops (both follow the policies), and each logs its outage once."""
+    split: dict[str, list[dict[str, object]]] = {}
+    for event in events:
+        split.setdefault(str(event.get("process", "serve")), []).append(event)
+    return split
+
+
+def every_loop(
+    events: list[dict[str, object]], holds: Callable[[list[dict[str, object]], str], bool]
+) -> bool:
+    """Whether ``holds(lines of the process, loop)`` for every loop in every process it runs in."""
+    processes = by_process(events)
+    return all(holds(processes.get(process, []), loop) for loop in LOOPS for process in RUNS_IN[loop])
 
 
 def test_each_loop_logs_an_outage_once_and_its_end_once(spendgate: Callable[..., SpendgateServer]) -> None:
@@ -62,23 +85,32 @@ def test_each_loop_logs_an_outage_once_and_its_end_once(spendgate: Callable[...,
         # Down long enough for every loop to have retried at least twice (seen at debug level).
         wait_for(
             server,
-            lambda events: all(counts(events, "debug")[LOST[loop]] >= 2 for loop in LOOPS),
+            lambda events: every_loop(events, lambda mine, loop: counts(mine, "debug")[LOST[loop]] >= 2),
             "every loop to retry twice",
         )
         redis_server = RedisServer.start(port=redis_server.port, workdir=redis_server.workdir)
         wait_for(
             server,
-            lambda events: all(counts(events, "info")[RESTORED[loop]] >= 1 for loop in LOOPS),
+            lambda events: every_loop(events, lambda mine, loop: counts(mine, "info")[RESTORED[loop]] >= 1),
             "every loop to report the outage's end",
         )
-        events = server.log_events()
-        warnings, infos, debugs = counts(events, "warning"), counts(events, "info"), counts(events, "debug")
-        for loop in LOOPS:
-            assert warnings[LOST[loop]] == 1, (loop, warnings)
-            assert infos[RESTORED[loop]] == 1, (loop, infos)
-            (restored,) = [e for e in events if e["event"] == RESTORED[loop]]
-            # Every failed try is counted: the one warning plus the retries logged at debug level.
-            assert restored["failures"] == 1 + debugs[LOST[loop]], loop
-            assert isinstance(restored["outage_seconds"], float) and restored["outage_seconds"] > 0
+        processes = by_process(server.log_events())
+        assert set(processes) == {"serve", "evaluator"}
+        for process, events in processes.items():
+            warnings, infos, debugs = (
+                counts(events, "warning"),
+                counts(events, "info"),
+                counts(events, "debug"),
+            )
+            for loop in LOOPS:
+                if process not in RUNS_IN[loop]:
+                    assert not warnings[LOST[loop]] and not infos[RESTORED[loop]], (process, loop)
+                    continue
+                assert warnings[LOST[loop]] == 1, (process, loop, warnings)
+                assert infos[RESTORED[loop]] == 1, (process, loop, infos)
+                (restored,) = [e for e in events if e["event"] == RESTORED[loop]]
+                # Every failed try is counted: the one warning plus the retries logged at debug level.
+                assert restored["failures"] == 1 + debugs[LOST[loop]], (process, loop)
+                assert isinstance(restored["outage_seconds"], float) and restored["outage_seconds"] > 0
     finally:
         redis_server.stop()

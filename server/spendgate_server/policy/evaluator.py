@@ -228,6 +228,8 @@ class Evaluator:
         clock: Unix milliseconds.
         evaluation: where the policies are applied (default: a child process, see
             :class:`ProcessEvaluation`); closed when :meth:`run` returns.
+        gauges: also given (pending entries, lag in seconds) at each refresh: an evaluator
+            in a child of ``spendgate serve`` sends them to the server, which exports them.
     """
 
     def __init__(
@@ -241,8 +243,10 @@ class Evaluator:
         metrics: Metrics | None = None,
         clock: Clock = _system_ms,
         evaluation: Evaluation | None = None,
+        gauges: Callable[[int, float], None] | None = None,
     ) -> None:
         self._logs = logs
+        self._gauges = gauges
         self._evaluation: Evaluation = evaluation if evaluation is not None else ProcessEvaluation()
         self._feed = feed
         self._policies = policies
@@ -308,6 +312,8 @@ class Evaluator:
         if self._metrics is not None:
             self._metrics.evaluator_pending.set(pending)
             self._metrics.journal_lag.set(lag)
+        if self._gauges is not None:
+            self._gauges(pending, lag)
         return pending, lag
 
     def stop(self) -> None:
