@@ -17,12 +17,12 @@ import pytest
 import redis
 from spendgate_server.errors import ConfigError
 from spendgate_server.lifecycle import (
+    EXIT_CONFIG,
     EXIT_FAILED,
     ChildFailed,
     ChildProcess,
     PartFailed,
     run_child,
-    run_part,
 )
 from spendgate_server.policy.evaluator import EVALUATION_NICENESS
 from spendgate_server.policy.journal import EVALUATOR_GROUP, JOURNAL_LOG
@@ -31,8 +31,6 @@ from spendgate_server.store.redis_logs import RedisLogStore
 from tests.integration.test_alerts_service import call, set_policies, wait_for
 from tests.integration.test_evaluation_isolation import evaluation_children
 from tests.processes import SpendgateServer, free_port
-
-pytestmark = pytest.mark.redis
 
 WAIT_SECONDS = 20.0
 TENANT = "default"  # the tenant of every caller of a server without API keys
@@ -98,6 +96,7 @@ def redis_server_args(redis_url: str, *more: str) -> tuple[str, ...]:
     return ("--store", "redis", "--redis-url", redis_url, "--evaluator-poll-millis", "20", *more)
 
 
+@pytest.mark.redis
 def test_serve_on_redis_reads_and_evaluates_the_journal_in_its_child(
     spendgate: Callable[..., SpendgateServer], redis_url: str
 ) -> None:
@@ -116,6 +115,7 @@ def test_serve_on_redis_reads_and_evaluates_the_journal_in_its_child(
     assert {f"spendgate-evaluator-{child}", f"spendgate-serve-{server.process.pid}"} <= names
 
 
+@pytest.mark.redis
 def test_sigkill_of_the_server_leaves_no_child_running(
     spendgate: Callable[..., SpendgateServer], redis_url: str
 ) -> None:
@@ -129,6 +129,22 @@ def test_sigkill_of_the_server_leaves_no_child_running(
     poll(f"processes {sorted(below)} to end", lambda: all(ended(pid) for pid in below))
 
 
+def test_sigkill_of_a_memory_store_server_leaves_no_evaluation_process(
+    spendgate: Callable[..., SpendgateServer],
+) -> None:
+    """The memory store's matching child (it exists once a batch was evaluated) ends with its server."""
+    server = spendgate("--evaluator-poll-millis", "20")
+    set_policies(server.target, banned_patterns=[{"id": "k", "pattern": "sk-live-"}], journal_prompts=True)
+    call(server.target, "memory", model="claude-sonnet-4-5", prompt_text="key sk-live-789 here")
+    wait_for(server.target, 1, session_id="memory")
+    assert evaluation_children(server.process.pid)
+    below = descendants(server.process.pid)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    poll(f"processes {sorted(below)} to end", lambda: all(ended(pid) for pid in below))
+
+
+@pytest.mark.redis
 def test_drain_stops_the_child_by_pid(spendgate: Callable[..., SpendgateServer], redis_url: str) -> None:
     """SIGTERM: the server drains, stops its child, and exits 0 with the child gone."""
     server = spendgate(*redis_server_args(redis_url))
@@ -140,6 +156,7 @@ def test_drain_stops_the_child_by_pid(spendgate: Callable[..., SpendgateServer],
     assert "worker_stopped" in events and "parent_process_ended" not in events
 
 
+@pytest.mark.redis
 def test_a_killed_child_is_replaced_and_evaluates_again(
     spendgate: Callable[..., SpendgateServer], redis_url: str
 ) -> None:
@@ -177,6 +194,7 @@ async def leave_pending(redis_url: str) -> None:
     await logs.close()
 
 
+@pytest.mark.redis
 def test_the_childs_gauges_reach_the_servers_metrics(
     spendgate: Callable[..., SpendgateServer], redis_url: str
 ) -> None:
@@ -211,15 +229,15 @@ def _exiting_child(channel: multiprocessing.connection.Connection) -> None:
 
 async def test_a_child_that_fails_ends_its_part_with_its_reason() -> None:
     """Exit 1 with a reason: the part fails with that reason (and exit 1); exit 2 keeps exit 2."""
-    with pytest.raises(ExceptionGroup) as failed:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(run_part("the test child", ChildProcess("test", _failing_child, (1,)).run()))
-    [part] = failed.value.exceptions
-    assert isinstance(part, PartFailed) and part.exit_code == 1
-    # The child's own reason line (run_process's), after the part that ran it.
-    assert str(part) == "the test child failed: RuntimeError: boom"
-    with pytest.raises(ConfigError, match=r"^--webhook-url: not reachable$"):
+    with pytest.raises(ChildFailed) as failed:
+        await ChildProcess("test", _failing_child, (1,)).run()
+    # The child's own reason line (run_process's), after the part that ran it. (Not through
+    # run_part: a failed part arms this process's exit deadline.)
+    part = PartFailed("the test child", failed.value)
+    assert str(part) == "the test child failed: RuntimeError: boom" and part.exit_code == EXIT_FAILED
+    with pytest.raises(ConfigError, match=r"^--webhook-url: not reachable$") as config:
         await ChildProcess("test", _failing_child, (2,)).run()
+    assert PartFailed("the test child", config.value).exit_code == EXIT_CONFIG
 
 
 async def test_a_child_that_ends_unasked_fails_and_its_messages_arrive() -> None:

@@ -7,12 +7,23 @@ than ``claim_idle_ms`` and evaluates them again. A violation's id is derived fro
 (call, policy), and the feed stores an id once, so the second evaluation adds
 nothing that the first already stored.
 
-Run it as ``spendgate worker`` (any number, against Redis) or inside ``spendgate
-serve`` (the embedded memory store has no other reader).
+Where it runs:
 
-Matching never runs on the event loop that reads the journal: inside ``spendgate
-serve`` that loop also answers Decide, and one tenant's patterns over 32 KiB prompts
-must not make another tenant miss its deadline. The loop only moves entries; the
+- ``spendgate worker`` (any number, against Redis), a process of its own;
+- ``spendgate serve --store redis``: the same worker, as one child process of the server
+  at :data:`EVALUATION_NICENESS` with its own Redis connections (worker.py
+  ``run_evaluation_child``, alerts.py, lifecycle.ChildProcess). The serving event loop
+  then reads, claims, acknowledges and stores nothing: that work grows with the settle
+  rate (one journal entry per settle), and it measured about 7% of a saturated serving
+  loop. The child evaluates inline (:class:`InlineEvaluation`): it is itself the
+  low-priority process;
+- ``spendgate serve`` on the memory store: inside the server, on its event loop,
+  because the embedded journal lives in the server's memory and no other process can
+  read it. Only the matching leaves that loop, see below.
+
+Matching never runs on an event loop that answers Decide: one tenant's patterns over
+32 KiB prompts must not make another tenant miss its deadline. Where the evaluator
+shares the server's loop (the memory store), that loop only moves entries; the
 policies are applied by :class:`ProcessEvaluation`, one child process at a lower
 scheduling priority. (google-re2 does release the GIL while it scans, measured, but
 the redaction and JSON work around it does not, and a thread cannot be given a lower
@@ -28,9 +39,11 @@ import concurrent.futures
 import contextlib
 import functools
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -125,9 +138,29 @@ class InlineEvaluation:
         """Nothing to release."""
 
 
+def _exit_with_parent() -> None:
+    """End this process as soon as the process that spawned it has ended, even by SIGKILL.
+
+    Its pool would otherwise wait for work for ever, an orphan holding its compiled
+    patterns. The parent holds the writing end of a pipe (multiprocessing's parent
+    sentinel) that the kernel closes when it ends.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        # Nothing to finish: a batch in progress stays pending and is evaluated again.
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _start_evaluation_process(niceness: int) -> None:
     # The parent decides when to stop; a terminal's Ctrl-C goes to the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     # A platform that refuses nice() still evaluates, at the server's priority.
     with contextlib.suppress(OSError):
         os.nice(niceness)
@@ -145,8 +178,9 @@ def _evaluate_in_child(policies: Policies, version: int, payloads: list[str]) ->
 class ProcessEvaluation:
     """Evaluates in one child process (spawned on first use, replaced if it dies).
 
-    The child runs ``niceness`` steps nicer than this process and compiles each
-    tenant's patterns once per policy version. Only the policies (uncompiled) and the
+    The child runs ``niceness`` steps nicer than this process, compiles each tenant's
+    patterns once per policy version, and ends by itself when this process ends (even
+    by SIGKILL). Only the policies (uncompiled) and the
     entries' payloads cross the pipe; the pickling and the wait happen off the loop.
 
     Args:
