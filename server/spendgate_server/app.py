@@ -500,22 +500,19 @@ def _hold_port(settings: ServeSettings) -> socket.socket:
     Workers bind with SO_REUSEPORT, which lets any process of the same user bind the port
     too: a second ``serve --workers`` on the same port would come up and take a share of
     the first one's connections. The lock is an abstract Unix socket named after the
-    address (resolved, so ``localhost`` and ``127.0.0.1`` are one): bound by one process per
-    network namespace at a time, and freed by the kernel when the process ends, however
-    it ends. A lone server needs none: it binds without SO_REUSEPORT, so the port is its own.
+    port alone: bound by one process per network namespace at a time, and freed by the
+    kernel when the process ends, however it ends. The host is left out of the name
+    because addresses overlap: a supervisor on ``0.0.0.0`` and one on ``127.0.0.1`` would
+    both bind, and the second would silently take the loopback share of the first one's
+    calls. So one ``serve --workers`` per port per host (per pod on Kubernetes). A lone
+    server needs none: it binds without SO_REUSEPORT, so the port is its own.
 
     Raises:
         ConfigError: another supervisor holds the address (the port is taken).
     """
-    try:
-        address = socket.getaddrinfo(
-            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0][4][0]
-    except (OSError, UnicodeError):
-        address = settings.host  # the workers' own check says what is wrong with it
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        lock.bind(f"\0spendgate-serve:{address}:{settings.port}")
+        lock.bind(f"\0spendgate-serve:{settings.port}")
     except OSError as exc:
         lock.close()
         if exc.errno != errno.EADDRINUSE:

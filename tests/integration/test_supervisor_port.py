@@ -2,7 +2,7 @@
 
 Workers bind with SO_REUSEPORT, so without a lock the second supervisor's workers would
 join the first one's port. Each supervisor holds an abstract Unix socket named after its
-address for its lifetime; the kernel frees it when the supervisor ends.
+port for its lifetime; the kernel frees it when the supervisor ends.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_second_supervisor_on_a_port_exits_2(
 def test_localhost_and_its_address_are_one_port(
     spendgate: Callable[..., SpendgateServer], redis_server: RedisServer
 ) -> None:
-    """A supervisor on --host localhost holds 127.0.0.1 too: the lock is named after the resolved address."""
+    """A supervisor on --host 127.0.0.1 holds the port for --host localhost too."""
     port = free_port()
     argv = ("--workers", "2", "--store", "redis", "--redis-url", redis_server.url)
     spendgate(*argv, "--host", "127.0.0.1", port=port)
@@ -77,3 +77,31 @@ def test_localhost_and_its_address_are_one_port(
     )  # fmt: skip
     assert second.returncode == 2
     assert "the port is taken by another spendgate serve --workers" in second.stderr
+
+
+@pytest.mark.parametrize("second_host", ["0.0.0.0", "127.0.0.2"])  # noqa: S104 (refused: nothing binds)
+def test_overlapping_hosts_are_one_port(
+    spendgate: Callable[..., SpendgateServer], redis_server: RedisServer, second_host: str
+) -> None:
+    """A supervisor on 127.0.0.1 refuses another on the same port at any host.
+
+    0.0.0.0 overlaps 127.0.0.1: both would bind with SO_REUSEPORT, and the loopback share
+    of the calls would go to whichever bound the more specific address. The rule is one
+    ``serve --workers`` per port per host, so a second specific address is refused too.
+    """
+    port = free_port()
+    argv = ("--workers", "2", "--store", "redis", "--redis-url", redis_server.url)
+    first = spendgate(*argv, "--host", "127.0.0.1", port=port)
+    second = subprocess.run(
+        [sys.executable, "-m", "spendgate_server", "serve", "--port", str(port), "--metrics-port", "0", *argv,
+         "--host", second_host],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")},
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    reasons = [line for line in second.stderr.splitlines() if not line.startswith("{")]
+    assert reasons == [
+        f"spendgate: --port {port}: cannot bind {second_host}: the port is taken by another spendgate serve "
+        "--workers on this host"
+    ]
+    assert first.process.poll() is None
