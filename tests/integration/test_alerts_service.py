@@ -392,17 +392,28 @@ def test_wrapper_reports_context_and_never_leaks_the_secret(
         assert SECRET[8:20] not in stored and "why does it fail" not in stored
 
 
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def test_webhook_flag_delivers_signed_violations(
-    spendgate: Callable[..., SpendgateServer], tmp_path: Path, receiver: Receiver
+    spendgate: Callable[..., SpendgateServer],
+    tmp_path: Path,
+    receiver: Receiver,
+    store: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """`serve --webhook-url` POSTs each violation, signed with the configured secret."""
+    """`serve --webhook-url` POSTs each violation, signed with the configured secret (with Redis,
+    from the server's evaluator child process)."""
     from spendgate_server.policy.webhook import SIGNATURE_HEADER, verify_signature
 
     secret = tmp_path / "secret"
     secret.write_text("a-webhook-secret-of-some-length\n")
     receiver.failures = 1
+    backend = (
+        ("--store", "redis", "--redis-url", request.getfixturevalue("redis_url")) if store == "redis" else ()
+    )
     server = spendgate(
-        "--webhook-url", receiver.url, "--webhook-secret-file", str(secret), "--evaluator-poll-millis", "20"
+        *backend,
+        *("--webhook-url", receiver.url, "--webhook-secret-file", str(secret)),
+        *("--evaluator-poll-millis", "20"),
     )
     set_policies(server.target, approval_required_threshold_cents=0)
     decision = call(server.target, new_session())
