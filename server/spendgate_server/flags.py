@@ -288,7 +288,8 @@ FLAGS: tuple[Flag, ...] = (
         _SERVE,
         "on",
         ("on", "off"),
-        "evaluate settled calls against the policies in this process; off leaves it to 'spendgate worker'",
+        "evaluate settled calls against the policies in this server (with Redis, in a child process); "
+        "off leaves it to 'spendgate worker'",
     ),
     _int("evaluator-batch-size", _SERVER, 100, 1, 10_000, "journal entries evaluated per tenant and round"),
     _int(
