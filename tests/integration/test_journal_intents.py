@@ -70,7 +70,7 @@ class KilledAfterReply(StoreJournal):
         super().__init__(logs, max_entries=10_000, journals_prompts=no_prompts, intents=True)
         self.lost: list[JournalEvent] = []
 
-    def append_later(self, event: JournalEvent, dedup_window_ms: int) -> None:
+    def append_later(self, event: JournalEvent, dedup_window_ms: int, payload: str = "") -> None:
         self.lost.append(event)
 
 
