@@ -476,7 +476,14 @@ def run_child(
     # A platform that refuses nice() still runs the child, at the parent's priority.
     with contextlib.suppress(OSError):
         os.nice(niceness)
-    set_reporter(lambda code, line: channel.send((_REASON, code, line)))
+
+    def report(code: int, line: str) -> None:
+        try:
+            channel.send((_REASON, code, line))
+        except OSError:  # the parent is gone: nobody reads the channel; stderr still does
+            _print_line(code, line)
+
+    set_reporter(report)
     sys.exit(run_process(main))
 
 

@@ -12,6 +12,7 @@ consumer groups; one that dies leaves its entries to the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing.connection
 import signal
 from collections.abc import Callable
@@ -37,6 +38,16 @@ async def _until_stopped(stop: asyncio.Event, alerts: Alerts) -> None:
     _log.info("worker_stopping")
     await alerts.stop()
     raise Stopped
+
+
+def _sender(server: multiprocessing.connection.Connection) -> Callable[[int, float], None]:
+    """Sends the evaluator's gauges to the server; once the server is gone, nowhere (it stops)."""
+
+    def send(pending: int, lag: float) -> None:
+        with contextlib.suppress(OSError):
+            server.send((GAUGES, pending, lag))
+
+    return send
 
 
 async def work(
@@ -94,7 +105,7 @@ async def work(
                     group,
                     evaluate=True,
                     metrics=metrics,
-                    gauges=(lambda pending, lag: server.send((GAUGES, pending, lag))) if server else None,
+                    gauges=_sender(server) if server else None,
                     evaluation=InlineEvaluation() if server else None,
                 )
                 if metrics_thread is not None:
