@@ -12,6 +12,7 @@ which lever is worth what before measuring it end to end (bench/levers.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import sys
@@ -146,7 +147,9 @@ async def _store_layers(n: int, calls: list[Any], engine: Any, metrics: Any) -> 
 
     The inner store returns the outcome of a real reserve without awaiting anything, so
     what is timed is each layer's own cost per call: its frames, its clock reads, its
-    histogram update. Compare with the server's CPU per call (bench/levers.py).
+    histogram update. Compare with the server's CPU per call (bench/levers.py). The
+    "suspending" cases give the event loop one turn inside the store, as a real round
+    trip does: the suspension and the resumption then pass through every layer's frame.
     """
     from spendgate_server.store.breaker import CircuitBreakerStore
     from spendgate_server.store.instrumented import InstrumentedStore
@@ -160,6 +163,11 @@ async def _store_layers(n: int, calls: list[Any], engine: Any, metrics: Any) -> 
         async def reserve(self, request: Any) -> Any:
             return outcome
 
+    class Suspending(MemoryStore):
+        async def reserve(self, request: Any) -> Any:
+            await asyncio.sleep(0)
+            return outcome
+
     def instrumented(inner: Any) -> Any:
         return InstrumentedStore(inner, metrics.store_seconds, metrics.store_errors)
 
@@ -168,6 +176,8 @@ async def _store_layers(n: int, calls: list[Any], engine: Any, metrics: Any) -> 
         "breaker": CircuitBreakerStore(Instant()),
         "instrumentation": instrumented(Instant()),
         "instrumentation + breaker": instrumented(CircuitBreakerStore(Instant())),
+        "suspending, bare": Suspending(),
+        "suspending, instrumentation + breaker": instrumented(CircuitBreakerStore(Suspending())),
     }
     out: dict[str, float] = {}
     for name, store in layers.items():

@@ -34,6 +34,7 @@ from spendgate_server.rpc.status import abort, rpc_status
 __all__ = ["Guard", "GuardedServer"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Metadata = Sequence[tuple[str, Any]] | None
 # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
 Handler = Any
 
@@ -75,14 +76,13 @@ class Guard:
         authenticate = self._auth.authenticate
         parse: Callable[[bytes], Any] | None = handler.request_deserializer
 
-        def admit(raw: Any, context: Context) -> Any:
+        def admit(raw: Any, metadata: Metadata) -> Any:
             """The request, parsed, once its caller is known (their principal is set for the servicer).
 
             Raises:
                 AuthError: the caller is not let in.
                 InvalidArgument: the bytes are no request of this method.
             """
-            metadata = cast("Sequence[tuple[str, Any]] | None", context.invocation_metadata())
             set_principal(authenticate(metadata, method))
             if parse is None:
                 return raw
@@ -112,19 +112,15 @@ class Guard:
                 admission.enter()
                 started = clock()
                 try:
+                    # Read once: grpc.aio builds a new tuple on each invocation_metadata() (µs).
+                    metadata = cast("Metadata", context.invocation_metadata())
                     remaining = context.time_remaining()
-                    sent = (
-                        None
-                        if remaining is None
-                        else sent_timeout_seconds(
-                            cast("Sequence[tuple[str, Any]] | None", context.invocation_metadata())
-                        )
-                    )
+                    sent = None if remaining is None else sent_timeout_seconds(metadata)
                     why = admission.refusal(remaining, sent, started)
                     if why is not None:
                         await refuse(context, why)
                     try:
-                        request = admit(raw, context)
+                        request = admit(raw, metadata)
                     except (AuthError, InvalidArgument) as exc:
                         await _refuse(context, exc)
                     return await inner_admitted(request, context)
@@ -137,7 +133,7 @@ class Guard:
 
             async def unary(raw: Any, context: Context) -> Any:
                 try:
-                    request = admit(raw, context)
+                    request = admit(raw, cast("Metadata", context.invocation_metadata()))
                 except (AuthError, InvalidArgument) as exc:
                     await _refuse(context, exc)
                 return await inner(request, context)
@@ -147,7 +143,7 @@ class Guard:
 
         async def stream(raw: Any, context: Context) -> AsyncIterator[Any]:
             try:
-                request = admit(raw, context)
+                request = admit(raw, cast("Metadata", context.invocation_metadata()))
             except (AuthError, InvalidArgument) as exc:
                 await _refuse(context, exc)
             async for item in inner_stream(request, context):
