@@ -84,6 +84,8 @@ CLIENT_LEVERS = {
     "no_batch": "the settle thread sends each settle alone (no SettleBatch)",
     "no_rpc": "Decide and Settle answered in the client process, no network: what the wrapper and "
     "its settle thread cost alone (the bound of a design deciding locally, docs/session-leases.md)",
+    "floor_rpc": "every Decide, Settle and SettleBatch is a real RPC to the naive floor, answered "
+    "in-process: the bound of any design with one RPC per call (the floor's server does no work)",
 }
 
 
@@ -115,6 +117,30 @@ class _LocalStub:
         return pb.SettleBatchResponse(results=[pb.SettleResult() for _ in request.settles])
 
 
+class _FloorStub:
+    """Sends each call to the naive floor (a real RPC: the same bytes, metadata and deadline),
+    then answers it as :class:`_LocalStub` does, since the floor's empty reply allows nothing."""
+
+    def __init__(self, target: str) -> None:
+        import grpc
+        from spendgate.v1 import decision_pb2_grpc
+
+        self._floor = decision_pb2_grpc.DecisionServiceStub(grpc.insecure_channel(target))
+        self._local = _LocalStub()
+
+    def Decide(self, request: Any, **kwargs: Any) -> Any:  # gRPC method name
+        self._floor.Decide(request, **kwargs)
+        return self._local.Decide(request)
+
+    def Settle(self, request: Any, **kwargs: Any) -> Any:  # gRPC method name
+        self._floor.Settle(request, **kwargs)
+        return self._local.Settle(request)
+
+    def SettleBatch(self, request: Any, **kwargs: Any) -> Any:  # gRPC method name
+        self._floor.SettleBatch(request, **kwargs)
+        return self._local.SettleBatch(request)
+
+
 def _wrapped(args: argparse.Namespace, variant: str) -> Any:
     from spendgate_client import JournaledAnthropic
 
@@ -135,6 +161,8 @@ def _wrapped(args: argparse.Namespace, variant: str) -> Any:
             settler.max_batch = 1
         elif lever == "no_rpc":
             wrapped._spendgate_gate.client._stub = cast(Any, _LocalStub())
+        elif lever == "floor_rpc":
+            wrapped._spendgate_gate.client._stub = cast(Any, _FloorStub(args.floor))
         else:
             raise SystemExit(
                 f"bench.guarded: unknown client lever {lever!r}; known: {', '.join(CLIENT_LEVERS)}"

@@ -2,7 +2,7 @@
 
 ``python -m bench.micro [--redis-url URL]`` times, in µs per call on uvloop: request
 validation, the engine over the memory store (bare and behind the breaker and
-instrumentation layers), the response message, metrics, authentication, and — when
+instrumentation layers, and each store layer alone), the response message, metrics, authentication, and — when
 a Redis URL is given or redis-server is installed — one Decide script round trip
 through redis-py, through the server's pipelined client (store/pipeline.py), and a
 trivial EVALSHA through each (the floor's round trip). A profile in numbers, to say
@@ -137,6 +137,7 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     except ImportError:
         pass
 
+    out.update(await _settle_cases(n, config, prices))
     if redis_url:
         out.update(await _redis_round_trips(n, redis_url, calls, bare))
     return out
@@ -199,6 +200,74 @@ async def _store_layers(n: int, calls: list[Any], engine: Any, metrics: Any) -> 
 
     out["store layers: reserve, bare, in redis-py's Retry.call_with_retry"] = await _time_async(n, retried)
     return out
+
+
+def _settle_request(i: int, reservation_id: str, *, context: bool) -> Any:
+    """A SettleRequest as bench/loadgen.py sends it, or (``context``) as the SDK wrappers do."""
+    from spendgate.v1 import decision_pb2 as pb
+
+    request = pb.SettleRequest(
+        session_id=f"micro-s{i // 64}",
+        reservation_id=reservation_id,
+        model="gpt-4o",
+        usage=pb.Usage(input_tokens=1800, output_tokens=400),
+        outcome=pb.PROVIDER_OUTCOME_OK,
+    )
+    if context:
+        request.requested_model = "gpt-4o"
+        request.verdict = pb.VERDICT_ALLOW
+        request.project = "micro"
+        request.environment = "bench"
+    return request
+
+
+async def _settle_cases(n: int, config: Any, prices: Any) -> dict[str, float]:
+    """A Settle's server-side pieces: validation, the engine up to its answer (memory store, a
+    journal keeping intents over the memory log store), the work after the reply, the event's JSON."""
+    from spendgate_server.engine.decide import DecisionEngine
+    from spendgate_server.engine.remote_config import ConfigResolver
+    from spendgate_server.policy.journal import StoreJournal
+    from spendgate_server.rpc.validation import settle_from_proto
+    from spendgate_server.store.logs import MemoryLogStore
+    from spendgate_server.store.memory import MemoryStore
+
+    async def no_prompts(_tenant: str) -> bool:
+        return False
+
+    out: dict[str, float] = {}
+    journal = StoreJournal(MemoryLogStore(), max_entries=1000, journals_prompts=no_prompts, intents=True)
+    engine = DecisionEngine(MemoryStore(), prices, ConfigResolver.static(config), journal=journal)
+    # One reservation per settle timed (the warm-up's too), made before the timing starts.
+    warm = min(n, 500)
+    ids: dict[int, str] = {}
+    for i in [*range(n), *range(10_000_000, 10_000_000 + warm)]:
+        ids[i] = (await engine.decide(_call_for(i))).reservation_id
+    plain = {i: _settle_request(i, rid, context=False) for i, rid in ids.items()}
+    rich = {i: _settle_request(i, rid, context=True) for i, rid in ids.items()}
+    out["validate settle_from_proto"] = _time_sync(n, lambda i: settle_from_proto(plain[i], "default"))
+    out["validate settle_from_proto, with the wrappers' context"] = _time_sync(
+        n, lambda i: settle_from_proto(rich[i], "default")
+    )
+    settles = {i: settle_from_proto(r, "default") for i, r in rich.items()}
+    answers: dict[int, Any] = {}
+
+    async def settle_first(i: int) -> None:
+        answers[i] = await engine.settle_first(settles[i])
+
+    out["engine.settle_first, memory store, intents (before the reply)"] = await _time_async(n, settle_first)
+    out["SettleAnswer.finish: event, anomalies, append (after the reply)"] = _time_sync(
+        n, lambda i: answers[i].finish()
+    )
+    await journal.drain()
+    event = answers[0].event()
+    out["JournalEvent.to_json"] = _time_sync(n, lambda i: event.to_json())
+    return out
+
+
+def _call_for(i: int) -> Any:
+    from spendgate_server.rpc.validation import call_from_proto
+
+    return call_from_proto(_request(i), "default")
 
 
 async def _redis_round_trips(n: int, redis_url: str, calls: list[Any], engine: Any) -> dict[str, float]:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -37,8 +38,10 @@ from spendgate_server.engine.events import CallContext, JournalEvent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.remote_config import ConfigResolver
 from spendgate_server.errors import NotFound, StoreUnavailable
+from spendgate_server.metrics import Metrics
 from spendgate_server.policy.journal import JOURNAL_LOG, StoreJournal
 from spendgate_server.policy.journal_sweeper import JournalSweeper, SweepResult
+from spendgate_server.rpc.decision import DecisionServicer
 from spendgate_server.store import Store
 from spendgate_server.store.keyspace import log_intent_keys, log_stream_key
 from spendgate_server.store.logs import AppendResult, LogStore, MemoryLogStore
@@ -70,8 +73,20 @@ class KilledAfterReply(StoreJournal):
         super().__init__(logs, max_entries=10_000, journals_prompts=no_prompts, intents=True)
         self.lost: list[JournalEvent] = []
 
-    def append_later(self, event: JournalEvent, dedup_window_ms: int) -> None:
+    def append_later(self, event: JournalEvent, dedup_window_ms: int, payload: str = "") -> None:
         self.lost.append(event)
+
+
+class Recording(StoreJournal):
+    """A journal that notes the decision id of each append it is asked for after a reply."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.later: list[str] = []
+
+    def append_later(self, event: JournalEvent, dedup_window_ms: int, payload: str = "") -> None:
+        self.later.append(event.decision_id)
+        super().append_later(event, dedup_window_ms, payload)
 
 
 class FailingAppends(RedisLogStore):
@@ -176,6 +191,69 @@ async def test_a_settle_is_answered_before_its_append_which_removes_the_intent(s
     assert [a.kind for a in event.anomalies] == [AnomalyKind.MODEL_MISMATCH]
     assert await server.intents("t") == []
     assert await server.sweeper().sweep_once() == SweepResult()
+
+
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_reply_waits_for_no_journal_work(store: str, request: pytest.FixtureRequest) -> None:
+    """A Settle's reply, and a Decide's carrying a settle, are built from the store's outcome alone:
+    when the handler returns, no append is asked for and no anomaly counted; the loop's next
+    turn does both, and each call is then journaled once with what its settle reported."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else ""
+    server = Server(url, FakeClock(START), journal=Recording)
+    journal = server.journal
+    assert isinstance(journal, Recording)
+    metrics = Metrics()
+    servicer = DecisionServicer(server.engine, metrics)
+    no_context = cast(Any, None)  # only a failing RPC uses it
+
+    def mismatches() -> float | None:
+        return metrics.registry.get_sample_value(
+            "spendgate_settle_anomalies_total", {"kind": AnomalyKind.MODEL_MISMATCH.key}
+        )
+
+    def report(reservation_id: str, model: str) -> pb.SettleRequest:
+        return pb.SettleRequest(
+            session_id="s",
+            reservation_id=reservation_id,
+            model=model,
+            usage=pb.Usage(input_tokens=9_000, output_tokens=50),
+            outcome=pb.PROVIDER_OUTCOME_OK,
+        )
+
+    try:
+        first = await server.engine.decide(call("default", "s"))
+        settled = await servicer.Settle(report(first.reservation_id, "small"), no_context)
+        assert (journal.later, mismatches()) == ([], None)
+        await asyncio.sleep(0)  # one loop turn, no time
+        assert (journal.later, mismatches()) == ([first.reservation_id], 1.0)
+
+        second = await server.engine.decide(call("default", "s"))
+        decided = await servicer.Decide(
+            pb.DecideRequest(
+                session_id="s",
+                model="big",
+                input_tokens=100,
+                max_output_tokens=50,
+                fingerprint=b"f" * 32,
+                settles=[report(second.reservation_id, "big")],
+            ),
+            no_context,
+        )
+        [rider] = decided.settle_results
+        assert rider.code == 0 and rider.settled.actual_cost_nano_usd > 0
+        assert journal.later == [first.reservation_id]
+        await asyncio.sleep(0)
+        assert journal.later == [first.reservation_id, second.reservation_id]
+
+        await journal.drain()
+        events = await server.journaled("default")
+        assert [(e.decision_id, e.cost_nano_usd, [a.kind for a in e.anomalies]) for e in events] == [
+            (first.reservation_id, settled.actual_cost_nano_usd, [AnomalyKind.MODEL_MISMATCH]),
+            (second.reservation_id, rider.settled.actual_cost_nano_usd, []),
+        ]
+        assert await server.intents("default") == []
+    finally:
+        await server.close()
 
 
 async def test_an_unknown_reservation_leaves_no_intent(server: Server) -> None:

@@ -9,14 +9,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spendgate_server.engine.anomalies import AnomalyThresholds, SettleAnomaly, settle_anomalies
 from spendgate_server.engine.cancellations import ReserveCanceller
 from spendgate_server.engine.config import BudgetMode, EnforcementConfig, Rule, config_to_dict
 from spendgate_server.engine.deny_cache import DenyCache
-from spendgate_server.engine.events import CallContext, Journal, JournalEvent
+from spendgate_server.engine.events import CallContext, Journal, JournalEvent, JournalIntent
 from spendgate_server.engine.pricing import PriceTable, Usage
 from spendgate_server.engine.quota import SessionQuota
 from spendgate_server.engine.remote_config import ConfigResolver
@@ -49,6 +49,7 @@ __all__ = [
     "Decision",
     "DecisionEngine",
     "EngineTimings",
+    "SettleAnswer",
     "SettleCall",
     "Settlement",
     "Verdict",
@@ -183,6 +184,64 @@ class Settlement:
     already_settled: bool
     # How this settle differs from its decision (flagged on the alerts feed, counted in metrics).
     anomalies: tuple[SettleAnomaly, ...] = ()
+
+
+class SettleAnswer:
+    """A settle the store has applied, answered before its journal work (DecisionEngine.settle_first).
+
+    ``settlement`` is what the reply needs; its ``anomalies`` are known once :meth:`finish`
+    has run.
+    """
+
+    __slots__ = ("_decided", "_done", "_engine", "_event", "_intent", "_now_ms", "_settle", "settlement")
+
+    def __init__(
+        self,
+        engine: DecisionEngine,
+        settle: SettleCall,
+        settlement: Settlement,
+        decided: DecidedCall | None,
+        now_ms: int,
+        intent: JournalIntent | None,
+    ) -> None:
+        self._engine = engine
+        self._settle = settle
+        self.settlement = settlement
+        self._decided = decided
+        self._now_ms = now_ms
+        self._intent = intent
+        self._event: JournalEvent | None = None
+        self._done: Settlement | None = None
+
+    def event(self) -> JournalEvent:
+        """The call's journal event: the cost the store counted, the anomalies against its decision.
+
+        A repeated settle is compared too (a retried settle repeats the first report), so a
+        server dying between its settle and its journal append loses no flag.
+        """
+        if self._event is None:
+            self._event = self._engine._settled_event(
+                self._settle, self.settlement.cost_nano_usd, self._decided, self._now_ms
+            )
+        return self._event
+
+    def finish(self) -> Settlement:
+        """Journal the event after the reply (through the intent's commit: an append in the
+        background; also when already settled, as the append is idempotent per decision id)
+        and return the Settlement with the anomalies it counted (none when already settled).
+        Runs its work once; later calls return the same Settlement.
+        """
+        if self._done is None:
+            event = self.event()
+            if self._intent is not None:
+                intent, self._intent = self._intent, None
+                intent.commit(event)
+            self._done = (
+                self.settlement
+                if self.settlement.already_settled or not event.anomalies
+                else replace(self.settlement, anomalies=event.anomalies)
+            )
+        return self._done
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,7 +600,26 @@ class DecisionEngine:
         )
 
     async def settle(self, settle: SettleCall) -> Settlement:
-        """Replace a reservation with the real cost (zero when the provider call failed).
+        """Replace a reservation with the real cost (zero when the provider call failed), and
+        journal the call: :meth:`settle_first`, then its :meth:`SettleAnswer.finish` at once.
+
+        Raises:
+            NotFound: the reservation id is unknown to this session, or long expired.
+            InvalidArgument: the usage counts contradict each other (nothing is settled).
+        """
+        return (await self.settle_first(settle)).finish()
+
+    async def settle_first(self, settle: SettleCall) -> SettleAnswer:
+        """Settle up to what the reply needs: the store's outcome (cost, session spend, whether
+        the call was already settled), the journal event stored as an intent.
+
+        The call's journal event, its anomalies and its append are left to the answer's
+        :meth:`~SettleAnswer.finish`, which the caller runs once it has replied: until then
+        the event is durable through its intent (if ``finish`` never runs, the journal
+        sweeper rebuilds the event from the intent and the store's settle record). When
+        there is no intent (a journal without them, or the intent's write failed), the
+        append is awaited here instead, as the reply must then wait for it, and ``finish``
+        only returns the Settlement.
 
         Raises:
             NotFound: the reservation id is unknown to this session, or long expired.
@@ -582,25 +660,18 @@ class DecisionEngine:
                 f"no reservation {settle.reservation_id!r} in session {settle.session_id!r} "
                 "(never made, or settled longer ago than the settle window)",
             )
-        already = outcome.status is SettleStatus.ALREADY_SETTLED
-        # A repeated settle is compared too (a retried settle repeats the first report), so a
-        # server dying between its settle and its journal append loses no flag.
-        event = self._settled_event(settle, outcome.cost_nano_usd, outcome.decided, now_ms)
-        if self._journal is not None:
-            # Also when already settled: the append is idempotent per decision id, so a settle
-            # retried because a server died between its settle and its append is journaled then.
-            if intent is not None and await intent.recorded():
-                # The intent is stored: the reply need not wait for the append (the sweeper
-                # finishes it if this process dies first).
-                intent.commit(event)
-            else:
-                await self._journal.append(event, t.settled_ttl_ms)
-        return Settlement(
+        settlement = Settlement(
             outcome.cost_nano_usd,
             outcome.spent_nano_usd + outcome.reserved_nano_usd,
-            already,
-            () if already else event.anomalies,
+            outcome.status is SettleStatus.ALREADY_SETTLED,
         )
+        recorded = intent if intent is not None and await intent.recorded() else None
+        answer = SettleAnswer(self, settle, settlement, outcome.decided, now_ms, recorded)
+        if self._journal is not None and recorded is None:
+            # No intent makes the event durable: the reply waits for its append.
+            await self._journal.append(answer.event(), t.settled_ttl_ms)
+            answer.finish()
+        return answer
 
     async def recovered_event(self, draft: JournalEvent) -> JournalEvent | None:
         """The journal event of a settle whose append may never have happened, from its intent.

@@ -120,31 +120,34 @@ class StoreJournal(Journal):
             self, draft, dedup_window_ms, self.spawn(self._put_intent(draft, dedup_window_ms))
         )
 
-    async def _put_intent(self, draft: JournalEvent, dedup_window_ms: int) -> JournalEvent | None:
-        """Store ``draft``'s intent; the draft as stored (its prompt text only where journaled), or
-        None when it could not be stored."""
+    async def _put_intent(self, draft: JournalEvent, dedup_window_ms: int) -> tuple[JournalEvent, str] | None:
+        """Store ``draft``'s intent; the draft as stored (its prompt text only where journaled) and
+        its JSON, or None when it could not be stored."""
         try:
-            event = await self._visible(draft)
+            # Most settles carry no prompt: no need to ask whether the tenant journals prompts.
+            event = await self._visible(draft) if draft.context.prompt_text else draft
+            payload = event.to_json()
             await self._logs.put_intent(
                 JOURNAL_LOG,
                 event.tenant,
                 event.decision_id,
-                event.to_json(),
+                payload,
                 now_ms=event.time_ms,
                 ttl_ms=dedup_window_ms,
             )
         except Exception as exc:  # any failure: the Settle awaits its append instead
             _log.warning("journal_intent_failed", decision_id=draft.decision_id, error=str(exc))
             return None
-        return event
+        return event, payload
 
-    def append_later(self, event: JournalEvent, dedup_window_ms: int) -> None:
+    def append_later(self, event: JournalEvent, dedup_window_ms: int, payload: str = "") -> None:
         """Append ``event`` (already as it may be stored) within ``deferred_commit_seconds``,
         in one store call with the other deferred appends of its tenant; a failure is logged
-        (the event's intent stays for the sweeper)."""
+        (the event's intent stays for the sweeper). ``payload``, when given, is the event's
+        JSON already encoded."""
         key = (event.tenant, dedup_window_ms)
         batch = self._deferred.setdefault(key, [])
-        batch.append((event.decision_id, event.to_json(), event.time_ms, None))
+        batch.append((event.decision_id, payload or event.to_json(), event.time_ms, None))
         if len(batch) >= _MAX_BATCH:
             self._flush_deferred(key)
         elif len(batch) == 1:
@@ -256,7 +259,7 @@ class _StoreIntent(JournalIntent):
         journal: StoreJournal,
         draft: JournalEvent,
         dedup_window_ms: int,
-        write: asyncio.Task[JournalEvent | None],
+        write: asyncio.Task[tuple[JournalEvent, str] | None],
     ) -> None:
         self._journal = journal
         self._draft = draft
@@ -264,17 +267,22 @@ class _StoreIntent(JournalIntent):
         self._write = write
 
     async def recorded(self) -> bool:
+        if self._write.done():  # usually: its reply came with the settle script's
+            return self._write.result() is not None
         # Shielded: a caller that gives up must not cancel the write (the intent is its safety).
         return await asyncio.shield(self._write) is not None
 
     def commit(self, event: JournalEvent) -> None:
-        stored = self._write.result()
-        if stored is None:
+        written = self._write.result()
+        if written is None:
             raise RuntimeError("commit of an intent that was not recorded")
+        stored, payload = written
         if event.context.prompt_text and not stored.context.prompt_text:
             # The tenant does not journal prompts (decided when the intent was written).
             event = replace(event, context=stored.context)
-        self._journal.append_later(event, self._window_ms)
+        # Most events are their draft (the cost the store counted is the one priced, no anomaly):
+        # then the intent's JSON is the event's, and it is not encoded again.
+        self._journal.append_later(event, self._window_ms, payload if event == stored else "")
 
     def abandon(self) -> None:
         self._journal.spawn(self._remove())

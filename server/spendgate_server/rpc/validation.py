@@ -305,8 +305,40 @@ _VERDICT_NAMES = {
 }
 
 
+# Contexts without prompt text or pattern matches, by their fields: a client sends the same
+# few (model, verdict, project, key, environment) on every settle, so each is checked and
+# built once. Bounded: emptied when full.
+_CONTEXTS: dict[tuple[str, int, str, str, str, str, bool, int], CallContext] = {}
+_MAX_CONTEXTS = 1024
+
+
 def _call_context(request: pb.SettleRequest, c: _Checker) -> CallContext:
     """The journal context of a SettleRequest (every field optional)."""
+    if request.prompt_text or request.pattern_matches:
+        return _checked_context(request, c)
+    key = (
+        request.requested_model,
+        request.verdict,
+        request.project,
+        request.key_fingerprint,
+        request.key_label,
+        request.environment,
+        request.prompt_truncated,
+        request.pattern_set_version,
+    )
+    context = _CONTEXTS.get(key)
+    if context is None:
+        before = len(c.violations)
+        context = _checked_context(request, c)
+        if len(c.violations) == before:  # only a valid context is remembered
+            if len(_CONTEXTS) >= _MAX_CONTEXTS:
+                _CONTEXTS.clear()
+            _CONTEXTS[key] = context
+    return context
+
+
+def _checked_context(request: pb.SettleRequest, c: _Checker) -> CallContext:
+    """Check the context fields of ``request`` into ``c``, and build its CallContext."""
     c.name("requested_model", request.requested_model, required=False, bound=BOUNDS["model"])
     if request.verdict not in _VERDICT_NAMES:
         c.bad("verdict", "must be VERDICT_ALLOW or VERDICT_ALLOW_DOWNGRADED (a blocked call is not settled)")
