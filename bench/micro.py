@@ -2,7 +2,7 @@
 
 ``python -m bench.micro [--redis-url URL]`` times, in µs per call on uvloop: request
 validation, the engine over the memory store (bare and behind the breaker and
-instrumentation layers), the response message, metrics, authentication, and — when
+instrumentation layers, and each store layer alone), the response message, metrics, authentication, and — when
 a Redis URL is given or redis-server is installed — one Decide script round trip
 through redis-py, through the server's pipelined client (store/pipeline.py), and a
 trivial EVALSHA through each (the floor's round trip). A profile in numbers, to say
@@ -12,6 +12,7 @@ which lever is worth what before measuring it end to end (bench/levers.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import sys
@@ -108,6 +109,7 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     out["engine.decide, memory store + breaker + instrumentation"] = await _time_async(
         n, lambda i: layered.decide(calls[i % n])
     )
+    out.update(await _store_layers(n, calls, bare, metrics))
     decision = await engine(MemoryStore()).decide(calls[0])
     out["response decision_to_proto"] = _time_sync(n, lambda i: decision_to_proto(decision))
     out["metrics.decided"] = _time_sync(n, lambda i: metrics.decided(decision, 0.0005))
@@ -138,6 +140,65 @@ async def measure(n: int, redis_url: str | None) -> dict[str, float]:
     out.update(await _settle_cases(n, config, prices))
     if redis_url:
         out.update(await _redis_round_trips(n, redis_url, calls, bare))
+    return out
+
+
+async def _store_layers(n: int, calls: list[Any], engine: Any, metrics: Any) -> dict[str, float]:
+    """One store.reserve through each decorator layer over a store that answers at once.
+
+    The inner store returns the outcome of a real reserve without awaiting anything, so
+    what is timed is each layer's own cost per call: its frames, its clock reads, its
+    histogram update. Compare with the server's CPU per call (bench/levers.py). The
+    "suspending" cases give the event loop one turn inside the store, as a real round
+    trip does: the suspension and the resumption then pass through every layer's frame.
+    """
+    from spendgate_server.store.breaker import CircuitBreakerStore
+    from spendgate_server.store.instrumented import InstrumentedStore
+    from spendgate_server.store.memory import MemoryStore
+
+    config, _version = await engine.effective_config(calls[0])
+    request = engine._reserve_request(calls[0], config, f"{0:032x}", 15_000_000, "", 1_800_000_000_000)
+    outcome = await MemoryStore().reserve(request)
+
+    class Instant(MemoryStore):
+        async def reserve(self, request: Any) -> Any:
+            return outcome
+
+    class Suspending(MemoryStore):
+        async def reserve(self, request: Any) -> Any:
+            await asyncio.sleep(0)
+            return outcome
+
+    def instrumented(inner: Any) -> Any:
+        return InstrumentedStore(inner, metrics.store_seconds, metrics.store_errors)
+
+    layers: dict[str, Any] = {
+        "bare": Instant(),
+        "breaker": CircuitBreakerStore(Instant()),
+        "instrumentation": instrumented(Instant()),
+        "instrumentation + breaker": instrumented(CircuitBreakerStore(Instant())),
+        "suspending, bare": Suspending(),
+        "suspending, instrumentation + breaker": instrumented(CircuitBreakerStore(Suspending())),
+    }
+    out: dict[str, float] = {}
+    for name, store in layers.items():
+        # B023: every call of the lambda is awaited before the loop rebinds ``store``.
+        us = await _time_async(n, lambda _i: store.reserve(request))  # noqa: B023
+        out[f"store layers: reserve, {name}"] = us
+    # redis-py wraps each command of its pool path (not the pipelined one) in its retry loop,
+    # with 0 retries here (store/redis.py): what that wrapper costs around the same instant call.
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    retry, instant = Retry(NoBackoff(), 0), layers["bare"]
+
+    async def failed(_error: Exception) -> None:
+        return None
+
+    def retried(_i: int) -> Awaitable[Any]:
+        return retry.call_with_retry(lambda: instant.reserve(request), failed)
+
+    out["store layers: reserve, bare, in redis-py's Retry.call_with_retry"] = await _time_async(n, retried)
     return out
 
 

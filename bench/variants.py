@@ -52,23 +52,13 @@ def _no_auth() -> None:
     auth.Authenticator.authenticate = authenticate  # type: ignore[method-assign]
 
 
-def _no_interceptors() -> None:
-    import grpc
-
-    original = grpc.aio.server
-
-    def server(*args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("interceptors", None)
-        return original(*args, **kwargs)
-
-    grpc.aio.server = server
-
-
 def _per_call_guard() -> None:
-    """Authentication and parsing applied on every call by a gRPC interceptor, as before rpc/guard.py.
+    """Admission, authentication and parsing applied on every call by a gRPC server interceptor.
 
-    The handlers are registered unwrapped and one interceptor, after admission, wraps the
-    handler of each call with the server's Guard (the server then had two such interceptors).
+    The handlers are registered unwrapped and one interceptor wraps the handler of each
+    call with the server's Guard. The server ran so, in two interceptors, before rpc/guard.py
+    wrapped authentication and parsing once, and admission alone stayed an interceptor until
+    it joined that wrapping: this lever costs about what that interceptor did.
     """
     import grpc
     from spendgate_server.rpc import guard
@@ -161,12 +151,9 @@ LEVERS: dict[str, Lever] = {
     "no_auth": Lever(
         "cost of the key check per call (every caller is the dev principal) — for scale only", _no_auth
     ),
-    "no_interceptors": Lever(
-        "cost of gRPC server interceptors per call (admission removed) — for scale only",
-        _no_interceptors,
-    ),
     "per_call_guard": Lever(
-        "auth and parsing wrapped per call by an interceptor, not once at registration (rpc/guard.py)",
+        "admission, auth and parsing wrapped per call by a server interceptor, not once at "
+        "registration (rpc/guard.py)",
         _per_call_guard,
     ),
     "no_deny_cache": Lever(

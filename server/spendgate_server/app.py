@@ -61,7 +61,7 @@ from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.journal import Journal
 from spendgate_server.policy.journal_sweeper import JournalSweeper
 from spendgate_server.policy.violations import WatchLimits
-from spendgate_server.rpc.admission import Admission, AdmissionInterceptor, stream_options
+from spendgate_server.rpc.admission import Admission, stream_options
 from spendgate_server.rpc.auth import Authenticator, check_exposure, is_loopback
 from spendgate_server.rpc.config import ConfigServicer
 from spendgate_server.rpc.decision import DecisionServicer
@@ -371,13 +371,11 @@ async def _serve(
     )
     activity = SessionActivity(stores.insights)
 
-    # Admission first: a call refused past capacity or past its deadline costs nothing more.
-    admission = AdmissionInterceptor(
-        Admission(settings.max_in_flight, queue_target_percent=settings.queue_target_percent), metrics
-    )
-    # Authentication and parsing wrap each handler once, at registration (rpc/guard.py).
-    server = grpc.aio.server(options=_server_options(settings), interceptors=[admission])
-    guarded = GuardedServer(server, Guard(authenticator)).as_server()
+    # Admission, authentication and parsing wrap each handler once, at registration, admission
+    # first: a call refused past capacity or past its deadline costs nothing more (rpc/guard.py).
+    admission = Admission(settings.max_in_flight, queue_target_percent=settings.queue_target_percent)
+    server = grpc.aio.server(options=_server_options(settings))
+    guarded = GuardedServer(server, Guard(authenticator, admission, metrics)).as_server()
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(
         DecisionServicer(engine, metrics, activity), guarded
     )

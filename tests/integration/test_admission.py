@@ -141,6 +141,30 @@ def test_no_target_sheds_nothing() -> None:
     assert all(admission.queued(10.0, 0.25, now=float(t)) is None for t in range(100))
 
 
+SECONDS = st.floats(0.0, 2.0, allow_nan=False)
+
+
+@given(
+    st.lists(st.tuples(st.none() | SECONDS, st.none() | st.floats(0.001, 5.0), SECONDS), max_size=50),
+    st.floats(0.0, 0.1),
+)
+def test_the_refusal_at_take_up_is_late_then_queued(
+    calls: list[tuple[float | None, float | None, float]], service: float
+) -> None:
+    """Against a reference admission asked late() then, with a deadline and a sent timeout, queued():
+    refusal() gives the same answers, and leaves the queue in the same state, call after call."""
+    admission = Admission(64, initial_service_seconds=service, queue_target_percent=20)
+    reference = Admission(64, initial_service_seconds=service, queue_target_percent=20)
+    now = 0.0
+    for remaining, sent, step in calls:
+        now += step
+        expected: DeadlineExceeded | ResourceExhausted | None = reference.late(remaining)
+        if expected is None and remaining is not None and sent is not None:
+            expected = reference.queued(sent - remaining, sent, now)
+        got = admission.refusal(remaining, sent, now)
+        assert (type(got), str(got)) == (type(expected), str(expected))
+
+
 @pytest.mark.parametrize(
     ("metadata", "seconds"),
     [
@@ -272,6 +296,58 @@ def test_a_call_whose_deadline_cannot_be_met_is_refused_at_once(
         assert details.startswith("deadline too close to answer in time: ")
         assert not read_ledger(redis_server.port, "hurried").open  # nothing was started
         poll("the server to admit again", lambda: _admits(relaxed))
+
+
+@pytest.mark.redis
+def test_a_call_its_client_gave_up_on_leaves_the_bound(
+    spendgate: Callable[..., SpendgateServer], redis_server: RedisServer
+) -> None:
+    """Two Decides hang on Redis (60 s store timeout) and fill --max-in-flight 2, so a third call is
+    refused RESOURCE_EXHAUSTED; once their clients' deadlines pass, gRPC cancels them on the server
+    and their places are free again, with Redis still silent: the next call is admitted (and, as it
+    is malformed, answered INVALID_ARGUMENT without touching the store)."""
+    proxy = TcpProxy(redis_server.port)
+    server = spendgate(
+        *("--store", "redis", "--redis-url", proxy.url, "--max-in-flight", "2"),
+        *("--redis-timeout-millis", "60000", "--redis-breaker-failures", "0"),
+    )
+    malformed = pb.DecideRequest(model=MODEL, input_tokens=10, max_output_tokens=10)  # no session
+
+    def well_formed(session: str) -> pb.DecideRequest:
+        return pb.DecideRequest(
+            session_id=session,
+            model=MODEL,
+            input_tokens=10,
+            max_output_tokens=10,
+            fingerprint=uuid.uuid4().bytes,
+        )
+
+    def answer(stub: decision_pb2_grpc.DecisionServiceStub, request: pb.DecideRequest, timeout: float) -> str:
+        try:
+            stub.Decide(request, timeout=timeout)
+        except grpc.RpcError as error:
+            return str(error.code().name)
+        return "OK"
+
+    try:
+        with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(2) as pool:
+            stub = decision_pb2_grpc.DecisionServiceStub(channel)
+            assert answer(stub, malformed, 5) == "INVALID_ARGUMENT"
+            assert answer(stub, well_formed("warm"), 5) == "OK"  # the scripts are loaded
+            proxy.drop_replies.set()
+            futures = [pool.submit(answer, stub, well_formed("stuck"), 4) for _ in range(2)]
+            poll(
+                "the two calls to reach Redis", lambda: len(read_ledger(redis_server.port, "stuck").open) == 2
+            )
+            assert answer(stub, malformed, 5) == "RESOURCE_EXHAUSTED"
+            assert [future.result() for future in futures] == ["DEADLINE_EXCEEDED"] * 2
+            poll(
+                "the cancelled calls to leave the bound",
+                lambda: answer(stub, malformed, 5) == "INVALID_ARGUMENT",
+            )
+    finally:
+        proxy.drop_replies.clear()
+        proxy.close()
 
 
 # --- the client's own bound: past max_outstanding a call is not sent ------------------------------

@@ -20,10 +20,10 @@ lowers that limit (AIMD) when answers say the server is overloaded or late. The
 server's part:
 
 * **calls in flight** (``--max-in-flight``, per process): a call of the hot path
-  (Decide, Settle, SettleBatch) is counted from the moment the server takes it up until
-  its task ends, however it ends; past the bound the answer is RESOURCE_EXHAUSTED at once,
-  naming the flag, before authentication or parsing. This is what a slow store meets:
-  calls waiting on it pile up here, not in memory.
+  (Decide, Settle, SettleBatch) is counted from the moment the server takes it up (its
+  handler starts) until its handler ends, however it ends; past the bound the answer is
+  RESOURCE_EXHAUSTED at once, naming the flag, before authentication or parsing. This is
+  what a slow store meets: calls waiting on it pile up here, not in memory.
 * **the deadline**: a call taken up with no more of its deadline left than calls take
   these days (a moving average of recent ones) is answered DEADLINE_EXCEEDED at once,
   saying so: its answer could not reach the client in time, so no work is started.
@@ -42,27 +42,22 @@ The in-flight bound is derived from measured capacity: a worker answers about C 
 a second (``make bench``, closed loop), so N calls in flight wait about N / C; N = 64 at
 the ~2,000-3,000 calls/s one worker measured keeps that near 20-30 ms, far inside the
 clients' 250 ms deadline, while 32 callers already saturate the worker.
+
+This module decides; rpc/guard.py applies the decisions, in the one wrapper it puts around
+each hot-path handler at registration (no gRPC interceptor runs per call).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
 
-import grpc
-
-from spendgate_server.errors import DeadlineExceeded, ResourceExhausted, SpendgateError
-from spendgate_server.metrics import Metrics
-from spendgate_server.rpc.status import abort, rpc_status
+from spendgate_server.errors import DeadlineExceeded, ResourceExhausted
 
 __all__ = [
     "HOT_METHODS",
     "QUEUE_INTERVAL_SECONDS",
     "TIMEOUT_METADATA",
     "Admission",
-    "AdmissionInterceptor",
     "sent_timeout_seconds",
     "stream_options",
 ]
@@ -203,6 +198,23 @@ class Admission:
             f"{self.max_in_flight}); try another server, or let the client's fail mode decide",
         )
 
+    def refusal(
+        self, remaining_seconds: float | None, sent_timeout_seconds: float | None, now: float
+    ) -> DeadlineExceeded | ResourceExhausted | None:
+        """Why a call just taken up at ``now`` is refused (:meth:`late`, then :meth:`queued`), or
+        None when it is served.
+
+        Args:
+            remaining_seconds: what is left of its deadline (None: it has none).
+            sent_timeout_seconds: the whole timeout its client sent (None: it sent none, and then
+                the wait cannot be known and the queue rule does not apply).
+            now: seconds, the clock :meth:`queued` is given.
+        """
+        late = self.late(remaining_seconds)
+        if late is not None or remaining_seconds is None or sent_timeout_seconds is None:
+            return late
+        return self.queued(sent_timeout_seconds - remaining_seconds, sent_timeout_seconds, now)
+
     def enter(self) -> None:
         """A call was taken up."""
         self.in_flight += 1
@@ -211,81 +223,3 @@ class Admission:
         """A call taken up ``seconds`` ago has ended (answered, refused, failed or cancelled)."""
         self.in_flight -= 1
         self.service_seconds += _SMOOTHING * (seconds - self.service_seconds)
-
-
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls of ``methods`` past the deadline or past capacity (see the module docstring).
-
-    Put it first among the interceptors: the wrapping it adds then runs before any other,
-    so a refused call costs no authentication and no parsing.
-    """
-
-    def __init__(
-        self,
-        admission: Admission,
-        metrics: Metrics | None = None,
-        methods: Iterable[str] = HOT_METHODS,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self._admission = admission
-        self._metrics = metrics
-        self._methods = frozenset(methods)
-        self._clock = clock
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # Typed loosely: grpc's stubs describe the sync handler shape, these are aio coroutines.
-        handler: Any = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or method not in self._methods:
-            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
-        admission, metrics = self._admission, self._metrics
-        name = method.rpartition("/")[2]
-        sent_timeout = sent_timeout_seconds(
-            cast("Iterable[tuple[str, str | bytes]] | None", handler_call_details.invocation_metadata)
-        )
-
-        async def refuse(context: grpc.aio.ServicerContext[Any, Any], why: SpendgateError) -> None:
-            code, status = rpc_status(why)
-            if metrics is not None:
-                metrics.failed(name, code.name)
-            await abort(context, code, status)
-
-        full = admission.full()
-        if full is not None:
-
-            async def refused(_raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await refuse(context, full)
-
-            # The request is never parsed: a refusal costs as little as gRPC allows.
-            return cast(
-                "grpc.RpcMethodHandler[Any, Any]",
-                handler._replace(unary_unary=refused, request_deserializer=None),
-            )
-        # Counted from here, where the call is taken up, until its task ends however it ends
-        # (a call the client cancels before its handler runs must not stay counted).
-        admission.enter()
-        task = asyncio.current_task()
-        clock = self._clock
-        started = clock()
-        if task is None:  # pragma: no cover - grpc.aio always runs interceptors in the call's task
-            admission.leave(0.0)
-        else:
-            task.add_done_callback(lambda _task: admission.leave(clock() - started))
-        inner: Any = handler.unary_unary
-
-        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            remaining = context.time_remaining()
-            late = admission.late(remaining)
-            if late is not None:
-                await refuse(context, late)
-            if sent_timeout is not None and remaining is not None:
-                shed = admission.queued(sent_timeout - remaining, sent_timeout, clock())
-                if shed is not None:
-                    await refuse(context, shed)
-            return await inner(request, context)
-
-        return cast("grpc.RpcMethodHandler[Any, Any]", handler._replace(unary_unary=admitted))

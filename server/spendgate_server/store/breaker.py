@@ -9,7 +9,10 @@ goes through (half-open): success closes the breaker, failure opens it again.
 
 It is a decorator over the Store interface (like InstrumentedStore) rather than part
 of redis.py: the policy does not depend on the backend, it is unit-tested with a fake
-store and a fake clock, and redis.py stays about talking to Redis.
+store and a fake clock, and redis.py stays about talking to Redis. Being its own layer
+costs about 1 µs a call (``python -m bench.micro``, "store layers"); folding it into one
+frame with the timing (store/instrumented.py) saved about 0.6 µs of the ~2 µs both take,
+0.1-0.2% of a Decide's server CPU, so the two stay apart.
 
 ``ping`` (the health loop, one call per interval) always reaches the store, so health
 reports the store itself; a successful ping ends an open period early, and failed

@@ -1,4 +1,9 @@
-"""A Store decorator that times every operation and counts failures."""
+"""A Store decorator that times every operation and counts failures.
+
+About 1 µs a call, most of it the histogram's update (``python -m bench.micro``, "store
+layers"): well under 1% of a Decide's server CPU, so it stays a layer of its own (see
+store/breaker.py).
+"""
 
 from __future__ import annotations
 
