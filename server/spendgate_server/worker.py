@@ -20,17 +20,20 @@ from collections.abc import Callable
 import structlog
 
 from spendgate_server.alerts import GAUGES, Alerts, build_alerts
-from spendgate_server.errors import ConfigError
+from spendgate_server.errors import ConfigError, StoreUnavailable
 from spendgate_server.lifecycle import Stopped, parent_gone, run_child, run_part, run_process, watch_thread
-from spendgate_server.logging import configure_logging
+from spendgate_server.logging import Outage, configure_logging
 from spendgate_server.metrics import Metrics, serve_metrics
 from spendgate_server.policy.evaluator import EVALUATION_NICENESS, InlineEvaluation
 from spendgate_server.settings import ServeSettings
-from spendgate_server.stores import check_reachable, open_stores
+from spendgate_server.stores import Stores, check_reachable, open_stores
 
 __all__ = ["run_evaluation_child", "run_worker", "work"]
 
 _log = structlog.get_logger("spendgate.worker")
+# The child's first ping is retried this often, doubling up to the maximum.
+_FIRST_PING_BACKOFF_SECONDS = 0.1
+_MAX_PING_BACKOFF_SECONDS = 5.0
 
 
 async def _until_stopped(stop: asyncio.Event, alerts: Alerts) -> None:
@@ -90,6 +93,9 @@ async def work(
         metrics, metrics_thread = None, None
         if server is None:
             await check_reachable(stores, settings)
+        elif not await _store_answers(stores, stop):
+            return
+        if server is None:
             metrics = Metrics()
             if settings.metrics_port:
                 metrics_thread = serve_metrics(
@@ -124,6 +130,30 @@ async def work(
         _log.info("worker_stopped", evaluated=alerts.evaluator.evaluated if alerts.evaluator else 0)
     finally:
         await stores.aclose()
+
+
+async def _store_answers(stores: Stores, stop: asyncio.Event) -> bool:
+    """Wait until the store answers a ping; False when ``stop`` is set first.
+
+    A server's child starts while Redis may be down (the server checked it at its own
+    start, not now), and a Redis Cluster client learns its slot map from its first
+    command: a pub/sub subscription sent before that fails on an empty map. So the
+    child pings first, retrying with backoff and logging the outage once.
+    """
+    outage = Outage(_log, "evaluator_store_lost", "evaluator_store_restored")
+    backoff = _FIRST_PING_BACKOFF_SECONDS
+    while not stop.is_set():
+        try:
+            await stores.ping()
+        except StoreUnavailable as exc:
+            outage.failed(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, _MAX_PING_BACKOFF_SECONDS)
+            continue
+        outage.succeeded()
+        return True
+    return False
 
 
 def run_worker(settings: ServeSettings) -> int:
