@@ -92,7 +92,15 @@ class Alerts:
         if not evaluate:
             return
         if child is not None:
-            self.process = ChildProcess("the evaluator", child, (s,), self._gauges_received(metrics))
+            self.process = ChildProcess(
+                "the evaluator",
+                child,
+                (s,),
+                self._gauges_received(metrics),
+                # A SIGTERM to the server's process group ends the child at once; the server
+                # stops this part after its drain, so the child waits that long to be restarted.
+                stopped_grace_seconds=s.drain_seconds + 1.0,
+            )
             self.tasks.append(group.create_task(run_part("the evaluator process", self.process.run())))
             _log.info("evaluator_process_starting", webhook=bool(s.webhook_url))
             return

@@ -300,6 +300,8 @@ _RESTART_RESET_SECONDS = 60.0
 # How long a child told to stop (or whose part is cancelled) may take before SIGKILL.
 _CHILD_STOP_SECONDS = 1.0
 _REASON = "reason"
+# Sent by a child whose main returned because it was told to stop (a SIGTERM reached it).
+_STOPPED = ("stopped",)
 
 
 class ChildFailed(SpendgateError):
@@ -318,6 +320,11 @@ class ChildProcess:
     - killed by a signal (SIGKILL, the OOM killer): it is started again, with one
       warning line ``child_process_died``; the restarts back off (up to 30 s) while it
       keeps dying young;
+    - stopped by a SIGTERM this process did not send (exit 0, and :func:`run_child`
+      said so): sent to it alone, or to the whole process group (systemd's stop,
+      ``timeout``, ``tini -g``), in which case this process is draining and stops the
+      part within its drain. So it waits ``stopped_grace_seconds`` for :meth:`stop`; if
+      that does not come, it is started again as after a signal;
     - exited with :data:`EXIT_FAILED` or :data:`EXIT_CONFIG`: :meth:`run` raises with
       the child's reason, so the part fails and the process ends with that reason;
     - exited any other way while not asked to stop: the part fails too.
@@ -332,6 +339,9 @@ class ChildProcess:
         target: the child's entry point (a module-level function: the child is spawned).
         args: its arguments before the channel (picklable).
         on_message: what to do with a message that is not a reason.
+        stopped_grace_seconds: how long a child stopped by a SIGTERM of somebody else's
+            waits for :meth:`stop` before it is started again (this process's drain, and a
+            margin).
     """
 
     def __init__(
@@ -340,8 +350,11 @@ class ChildProcess:
         target: Callable[..., None],
         args: tuple[Any, ...] = (),
         on_message: Callable[[Any], None] | None = None,
+        stopped_grace_seconds: float = 1.0,
     ) -> None:
         self.name = name
+        self._stopped_grace_seconds = stopped_grace_seconds
+        self._child_stopped = False
         self._target = target
         self._args = args
         self._on_message = on_message
@@ -375,7 +388,14 @@ class ChildProcess:
             exitcode, reason = await self._run_once()
             if self._stopping:
                 return
-            if exitcode >= 0:  # it said why (EXIT_FAILED, EXIT_CONFIG), or ended unasked
+            if exitcode == 0 and self._child_stopped:
+                # A SIGTERM not ours: when the whole group got it, this process is draining.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), self._stopped_grace_seconds)
+                if self._stopping:
+                    return
+                exitcode = -signal.SIGTERM  # restarted as a child killed by it
+            elif exitcode >= 0:  # it said why (EXIT_FAILED, EXIT_CONFIG), or ended unasked
                 text = reason.removeprefix("spendgate: ") if reason else f"its process exited {exitcode}"
                 raise ConfigError(text) if exitcode == EXIT_CONFIG else ChildFailed(text)
             lived = loop.time() - started
@@ -393,6 +413,7 @@ class ChildProcess:
     async def _run_once(self) -> tuple[int, str | None]:
         """Start the child and wait for its end; returns its exit code and its reason, if it sent one."""
         receive, send = self._context.Pipe(duplex=False)
+        self._child_stopped = False
         process = self._context.Process(target=self._target, args=(*self._args, send), name=self.name)
         process.start()
         send.close()
@@ -437,6 +458,8 @@ class ChildProcess:
     def _received(self, message: Any, reason: list[str]) -> None:
         if isinstance(message, tuple) and len(message) == 3 and message[0] == _REASON:
             reason.append(str(message[2]))
+        elif message == _STOPPED:
+            self._child_stopped = True
         elif self._on_message is not None:
             self._on_message(message)
 
@@ -468,6 +491,7 @@ def run_child(
 ) -> NoReturn:
     """The body of a :class:`ChildProcess`: run ``main()`` with :func:`run_process` and exit with its code.
 
+    ``main`` returns only when told to stop (a SIGTERM), which the parent is told too.
     The fatal reason goes to the parent through ``channel``; SIGINT is ignored (a
     terminal's Ctrl-C reaches the whole process group, and the parent decides when its
     children stop); the child runs ``niceness`` steps nicer than its parent.
@@ -484,7 +508,11 @@ def run_child(
             _print_line(code, line)
 
     set_reporter(report)
-    sys.exit(run_process(main))
+    code = run_process(main)
+    if code == 0:  # main returns only when told to stop
+        with contextlib.suppress(OSError):
+            channel.send(_STOPPED)
+    sys.exit(code)
 
 
 def parent_gone(on_gone: Callable[[], None]) -> None:

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing.connection
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -246,3 +249,52 @@ async def test_a_child_that_ends_unasked_fails_and_its_messages_arrive() -> None
     with pytest.raises(ChildFailed, match=r"^its process exited 0$"):
         await ChildProcess("test", _exiting_child, on_message=received.append).run()
     assert received == [("hello", 1)]
+
+
+@pytest.mark.redis
+def test_a_child_stopped_by_a_sigterm_of_its_own_is_replaced(
+    spendgate: Callable[..., SpendgateServer], redis_url: str
+) -> None:
+    """SIGTERM to the child alone: it stops cleanly, and after the grace a new child evaluates."""
+    server = spendgate(*redis_server_args(redis_url))
+    set_policies(server.target, banned_patterns=[{"id": "k", "pattern": "sk-live-"}], journal_prompts=True)
+    first = the_child(server)
+    os.kill(first, signal.SIGTERM)
+    second = the_child(server, other_than=first)
+    [died] = [e for e in server.log_events() if e["event"] == "child_process_died"]
+    assert died["child"] == "the evaluator" and died["signal"] == "SIGTERM"
+    assert "part_failed" not in {e["event"] for e in server.log_events()}
+    call(server.target, "after-term", model="claude-sonnet-4-5", prompt_text="key sk-live-654 here")
+    wait_for(server.target, 1, session_id="after-term")
+    assert server.process.poll() is None and second != first
+
+
+def log_lines(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.redis
+def test_sigterm_to_the_process_group_drains_and_exits_0(redis_url: str, tmp_path: Path) -> None:
+    """systemd's stop, ``timeout`` and ``tini -g`` signal the whole group: the child ends at once,
+    and the server still drains and exits 0 (the child is not a failed part)."""
+    log = tmp_path / "server.log"
+    argv = [
+        *(sys.executable, "-m", "spendgate_server", "serve", "--port", "0", "--metrics-port", "0"),
+        *("--log-format", "json", "--drain-seconds", "1", *redis_server_args(redis_url)),
+    ]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=sink, start_new_session=True)
+    try:
+        poll(
+            "the server's evaluator child", lambda: any(e["event"] == "worker_ready" for e in log_lines(log))
+        )
+        below = descendants(process.pid)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(WAIT_SECONDS) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    names = [e["event"] for e in log_lines(log)]
+    assert "draining" in names and "part_failed" not in names and "child_process_died" not in names
+    poll(f"processes {sorted(below)} to end", lambda: all(ended(pid) for pid in below))
