@@ -81,6 +81,13 @@ def test_each_loop_logs_an_outage_once_and_its_end_once(spendgate: Callable[...,
             decision_pb2_grpc.DecisionServiceStub(channel).Decide(
                 pb.DecideRequest(session_id="s", model="claude-sonnet-4-5", fingerprint=b"f" * 32), timeout=10
             )
+        # The evaluator child starts after the server serves: its loops must run before the outage
+        # (a child still starting waits for the store instead, and logs evaluator_store_lost).
+        wait_for(
+            server,
+            lambda events: any(e["event"] == "worker_ready" for e in by_process(events).get("evaluator", [])),
+            "the evaluator child to be ready",
+        )
         redis_server.stop()
         # Down long enough for every loop to have retried at least twice (seen at debug level).
         wait_for(
