@@ -36,6 +36,8 @@ from typing import Any
 import structlog
 
 from spendgate_server.engine.events import CallContext, Journal, JournalEvent, JournalIntent
+from spendgate_server.errors import StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.store.logs import LogStore
 
 __all__ = [
@@ -99,6 +101,16 @@ class StoreJournal(Journal):
         # Group commits, intent writes, appends after the reply and intent removals, until they
         # end (drain()).
         self._background: set[asyncio.Task[Any]] = set()
+        # The store's failures, one outage per kind of write (a warning when it starts, an info
+        # line when it ends), not a line per settle: a client retrying its settles through an
+        # outage would otherwise log one line per retry.
+        self._intent_outage = Outage(_log, "journal_intent_failed", "journal_intent_restored")
+        self._deferred_outage = Outage(
+            _log, "journal_append_deferred_failed", "journal_append_deferred_restored"
+        )
+        self._removal_outage = Outage(
+            _log, "journal_intent_removal_failed", "journal_intent_removal_restored"
+        )
 
     @property
     def logs(self) -> LogStore:
@@ -135,9 +147,13 @@ class StoreJournal(Journal):
                 now_ms=event.time_ms,
                 ttl_ms=dedup_window_ms,
             )
-        except Exception as exc:  # any failure: the Settle awaits its append instead
+        except StoreUnavailable as exc:  # the Settle awaits its append instead
+            self._intent_outage.failed(exc, decision_id=draft.decision_id)
+            return None
+        except Exception as exc:  # a bug: the Settle awaits its append instead
             _log.warning("journal_intent_failed", decision_id=draft.decision_id, error=str(exc))
             return None
+        self._intent_outage.succeeded()
         return event, payload
 
     def append_later(self, event: JournalEvent, dedup_window_ms: int, payload: str = "") -> None:
@@ -159,6 +175,16 @@ class StoreJournal(Journal):
         if timer is not None:
             timer.cancel()
         self._commit_in_batches(key, self._deferred.pop(key, []))
+
+    async def drop_intent(self, draft: JournalEvent) -> None:
+        """Remove ``draft``'s intent (its settle failed); if the store fails, it stays for the
+        sweeper, which drops it (the store never settled the call) or journals it."""
+        try:
+            await self._logs.drop_intents(JOURNAL_LOG, draft.tenant, [(draft.decision_id, draft.time_ms)])
+        except StoreUnavailable as exc:
+            self._removal_outage.failed(exc, decision_id=draft.decision_id)
+            return
+        self._removal_outage.succeeded()
 
     def spawn(self, work: Any) -> asyncio.Task[Any]:
         """Run ``work`` in the background until it ends; :meth:`drain` waits for it."""
@@ -232,13 +258,18 @@ class StoreJournal(Journal):
                     waiter.set_exception(exc)
             if any(waiter is None for *_, waiter in batch):
                 # Appends after the reply: their intents stay, and the sweeper journals them.
-                _log.warning(
-                    "journal_append_deferred_failed", tenant=tenant, events=len(batch), error=str(exc)
-                )
+                if isinstance(exc, StoreUnavailable):
+                    self._deferred_outage.failed(exc, tenant=tenant, events=len(batch))
+                else:
+                    _log.warning(
+                        "journal_append_deferred_failed", tenant=tenant, events=len(batch), error=str(exc)
+                    )
             return
         for *_, waiter in batch:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if any(waiter is None for *_, waiter in batch):
+            self._deferred_outage.succeeded()
 
     async def _write(self, tenant: str, dedup_window_ms: int, entries: list[tuple[str, str, int]]) -> None:
         await self._logs.append(
@@ -291,6 +322,4 @@ class _StoreIntent(JournalIntent):
         if await self.recorded():
             # Only this write's intent: a settle of the same id written since keeps its own.
             draft = self._draft
-            await self._journal.logs.drop_intents(
-                JOURNAL_LOG, draft.tenant, [(draft.decision_id, draft.time_ms)]
-            )
+            await self._journal.drop_intent(draft)

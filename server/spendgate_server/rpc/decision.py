@@ -15,6 +15,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_server.engine.decide import DecisionEngine, SettleAnswer, SettleCall, Settlement
 from spendgate_server.engine.insights import SessionActivity
 from spendgate_server.errors import FieldViolation, InvalidArgument, SpendgateError, StoreUnavailable
+from spendgate_server.logging import Outage
 from spendgate_server.metrics import Metrics
 from spendgate_server.rpc.auth import current_principal
 from spendgate_server.rpc.status import abort, rpc_status
@@ -43,6 +44,9 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         self._engine = engine
         self._metrics = metrics
         self._activity = activity
+        # One outage for every call the store fails: a Redis down for a minute is two lines
+        # (store_unavailable, store_restored), not one per call; the metrics count each call.
+        self._store_outage = Outage(_log, "store_unavailable", "store_restored")
 
     async def Decide(self, request: pb.DecideRequest, context: Context) -> pb.DecideResponse:
         started = time.perf_counter()
@@ -65,6 +69,8 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
                 self._after_reply(answered)
             await self._fail("Decide", context, exc)
         self._metrics.decided(decision, time.perf_counter() - started)
+        if decision.allowed:  # reserved, so the store answered (a block may not have asked it)
+            self._store_outage.succeeded()
         if self._activity is not None:
             self._activity.decided(call.tenant, call.project, call.session_id, decision)
         response = decision_to_proto(decision)
@@ -110,7 +116,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
         except Exception as exc:
             code, status = rpc_status(exc)
             self._metrics.failed("Settle", code.name)
-            _log_failure("Settle", exc)
+            self._log_failure("Settle", exc)
             return pb.SettleResult(code=code.value[0], message=status.message)
         answered.append((settle, answer, time.perf_counter() - started))
         return pb.SettleResult(settled=_settle_response(answer.settlement))
@@ -136,6 +142,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             self._settled(settle, settled, seconds)
 
     def _settled(self, settle: SettleCall, settled: Settlement, seconds: float) -> None:
+        self._store_outage.succeeded()  # the store applied (or had applied) the settle
         self._metrics.settled(settle.reservation_id, settled, not settle.provider_ok, seconds)
         if self._activity is not None and not settled.already_settled:
             self._activity.settled(
@@ -145,8 +152,18 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     async def _fail(self, method: str, context: Context, exc: Exception) -> NoReturn:
         code, status = rpc_status(exc)
         self._metrics.failed(method, code.name)
-        _log_failure(method, exc)
+        self._log_failure(method, exc)
         await abort(context, code, status)
+
+    def _log_failure(self, method: str, exc: Exception) -> None:
+        """Log a failed call: the store's failures as one outage, bugs each with its traceback.
+
+        Bad input, NOT_FOUND and the like are the caller's, told in the call's status: not logged.
+        """
+        if isinstance(exc, StoreUnavailable):
+            self._store_outage.failed(exc, rpc=method)
+        elif not isinstance(exc, SpendgateError):
+            _log.error("internal_error", rpc=method, exc_info=exc)
 
 
 def _settle_response(settled: Settlement) -> pb.SettleResponse:
@@ -159,10 +176,3 @@ def _settle_response(settled: Settlement) -> pb.SettleResponse:
 
 def _too_many(field: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, f"must hold 1-{MAX_BATCH_SETTLES} settles")])
-
-
-def _log_failure(method: str, exc: Exception) -> None:
-    if isinstance(exc, StoreUnavailable):
-        _log.warning("store_unavailable", rpc=method, error=str(exc))
-    elif not isinstance(exc, SpendgateError):
-        _log.error("internal_error", rpc=method, exc_info=exc)
