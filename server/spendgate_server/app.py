@@ -50,6 +50,7 @@ from spendgate_server.lifecycle import (
     UNWIND_SECONDS,
     Stopped,
     arm_exit_deadline,
+    parent_gone,
     report_once,
     run_part,
     run_process,
@@ -328,6 +329,9 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A --workers worker drains when its supervisor dies, even by SIGKILL: the port lock died
+    # with it, so a worker left serving could share the port with a new supervisor's workers.
+    parent_gone(stop.set)
     stores = open_stores(settings, role="serve")
     try:
         await _serve(settings, stores, stop, on_ready)
