@@ -152,7 +152,7 @@ def table(figures: dict[str, Any], keys: Sequence[str]) -> str:
         f"Overload: Decide at {figures['factor']:g}x capacity ({figures['offered_rps']:.0f}/s offered, "
         f"capacity {figures['capacity_rps']:.0f}/s), deadline {figures['deadline_s'] * 1000:.0f} ms{spread}",
         f"  {'server':<22} {'goodput':>16} {'admitted p50/p99/max ms':>26} {'refused':>8} "
-        f"{'refusal p50/p99 ms':>20}  codes",
+        f"{'refusal p50/p99 ms':>20} {'cores srv/gen':>13}  codes",
     ]
     for key in keys:
         f = figures.get(key)
@@ -163,9 +163,14 @@ def table(figures: dict[str, Any], keys: Sequence[str]) -> str:
         lines.append(
             f"  {key:<22} {f['goodput_rps']:>7.0f}/s ({f['goodput_of_capacity']:.2f}x) "
             f"{_ms(f['p50']):>8}/{_ms(f['p99'])}/{_ms(f['max'])} {f['errors']:>8} "
-            f"{_ms(e['p50']):>11}/{_ms(e['p99'])}  {codes}"
+            f"{_ms(e['p50']):>11}/{_ms(e['p99'])} {_cores(f):>13}  {codes}"
         )
     return "\n".join(lines)
+
+
+def _cores(figures: dict[str, Any]) -> str:
+    server, loadgen = figures.get("server_cores"), figures.get("loadgen_cores")
+    return "-" if server is None or loadgen is None else f"{server:.2f}/{loadgen:.2f}"
 
 
 def _ms(value: float | None) -> str:

@@ -50,6 +50,7 @@ from spendgate_server.lifecycle import (
     UNWIND_SECONDS,
     Stopped,
     arm_exit_deadline,
+    parent_gone,
     report_once,
     run_part,
     run_process,
@@ -328,6 +329,9 @@ async def serve(settings: ServeSettings, on_ready: Callable[[int], None] | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A --workers worker drains when its supervisor dies, even by SIGKILL: the port lock died
+    # with it, so a worker left serving could share the port with a new supervisor's workers.
+    parent_gone(stop.set)
     stores = open_stores(settings, role="serve")
     try:
         await _serve(settings, stores, stop, on_ready)
@@ -398,7 +402,7 @@ async def _serve(
         guarded,
     )
     try:
-        address = f"{settings.host}:{settings.port}"
+        address = f"{_bracketed(settings.host)}:{settings.port}"
         port = (
             server.add_secure_port(address, credentials)
             if credentials is not None
@@ -409,7 +413,10 @@ async def _serve(
     metrics_thread = None
     if settings.metrics_port and settings.workers == 1:
         metrics_thread = serve_metrics(
-            settings.metrics_port, settings.host, metrics.registry, required=settings.metrics_port_named
+            settings.metrics_port,
+            settings.host.strip("[]"),
+            metrics.registry,
+            required=settings.metrics_port_named,
         )
     await server.start()
     try:
@@ -466,6 +473,11 @@ async def _serve(
     finally:
         # Already stopped after a drain; after a failure, stop at once.
         await server.stop(grace=None)
+
+
+def _bracketed(host: str) -> str:
+    """``host`` as a gRPC address wants it: an IPv6 literal in brackets (``::1`` -> ``[::1]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _run_worker(settings: ServeSettings, reasons: multiprocessing.connection.Connection) -> None:
@@ -532,7 +544,9 @@ def _supervise_workers(settings: ServeSettings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     metrics_thread = (
-        serve_metrics(settings.metrics_port, settings.host, None, required=settings.metrics_port_named)
+        serve_metrics(
+            settings.metrics_port, settings.host.strip("[]"), None, required=settings.metrics_port_named
+        )
         if settings.metrics_port
         else None
     )

@@ -81,6 +81,9 @@ def test_the_bound_counts_calls_taken_up_and_not_yet_ended() -> None:
     assert str(full).startswith("server at capacity: 2 calls in flight (--max-in-flight 2)")
     admission.leave(0.004)
     assert admission.full() is None
+    one = Admission(1)
+    one.enter()
+    assert str(one.full()).startswith("server at capacity: 1 call in flight (--max-in-flight 1)")
     unbounded = Admission(0)
     for _ in range(10_000):
         unbounded.enter()

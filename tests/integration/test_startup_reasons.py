@@ -98,3 +98,44 @@ def test_the_serving_line_reports_the_metrics_port_actually_served(tmp_path: Pat
     assert "metrics_off" in (tmp_path / "taken.log").read_text()
     assert served["metrics_port"] == port
     assert off["metrics_port"] == 0
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_loopback_host_serves_written_either_way(host: str, tmp_path: Path) -> None:
+    """``--host ::1`` is bracketed for gRPC as ``[::1]`` is: it serves, metrics too, no gRPC error line."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    import grpc
+    from spendgate.v1 import decision_pb2 as pb
+    from spendgate.v1 import decision_pb2_grpc
+
+    metrics_port = free_port()
+    log = tmp_path / "server.log"
+    argv = [
+        *(sys.executable, "-m", "spendgate_server", "serve", "--port", "0", "--log-format", "json"),
+        *("--host", host, "--metrics-port", str(metrics_port), "--drain-seconds", "0"),
+    ]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not (
+            serving := [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "serving"]
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # polls a real process's log
+        with grpc.insecure_channel(f"[::1]:{serving[0]['port']}") as channel:
+            answer = decision_pb2_grpc.DecisionServiceStub(channel).Decide(
+                pb.DecideRequest(session_id="v6", model="claude-sonnet-4-5", fingerprint=b"6" * 32),
+                timeout=10,
+            )
+        assert answer.verdict == pb.VERDICT_ALLOW
+        with socket.create_connection(("::1", metrics_port), timeout=5):
+            pass  # the metrics endpoint listens on the same address
+    finally:
+        stop_process(process)
+    # Every line is a JSON event (json.loads above would have failed on gRPC's own error line).
+    assert all(line.startswith("{") for line in log.read_text().splitlines())

@@ -8,12 +8,14 @@ port for its lifetime; the kernel frees it when the supervisor ends.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.integration.test_evaluator_child import descendants, ended, poll
 from tests.processes import RedisServer, SpendgateServer, free_port
 
 
@@ -105,3 +107,22 @@ def test_overlapping_hosts_are_one_port(
         "--workers on this host"
     ]
     assert first.process.poll() is None
+
+
+def test_a_sigkilled_supervisor_leaves_no_worker_serving(
+    spendgate: Callable[..., SpendgateServer], redis_server: RedisServer
+) -> None:
+    """Its workers (and their evaluator children) end by themselves, and the port is free again.
+
+    The port lock dies with the supervisor, so a worker left serving would share the port
+    with the next supervisor's workers.
+    """
+    port = free_port()
+    argv = ("--workers", "2", "--store", "redis", "--redis-url", redis_server.url)
+    first = spendgate(*argv, port=port)
+    poll("both workers", lambda: len(descendants(first.process.pid)) >= 2)
+    below = descendants(first.process.pid)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    poll(f"processes {sorted(below)} to end", lambda: all(ended(pid) for pid in below))
+    assert spendgate(*argv, port=port).port == port

@@ -194,7 +194,8 @@ class Admission:
             return None
         return ResourceExhausted(
             "max_in_flight",
-            f"server at capacity: {self.in_flight} calls in flight (--max-in-flight "
+            f"server at capacity: {self.in_flight} call{'' if self.in_flight == 1 else 's'} in flight "
+            f"(--max-in-flight "
             f"{self.max_in_flight}); try another server, or let the client's fail mode decide",
         )
 

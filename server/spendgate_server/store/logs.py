@@ -131,7 +131,11 @@ class LogStore(ABC):
 
     @abstractmethod
     async def tenants(self, log: str) -> list[str]:
-        """Every tenant that ever appended to ``log``."""
+        """Every tenant that ever appended to ``log`` (or wrote an intent to it).
+
+        A store that can lose its data (Redis) lists a tenant again once it writes again
+        (store/redis_logs.py says how soon).
+        """
 
     @abstractmethod
     async def read_group(
@@ -139,7 +143,9 @@ class LogStore(ABC):
     ) -> list[LogEntry]:
         """Up to ``count`` entries never delivered to ``group``, now pending for ``consumer``.
 
-        A group is created on first use, positioned before the oldest retained entry.
+        A group is created on first use, positioned before the oldest retained entry; a
+        group the store lost is created again the same way (its entries are delivered
+        again: at least once).
         """
 
     @abstractmethod

@@ -4,8 +4,13 @@ Keys (store/keyspace.py): ``sg:log:{<log>:<tenant>}`` (the stream),
 ``sg:log:{<log>:<tenant>}:u:<uid>`` (one marker per unique id, expiring) and
 ``sg:log:{<log>:<tenant>}:i`` / ``:i:t`` (the intents: payloads by uid, and uids by the
 time they were written) share a hash tag, so every script is single-slot.
-``sg:logreg:{<log>}`` (a set, its own slot) lists the tenants, written once per tenant
-per process with its first intent or after its first append.
+``sg:logreg:{<log>}`` (a set, its own slot) lists the tenants. Redis can lose it (a
+restart without persistence, FLUSHALL, a failover to a replica that lagged), so no
+process trusts its memory of having written it: a tenant is written again by an append
+that created its stream (the whole data set was lost: at once), and by every append or
+intent when this process last wrote it ``registry_refresh_ms`` ago or more (only part was
+lost). A consumer group Redis lost is created again, from the start of the stream, when a
+group command answers NOGROUP.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from spendgate_server.store.logs import AppendResult, Intent, LogEntry, LogStore
 from spendgate_server.store.pipeline import PipelinedRedis, ScriptError
 from spendgate_server.store.redis import RedisClient, connect, redis_call
 
-__all__ = ["APPEND_SCRIPT", "DROP_INTENTS_SCRIPT", "INTENT_SCRIPT", "RedisLogStore"]
+__all__ = ["APPEND_SCRIPT", "DROP_INTENTS_SCRIPT", "INTENT_SCRIPT", "REGISTRY_REFRESH_MS", "RedisLogStore"]
 
 _T = TypeVar("_T")
 # The largest stream id: each part an unsigned 64-bit integer.
 _LAST_ID = (2**64 - 1, 2**64 - 1)
+# How long a process trusts that a tenant it wrote to the registry is still there: the
+# longest a tenant whose registry entry alone was lost stays unseen by the evaluator and
+# the sweeper while it keeps writing. Costs one SADD per active tenant per interval.
+REGISTRY_REFRESH_MS = 5_000
 
 APPEND_SCRIPT = """
 -- log_append: append the entries whose unique id was not seen; keep the newest N; remove
@@ -35,9 +44,14 @@ APPEND_SCRIPT = """
 -- KEYS[4..n+3] one marker key per entry (same hash tag)
 -- ARGV[1] max entries (exact trim)   ARGV[2] marker ttl ms
 -- ARGV[3..n+2] payloads   ARGV[n+3..2n+2] unique ids
--- Reply: per entry, its new stream id, or "" when its marker existed (nothing added)
+-- Reply: per entry, its new stream id, or "" when its marker existed (nothing added); then
+-- 1 when this call created the stream (it did not exist: the tenant may be missing from
+-- the registry), else 0
 local out = {}
 local n = #KEYS - 3
+local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then created = 1 end
+local added = 0
 for i = 1, n do
   local marker, uid = KEYS[i + 3], ARGV[n + 2 + i]
   if redis.call('EXISTS', marker) == 1 then
@@ -46,10 +60,12 @@ for i = 1, n do
     local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'p', ARGV[i + 2])
     redis.call('SET', marker, id, 'PX', ARGV[2])
     out[#out + 1] = id
+    added = 1
   end
   redis.call('ZREM', KEYS[2], uid)
   redis.call('HDEL', KEYS[3], uid)
 end
+out[#out + 1] = created * added
 return out
 """
 
@@ -99,7 +115,12 @@ def _entries(raw: Any) -> list[LogEntry]:
 
 
 class RedisLogStore(LogStore):
-    """Shared logs: every server appends, any number of workers consume."""
+    """Shared logs: every server appends, any number of workers consume.
+
+    Args:
+        registry_refresh_ms: a tenant this process wrote to the registry at least this long
+            ago (by the callers' ``now_ms``) is written again with its next append or intent.
+    """
 
     def __init__(
         self,
@@ -109,6 +130,7 @@ class RedisLogStore(LogStore):
         *,
         owns_client: bool = True,
         hot_path: PipelinedRedis | None = None,
+        registry_refresh_ms: int = REGISTRY_REFRESH_MS,
     ) -> None:
         self._client = client
         # When given, appends go over the pipelined connection the session scripts use
@@ -121,7 +143,9 @@ class RedisLogStore(LogStore):
         self._append = client.register_script(APPEND_SCRIPT)
         self._intent = client.register_script(INTENT_SCRIPT)
         self._drop_intents = client.register_script(DROP_INTENTS_SCRIPT)
-        self._registered: set[tuple[str, str]] = set()
+        # When this process last wrote each (log, tenant) to the registry (callers' Unix ms).
+        self._registered: dict[tuple[str, str], int] = {}
+        self._registry_refresh_ms = registry_refresh_ms
         self._groups: set[tuple[str, str, str]] = set()
 
     @classmethod
@@ -162,9 +186,19 @@ class RedisLogStore(LogStore):
             *(payload for _, payload in entries),
             *(uid for uid, _ in entries),
         ]
-        reply: list[Any] = await self._script(APPEND_SCRIPT, self._append, keys, args)
-        await self._register(log, tenant)
-        return AppendResult(tuple(_text(r) for r in reply))
+        script = self._script(APPEND_SCRIPT, self._append, keys, args)
+        due = self._registration_due(log, tenant, now_ms)
+        if due:
+            # Concurrently (its own slot): the registry may name a tenant a moment before its
+            # stream exists, which the evaluator's group creation (MKSTREAM) allows.
+            reply, _ = await asyncio.gather(script, self._register(log, tenant, now_ms))
+        else:
+            reply = await script
+        *ids, created = reply
+        if created and not due:
+            # The stream was new: Redis lost its data (or the tenant is new), the registry too.
+            await self._register(log, tenant, now_ms)
+        return AppendResult(tuple(_text(r) for r in ids))
 
     async def _script(self, source: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a log script: over the pipelined connection when there is one, else the pool."""
@@ -175,22 +209,27 @@ class RedisLogStore(LogStore):
                 raise RuntimeError(str(exc)) from exc
         return await redis_call(script(keys=keys, args=args))
 
-    async def _register(self, log: str, tenant: str) -> None:
-        if (log, tenant) not in self._registered:
-            await redis_call(self._client.sadd(self._registry(log), tenant))
-            self._registered.add((log, tenant))
+    def _registration_due(self, log: str, tenant: str, now_ms: int) -> bool:
+        """Whether this process's last registry write of the tenant is missing or too old to trust."""
+        last = self._registered.get((log, tenant))
+        # A clock that went back (callers' clocks differ) counts as due, never as fresh for ever.
+        return last is None or not 0 <= now_ms - last < self._registry_refresh_ms
+
+    async def _register(self, log: str, tenant: str, now_ms: int) -> None:
+        await redis_call(self._client.sadd(self._registry(log), tenant))
+        self._registered[(log, tenant)] = now_ms
 
     async def put_intent(
         self, log: str, tenant: str, uid: str, payload: str, *, now_ms: int, ttl_ms: int
     ) -> None:
         keys = list(log_intent_keys(log, tenant, self._prefix))
         write = self._script(INTENT_SCRIPT, self._intent, keys, [uid, now_ms, payload, max(ttl_ms, 1)])
-        if (log, tenant) in self._registered:
+        if not self._registration_due(log, tenant, now_ms):
             await write
             return
-        # The tenant's first intent in this process: a sweeper finds intents through the registry,
-        # so it is written too (concurrently: a registry in its own slot, one round trip).
-        await asyncio.gather(write, self._register(log, tenant))
+        # A sweeper finds intents through the registry, which Redis may have lost since this
+        # process last wrote it: written again (concurrently: its own slot, one round trip).
+        await asyncio.gather(write, self._register(log, tenant, now_ms))
 
     async def stale_intents(
         self, log: str, tenants: Sequence[str], *, before_ms: int, count: int
