@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "versions": _versions(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        # Where the results were written says nothing about them (and names this machine's paths).
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -745,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _CHECKOUT = str(Path(__file__).resolve().parents[1])
+_RUN_TMP = re.compile(r"\S*/sg-bench-[^/\s]+/")  # bench._procs.Processes.tmp
 
 
 def _finite(value: Any) -> Any:
@@ -755,6 +757,10 @@ def _finite(value: Any) -> Any:
     # where one machine keeps its checkout says nothing about the figures.
     if isinstance(value, str) and value.startswith(_CHECKOUT):
         return "." + value[len(_CHECKOUT) :]
+    # Files the run made in its own temporary directory (the servers' config, the key file):
+    # named by the directory's role, not by where this machine keeps temporary files.
+    if isinstance(value, str) and _RUN_TMP.search(value):
+        return _RUN_TMP.sub("<bench tmp>/", value)
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
