@@ -186,9 +186,14 @@ def _check_bindable(settings: ServeSettings) -> None:
     Raises:
         ConfigError: naming --host or --port and the reason.
     """
+    host = settings.host
+    if host.startswith("[") != host.endswith("]") or host.count("[") + host.count("]") not in (0, 2):
+        raise ConfigError(
+            f"--host {host}: cannot bind: brackets must enclose a whole IPv6 address ([::1]), or be left out"
+        )
     try:
         addresses = socket.getaddrinfo(
-            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except (OSError, UnicodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -43,6 +43,10 @@ def test_no_keys_on_a_public_address_is_one_line_and_no_key_loss_event() -> None
         ("999.1.1.1", "not an IP address or a name this machine resolves"),
         # A well-formed address that is not this machine's (TEST-NET-1, RFC 5737).
         ("192.0.2.1", "Cannot assign requested address (not an address of this host)"),
+        # Unbalanced brackets: gRPC would print its own parse error and blame the port.
+        ("[::1", "brackets must enclose a whole IPv6 address"),
+        ("::1]", "brackets must enclose a whole IPv6 address"),
+        ("[[::1]]", "brackets must enclose a whole IPv6 address"),
     ],
 )
 def test_a_host_that_cannot_be_bound_is_refused_as_such(host: str, why: str) -> None:
