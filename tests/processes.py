@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,3 +449,15 @@ def read_ledger(redis_at: int | redis.Redis, session: str, tenant: str = "defaul
         if kind in kinds:
             kinds[kind][rid] = int(value)
     return ledger
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The samples of the /metrics page on loopback ``port``, by ``name{labels}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback
+        body = response.read().decode()
+    return {
+        name: float(value)
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+        for name, _, value in [line.rpartition(" ")]
+    }

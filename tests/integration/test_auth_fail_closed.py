@@ -9,7 +9,6 @@ with a deadline as a safety net; nothing sleeps for time to pass.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,20 +20,10 @@ from spendgate.v1 import config_pb2_grpc, decision_pb2_grpc
 from spendgate.v1 import decision_pb2 as pb
 
 from tests.integration.test_security import bearer, decide_request, spendgate_cli
-from tests.processes import RedisServer, SpendgateServer, free_port
+from tests.processes import RedisServer, SpendgateServer, free_port, scrape_metrics
 
 POLL_SECONDS = 15.0
 UPDATE = cpb.UpdateConfigRequest(enforcement_config=pb.EnforcementConfig(token_ceiling=1))
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback
-        text = response.read().decode()
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
 
 
 def refused(call: Callable[[], object]) -> grpc.StatusCode:
@@ -92,7 +81,7 @@ def check_losing_keys(
             lambda: config.UpdateConfig(UPDATE, metadata=keyed),
         ):
             assert refused(call) is grpc.StatusCode.UNAUTHENTICATED
-        metrics = scrape(metrics_port)
+        metrics = scrape_metrics(metrics_port)
         assert metrics["spendgate_auth_keys_missing"] == 1
         assert metrics['spendgate_auth_failures_total{reason="no_keys"}'] >= 5
 
@@ -126,7 +115,7 @@ def test_redis_key_store_emptied_refuses_every_call(
         assert refused(lambda: config.UpdateConfig(UPDATE)) is grpc.StatusCode.UNAUTHENTICATED
         # The config hash went with FLUSHALL: the restored key writes version 1 again.
         assert config.UpdateConfig(UPDATE, metadata=bearer(restored)).config.version == 1
-    assert scrape(metrics_port)["spendgate_auth_keys_missing"] == 0
+    assert scrape_metrics(metrics_port)["spendgate_auth_keys_missing"] == 0
     missing = [e for e in server.log_events() if e.get("event") == "api_keys_missing"]
     assert len(missing) == 1 and missing[0]["level"] == "error"
     assert not any(e.get("event") == "open_dev_mode" for e in server.log_events())
@@ -155,7 +144,7 @@ def test_keys_file_removed_refuses_every_call(
         # Nothing was written while the keys were gone: the next version is 2.
         update = cpb.UpdateConfigRequest(enforcement_config=UPDATE.enforcement_config, etag="1")
         assert config.UpdateConfig(update, metadata=bearer(admin)).config.version == 2
-    assert scrape(metrics_port)["spendgate_auth_keys_missing"] == 0
+    assert scrape_metrics(metrics_port)["spendgate_auth_keys_missing"] == 0
 
 
 def test_an_open_server_stays_open_until_restarted(

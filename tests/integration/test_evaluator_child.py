@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from spendgate_server.store.redis_logs import RedisLogStore
 
 from tests.integration.test_alerts_service import call, set_policies, wait_for
 from tests.integration.test_evaluation_isolation import evaluation_children
-from tests.processes import SpendgateServer, free_port
+from tests.processes import SpendgateServer, free_port, scrape_metrics
 
 WAIT_SECONDS = 20.0
 TENANT = "default"  # the tenant of every caller of a server without API keys
@@ -177,17 +176,6 @@ def test_a_killed_child_is_replaced_and_evaluates_again(
     assert server.process.poll() is None
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback
-        text = response.read().decode()
-    return {
-        name: float(value)
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-        for name, value in [line.rsplit(" ", 1)]
-    }
-
-
 async def leave_pending(redis_url: str) -> None:
     """One journal entry delivered to a consumer that never acknowledges it (a dead worker)."""
     logs = RedisLogStore.from_url(redis_url)
@@ -208,8 +196,8 @@ def test_the_childs_gauges_reach_the_servers_metrics(
         *redis_server_args(redis_url, "--evaluator-claim-idle-millis", "600000"),
         *("--metrics-port", str(metrics_port)),
     )
-    poll("the pending gauge", lambda: scrape(metrics_port).get("spendgate_evaluator_pending") == 1.0)
-    assert scrape(metrics_port)["spendgate_journal_lag_seconds"] > 0
+    poll("the pending gauge", lambda: scrape_metrics(metrics_port).get("spendgate_evaluator_pending") == 1.0)
+    assert scrape_metrics(metrics_port)["spendgate_journal_lag_seconds"] > 0
     assert consumers(redis_url, TENANT) == {"dead-worker"}  # not claimed: it is not idle long enough
     assert server.process.poll() is None
 

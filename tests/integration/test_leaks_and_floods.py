@@ -10,7 +10,6 @@ import hashlib
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +20,7 @@ from spendgate.v1 import decision_pb2_grpc
 from spendgate_client import DecisionClient
 from spendgate_server.logging import redact_secrets
 
-from tests.processes import RedisServer, SpendgateServer, free_port
+from tests.processes import RedisServer, SpendgateServer, free_port, scrape_metrics
 
 PASSWORD = "s3cret-Pa55word"  # noqa: S105  # a test password, looked for in every output
 POLL_SECONDS = 15.0
@@ -108,16 +107,6 @@ def test_redaction_covers_every_url_shape() -> None:
         assert redact_secrets(text) == redacted
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback
-        text = response.read().decode()
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-
-
 def test_six_thousand_unknown_models_warn_at_most_once_each(
     spendgate: Callable[..., SpendgateServer],
 ) -> None:
@@ -154,4 +143,4 @@ def test_six_thousand_unknown_models_warn_at_most_once_each(
     assert len(warned) == len(set(warned)) and 4096 <= len(warned) <= len(names)
     assert set(warned) <= set(names)
     # Every call is counted, logged or not.
-    assert scrape(metrics_port)['spendgate_unpriced_total{kind="model"}'] >= 2 * len(names)
+    assert scrape_metrics(metrics_port)['spendgate_unpriced_total{kind="model"}'] >= 2 * len(names)

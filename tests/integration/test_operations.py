@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from spendgate_client import DecisionClient
 
-from tests.processes import RedisServer, SpendgateServer, free_port
+from tests.processes import RedisServer, SpendgateServer, free_port, scrape_metrics
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,17 +114,6 @@ def test_sigterm_drains_without_failing_calls(spendgate: Callable[..., Spendgate
     assert events.index("draining") < events.index("stopped")
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Parse a /metrics page into {'name{labels}': value}."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
 def test_metrics_count_decisions(spendgate: Callable[..., SpendgateServer]) -> None:
     """Scraping /metrics shows decisions by verdict and rule, settles and latency counts moving."""
     port = free_port()
@@ -152,7 +140,7 @@ def test_metrics_count_decisions(spendgate: Callable[..., SpendgateServer]) -> N
         )
         with pytest.raises(ValueError, match="session_id"):
             client.decide("", "claude-sonnet-4-5", 1, 1, b"d" * 32)
-    m = scrape(port)
+    m = scrape_metrics(port)
     assert m['spendgate_decisions_total{rule="none",verdict="allow"}'] == 4
     assert m['spendgate_decisions_total{rule="token_ceiling",verdict="block"}'] == 2
     assert m['spendgate_shadow_would_block_total{rule="token_ceiling"}'] == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ import grpc
 from spendgate.v1 import decision_pb2 as pb
 from spendgate.v1 import decision_pb2_grpc
 
-from tests.processes import RedisServer, SpendgateServer, free_port
+from tests.processes import RedisServer, SpendgateServer, free_port, scrape_metrics
 
 # The loops a Redis-backed server runs, each named by its outage event's prefix.
 LOOPS = ("config_pubsub", "policies_pubsub", "config_poll", "evaluator_round", "key_reload", "journal_sweep")
@@ -135,18 +134,6 @@ CALL_KINDS = {
 CALLS_DURING_OUTAGE = 40
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The server's /metrics samples, by ``name{labels}``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback
-        body = response.read().decode()
-    return {
-        name: float(value)
-        for line in body.splitlines()
-        if line and not line.startswith("#")
-        for name, _, value in [line.rpartition(" ")]
-    }
-
-
 def decide_carrying(settle: pb.SettleRequest | None, n: int) -> pb.DecideRequest:
     """The ``n``-th Decide of session ``s`` (its own prompt), with ``settle`` riding along."""
     return pb.DecideRequest(
@@ -218,7 +205,7 @@ def test_calls_failing_in_an_outage_log_it_once_per_kind(spendgate: Callable[...
         )
         events = by_process(server.log_events())["serve"]
         warnings, infos, debugs = counts(events, "warning"), counts(events, "info"), counts(events, "debug")
-        metrics = scrape(metrics_port)
+        metrics = scrape_metrics(metrics_port)
         failed_calls = {
             method: metrics.get(f'spendgate_rpc_errors_total{{code="UNAVAILABLE",method="{method}"}}', 0.0)
             for method in ("Decide", "Settle")
