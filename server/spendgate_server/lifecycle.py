@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
@@ -304,6 +305,14 @@ _REASON = "reason"
 _STOPPED = ("stopped",)
 
 
+@dataclass
+class _Said:
+    """What a :class:`ChildProcess`'s child sent of its end: its fatal reason, or that it was stopped."""
+
+    reason: str | None = None
+    stopped: bool = False
+
+
 class ChildFailed(SpendgateError):
     """A :class:`ChildProcess` ended by itself; the text is its reason line."""
 
@@ -354,7 +363,6 @@ class ChildProcess:
     ) -> None:
         self.name = name
         self._stopped_grace_seconds = stopped_grace_seconds
-        self._child_stopped = False
         self._target = target
         self._args = args
         self._on_message = on_message
@@ -385,10 +393,10 @@ class ChildProcess:
         delay = 0.0
         while not self._stopping:
             started = loop.time()
-            exitcode, reason = await self._run_once()
+            exitcode, said = await self._run_once()
             if self._stopping:
                 return
-            if exitcode == 0 and self._child_stopped:
+            if exitcode == 0 and said.stopped:
                 # A SIGTERM not ours: when the whole group got it, this process is draining.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), self._stopped_grace_seconds)
@@ -396,6 +404,7 @@ class ChildProcess:
                     return
                 exitcode = -signal.SIGTERM  # restarted as a child killed by it
             elif exitcode >= 0:  # it said why (EXIT_FAILED, EXIT_CONFIG), or ended unasked
+                reason = said.reason
                 text = reason.removeprefix("spendgate: ") if reason else f"its process exited {exitcode}"
                 raise ConfigError(text) if exitcode == EXIT_CONFIG else ChildFailed(text)
             lived = loop.time() - started
@@ -410,24 +419,23 @@ class ChildProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_requested.wait(), delay)
 
-    async def _run_once(self) -> tuple[int, str | None]:
-        """Start the child and wait for its end; returns its exit code and its reason, if it sent one."""
+    async def _run_once(self) -> tuple[int, _Said]:
+        """Start the child and wait for its end; returns its exit code and what it said of its end."""
         receive, send = self._context.Pipe(duplex=False)
-        self._child_stopped = False
         process = self._context.Process(target=self._target, args=(*self._args, send), name=self.name)
         process.start()
         send.close()
         # Held until the child is reaped: the process object keeps open the pipe whose EOF
         # tells the child that this process has died.
         self._process = process
-        reason: list[str] = []
+        said = _Said()
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[None] = loop.create_future()
 
         def read() -> None:
             try:
                 while receive.poll():
-                    self._received(receive.recv(), reason)
+                    self._received(receive.recv(), said)
             except (EOFError, OSError):
                 loop.remove_reader(receive.fileno())
 
@@ -449,17 +457,17 @@ class ChildProcess:
             process.join()
             with contextlib.suppress(EOFError, OSError):
                 while receive.poll():
-                    self._received(receive.recv(), reason)
+                    self._received(receive.recv(), said)
             receive.close()
             self._process = None
         assert process.exitcode is not None
-        return process.exitcode, reason[-1] if reason else None
+        return process.exitcode, said
 
-    def _received(self, message: Any, reason: list[str]) -> None:
+    def _received(self, message: Any, said: _Said) -> None:
         if isinstance(message, tuple) and len(message) == 3 and message[0] == _REASON:
-            reason.append(str(message[2]))
+            said.reason = str(message[2])
         elif message == _STOPPED:
-            self._child_stopped = True
+            said.stopped = True
         elif self._on_message is not None:
             self._on_message(message)
 
