@@ -419,7 +419,7 @@ async def _serve(
     if settings.metrics_port and settings.workers == 1:
         metrics_thread = serve_metrics(
             settings.metrics_port,
-            settings.host.strip("[]"),
+            settings.host,
             metrics.registry,
             required=settings.metrics_port_named,
         )
@@ -549,9 +549,7 @@ def _supervise_workers(settings: ServeSettings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="spendgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     metrics_thread = (
-        serve_metrics(
-            settings.metrics_port, settings.host.strip("[]"), None, required=settings.metrics_port_named
-        )
+        serve_metrics(settings.metrics_port, settings.host, None, required=settings.metrics_port_named)
         if settings.metrics_port
         else None
     )

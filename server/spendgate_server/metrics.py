@@ -173,6 +173,8 @@ def serve_metrics(
 ) -> threading.Thread | None:
     """Serve /metrics on ``host:port`` from a daemon thread; returns the thread (alive while it serves).
 
+    ``host`` is ``--host`` as given: an IPv6 address may be in brackets (``[::1]``).
+
     ``registry`` None means the multiprocess view: the sum over every worker's files.
     Without ``required`` (the port is the default one, not one the user named), a port
     another process holds costs one warning and None is returned: a second server on the
@@ -185,7 +187,7 @@ def serve_metrics(
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
     try:
-        _, thread = start_http_server(port, addr=host, registry=registry)
+        _, thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
     except OSError as exc:
         if required:
             raise ConfigError(f"--metrics-port {port}: cannot bind {host}: {exc.strerror}") from exc

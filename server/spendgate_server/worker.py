@@ -100,7 +100,7 @@ async def work(
             if settings.metrics_port:
                 metrics_thread = serve_metrics(
                     settings.metrics_port,
-                    settings.host.strip("[]"),
+                    settings.host,
                     metrics.registry,
                     required=settings.metrics_port_named,
                 )
