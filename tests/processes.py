@@ -461,3 +461,30 @@ def scrape_metrics(port: int) -> dict[str, float]:
         if line and not line.startswith("#")
         for name, _, value in [line.rpartition(" ")]
     }
+
+
+def ended(pid: int) -> bool:
+    """True once ``pid`` runs no more (gone, or a zombie nobody has reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (the evaluator child, multiprocessing's resource tracker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

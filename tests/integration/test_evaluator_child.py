@@ -32,7 +32,7 @@ from spendgate_server.store.redis_logs import RedisLogStore
 
 from tests.integration.test_alerts_service import call, set_policies, wait_for
 from tests.integration.test_evaluation_isolation import evaluation_children
-from tests.processes import SpendgateServer, free_port, scrape_metrics
+from tests.processes import SpendgateServer, descendants, ended, free_port, scrape_metrics
 
 WAIT_SECONDS = 20.0
 TENANT = "default"  # the tenant of every caller of a server without API keys
@@ -43,33 +43,6 @@ def poll(what: str, condition: Callable[[], object]) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)  # polls a real process; nothing here waits for time to pass
-
-
-def ended(pid: int) -> bool:
-    """True once ``pid`` runs no more (gone, or a zombie nobody has reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (the evaluator child, multiprocessing's resource tracker)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def ready(server: SpendgateServer, pid: int) -> bool:

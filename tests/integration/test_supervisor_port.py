@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.test_evaluator_child import descendants, ended, poll
-from tests.processes import RedisServer, SpendgateServer, free_port
+from tests.integration.test_evaluator_child import poll
+from tests.processes import RedisServer, SpendgateServer, descendants, ended, free_port
 
 
 @pytest.fixture
